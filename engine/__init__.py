@@ -1,0 +1,1 @@
+"""Streaming extraction engine: sources, models, batching, pipeline, store and writer."""

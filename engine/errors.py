@@ -1,0 +1,61 @@
+"""One error hierarchy for everything a user can get wrong.
+
+Every error a user can cause is a :class:`CellstrataError`; the CLI prints its message as one line
+and exits non-zero. Messages say what is wrong *and* what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class CellstrataError(Exception):
+    """Base class of every user-facing error; ``str(err)`` is the whole message."""
+
+    exit_code: int = 2
+
+
+class InputError(CellstrataError):
+    """The input data cannot be read or is not what the model expects."""
+
+
+class UnreadableInputError(InputError):
+    """The input file does not exist, is not AnnData, or is corrupt."""
+
+
+class GeneOverlapError(InputError):
+    """Too few of the input's genes are in the model's vocabulary."""
+
+
+class InvalidValuesError(InputError):
+    """The expression matrix holds negative, NaN or infinite values."""
+
+
+class NotCountsError(InputError):
+    """A normalised or log-transformed matrix was given where raw counts are expected."""
+
+
+class EmptyCellError(InputError):
+    """A cell has no expressed gene in the model's vocabulary (with ``empty_cells='error'``)."""
+
+
+class CheckpointError(CellstrataError):
+    """A checkpoint folder is missing files, has missing or mis-shaped keys, or is not the model asked for."""
+
+
+class ConfigError(CellstrataError):
+    """An option value is invalid (unknown model, pooling, preset, dtype, ...)."""
+
+
+class StoreError(CellstrataError):
+    """A store cannot be created, opened or trusted."""
+
+
+class StoreConfigMismatchError(StoreError):
+    """An existing store was written with another configuration."""
+
+
+class IncompleteStoreError(StoreError):
+    """A store has chunks whose ``done`` flag is not set."""
+
+
+class WriteError(StoreError):
+    """Writing a chunk failed (disk full, permissions, ...); committed chunks are intact."""

@@ -1,0 +1,190 @@
+"""What every model family provides to the pipeline.
+
+A family module (``engine/models/<family>.py``) exposes one :class:`ModelFamily` object. The pipeline
+only talks to these types, never to a family's internals:
+
+- :class:`GeneMapping` maps the input's gene columns to vocabulary ids (``-1`` = not in vocabulary);
+- a tokenizer turns a :class:`~cellstrata.engine.sources.CellBlock` into a :class:`TokenizedBlock`
+  (one variable-length token sequence per cell, special tokens included);
+- :class:`TokenBatch` is a right-padded batch of such sequences;
+- the model's ``forward(batch, tap)`` calls ``tap(layer, hidden)`` for layer = 0..L with
+  ``hidden`` of shape ``[B, S, H]`` and frees each activation after the tap returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from ..sources import CellBlock
+
+Tap = Callable[[int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class GeneMapping:
+    """Input gene columns -> vocabulary ids.
+
+    ``token_ids[j]`` is the vocabulary id of input column ``j`` or ``-1`` when the gene is not in the
+    vocabulary. ``n_input`` genes were offered, ``n_matched`` of them are in the vocabulary.
+    """
+
+    token_ids: np.ndarray
+    n_input: int
+    n_matched: int
+    n_vocab_genes: int
+    examples_missing: tuple[str, ...] = ()
+
+    @property
+    def fraction(self) -> float:
+        return self.n_matched / max(self.n_input, 1)
+
+    def report(self) -> str:
+        return (
+            f"{self.n_matched} of {self.n_input} input genes ({100 * self.fraction:.1f}%) are in the "
+            f"model's vocabulary of {self.n_vocab_genes} genes"
+        )
+
+
+@dataclass
+class TokenizedBlock:
+    """Token sequences of a block of cells, in the block's cell order.
+
+    ``genes[i]``/``values[i]`` include the special tokens (e.g. a leading ``<cls>``);
+    ``truncated[i]`` is true when the cell had more tokens than the model's context and was cut or
+    subsampled to fit; ``empty[i]`` is true when the cell had no expressed vocabulary gene.
+    """
+
+    indices: np.ndarray
+    genes: list[np.ndarray]
+    values: list[np.ndarray]
+    truncated: np.ndarray
+    empty: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.indices)
+        if not (len(self.genes) == len(self.values) == len(self.truncated) == len(self.empty) == n):
+            msg = "TokenizedBlock fields must all have one entry per cell"
+            raise ValueError(msg)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(g) for g in self.genes), dtype=np.int64, count=len(self.genes))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass
+class TokenBatch:
+    """A right-padded batch: ``genes``/``values`` ``[B, S]``, ``lengths`` ``[B]`` real tokens per row.
+
+    ``positions`` holds the index of each row inside the window it came from (so pooled rows can be
+    put back in cell order).
+    """
+
+    genes: torch.Tensor
+    values: torch.Tensor
+    lengths: torch.Tensor
+    positions: np.ndarray
+
+    @property
+    def padding_mask(self) -> torch.Tensor:
+        """``[B, S]`` bool, True at padded positions (torch's key-padding convention)."""
+        s = self.genes.shape[1]
+        return torch.arange(s, device=self.lengths.device)[None, :] >= self.lengths[:, None]
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(
+            self.genes.to(device, non_blocking=True),
+            self.values.to(device, non_blocking=True),
+            self.lengths.to(device, non_blocking=True),
+            self.positions,
+        )
+
+
+@dataclass(frozen=True)
+class SpecialLayout:
+    """Where a family's special tokens sit in every sequence.
+
+    ``n_leading`` tokens at the start (e.g. ``<cls>``) and ``n_trailing`` at each cell's own end
+    (e.g. ``<eos>``, scFoundation's T and S) are excluded from the gene span. ``has_cls`` says whether
+    position 0 is a CLS token.
+    """
+
+    n_leading: int
+    n_trailing: int
+    has_cls: bool
+
+
+class Tokenizer(Protocol):
+    """Official preprocessing of one family (see each family's module for the exact rules)."""
+
+    pad_id: int
+    pad_value: float
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that changes the tokens (goes into the store's attributes and config hash)."""
+        ...
+
+    def map_genes(self, gene_names: Sequence[str]) -> GeneMapping:
+        """Map input gene identifiers to vocabulary ids; raise GeneOverlapError when none match."""
+        ...
+
+    def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        """Token sequences of every cell of ``block`` (randomness seeded per cell)."""
+        ...
+
+
+class CellModel(Protocol):
+    """A family's ``nn.Module``."""
+
+    n_layers: int
+    hidden_size: int
+
+    def forward(self, batch: TokenBatch, tap: Tap) -> None: ...
+
+
+@dataclass
+class LoadedModel:
+    """Everything the pipeline needs from a checkpoint."""
+
+    family: str
+    preset: str | None
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    config: Mapping[str, Any]
+    layout: SpecialLayout
+    poolings: tuple[str, ...]
+    official_pooling: str
+    checkpoint: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.n_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.hidden_size)
+
+
+class ModelFamily(Protocol):
+    """The object a family module exports as ``FAMILY``."""
+
+    name: str
+    presets: Mapping[str, Any]
+    default_poolings: tuple[str, ...]
+
+    def load(self, checkpoint: str | Path, *, device: torch.device | str = "cpu", **tokenizer_options: Any) -> LoadedModel:
+        """Load the official checkpoint folder (weights only, never pickled code)."""
+        ...
+
+    def init_checkpoint(self, preset: str, out: str | Path, *, seed: int = 0, genes: Sequence[str] | None = None) -> Path:
+        """Write random weights for ``preset`` in the official file layout; return the folder."""
+        ...

@@ -1,0 +1,1 @@
+"""Layer-wise probes over extracted stores (see DESIGN.md section 7)."""
