@@ -153,7 +153,12 @@ class CellModel(Protocol):
 
 @dataclass
 class LoadedModel:
-    """Everything the pipeline needs from a checkpoint."""
+    """Everything the pipeline needs from a checkpoint.
+
+    ``pool_ops`` maps each store pooling name the family offers (``mean``, ``max``, ``cls``,
+    ``official``, ...) to a :class:`~cellstrata.kernels.PoolSpec` op (``mean``, ``max``, ``first``,
+    ``first_l2``, ``from_end:K``). ``checkpoint`` describes the files (path, sha256, ...).
+    """
 
     family: str
     preset: str | None
@@ -161,8 +166,8 @@ class LoadedModel:
     tokenizer: Tokenizer
     config: Mapping[str, Any]
     layout: SpecialLayout
-    poolings: tuple[str, ...]
-    official_pooling: str
+    pool_ops: Mapping[str, str]
+    default_poolings: tuple[str, ...]
     checkpoint: dict[str, Any] = field(default_factory=dict)
 
     @property
