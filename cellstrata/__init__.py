@@ -1,0 +1,37 @@
+"""cellstrata: every layer of single-cell foundation models, streamed into chunked zarr stores.
+
+```python
+import cellstrata as cs
+store = cs.extract("atlas.h5ad", model="scgpt", checkpoint="scGPT_human", out="run.zarr", poolings=["mean", "cls"])
+store = cs.open_store("run.zarr")
+store.layers("mean")   # dask array [L+1, N, H]
+store.to_xarray()
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "extract": ("cellstrata.engine.pipeline", "extract"),
+    "open_store": ("cellstrata.engine.store", "open_store"),
+    "Store": ("cellstrata.engine.store", "Store"),
+    "CellstrataError": ("cellstrata.engine.errors", "CellstrataError"),
+    "synthetic_dataset": ("cellstrata.engine.datasets", "synthetic_dataset"),
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the public API on first use, so ``import cellstrata.kernels`` stays light."""
+    if name in _PUBLIC:
+        import importlib
+
+        module, attr = _PUBLIC[name]
+        return getattr(importlib.import_module(module), attr)
+    msg = f"module 'cellstrata' has no attribute {name!r}"
+    raise AttributeError(msg)

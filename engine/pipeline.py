@@ -1,0 +1,550 @@
+"""Extraction: source -> tokenizer -> batches -> one forward pass with per-layer pooling -> writer.
+
+For each window of pending cell chunks: read and tokenize the rows (on a helper thread, one window
+ahead), cut length-sorted token-budget batches, run the model once per batch while the tap pools every
+layer into one device buffer ``[L+1, P, B, H]``, copy that buffer to the host once per batch, put rows
+back in cell order, and hand each completed chunk to the :class:`~.writer.ChunkWriter`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import kernels
+from .batching import iter_batches
+from .errors import ConfigError, EmptyCellError
+from .models import get_family
+from .models.base import GeneMapping, LoadedModel, TokenizedBlock
+from .sources import CellSource, check_values, open_source
+from .store import (
+    ATTR_KEY,
+    FORMAT_VERSION,
+    Store,
+    StoreSpec,
+    config_hash,
+    create_or_resume,
+    default_chunk_cells,
+    pending_chunks,
+    update_attrs,
+)
+from .writer import ChunkData, ChunkWriter
+
+log = logging.getLogger("cellstrata")
+
+ENGINE_VERSION = "0.1.0"
+EMPTY_POLICIES = ("nan", "error")
+MIN_WINDOW_CELLS = 1024
+DEFAULT_MAX_TOKENS = {"cpu": 16384, "cuda": 65536}
+
+
+@dataclass
+class Telemetry:
+    """Counters of one run (stored in the store's attributes at the end)."""
+
+    cells: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    empty_cells: int = 0
+    truncated_cells: int = 0
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+    input_wait_seconds: float = 0.0
+    writer_wait_seconds: float = 0.0
+    overflow: np.ndarray | None = None
+    pooling_names: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_dict(self) -> dict[str, Any]:
+        s = max(self.seconds, 1e-9)
+        d: dict[str, Any] = {
+            "cells": self.cells,
+            "tokens": self.tokens,
+            "padded_tokens": self.padded_tokens,
+            "batches": self.batches,
+            "empty_cells": self.empty_cells,
+            "truncated_cells": self.truncated_cells,
+            "seconds": round(self.seconds, 3),
+            "forward_seconds": round(self.forward_seconds, 3),
+            "input_wait_seconds": round(self.input_wait_seconds, 3),
+            "writer_wait_seconds": round(self.writer_wait_seconds, 3),
+            "cells_per_s": round(self.cells / s, 2),
+            "tokens_per_s": round(self.tokens / s, 1),
+            "padding_fraction": round(1 - self.tokens / max(self.padded_tokens, 1), 4),
+        }
+        ovf = self.overflow
+        d["float16_overflows"] = int(ovf.sum()) if ovf is not None else 0
+        if ovf is not None and ovf.any():
+            d["overflow_layers"] = {
+                f"layer {layer} {self.pooling_names[p]}": int(ovf[layer, p]) for layer, p in zip(*np.nonzero(ovf))
+            }
+        return d
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; refuses a CUDA request on a machine without one."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        msg = "--device cuda was asked for but no CUDA device is available; use --device cpu or auto"
+        raise ConfigError(msg)
+    if device != "cpu" and not device.startswith("cuda"):
+        msg = f"unknown device {device!r}; use auto, cpu or cuda[:N]"
+        raise ConfigError(msg)
+    return torch.device(device)
+
+
+def _resolve_poolings(loaded: LoadedModel, poolings: Sequence[str] | None) -> tuple[str, ...]:
+    names = tuple(poolings) if poolings else loaded.default_poolings
+    if "all" in names:
+        names = tuple(loaded.pool_ops)
+    unknown = [n for n in names if n not in loaded.pool_ops]
+    if unknown:
+        msg = f"{loaded.family} has no pooling {', '.join(unknown)}; choose from {', '.join(loaded.pool_ops)} or all"
+        raise ConfigError(msg)
+    if len(set(names)) != len(names):
+        msg = f"pooling listed twice in {','.join(names)}"
+        raise ConfigError(msg)
+    return names
+
+
+@dataclass
+class Window:
+    """Pending chunks processed together, with their tokens (cells in global order)."""
+
+    chunks: list[int]
+    bounds: list[tuple[int, int]]
+    tokens: TokenizedBlock
+
+
+class Extraction:
+    """One extraction run; see :func:`extract` for the parameters."""
+
+    def __init__(
+        self,
+        source: CellSource,
+        loaded: LoadedModel,
+        out: str | Path,
+        *,
+        poolings: Sequence[str] | None,
+        dtype: str,
+        device: torch.device,
+        max_tokens: int | None,
+        chunk_cells: int | None,
+        n_cells: int,
+        empty_cells: str,
+        require_counts: bool,
+        compression: str,
+        overwrite: bool,
+        progress: bool,
+        client: Any = None,
+    ):
+        if empty_cells not in EMPTY_POLICIES:
+            msg = f"empty_cells must be one of {', '.join(EMPTY_POLICIES)}, got {empty_cells!r}"
+            raise ConfigError(msg)
+        if dtype not in kernels.OUT_DTYPES:
+            msg = f"unknown dtype {dtype!r}; choose float16 or float32"
+            raise ConfigError(msg)
+        self.source = source
+        self.loaded = loaded
+        self.out = str(out)
+        self.poolings = _resolve_poolings(loaded, poolings)
+        self.dtype = dtype
+        self.device = device
+        self.max_tokens = int(max_tokens or DEFAULT_MAX_TOKENS[device.type])
+        self.n_cells = n_cells
+        self.empty_cells = empty_cells
+        self.require_counts = require_counts
+        self.progress = progress
+        self.client = client
+        hidden = loaded.hidden_size
+        self.chunk_cells = int(chunk_cells or default_chunk_cells(n_cells, hidden, dtype))
+        if self.chunk_cells < 1:
+            msg = f"chunk_cells must be >= 1, got {self.chunk_cells}"
+            raise ConfigError(msg)
+        self.mapping: GeneMapping = loaded.tokenizer.map_genes(list(source.gene_names))
+        self.spec = kernels.PoolSpec(
+            ops=tuple(loaded.pool_ops[n] for n in self.poolings),
+            n_leading=loaded.layout.n_leading,
+            n_trailing=loaded.layout.n_trailing,
+        )
+        self.precision = "float32" if device.type == "cpu" else "bfloat16"
+        self.store_spec = self._store_spec(compression)
+        self.group, self.resumed = create_or_resume(self.out, self.store_spec, overwrite=overwrite)
+        self.telemetry = Telemetry(
+            overflow=np.zeros((loaded.n_layers + 1, len(self.poolings)), dtype=np.int64),
+            pooling_names=self.poolings,
+        )
+
+    # ------------------------------------------------------------------ configuration
+    def _store_spec(self, compression: str) -> StoreSpec:
+        ld = self.loaded
+        fp = self.source.fingerprint()
+        model_attrs = {
+            "family": ld.family,
+            "preset": ld.preset,
+            "n_layers": ld.n_layers,
+            "hidden": ld.hidden_size,
+            "config": dict(ld.config),
+            "checkpoint": str(ld.checkpoint.get("path")),
+            "sha256": ld.checkpoint.get("sha256"),
+        }
+        numbers = {
+            "format_version": FORMAT_VERSION,
+            "model": {k: v for k, v in model_attrs.items() if k != "checkpoint"},
+            "tokenizer": ld.tokenizer.settings(),
+            "poolings": {n: ld.pool_ops[n] for n in self.poolings},
+            "layout": [ld.layout.n_leading, ld.layout.n_trailing],
+            "dtype": self.dtype,
+            "precision": self.precision,
+            "chunk_cells": self.chunk_cells,
+            "n_cells": self.n_cells,
+            "empty_cells": self.empty_cells,
+            "source": {k: v for k, v in fp.items() if k != "path"},
+        }
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            "model": model_attrs,
+            "tokenizer": ld.tokenizer.settings(),
+            "poolings": list(self.poolings),
+            "pool_ops": {n: ld.pool_ops[n] for n in self.poolings},
+            "dtype": self.dtype,
+            "precision": self.precision,
+            "chunk_cells": self.chunk_cells,
+            "n_cells": self.n_cells,
+            "empty_cells": self.empty_cells,
+            "gene_overlap": {
+                "n_input": self.mapping.n_input,
+                "n_matched": self.mapping.n_matched,
+                "n_vocab_genes": self.mapping.n_vocab_genes,
+            },
+            "source": fp,
+            "engine_version": ENGINE_VERSION,
+            "config_hash": config_hash(numbers),
+            "layer_index": "0 = embedding output; k = output of block k (1-based), before any final norm",
+        }
+        return StoreSpec(
+            n_cells=self.n_cells,
+            n_layers=ld.n_layers,
+            hidden=ld.hidden_size,
+            widths=dict.fromkeys(self.poolings, ld.hidden_size),
+            dtype=self.dtype,
+            chunk_cells=self.chunk_cells,
+            compression=compression,
+            attrs=attrs,
+        )
+
+    # ------------------------------------------------------------------ input side
+    def _chunk_bounds(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_cells, min((c + 1) * self.chunk_cells, self.n_cells)
+
+    def _windows(self, pending: np.ndarray) -> list[list[int]]:
+        per = max(1, -(-MIN_WINDOW_CELLS // self.chunk_cells))
+        return [list(map(int, pending[i : i + per])) for i in range(0, len(pending), per)]
+
+    def _prepare(self, chunks: list[int]) -> Window:
+        parts: list[TokenizedBlock] = []
+        bounds = []
+        for c in chunks:
+            start, stop = self._chunk_bounds(c)
+            block = self.source.read(start, stop)
+            check_values(block, require_counts=self.require_counts)
+            tokens = self.loaded.tokenizer.tokenize(block, self.mapping)
+            if self.empty_cells == "error" and tokens.empty.any():
+                first = int(tokens.indices[np.argmax(tokens.empty)])
+                msg = (
+                    f"cell {first} ({self.source.obs_names[first]}) has no expressed gene in the model's "
+                    f"vocabulary ({int(tokens.empty.sum())} such cells in cells {start}-{stop - 1}); "
+                    "filter them out or pass --empty-cells nan to store them as NaN"
+                )
+                raise EmptyCellError(msg)
+            parts.append(tokens)
+            bounds.append((start, stop))
+        return Window(chunks, bounds, _concat(parts))
+
+    # ------------------------------------------------------------------ device side
+    def _run_window(self, window: Window) -> dict[str, np.ndarray]:
+        ld = self.loaded
+        n = len(window.tokens)
+        n_layers, hidden, n_pool = ld.n_layers, ld.hidden_size, len(self.poolings)
+        out_dtype = kernels.OUT_DTYPES[self.dtype]
+        np_dtype = np.dtype(self.dtype)
+        result = {name: np.full((n_layers + 1, n, hidden), np.nan, dtype=np_dtype) for name in self.poolings}
+        keep = ~window.tokens.empty
+        sub = _select(window.tokens, np.flatnonzero(keep)) if not keep.all() else window.tokens
+        where = np.flatnonzero(keep)
+        overflow = torch.zeros((n_layers + 1, n_pool), dtype=torch.int64, device=self.device)
+        pin = self.device.type == "cuda"
+        tok = ld.tokenizer
+        for batch in iter_batches(sub, self.max_tokens, tok.pad_id, tok.pad_value):
+            b, s = batch.genes.shape
+            dev = batch.to(self.device)
+            buf = torch.empty((n_layers + 1, n_pool, b, hidden), dtype=out_dtype, device=self.device)
+            starts = torch.arange(b, device=self.device, dtype=torch.int64) * s
+            lengths = dev.lengths
+
+            def tap(layer: int, hidden_state: torch.Tensor, buf=buf, starts=starts, lengths=lengths) -> None:
+                kernels.pool_cast(
+                    hidden_state, starts, lengths, self.spec, out_dtype, out=buf[layer], overflow=overflow[layer]
+                )
+
+            t0 = time.perf_counter()
+            with torch.inference_mode(), _autocast(self.device, self.precision):
+                ld.model.forward(dev, tap)
+            host = buf.to("cpu", non_blocking=pin) if pin else buf
+            if pin:
+                torch.cuda.current_stream(self.device).synchronize()
+            self.telemetry.forward_seconds += time.perf_counter() - t0
+            rows = where[batch.positions]
+            host_np = host.numpy()
+            for p, name in enumerate(self.poolings):
+                result[name][:, rows, :] = host_np[:, p]
+            self.telemetry.batches += 1
+            self.telemetry.tokens += int(batch.lengths.sum())
+            self.telemetry.padded_tokens += b * s
+        assert self.telemetry.overflow is not None
+        self.telemetry.overflow += overflow.cpu().numpy()
+        return result
+
+    def _chunks_of(self, window: Window, pooled: dict[str, np.ndarray]) -> list[ChunkData]:
+        chunks = []
+        offset = 0
+        lengths = window.tokens.lengths
+        lengths = np.where(window.tokens.empty, 0, lengths).astype(np.int32)
+        for c, (start, stop) in zip(window.chunks, window.bounds):
+            k = stop - start
+            sl = slice(offset, offset + k)
+            chunks.append(
+                ChunkData(
+                    index=c,
+                    start=start,
+                    stop=stop,
+                    pooled={name: np.ascontiguousarray(a[:, sl, :]) for name, a in pooled.items()},
+                    obs_names=np.asarray(self.source.obs_names[start:stop]).astype(str),
+                    n_tokens=lengths[sl],
+                    truncated=np.asarray(window.tokens.truncated[sl], dtype=bool),
+                )
+            )
+            offset += k
+        return chunks
+
+    # ------------------------------------------------------------------ driver
+    def run(self) -> Store:
+        pending = pending_chunks(self.group)
+        total = self.store_spec.n_chunks
+        if self.resumed:
+            log.info("resuming %s: %d of %d chunks already written", self.out, total - len(pending), total)
+        log.info("%s", self.mapping.report())
+        if self.mapping.fraction < 0.5:
+            log.warning("only %.1f%% of the input genes are in the vocabulary", 100 * self.mapping.fraction)
+        windows = self._windows(pending)
+        client, own_client = self.client, False
+        if client is None and windows:
+            client, own_client = _local_client(), True
+        t_start = time.perf_counter()
+        bar = _progress(self.n_cells, self.progress, initial=self.n_cells - self._cells_in(pending))
+        writer: ChunkWriter | None = None
+        try:
+            writer = ChunkWriter(self.out, client, max_pending=2) if windows else None
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellstrata-input") as pool:
+                ahead = pool.submit(self._prepare, windows[0]) if windows else None
+                for i in range(len(windows)):
+                    assert ahead is not None and writer is not None
+                    t0 = time.perf_counter()
+                    window = ahead.result()
+                    self.telemetry.input_wait_seconds += time.perf_counter() - t0
+                    ahead = pool.submit(self._prepare, windows[i + 1]) if i + 1 < len(windows) else None
+                    pooled = self._run_window(window)
+                    for chunk in self._chunks_of(window, pooled):
+                        writer.submit(chunk)
+                    n = len(window.tokens)
+                    self.telemetry.cells += n
+                    self.telemetry.empty_cells += int(window.tokens.empty.sum())
+                    self.telemetry.truncated_cells += int(window.tokens.truncated.sum())
+                    bar.update(n)
+                if writer is not None:
+                    writer.flush()
+                    self.telemetry.writer_wait_seconds = writer.wait_seconds
+        except BaseException:
+            # Chunks already handed to the writer are complete: let them commit before leaving.
+            if writer is not None:
+                try:
+                    writer.flush()
+                except Exception:  # noqa: S110 - the original error is the one to report
+                    pass
+            raise
+        finally:
+            bar.close()
+            if own_client:
+                client.close()
+        self.telemetry.seconds = time.perf_counter() - t_start
+        self._finish()
+        return Store(self.out)
+
+    def _cells_in(self, chunks: np.ndarray) -> int:
+        return sum(stop - start for start, stop in map(self._chunk_bounds, chunks))
+
+    def _finish(self) -> None:
+        done = np.asarray(self.group["done"][:])
+        tele = self.telemetry.as_dict()
+        update_attrs(self.group, complete=bool(done.all()), telemetry=tele)
+        if tele["float16_overflows"]:
+            log.warning(
+                "%d pooled values exceeded float16 range and were stored as inf (%s); "
+                "re-run with --dtype float32 to keep them",
+                tele["float16_overflows"],
+                ", ".join(tele["overflow_layers"]),
+            )
+        if tele["empty_cells"]:
+            log.warning(
+                "%d cells had no expressed vocabulary gene; they are stored as NaN with n_tokens 0",
+                tele["empty_cells"],
+            )
+
+
+def _concat(parts: list[TokenizedBlock]) -> TokenizedBlock:
+    if len(parts) == 1:
+        return parts[0]
+    return TokenizedBlock(
+        indices=np.concatenate([p.indices for p in parts]),
+        genes=[g for p in parts for g in p.genes],
+        values=[v for p in parts for v in p.values],
+        truncated=np.concatenate([p.truncated for p in parts]),
+        empty=np.concatenate([p.empty for p in parts]),
+    )
+
+
+def _select(tokens: TokenizedBlock, idx: np.ndarray) -> TokenizedBlock:
+    return TokenizedBlock(
+        indices=tokens.indices[idx],
+        genes=[tokens.genes[i] for i in idx],
+        values=[tokens.values[i] for i in idx],
+        truncated=tokens.truncated[idx],
+        empty=tokens.empty[idx],
+    )
+
+
+class _autocast:
+    """bf16 autocast on CUDA, nothing on CPU (float32)."""
+
+    def __init__(self, device: torch.device, precision: str):
+        self.ctx = (
+            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+            if device.type == "cuda" and precision == "bfloat16"
+            else None
+        )
+
+    def __enter__(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _local_client() -> Any:
+    """An in-process Dask client (threads) that runs the chunk writes beside the forward pass."""
+    from distributed import Client
+
+    return Client(
+        processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None, silence_logs=logging.ERROR
+    )
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="cell", desc="extract", dynamic_ncols=True)
+
+
+def extract(
+    data: Any,
+    *,
+    model: str = "scgpt",
+    checkpoint: str | Path | None = None,
+    out: str | Path,
+    poolings: Sequence[str] | None = None,
+    dtype: str = "float16",
+    device: str = "auto",
+    max_tokens: int | None = None,
+    chunk_cells: int | None = None,
+    layer: str | None = None,
+    gene_column: str | None = None,
+    overwrite: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+    empty_cells: str = "nan",
+    allow_noncounts: bool = False,
+    compression: str = "zstd",
+    progress: bool = True,
+    client: Any = None,
+) -> Store:
+    """Extract every layer of ``model`` for every cell of ``data`` into the store ``out``.
+
+    ``data`` is an ``.h5ad`` path, an AnnData ``.zarr`` path or an ``AnnData``; ``layer`` picks
+    ``layers[...]`` or ``raw`` and ``gene_column`` a ``var`` column of gene identifiers. ``poolings``
+    are store names offered by the family (``all`` for every one). Re-running the same call resumes;
+    another configuration on an existing store is refused unless ``overwrite``. Returns the
+    :class:`~.store.Store`.
+    """
+    family = get_family(model)
+    if checkpoint is None:
+        msg = (
+            f"pass --checkpoint DIR, the official {model} checkpoint folder; for a random one to try the tool, "
+            f"run: cellstrata init-checkpoint --model {model} --preset tiny --out DIR"
+        )
+        raise ConfigError(msg)
+    if limit is not None and limit < 1:
+        msg = f"--limit must be >= 1, got {limit}"
+        raise ConfigError(msg)
+    dev = resolve_device(device)
+    source = open_source(data, layer=layer, gene_column=gene_column)
+    try:
+        n_cells = min(source.n_cells, limit) if limit else source.n_cells
+        if n_cells == 0:
+            msg = "the input has no cells"
+            raise ConfigError(msg)
+        loaded = family.load(checkpoint, device=dev, max_length=max_length, seed=seed)
+        run = Extraction(
+            source,
+            loaded,
+            out,
+            poolings=poolings,
+            dtype=dtype,
+            device=dev,
+            max_tokens=max_tokens,
+            chunk_cells=chunk_cells,
+            n_cells=n_cells,
+            empty_cells=empty_cells,
+            require_counts=not allow_noncounts,
+            compression=compression,
+            overwrite=overwrite,
+            progress=progress,
+            client=client,
+        )
+        return run.run()
+    finally:
+        source.close()
+
+
+__all__ = ["ATTR_KEY", "Extraction", "Telemetry", "extract", "resolve_device"]

@@ -1,0 +1,298 @@
+"""The store format (DESIGN section 3): create, validate, resume, read back.
+
+A store is a zarr v3 group:
+
+- ``pooled/<name>`` ``[L+1, N, W]`` float16/float32, chunks ``(1, C, W)``, dims ``(layer, cell, feature)``;
+- ``obs_names`` ``[N]`` strings, ``n_tokens`` ``[N]`` int32, ``truncated`` ``[N]`` bool, chunks ``(C,)``;
+- ``done`` ``[ceil(N/C)]`` uint8, chunks ``(1,)``: 1 once every array's chunk of that cell block is written;
+- group attribute ``cellstrata``: format version, model, tokenizer, poolings, dtype, chunking, source,
+  ``config_hash`` and, once finished, ``complete`` and the run's telemetry.
+
+Only :mod:`engine.writer` writes data chunks; this module creates stores and reads them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, BloscShuffle
+
+from .errors import ConfigError, IncompleteStoreError, StoreConfigMismatchError, StoreError
+
+FORMAT_VERSION = 1
+ATTR_KEY = "cellstrata"
+STORE_DTYPES = ("float16", "float32")
+COMPRESSIONS = ("zstd", "lz4", "none")
+TARGET_CHUNK_BYTES = 4 * 2**20
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything that changes the stored numbers."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def default_chunk_cells(n_cells: int, width: int, dtype: str) -> int:
+    """Cells per chunk so one ``(1, C, W)`` chunk is about 4 MB (a power of two, >= 64, <= N)."""
+    itemsize = np.dtype(dtype).itemsize
+    c = 2 ** int(math.floor(math.log2(max(TARGET_CHUNK_BYTES // (width * itemsize), 1))))
+    return int(max(1, min(max(c, 64), n_cells)))
+
+
+def _compressors(compression: str) -> Any:
+    if compression == "zstd":
+        return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+    if compression == "lz4":
+        return BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle)
+    if compression == "none":
+        return None
+    msg = f"unknown compression {compression!r}; choose one of {', '.join(COMPRESSIONS)}"
+    raise ConfigError(msg)
+
+
+def feature_dim(name: str, width: int, hidden: int) -> str:
+    """Dimension name of a pooling's last axis: ``feature`` unless its width differs from the hidden size."""
+    return "feature" if width == hidden else f"feature_{name}"
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Everything needed to create a store; ``attrs`` become the ``cellstrata`` group attribute."""
+
+    n_cells: int
+    n_layers: int
+    hidden: int
+    widths: Mapping[str, int]
+    dtype: str
+    chunk_cells: int
+    compression: str
+    attrs: Mapping[str, Any]
+
+    @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n_cells / self.chunk_cells)
+
+
+def _is_store(path: Path) -> bool:
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception:
+        return False
+    return ATTR_KEY in group.attrs
+
+
+def _hash_of(group: zarr.Group) -> str | None:
+    return dict(group.attrs.get(ATTR_KEY, {})).get("config_hash")
+
+
+def create_or_resume(path: str | Path, spec: StoreSpec, *, overwrite: bool = False) -> tuple[zarr.Group, bool]:
+    """Open ``path`` for writing ``spec``; returns ``(group, resumed)``.
+
+    An existing store with the same ``config_hash`` is resumed; one with another hash is refused unless
+    ``overwrite``; a path that exists but is not a cellstrata store is never deleted.
+    """
+    path = Path(path)
+    if spec.dtype not in STORE_DTYPES:
+        msg = f"unknown store dtype {spec.dtype!r}; choose one of {', '.join(STORE_DTYPES)}"
+        raise ConfigError(msg)
+    want = spec.attrs["config_hash"]
+    if path.exists():
+        if not _is_store(path):
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+            else:
+                msg = f"{path} exists and is not a cellstrata store; choose another --out (nothing was changed)"
+                raise StoreError(msg)
+        else:
+            group = zarr.open_group(str(path), mode="r+")
+            have = _hash_of(group)
+            if have == want:
+                return group, True
+            if not overwrite:
+                old = dict(group.attrs[ATTR_KEY])
+                msg = (
+                    f"{path} was written with another configuration (model {old.get('model', {}).get('family')}, "
+                    f"poolings {old.get('poolings')}, dtype {old.get('dtype')}, config {str(have)[:12]} vs "
+                    f"{want[:12]}); pass --overwrite to replace it or choose another --out"
+                )
+                raise StoreConfigMismatchError(msg)
+            shutil.rmtree(path)
+    return _create(path, spec), False
+
+
+def _create(path: Path, spec: StoreSpec) -> zarr.Group:
+    comp = _compressors(spec.compression)
+    c = spec.chunk_cells
+    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    pooled = group.create_group("pooled")
+    for name, width in spec.widths.items():
+        pooled.create_array(
+            name,
+            shape=(spec.n_layers + 1, spec.n_cells, width),
+            chunks=(1, c, width),
+            dtype=spec.dtype,
+            compressors=comp,
+            fill_value=np.nan,
+            dimension_names=("layer", "cell", feature_dim(name, width, spec.hidden)),
+        )
+    group.create_array("obs_names", shape=(spec.n_cells,), chunks=(c,), dtype=str, dimension_names=("cell",))
+    group.create_array(
+        "n_tokens", shape=(spec.n_cells,), chunks=(c,), dtype="int32", fill_value=0, dimension_names=("cell",)
+    )
+    group.create_array(
+        "truncated", shape=(spec.n_cells,), chunks=(c,), dtype="bool", fill_value=False, dimension_names=("cell",)
+    )
+    group.create_array(
+        "done", shape=(spec.n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, dimension_names=("cell_chunk",)
+    )
+    attrs = dict(spec.attrs)
+    attrs.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), complete=False)
+    group.attrs[ATTR_KEY] = attrs
+    return group
+
+
+def pending_chunks(group: zarr.Group) -> np.ndarray:
+    """Indices of the chunks whose ``done`` flag is 0."""
+    return np.flatnonzero(np.asarray(group["done"][:]) == 0)
+
+
+def update_attrs(group: zarr.Group, **values: Any) -> None:
+    """Merge ``values`` into the ``cellstrata`` attribute."""
+    attrs = dict(group.attrs[ATTR_KEY])
+    attrs.update(values)
+    group.attrs[ATTR_KEY] = attrs
+
+
+class Store:
+    """Read side of a store: lazy dask views per pooling, xarray, completeness."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.group = zarr.open_group(str(self.path), mode="r")
+        except Exception as err:  # zarr raises several types for a non-store path
+            msg = f"{self.path} is not a readable zarr store ({type(err).__name__}); check the path"
+            raise StoreError(msg) from None
+        if ATTR_KEY not in self.group.attrs:
+            msg = f"{self.path} is a zarr group but not a cellstrata store (no '{ATTR_KEY}' attribute)"
+            raise StoreError(msg)
+        self.attrs: dict[str, Any] = dict(self.group.attrs[ATTR_KEY])
+        version = self.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            msg = f"{self.path} has store format {version}; this cellstrata reads format {FORMAT_VERSION}"
+            raise StoreError(msg)
+
+    @property
+    def poolings(self) -> list[str]:
+        return list(self.attrs["poolings"])
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.attrs["n_cells"])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.attrs["model"]["n_layers"])
+
+    @property
+    def chunk_cells(self) -> int:
+        return int(self.attrs["chunk_cells"])
+
+    @property
+    def done(self) -> np.ndarray:
+        return np.asarray(self.group["done"][:])
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.done.all())
+
+    def require_complete(self) -> None:
+        """Raise :class:`IncompleteStoreError` unless every chunk is committed."""
+        done = self.done
+        if not done.all():
+            msg = (
+                f"{self.path} is incomplete: {int(done.sum())} of {done.size} cell chunks are written; "
+                "re-run the same extract command to finish it"
+            )
+            raise IncompleteStoreError(msg)
+
+    def layers(self, pooling: str) -> Any:
+        """Dask array ``[L+1, N, W]`` of one pooling (lazy; reads only the chunks you compute)."""
+        import dask.array as da
+
+        if pooling not in self.poolings:
+            msg = f"pooling {pooling!r} is not in {self.path}; it has {', '.join(self.poolings)}"
+            raise StoreError(msg)
+        return da.from_zarr(self.group["pooled"][pooling])
+
+    def obs_names(self) -> np.ndarray:
+        return np.asarray(self.group["obs_names"][:]).astype(str)
+
+    def to_xarray(self) -> Any:
+        """One ``xarray.Dataset`` with every pooling plus the per-cell arrays, lazily backed by dask."""
+        import xarray as xr
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            pooled = xr.open_zarr(str(self.path), group="pooled", consolidated=False)
+            cells = xr.open_zarr(str(self.path), consolidated=False)
+        ds = xr.merge([pooled, cells.drop_vars("done")], compat="override", join="override")
+        ds = ds.assign_coords(cell=self.obs_names(), layer=np.arange(self.n_layers + 1))
+        ds.attrs = {"cellstrata": json.dumps(self.attrs, default=str)}
+        return ds
+
+    def summary(self) -> str:
+        """Human-readable description (what ``cellstrata info`` prints)."""
+        a = self.attrs
+        m = a["model"]
+        done = self.done
+        widths = {n: self.group["pooled"][n].shape[2] for n in self.poolings}
+        lines = [
+            f"store       {self.path}",
+            f"model       {m['family']} (preset {m.get('preset') or 'custom'}), {m['n_layers']} layers, "
+            f"hidden {m['hidden']}; checkpoint {m.get('checkpoint')} sha256 {str(m.get('sha256'))[:12]}",
+            f"cells       {a['n_cells']} in chunks of {a['chunk_cells']} "
+            f"({done.size} chunks; {int(done.sum())} written)",
+            f"poolings    " + ", ".join(f"{n} [{m['n_layers'] + 1} x {a['n_cells']} x {w}]" for n, w in widths.items()),
+            f"dtype       {a['dtype']}",
+            f"source      {a['source'].get('path')} ({a['source'].get('n_cells')} x {a['source'].get('n_genes')})",
+            f"config      {a['config_hash'][:16]}",
+            f"status      {'complete' if done.all() else 'INCOMPLETE: re-run the same extract command to resume'}",
+        ]
+        t = a.get("telemetry")
+        if t:
+            lines.append(
+                f"last run    {t.get('cells', 0)} cells in {t.get('seconds', 0):.1f} s "
+                f"({t.get('cells_per_s', 0):.1f} cells/s, {t.get('tokens_per_s', 0):.0f} tokens/s, "
+                f"padding {100 * t.get('padding_fraction', 0):.1f}%)"
+            )
+            if t.get("empty_cells"):
+                lines.append(f"empty cells {t['empty_cells']} (gene poolings NaN, see README)")
+            if t.get("float16_overflows"):
+                lines.append(f"overflows   {t['float16_overflows']} float16 overflows: {t.get('overflow_layers')}")
+        return "\n".join(lines)
+
+
+def open_store(path: str | Path) -> Store:
+    """Open an extracted store for reading."""
+    p = Path(path)
+    if not p.exists():
+        msg = f"{p} does not exist; pass the --out path of an extract run"
+        raise StoreError(msg)
+    return Store(p)
+
+
+def describe_widths(names: Sequence[str], hidden: int) -> dict[str, int]:
+    """Width of each pooling (all are the hidden size for now; scFoundation's ``official`` will differ)."""
+    return dict.fromkeys(names, hidden)

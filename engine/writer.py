@@ -1,0 +1,107 @@
+"""The only code that writes data into a store: whole chunks, as Dask tasks, then the commit flag.
+
+``ChunkWriter.submit`` hands one complete cell chunk (every pooling, every layer, and the per-cell
+arrays) to a Dask task that encodes and writes it and only then sets ``done[c] = 1``. At most
+``max_pending`` chunks are in flight: ``submit`` waits for the oldest when the queue is full, which
+bounds host memory (backpressure) while the forward pass of the next chunks overlaps the writes.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import WriteError
+
+
+@dataclass
+class ChunkData:
+    """One cell chunk ``c`` covering cells ``[start, stop)``; ``pooled[name]`` is ``[L+1, stop-start, W]``."""
+
+    index: int
+    start: int
+    stop: int
+    pooled: dict[str, np.ndarray]
+    obs_names: np.ndarray
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.pooled.values())
+
+
+def write_chunk(path: str, chunk: ChunkData) -> int:
+    """Write every array's region of ``chunk`` and then its ``done`` flag (runs inside a Dask task)."""
+    group = zarr.open_group(path, mode="r+")
+    sl = slice(chunk.start, chunk.stop)
+    for name, data in chunk.pooled.items():
+        group["pooled"][name][:, sl, :] = data
+    group["obs_names"][sl] = chunk.obs_names
+    group["n_tokens"][sl] = chunk.n_tokens
+    group["truncated"][sl] = chunk.truncated
+    group["done"][chunk.index : chunk.index + 1] = np.ones(1, dtype=np.uint8)
+    return chunk.index
+
+
+def _explain(err: BaseException, chunk_index: int) -> str:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        cause = "the disk is full"
+    elif isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        cause = "the store is not writable"
+    else:
+        cause = f"{type(err).__name__}: {err}"
+    return (
+        f"writing cell chunk {chunk_index} failed ({cause}); chunks already committed are intact — "
+        "fix the cause and re-run the same command to resume"
+    )
+
+
+class ChunkWriter:
+    """Submit chunk writes to a Dask client with a bounded number in flight."""
+
+    def __init__(self, path: str, client: Any, *, max_pending: int = 2):
+        self.path = path
+        self.client = client
+        self.max_pending = max(1, max_pending)
+        self._pending: collections.deque[tuple[int, Any]] = collections.deque()
+        self.written: list[int] = []
+        self.wait_seconds = 0.0
+
+    def submit(self, chunk: ChunkData) -> None:
+        """Queue ``chunk`` for writing; blocks while ``max_pending`` writes are in flight."""
+        import time
+
+        while len(self._pending) >= self.max_pending:
+            t0 = time.perf_counter()
+            self._wait_oldest()
+            self.wait_seconds += time.perf_counter() - t0
+        future = self.client.submit(write_chunk, self.path, chunk, pure=False, key=f"write-chunk-{chunk.index}")
+        self._pending.append((chunk.index, future))
+
+    def _wait_oldest(self) -> None:
+        index, future = self._pending.popleft()
+        try:
+            self.written.append(future.result())
+        except Exception as err:
+            self._drain()
+            raise WriteError(_explain(err, index)) from err
+
+    def _drain(self) -> None:
+        """Let the other in-flight writes finish (each commits or fails on its own)."""
+        while self._pending:
+            _, fut = self._pending.popleft()
+            try:
+                self.written.append(fut.result())
+            except Exception:  # noqa: S110 - the first failure is the one reported
+                pass
+
+    def flush(self) -> None:
+        """Wait for every queued write; raises :class:`WriteError` on the first failure."""
+        while self._pending:
+            self._wait_oldest()
