@@ -8,6 +8,7 @@ back in cell order, and hand each completed chunk to the :class:`~.writer.ChunkW
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -118,15 +119,22 @@ def _resolve_poolings(loaded: LoadedModel, poolings: Sequence[str] | None) -> tu
 
 @dataclass
 class Window:
-    """Pending chunks processed together, with their tokens (cells in global order)."""
+    """Pending chunks processed together: ``parts[i]`` holds the tokens of cells ``bounds[i]``."""
 
     chunks: list[int]
     bounds: list[tuple[int, int]]
-    tokens: TokenizedBlock
+    parts: list[TokenizedBlock]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
 
 
 class Extraction:
-    """One extraction run; see :func:`extract` for the parameters."""
+    """One extraction run; see :func:`extract` for the parameters.
+
+    Batches are planned inside each chunk, so a chunk's numbers are bit-identical however the run
+    was split, interrupted or resumed.
+    """
 
     def __init__(
         self,
@@ -268,18 +276,19 @@ class Extraction:
                 raise EmptyCellError(msg)
             parts.append(tokens)
             bounds.append((start, stop))
-        return Window(chunks, bounds, _concat(parts))
+        return Window(chunks, bounds, parts)
 
     # ------------------------------------------------------------------ device side
-    def _run_window(self, window: Window) -> dict[str, np.ndarray]:
+    def _run_chunk(self, tokens: TokenizedBlock) -> dict[str, np.ndarray]:
+        """Pooled ``[L+1, n, H]`` per pooling for the cells of one chunk (NaN rows for empty cells)."""
         ld = self.loaded
-        n = len(window.tokens)
+        n = len(tokens)
         n_layers, hidden, n_pool = ld.n_layers, ld.hidden_size, len(self.poolings)
         out_dtype = kernels.OUT_DTYPES[self.dtype]
         np_dtype = np.dtype(self.dtype)
         result = {name: np.full((n_layers + 1, n, hidden), np.nan, dtype=np_dtype) for name in self.poolings}
-        keep = ~window.tokens.empty
-        sub = _select(window.tokens, np.flatnonzero(keep)) if not keep.all() else window.tokens
+        keep = ~tokens.empty
+        sub = _select(tokens, np.flatnonzero(keep)) if not keep.all() else tokens
         where = np.flatnonzero(keep)
         overflow = torch.zeros((n_layers + 1, n_pool), dtype=torch.int64, device=self.device)
         pin = self.device.type == "cuda"
@@ -314,27 +323,17 @@ class Extraction:
         self.telemetry.overflow += overflow.cpu().numpy()
         return result
 
-    def _chunks_of(self, window: Window, pooled: dict[str, np.ndarray]) -> list[ChunkData]:
-        chunks = []
-        offset = 0
-        lengths = window.tokens.lengths
-        lengths = np.where(window.tokens.empty, 0, lengths).astype(np.int32)
-        for c, (start, stop) in zip(window.chunks, window.bounds):
-            k = stop - start
-            sl = slice(offset, offset + k)
-            chunks.append(
-                ChunkData(
-                    index=c,
-                    start=start,
-                    stop=stop,
-                    pooled={name: np.ascontiguousarray(a[:, sl, :]) for name, a in pooled.items()},
-                    obs_names=np.asarray(self.source.obs_names[start:stop]).astype(str),
-                    n_tokens=lengths[sl],
-                    truncated=np.asarray(window.tokens.truncated[sl], dtype=bool),
-                )
-            )
-            offset += k
-        return chunks
+    def _chunk_data(self, c: int, bounds: tuple[int, int], tokens: TokenizedBlock) -> ChunkData:
+        start, stop = bounds
+        return ChunkData(
+            index=c,
+            start=start,
+            stop=stop,
+            pooled=self._run_chunk(tokens),
+            obs_names=np.asarray(self.source.obs_names[start:stop]).astype(str),
+            n_tokens=np.where(tokens.empty, 0, tokens.lengths).astype(np.int32),
+            truncated=np.asarray(tokens.truncated, dtype=bool),
+        )
 
     # ------------------------------------------------------------------ driver
     def run(self) -> Store:
@@ -362,24 +361,20 @@ class Extraction:
                     window = ahead.result()
                     self.telemetry.input_wait_seconds += time.perf_counter() - t0
                     ahead = pool.submit(self._prepare, windows[i + 1]) if i + 1 < len(windows) else None
-                    pooled = self._run_window(window)
-                    for chunk in self._chunks_of(window, pooled):
-                        writer.submit(chunk)
-                    n = len(window.tokens)
-                    self.telemetry.cells += n
-                    self.telemetry.empty_cells += int(window.tokens.empty.sum())
-                    self.telemetry.truncated_cells += int(window.tokens.truncated.sum())
-                    bar.update(n)
+                    for c, bounds, tokens in zip(window.chunks, window.bounds, window.parts):
+                        writer.submit(self._chunk_data(c, bounds, tokens))
+                        self.telemetry.cells += len(tokens)
+                        self.telemetry.empty_cells += int(tokens.empty.sum())
+                        self.telemetry.truncated_cells += int(tokens.truncated.sum())
+                        bar.update(len(tokens))
                 if writer is not None:
                     writer.flush()
                     self.telemetry.writer_wait_seconds = writer.wait_seconds
         except BaseException:
             # Chunks already handed to the writer are complete: let them commit before leaving.
             if writer is not None:
-                try:
+                with contextlib.suppress(Exception):  # the original error is the one to report
                     writer.flush()
-                except Exception:  # noqa: S110 - the original error is the one to report
-                    pass
             raise
         finally:
             bar.close()
@@ -408,18 +403,6 @@ class Extraction:
                 "%d cells had no expressed vocabulary gene; they are stored as NaN with n_tokens 0",
                 tele["empty_cells"],
             )
-
-
-def _concat(parts: list[TokenizedBlock]) -> TokenizedBlock:
-    if len(parts) == 1:
-        return parts[0]
-    return TokenizedBlock(
-        indices=np.concatenate([p.indices for p in parts]),
-        genes=[g for p in parts for g in p.genes],
-        values=[v for p in parts for v in p.values],
-        truncated=np.concatenate([p.truncated for p in parts]),
-        empty=np.concatenate([p.empty for p in parts]),
-    )
 
 
 def _select(tokens: TokenizedBlock, idx: np.ndarray) -> TokenizedBlock:

@@ -46,7 +46,7 @@ def config_hash(config: Mapping[str, Any]) -> str:
 def default_chunk_cells(n_cells: int, width: int, dtype: str) -> int:
     """Cells per chunk so one ``(1, C, W)`` chunk is about 4 MB (a power of two, >= 64, <= N)."""
     itemsize = np.dtype(dtype).itemsize
-    c = 2 ** int(math.floor(math.log2(max(TARGET_CHUNK_BYTES // (width * itemsize), 1))))
+    c = 2 ** math.floor(math.log2(max(TARGET_CHUNK_BYTES // (width * itemsize), 1)))
     return int(max(1, min(max(c, 64), n_cells)))
 
 
@@ -237,7 +237,7 @@ class Store:
         return da.from_zarr(self.group["pooled"][pooling])
 
     def obs_names(self) -> np.ndarray:
-        return np.asarray(self.group["obs_names"][:]).astype(str)
+        return np.asarray(self.group["obs_names"][:]).astype(object).astype(str)
 
     def to_xarray(self) -> Any:
         """One ``xarray.Dataset`` with every pooling plus the per-cell arrays, lazily backed by dask."""
@@ -264,7 +264,7 @@ class Store:
             f"hidden {m['hidden']}; checkpoint {m.get('checkpoint')} sha256 {str(m.get('sha256'))[:12]}",
             f"cells       {a['n_cells']} in chunks of {a['chunk_cells']} "
             f"({done.size} chunks; {int(done.sum())} written)",
-            f"poolings    " + ", ".join(f"{n} [{m['n_layers'] + 1} x {a['n_cells']} x {w}]" for n, w in widths.items()),
+            "poolings    " + ", ".join(f"{n} [{m['n_layers'] + 1} x {a['n_cells']} x {w}]" for n, w in widths.items()),
             f"dtype       {a['dtype']}",
             f"source      {a['source'].get('path')} ({a['source'].get('n_cells')} x {a['source'].get('n_genes')})",
             f"config      {a['config_hash'][:16]}",

@@ -9,6 +9,7 @@ bounds host memory (backpressure) while the forward pass of the next chunks over
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 from dataclasses import dataclass
 from typing import Any
@@ -96,10 +97,8 @@ class ChunkWriter:
         """Let the other in-flight writes finish (each commits or fails on its own)."""
         while self._pending:
             _, fut = self._pending.popleft()
-            try:
+            with contextlib.suppress(Exception):  # the first failure is the one reported
                 self.written.append(fut.result())
-            except Exception:  # noqa: S110 - the first failure is the one reported
-                pass
 
     def flush(self) -> None:
         """Wait for every queued write; raises :class:`WriteError` on the first failure."""
