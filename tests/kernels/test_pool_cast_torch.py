@@ -80,8 +80,15 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown pooling op"):
         PoolSpec(("median",))
     with pytest.raises(ValueError, match="out must be"):
-        pool_cast(torch.randn(2, 3, 4), torch.tensor([0, 3]), torch.tensor([3, 3]), PoolSpec(("mean",)),
-                  torch.float16, out=torch.empty(1, 2, 4))
+        pool_cast(
+            torch.randn(2, 3, 4),
+            torch.tensor([0, 3]),
+            torch.tensor([3, 3]),
+            PoolSpec(("mean",)),
+            torch.float16,
+            out=torch.empty(1, 2, 4),
+        )
     with pytest.raises(TypeError):
-        pool_cast(torch.randn(2, 3, 4), torch.tensor([0.0, 3.0]), torch.tensor([3, 3]), PoolSpec(("mean",)),
-                  torch.float32)
+        pool_cast(
+            torch.randn(2, 3, 4), torch.tensor([0.0, 3.0]), torch.tensor([3, 3]), PoolSpec(("mean",)), torch.float32
+        )

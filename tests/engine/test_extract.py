@@ -1,0 +1,324 @@
+"""End to end: AnnData -> tiny scGPT -> store; batch invariance, resume after kill, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+import zarr
+
+import cellstrata as cs
+from cellstrata.cli import main
+from cellstrata.engine import writer as writer_mod
+from cellstrata.engine.batching import collate
+from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.errors import WriteError
+from cellstrata.engine.models import get_family
+from cellstrata.engine.sources import open_source
+
+N_CELLS = 150
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return get_family("scgpt").init_checkpoint("tiny", tmp_path_factory.mktemp("ckpt") / "scgpt", seed=3)
+
+
+@pytest.fixture(scope="module")
+def adata():
+    return synthetic_dataset(N_CELLS, 2000, seed=5)
+
+
+@pytest.fixture(scope="module")
+def h5ad(tmp_path_factory, adata) -> Path:
+    path = tmp_path_factory.mktemp("data") / "cells.h5ad"
+    adata.write_h5ad(path)
+    return path
+
+
+def run(h5ad, ckpt, out, **kw):
+    kw.setdefault("poolings", ["all"])
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("chunk_cells", 32)
+    return cs.extract(h5ad, model="scgpt", checkpoint=ckpt, out=out, progress=False, **kw)
+
+
+def tap_states(model, batch) -> dict[int, torch.Tensor]:
+    """Float64 copy of row 0 of every layer's hidden state."""
+    states: dict[int, torch.Tensor] = {}
+    with torch.inference_mode():
+        model.forward(batch, lambda layer, h: states.__setitem__(layer, h[0].double().clone()))
+    return states
+
+
+def read_all(store) -> dict[str, np.ndarray]:
+    return {p: store.layers(p).compute() for p in store.poolings}
+
+
+def test_store_holds_every_layer_of_every_cell(h5ad, ckpt, adata, tmp_path):
+    store = run(h5ad, ckpt, tmp_path / "s.zarr")
+    loaded = get_family("scgpt").load(ckpt)
+    n_layers, hidden = loaded.n_layers, loaded.hidden_size
+    assert store.is_complete and store.attrs["complete"] is True
+    assert set(store.poolings) == {"mean", "max", "cls", "official"}
+    values = read_all(store)
+    for arr in values.values():
+        assert arr.shape == (n_layers + 1, N_CELLS, hidden) and np.isfinite(arr).all()
+    assert list(store.obs_names()) == list(adata.obs_names)
+
+    # Independent computation: each cell alone through the model, pooled by hand in float64.
+    with open_source(h5ad) as src:
+        mapping = loaded.tokenizer.map_genes(list(src.gene_names))
+        tokens = loaded.tokenizer.tokenize(src.read(0, N_CELLS), mapping)
+    n_tokens = np.asarray(store.group["n_tokens"][:])
+    np.testing.assert_array_equal(n_tokens, tokens.lengths)
+    np.testing.assert_array_equal(np.asarray(store.group["truncated"][:]), tokens.truncated)
+    for i in [0, 7, 77, N_CELLS - 1]:
+        batch = collate(tokens, np.array([i]), loaded.tokenizer.pad_id, loaded.tokenizer.pad_value)
+        states = tap_states(loaded.model, batch)
+        assert sorted(states) == list(range(n_layers + 1))
+        for layer, h in states.items():
+            genes = h[1:]
+            want = {
+                "mean": genes.mean(0),
+                "max": genes.amax(0),
+                "cls": h[0],
+                "official": h[0] / h[0].norm(),
+            }
+            for name, vec in want.items():
+                np.testing.assert_allclose(values[name][layer, i], vec.numpy(), rtol=2e-5, atol=2e-5)
+    # layers are distinct representations, not copies
+    assert not np.allclose(values["mean"][1], values["mean"][-1])
+
+
+def test_cell_vectors_do_not_depend_on_batching(h5ad, ckpt, tmp_path):
+    base = read_all(run(h5ad, ckpt, tmp_path / "a.zarr", max_tokens=100_000))
+    alone = read_all(run(h5ad, ckpt, tmp_path / "b.zarr", max_tokens=1))  # one cell per batch
+    rechunked = read_all(run(h5ad, ckpt, tmp_path / "c.zarr", max_tokens=700, chunk_cells=17))
+    for name in base:
+        np.testing.assert_allclose(alone[name], base[name], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(rechunked[name], base[name], rtol=1e-5, atol=1e-5)
+    head = read_all(run(h5ad, ckpt, tmp_path / "d.zarr", limit=40, chunk_cells=7))
+    np.testing.assert_allclose(head["mean"], base["mean"][:, :40], rtol=1e-5, atol=1e-5)
+
+
+def test_in_memory_anndata_and_float16(adata, ckpt, tmp_path):
+    s16 = cs.extract(adata, model="scgpt", checkpoint=ckpt, out=tmp_path / "m.zarr", progress=False, chunk_cells=64)
+    assert s16.poolings == ["mean", "cls"]
+    x = s16.layers("mean").compute()
+    assert x.dtype == np.float16
+    s32 = run(adata, ckpt, tmp_path / "m32.zarr", poolings=["mean"], chunk_cells=64)
+    np.testing.assert_allclose(x.astype(np.float32), s32.layers("mean").compute(), rtol=2e-3, atol=2e-3)
+    ds = s16.to_xarray()
+    assert ds["mean"].sizes["layer"] == s16.n_layers + 1
+
+
+def test_rerun_resumes_and_other_config_is_refused(h5ad, ckpt, tmp_path, capsys):
+    out = tmp_path / "s.zarr"
+    args = ["extract", str(h5ad), "--model", "scgpt", "--checkpoint", str(ckpt), "--out", str(out), "--quiet"]
+    assert main([*args, "--chunk-cells", "32"]) == 0
+    before = read_all(cs.open_store(out))
+    # knock out two committed chunks: the re-run writes exactly those again
+    zarr.open_group(str(out), mode="r+")["done"][1:3] = np.zeros(2, dtype=np.uint8)
+    assert main([*args, "--chunk-cells", "32"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    after = read_all(cs.open_store(out))
+    for name in before:
+        np.testing.assert_array_equal(after[name], before[name])
+    assert main([*args, "--chunk-cells", "32", "--pool", "max"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cellstrata: error:") and "--overwrite" in err and "\n" not in err
+    assert main([*args, "--chunk-cells", "32", "--pool", "max", "--overwrite"]) == 0
+    assert cs.open_store(out).poolings == ["max"]
+
+
+def test_write_failure_mid_run_then_resume(h5ad, ckpt, tmp_path, monkeypatch):
+    ref = read_all(run(h5ad, ckpt, tmp_path / "ref.zarr", dtype="float16"))
+    real = writer_mod.write_chunk
+
+    def fail_on_third(path, chunk):
+        if chunk.index == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, chunk)
+
+    monkeypatch.setattr(writer_mod, "write_chunk", fail_on_third)
+    with pytest.raises(WriteError, match="disk is full"):
+        run(h5ad, ckpt, tmp_path / "s.zarr", dtype="float16")
+    done = np.asarray(zarr.open_group(str(tmp_path / "s.zarr"))["done"][:])
+    assert done[:2].all() and done[2] == 0
+    monkeypatch.setattr(writer_mod, "write_chunk", real)
+    resumed = read_all(run(h5ad, ckpt, tmp_path / "s.zarr", dtype="float16"))
+    for name in ref:
+        np.testing.assert_array_equal(resumed[name], ref[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_killed_run_resumes_to_identical_store(tmp_path, ckpt, sig):
+    data = tmp_path / "big.h5ad"
+    synthetic_dataset(2400, 2000, seed=11).write_h5ad(data)
+    common = [
+        "extract",
+        str(data),
+        "--model",
+        "scgpt",
+        "--checkpoint",
+        str(ckpt),
+        "--pool",
+        "all",
+        "--chunk-cells",
+        "40",
+        "--max-tokens",
+        "300",
+        "--quiet",
+    ]
+    assert main([*common, "--out", str(tmp_path / "ref.zarr")]) == 0
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "cellstrata", *common, "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    done = np.zeros(1)
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            done = np.asarray(zarr.open_group(str(out), mode="r")["done"][:])
+        except Exception:
+            done = np.zeros(1)
+        if done.sum() >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "re-run the same command" in err and "Traceback" not in err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    partial = cs.open_store(out)
+    assert not partial.is_complete and partial.done.sum() >= 3
+    assert main([*common, "--out", str(out)]) == 0
+    a, b = read_all(cs.open_store(out)), read_all(cs.open_store(tmp_path / "ref.zarr"))
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    np.testing.assert_array_equal(cs.open_store(out).obs_names(), cs.open_store(tmp_path / "ref.zarr").obs_names())
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def cli_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code != 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("cellstrata: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def write_variant(tmp_path, adata, name, *, X=None, var_names=None) -> Path:
+    a = adata.copy()
+    if X is not None:
+        a.X = X
+    if var_names is not None:
+        a.var_names = var_names
+    path = tmp_path / f"{name}.h5ad"
+    a.write_h5ad(path)
+    return path
+
+
+def extract_args(path, ckpt, tmp_path, *extra):
+    return [
+        "extract",
+        str(path),
+        "--model",
+        "scgpt",
+        "--checkpoint",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "bad.zarr"),
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_no_gene_overlap(capsys, tmp_path, adata, ckpt):
+    path = write_variant(tmp_path, adata, "ens", var_names=[f"ENSG{i:011d}" for i in range(adata.n_vars)])
+    msg = cli_error(capsys, extract_args(path, ckpt, tmp_path))
+    assert f"0 of {adata.n_vars}" in msg and "--gene-column" in msg
+
+
+def test_negative_and_nan_values(capsys, tmp_path, adata, ckpt):
+    X = sp.csr_matrix(adata.X, copy=True)
+    X.data[5] = -1.0
+    msg = cli_error(capsys, extract_args(write_variant(tmp_path, adata, "neg", X=X), ckpt, tmp_path))
+    assert "negative" in msg.lower()
+    X = sp.csr_matrix(adata.X, copy=True)
+    X.data[9] = np.nan
+    msg = cli_error(capsys, extract_args(write_variant(tmp_path, adata, "nan", X=X), ckpt, tmp_path))
+    assert "nan" in msg.lower()
+
+
+def test_normalised_matrix_is_refused_unless_allowed(capsys, tmp_path, adata, ckpt):
+    X = sp.csr_matrix(adata.X, dtype=np.float32, copy=True)
+    X.data = np.log1p(X.data / 3.0)
+    path = write_variant(tmp_path, adata, "log", X=X)
+    msg = cli_error(capsys, extract_args(path, ckpt, tmp_path))
+    assert "counts" in msg and "--allow-noncounts" in msg
+    assert main(extract_args(path, ckpt, tmp_path, "--allow-noncounts", "--limit", "20")) == 0
+
+
+def test_unreadable_file(capsys, tmp_path, ckpt):
+    bad = tmp_path / "junk.h5ad"
+    bad.write_bytes(b"this is not hdf5")
+    cli_error(capsys, extract_args(bad, ckpt, tmp_path))
+    cli_error(capsys, extract_args(tmp_path / "missing.h5ad", ckpt, tmp_path))
+
+
+def test_empty_cells_nan_by_default_error_on_request(capsys, tmp_path, adata, ckpt):
+    X = sp.lil_matrix(adata.X)
+    X[3, :] = 0
+    X[10, :] = 0
+    path = write_variant(tmp_path, adata, "empty", X=sp.csr_matrix(X))
+    store = run(path, ckpt, tmp_path / "e.zarr", poolings=["mean", "cls"])
+    mean = store.layers("mean").compute()
+    assert np.isnan(mean[:, [3, 10]]).all() and np.isfinite(mean[:, [0, 4, 11]]).all()
+    assert np.asarray(store.group["n_tokens"][:])[[3, 10]].tolist() == [0, 0]
+    assert store.attrs["telemetry"]["empty_cells"] == 2
+    msg = cli_error(capsys, extract_args(path, ckpt, tmp_path, "--empty-cells", "error"))
+    assert "no expressed gene" in msg
+
+
+def test_missing_checkpoint_and_bad_options(capsys, tmp_path, h5ad, ckpt):
+    cli_error(capsys, ["extract", str(h5ad), "--model", "scgpt", "--out", str(tmp_path / "x.zarr")])
+    cli_error(capsys, ["extract", str(h5ad), "--model", "nope", "--checkpoint", str(ckpt), "--out", "x"])
+    cli_error(capsys, extract_args(h5ad, ckpt, tmp_path, "--pool", "median"))
+    cli_error(capsys, ["info", str(tmp_path / "nothing.zarr")])
+
+
+def test_info_and_init_checkpoint_commands(capsys, tmp_path, h5ad):
+    ck = tmp_path / "ck"
+    assert main(["init-checkpoint", "--model", "scgpt", "--preset", "tiny", "--out", str(ck)]) == 0
+    assert "RANDOM" in capsys.readouterr().out
+    assert {p.name for p in ck.iterdir()} >= {"best_model.pt", "args.json", "vocab.json"}
+    out = tmp_path / "s.zarr"
+    argv = ["extract", str(h5ad), "--model", "scgpt", "--checkpoint", str(ck), "--out", str(out), "--limit", "30"]
+    assert main([*argv, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "scgpt" in text and "complete" in text and "30" in text
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--cells", "120", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM" in out and "complete" in out
+    store = cs.open_store(tmp_path / "demo" / "demo.zarr")
+    assert store.is_complete and set(store.poolings) == {"mean", "max", "cls", "official"}
