@@ -263,10 +263,21 @@ def _bin_edges_digits(
     n_edges = n_bins - 1
     nonempty = np.flatnonzero(counts)
     nc = counts[nonempty].astype(np.int64)
-    starts = np.concatenate(([0], np.cumsum(counts)))[nonempty]
-    vkey32 = _float_order_key(values).astype(np.uint64)
-    vkeys = (rows.astype(np.uint64) << np.uint64(32)) | vkey32
-    sorted_vals = _float_from_order_key((np.sort(vkeys) & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    starts_all = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    starts = starts_all[nonempty]
+    # sort every cell's values (key: cell, value) and remember where each came from
+    vkeys = (rows.astype(np.uint64) << np.uint64(32)) | _float_order_key(values).astype(np.uint64)
+    if len(counts) < 1 << 16 and int(counts.max()) < 1 << 16:  # one uint64 sort: cell|value|position
+        pos = np.arange(len(values), dtype=np.int64) - starts_all[rows]
+        packed = np.sort((vkeys << np.uint64(16)) | pos.astype(np.uint64))
+        skeys = packed >> np.uint64(16)
+        origin = starts_all[rows] + (packed & np.uint64(0xFFFF)).astype(np.int64)
+        del packed, pos
+    else:
+        origin = np.argsort(vkeys, kind="stable")
+        skeys = vkeys[origin]
+    del vkeys
+    sorted_vals = _float_from_order_key((skeys & np.uint64(0xFFFFFFFF)).astype(np.uint32))
 
     q = np.linspace(0.0, 1.0, n_edges)
     virtual = (nc - 1)[:, None] * q[None, :]
@@ -289,8 +300,16 @@ def _bin_edges_digits(
     down = (row_key | _float_order_key(_round_to_float32(edges, -np.inf)).astype(np.uint64)).ravel()
     base = np.zeros(len(counts), dtype=np.int64)
     base[nonempty] = np.arange(len(nonempty), dtype=np.int64) * n_edges
-    left = np.searchsorted(up, vkeys, side="right").astype(np.int64) - base[rows]
-    right = np.searchsorted(down, vkeys, side="left").astype(np.int64) - base[rows]
+    # Place each edge among the sorted values; the values at or after an edge's place are >= (up)
+    # or > (down) it, so a running count of placed edges is np.digitize per value (minus the edges
+    # of earlier cells: they are all placed before this cell's values, later cells' after).
+    n = len(values)
+    left_sorted = np.cumsum(np.bincount(np.searchsorted(skeys, up, side="left"), minlength=n + 1)[:n])
+    right_sorted = np.cumsum(np.bincount(np.searchsorted(skeys, down, side="right"), minlength=n + 1)[:n])
+    left = np.empty(n, dtype=np.int64)
+    right = np.empty(n, dtype=np.int64)
+    left[origin] = left_sorted - base[rows]  # the sorted values keep the cell order of ``rows``
+    right[origin] = right_sorted - base[rows]
     return left, right
 
 
