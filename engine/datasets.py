@@ -395,7 +395,7 @@ class _Generator:
             rng = np.random.default_rng([self.seed, 1, c])
             # attributes are drawn for a full chunk, so a shorter dataset is an exact prefix of a longer one
             attrs = {k: v[:n] for k, v in self._attributes(rng, size, start).items()}
-            X = self._counts(rng, attrs, buf[:n], tmp[:n], mask[:n])
+            X = self._counts(rng, np.random.default_rng([self.seed, 2, c]), attrs, buf[:n], tmp[:n], mask[:n])
             attrs["n_genes"] = np.diff(X.indptr)
             attrs["total_counts"] = np.asarray(X.sum(axis=1)).ravel()
             yield X, attrs
@@ -460,7 +460,13 @@ class _Generator:
         return out
 
     def _counts(
-        self, rng: np.random.Generator, attrs: dict[str, np.ndarray], buf: np.ndarray, tmp: np.ndarray, mask: np.ndarray
+        self,
+        rng: np.random.Generator,
+        count_rng: np.random.Generator,
+        attrs: dict[str, np.ndarray],
+        buf: np.ndarray,
+        tmp: np.ndarray,
+        mask: np.ndarray,
     ) -> sp.csr_matrix:
         """Negative binomial (shape 1) counts: expressed with p = mu/(1+mu), then 1 + geometric(p)."""
         n, G = buf.shape
@@ -476,7 +482,7 @@ class _Generator:
         per_row = np.count_nonzero(mask, axis=1)
         flat = np.flatnonzero(mask)
         prob = np.minimum(np.take(buf.reshape(-1), flat), np.float32(1.0 - 2.0**-23))
-        u = np.float32(1.0) - rng.random(len(flat), dtype=np.float32)  # (0, 1]
+        u = np.float32(1.0) - count_rng.random(len(flat), dtype=np.float32)  # (0, 1]
         counts = np.floor(np.log(u) / np.log(prob)) + np.float32(1.0)
         indptr = np.zeros(n + 1, np.int64)
         np.cumsum(per_row, out=indptr[1:])
