@@ -106,7 +106,7 @@ def check_values(block: CellBlock, *, require_counts: bool, layers: Sequence[str
         kind = "NaN" if np.isnan(value) else "infinite" if np.isinf(value) else "negative"
         raise InvalidValuesError(
             f"cell {int(block.indices[row])} has a {kind} expression value ({float(value):g}, gene column "
-            f"{int(X.indices[pos])}; {int(bad.sum())} such values in cells {_span(block)}): "
+            f"{int(X.indices[pos])}; {int(bad.sum())} invalid value(s) in cells {_span(block)}): "
             "the expression matrix must hold finite values >= 0"
         )
     if not require_counts:
@@ -124,7 +124,7 @@ def check_values(block: CellBlock, *, require_counts: bool, layers: Sequence[str
         if name != block.layer and (name.lower() in COUNT_LAYER_NAMES or "count" in name.lower())
     ]
     if candidates:
-        hint = " or ".join(f"--layer {name}" for name in candidates) + " to read the raw counts"
+        hint = "use " + " or ".join(f"--layer {name}" for name in candidates) + " to read the raw counts"
     elif available:
         hint = f"choose a raw-count matrix with --layer (available: {', '.join(available)})"
     else:
