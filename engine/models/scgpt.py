@@ -261,23 +261,23 @@ def _bin_edges_digits(
     quantile: float32 differences, float64 interpolation), but vectorised over the block.
     """
     n_edges = n_bins - 1
+    n = len(values)
     nonempty = np.flatnonzero(counts)
     nc = counts[nonempty].astype(np.int64)
-    starts_all = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    starts = starts_all[nonempty]
-    # sort every cell's values (key: cell, value) and remember where each came from
+    starts_all = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    row_start = np.repeat(starts_all, counts)  # == starts_all[rows]
+    # Sort every cell's values: key (cell, value) and, when it fits, the value's position in its cell
+    # in the low 16 bits, so one uint64 sort also tells where each sorted value came from.
     vkeys = (rows.astype(np.uint64) << np.uint64(32)) | _float_order_key(values).astype(np.uint64)
-    if len(counts) < 1 << 16 and int(counts.max()) < 1 << 16:  # one uint64 sort: cell|value|position
-        pos = np.arange(len(values), dtype=np.int64) - starts_all[rows]
-        packed = np.sort((vkeys << np.uint64(16)) | pos.astype(np.uint64))
-        skeys = packed >> np.uint64(16)
-        origin = starts_all[rows] + (packed & np.uint64(0xFFFF)).astype(np.int64)
-        del packed, pos
+    if len(counts) < 1 << 16 and int(counts.max()) < 1 << 16:
+        shift = np.uint64(16)
+        hay = np.sort((vkeys << shift) | (np.arange(n, dtype=np.int64) - row_start).astype(np.uint64))
+        origin = row_start + (hay & np.uint64(0xFFFF)).astype(np.int64)
     else:
+        shift = np.uint64(0)
         origin = np.argsort(vkeys, kind="stable")
-        skeys = vkeys[origin]
+        hay = vkeys[origin]
     del vkeys
-    sorted_vals = _float_from_order_key((skeys & np.uint64(0xFFFFFFFF)).astype(np.uint32))
 
     q = np.linspace(0.0, 1.0, n_edges)
     virtual = (nc - 1)[:, None] * q[None, :]
@@ -289,8 +289,11 @@ def _bin_edges_digits(
     last = np.broadcast_to((nc - 1)[:, None], virtual.shape)
     prev_i[above] = last[above]
     next_i[above] = last[above]
-    a = sorted_vals[starts[:, None] + prev_i]
-    b = sorted_vals[starts[:, None] + next_i]
+    starts = starts_all[nonempty][:, None]
+
+    mask32 = np.uint64(0xFFFFFFFF)
+    a = _float_from_order_key(((hay[starts + prev_i] >> shift) & mask32).astype(np.uint32))
+    b = _float_from_order_key(((hay[starts + next_i] >> shift) & mask32).astype(np.uint32))
     diff = b - a  # float32, as numpy's _lerp on a float32 array
     edges = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # float64
 
@@ -298,18 +301,20 @@ def _bin_edges_digits(
     row_key = (nonempty.astype(np.uint64) << np.uint64(32))[:, None]
     up = (row_key | _float_order_key(_round_to_float32(edges, np.inf)).astype(np.uint64)).ravel()
     down = (row_key | _float_order_key(_round_to_float32(edges, -np.inf)).astype(np.uint64)).ravel()
-    base = np.zeros(len(counts), dtype=np.int64)
-    base[nonempty] = np.arange(len(nonempty), dtype=np.int64) * n_edges
+    low = (np.uint64(1) << shift) - np.uint64(1)
     # Place each edge among the sorted values; the values at or after an edge's place are >= (up)
     # or > (down) it, so a running count of placed edges is np.digitize per value (minus the edges
     # of earlier cells: they are all placed before this cell's values, later cells' after).
-    n = len(values)
-    left_sorted = np.cumsum(np.bincount(np.searchsorted(skeys, up, side="left"), minlength=n + 1)[:n])
-    right_sorted = np.cumsum(np.bincount(np.searchsorted(skeys, down, side="right"), minlength=n + 1)[:n])
+    up_at = np.searchsorted(hay, up << shift, side="left")
+    down_at = np.searchsorted(hay, (down << shift) | low, side="right")
+    del hay
+    base = np.zeros(len(counts), dtype=np.int64)
+    base[nonempty] = np.arange(len(nonempty), dtype=np.int64) * n_edges
+    base = np.repeat(base, counts)  # the sorted values keep the cell order of ``rows``
     left = np.empty(n, dtype=np.int64)
     right = np.empty(n, dtype=np.int64)
-    left[origin] = left_sorted - base[rows]  # the sorted values keep the cell order of ``rows``
-    right[origin] = right_sorted - base[rows]
+    left[origin] = np.cumsum(np.bincount(up_at, minlength=n + 1)[:n]) - base
+    right[origin] = np.cumsum(np.bincount(down_at, minlength=n + 1)[:n]) - base
     return left, right
 
 

@@ -454,3 +454,20 @@ def test_flash_layer_norm_schemes_match_official(official_model_module, monkeypa
     errors = [float((a[real] - b[real]).abs().max() / b[real].abs().max()) for a, b in zip(ours, ref_states)]
     print(f"scGPT flash layer (pre_norm={pre_norm}) max relative error: {max(errors):.3e}")
     assert len(errors) == 5 and max(errors) <= REL_TOL, errors
+
+
+def test_binning_fallback_for_huge_blocks_matches_numpy():
+    """Blocks of >= 65536 cells take the argsort path; same digits as np.quantile + np.digitize."""
+    from cellstrata.engine.models.scgpt import _bin_edges_digits
+
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 6, 66_000)
+    values = rng.integers(1, 5, counts.sum()).astype(np.float32)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    left, right = _bin_edges_digits(values, rows, counts, 51)
+    starts = np.concatenate(([0], np.cumsum(counts)))
+    for c in rng.choice(np.flatnonzero(counts), 300, replace=False):
+        x = values[starts[c] : starts[c + 1]]
+        bins = np.quantile(x, np.linspace(0, 1, 50))
+        np.testing.assert_array_equal(left[starts[c] : starts[c + 1]], np.digitize(x, bins))
+        np.testing.assert_array_equal(right[starts[c] : starts[c + 1]], np.digitize(x, bins, right=True))
