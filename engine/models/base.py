@@ -186,10 +186,14 @@ class ModelFamily(Protocol):
     presets: Mapping[str, Any]
     default_poolings: tuple[str, ...]
 
-    def load(self, checkpoint: str | Path, *, device: torch.device | str = "cpu", **tokenizer_options: Any) -> LoadedModel:
+    def load(
+        self, checkpoint: str | Path, *, device: torch.device | str = "cpu", **tokenizer_options: Any
+    ) -> LoadedModel:
         """Load the official checkpoint folder (weights only, never pickled code)."""
         ...
 
-    def init_checkpoint(self, preset: str, out: str | Path, *, seed: int = 0, genes: Sequence[str] | None = None) -> Path:
+    def init_checkpoint(
+        self, preset: str, out: str | Path, *, seed: int = 0, genes: Sequence[str] | None = None
+    ) -> Path:
         """Write random weights for ``preset`` in the official file layout; return the folder."""
         ...
