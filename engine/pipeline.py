@@ -44,6 +44,7 @@ log = logging.getLogger("cellstrata")
 ENGINE_VERSION = "0.1.0"
 EMPTY_POLICIES = ("nan", "error")
 MIN_WINDOW_CELLS = 1024
+PREFLIGHT_CELLS = 256
 DEFAULT_MAX_TOKENS = {"cpu": 16384, "cuda": 65536}
 
 
@@ -186,7 +187,7 @@ class Extraction:
         )
         self.precision = "float32" if device.type == "cpu" else "bfloat16"
         self.store_spec = self._store_spec(compression)
-        self.group, self.resumed = create_or_resume(self.out, self.store_spec, overwrite=overwrite)
+        self.overwrite = overwrite
         self.telemetry = Telemetry(
             overflow=np.zeros((loaded.n_layers + 1, len(self.poolings)), dtype=np.int64),
             pooling_names=self.poolings,
@@ -336,7 +337,15 @@ class Extraction:
         )
 
     # ------------------------------------------------------------------ driver
+    def _preflight(self) -> None:
+        """Read, check and tokenize the first cells before any store is created or changed."""
+        head = self.source.read(0, min(PREFLIGHT_CELLS, self.n_cells))
+        check_values(head, require_counts=self.require_counts)
+        self.loaded.tokenizer.tokenize(head, self.mapping)
+
     def run(self) -> Store:
+        self._preflight()
+        self.group, self.resumed = create_or_resume(self.out, self.store_spec, overwrite=self.overwrite)
         pending = pending_chunks(self.group)
         total = self.store_spec.n_chunks
         if self.resumed:
@@ -439,7 +448,7 @@ def _local_client() -> Any:
     from distributed import Client
 
     return Client(
-        processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None, silence_logs=logging.ERROR
+        processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0", silence_logs=logging.ERROR
     )
 
 

@@ -34,7 +34,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def adata():
-    return synthetic_dataset(N_CELLS, 2000, seed=5)
+    return synthetic_dataset(N_CELLS, 2000, seed=5, genes_per_cell=150)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,7 @@ def test_store_holds_every_layer_of_every_cell(h5ad, ckpt, adata, tmp_path):
     n_tokens = np.asarray(store.group["n_tokens"][:])
     np.testing.assert_array_equal(n_tokens, tokens.lengths)
     np.testing.assert_array_equal(np.asarray(store.group["truncated"][:]), tokens.truncated)
+    assert tokens.truncated.any() and not tokens.truncated.all()  # the fixture exercises the context limit
     for i in [0, 7, 77, N_CELLS - 1]:
         batch = collate(tokens, np.array([i]), loaded.tokenizer.pad_id, loaded.tokenizer.pad_value)
         states = tap_states(loaded.model, batch)
@@ -100,14 +101,14 @@ def test_store_holds_every_layer_of_every_cell(h5ad, ckpt, adata, tmp_path):
 
 
 def test_cell_vectors_do_not_depend_on_batching(h5ad, ckpt, tmp_path):
-    base = read_all(run(h5ad, ckpt, tmp_path / "a.zarr", max_tokens=100_000))
-    alone = read_all(run(h5ad, ckpt, tmp_path / "b.zarr", max_tokens=1))  # one cell per batch
-    rechunked = read_all(run(h5ad, ckpt, tmp_path / "c.zarr", max_tokens=700, chunk_cells=17))
+    base = read_all(run(h5ad, ckpt, tmp_path / "a.zarr", max_tokens=100_000, limit=60))
+    alone = read_all(run(h5ad, ckpt, tmp_path / "b.zarr", max_tokens=1, limit=60))  # one cell per batch
+    rechunked = read_all(run(h5ad, ckpt, tmp_path / "c.zarr", max_tokens=700, chunk_cells=17, limit=60))
     for name in base:
         np.testing.assert_allclose(alone[name], base[name], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(rechunked[name], base[name], rtol=1e-5, atol=1e-5)
-    head = read_all(run(h5ad, ckpt, tmp_path / "d.zarr", limit=40, chunk_cells=7))
-    np.testing.assert_allclose(head["mean"], base["mean"][:, :40], rtol=1e-5, atol=1e-5)
+    head = read_all(run(h5ad, ckpt, tmp_path / "d.zarr", limit=25, chunk_cells=7))
+    np.testing.assert_allclose(head["mean"], base["mean"][:, :25], rtol=1e-5, atol=1e-5)
 
 
 def test_in_memory_anndata_and_float16(adata, ckpt, tmp_path):
@@ -160,11 +161,12 @@ def test_write_failure_mid_run_then_resume(h5ad, ckpt, tmp_path, monkeypatch):
         np.testing.assert_array_equal(resumed[name], ref[name])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_killed_run_resumes_to_identical_store(tmp_path, ckpt, sig):
-    data = tmp_path / "big.h5ad"
-    synthetic_dataset(2400, 2000, seed=11).write_h5ad(data)
+@pytest.fixture(scope="module")
+def kill_case(tmp_path_factory, ckpt):
+    """800 cells in 40 chunks and the store of an uninterrupted run of the same command."""
+    root = tmp_path_factory.mktemp("kill")
+    data = root / "cells.h5ad"
+    synthetic_dataset(800, 2000, seed=11, genes_per_cell=100).write_h5ad(data)
     common = [
         "extract",
         str(data),
@@ -175,39 +177,44 @@ def test_killed_run_resumes_to_identical_store(tmp_path, ckpt, sig):
         "--pool",
         "all",
         "--chunk-cells",
-        "40",
+        "20",
         "--max-tokens",
-        "300",
+        "2048",
         "--quiet",
     ]
-    assert main([*common, "--out", str(tmp_path / "ref.zarr")]) == 0
+    assert main([*common, "--out", str(root / "ref.zarr")]) == 0
+    return common, root / "ref.zarr"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_run_resumes_to_identical_store(tmp_path, kill_case, sig):
+    common, ref = kill_case
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "cellstrata", *common, "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    done = np.zeros(1)
+    deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
-            done = np.asarray(zarr.open_group(str(out), mode="r")["done"][:])
-        except Exception:
-            done = np.zeros(1)
-        if done.sum() >= 3:
-            break
-        time.sleep(0.05)
+            if np.asarray(zarr.open_group(str(out), mode="r")["done"][:]).sum() >= 3:
+                break
+        except Exception:  # the store does not exist yet
+            pass
+        time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be interrupted"
     os.kill(proc.pid, sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "re-run the same command" in err and "Traceback" not in err
+        assert proc.returncode == 130 and "re-run the same command" in err and "Traceback" not in err, err
     else:
         assert proc.returncode == -signal.SIGKILL
     partial = cs.open_store(out)
     assert not partial.is_complete and partial.done.sum() >= 3
     assert main([*common, "--out", str(out)]) == 0
-    a, b = read_all(cs.open_store(out)), read_all(cs.open_store(tmp_path / "ref.zarr"))
+    a, b = read_all(cs.open_store(out)), read_all(cs.open_store(ref))
     for name in a:
         np.testing.assert_array_equal(a[name], b[name])
-    np.testing.assert_array_equal(cs.open_store(out).obs_names(), cs.open_store(tmp_path / "ref.zarr").obs_names())
+    np.testing.assert_array_equal(cs.open_store(out).obs_names(), cs.open_store(ref).obs_names())
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -98,7 +98,7 @@ def test_writer_roundtrip_and_readers(tmp_path):
     create_or_resume(path, make_spec())
     rng = np.random.default_rng(1)
     chunks = [chunk(c, rng) for c in range(5)]
-    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+    with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
         w = ChunkWriter(str(path), client, max_pending=2)
         for ch in chunks[:4]:
             w.submit(ch)
@@ -135,7 +135,7 @@ def test_write_error_is_one_clear_message_and_keeps_committed(tmp_path, monkeypa
 
     monkeypatch.setattr(writer_mod, "write_chunk", disk_full)
     rng = np.random.default_rng(2)
-    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
+    with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0") as client:
         w = ChunkWriter(str(path), client, max_pending=1)
         with pytest.raises(WriteError, match=r"disk is full.*re-run"):
             for c in range(5):
