@@ -46,7 +46,6 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", default="zstd", choices=["zstd", "lz4", "none"])
     p.add_argument("--limit", type=int, default=None, help="only the first N cells")
     p.add_argument("--overwrite", action="store_true", help="replace a store written with another configuration")
-    p.add_argument("--cluster", default=None, help="Dask scheduler address for the chunk writes (optional)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
 
@@ -54,11 +53,6 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 def _cmd_extract(args: argparse.Namespace) -> int:
     from .engine.pipeline import extract
 
-    client = None
-    if args.cluster:
-        from distributed import Client
-
-        client = Client(args.cluster)
     store = extract(
         args.input,
         model=args.model,
@@ -79,7 +73,6 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         allow_noncounts=args.allow_noncounts,
         compression=args.compression,
         progress=not args.quiet,
-        client=client,
     )
     print(store.summary())
     return 0

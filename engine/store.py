@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -291,8 +291,3 @@ def open_store(path: str | Path) -> Store:
         msg = f"{p} does not exist; pass the --out path of an extract run"
         raise StoreError(msg)
     return Store(p)
-
-
-def describe_widths(names: Sequence[str], hidden: int) -> dict[str, int]:
-    """Width of each pooling (all are the hidden size for now; scFoundation's ``official`` will differ)."""
-    return dict.fromkeys(names, hidden)
