@@ -10,6 +10,7 @@ from .engine.models import get_family
 from .engine.pipeline import extract
 from .engine.store import Store
 
+DEMO_CHUNK_CELLS = 512  # several chunks, so the demo store shows per-chunk commits and resume
 RANDOM_WEIGHTS_NOTICE = (
     "NOTE: the demo model has RANDOM weights. The extraction, the store and its layout are real; "
     "the embeddings carry no biology. Use a published checkpoint for real analyses."
@@ -25,7 +26,7 @@ def run_demo(out: Path, *, n_cells: int = 2000, progress: bool = True) -> Store:
     print(RANDOM_WEIGHTS_NOTICE)
     t0 = time.perf_counter()
     if not data.exists():
-        write_synthetic_h5ad(data, n_cells=n_cells, seed=0)
+        write_synthetic_h5ad(data, n_cells=n_cells, seed=0, n_unknown_genes=60)
         print(f"wrote {n_cells} synthetic cells (cell types, a trajectory, perturbations in 2 states) to {data}")
     if not (ckpt / "best_model.pt").exists():
         get_family("scgpt").init_checkpoint("tiny", ckpt, seed=0)
@@ -36,6 +37,7 @@ def run_demo(out: Path, *, n_cells: int = 2000, progress: bool = True) -> Store:
         checkpoint=ckpt,
         out=store_path,
         poolings=["all"],
+        chunk_cells=DEMO_CHUNK_CELLS,
         overwrite=True,
         progress=progress,
     )

@@ -35,6 +35,7 @@ ATTR_KEY = "cellstrata"
 STORE_DTYPES = ("float16", "float32")
 COMPRESSIONS = ("zstd", "lz4", "none")
 TARGET_CHUNK_BYTES = 4 * 2**20
+MAX_CHUNK_CELLS = 8192  # bounds the work lost to an interruption and the writer's memory for small models
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -44,10 +45,10 @@ def config_hash(config: Mapping[str, Any]) -> str:
 
 
 def default_chunk_cells(n_cells: int, width: int, dtype: str) -> int:
-    """Cells per chunk so one ``(1, C, W)`` chunk is about 4 MB (a power of two, >= 64, <= N)."""
+    """Cells per chunk: one ``(1, C, W)`` chunk of about 4 MB (a power of two in [64, 8192], at most N)."""
     itemsize = np.dtype(dtype).itemsize
     c = 2 ** math.floor(math.log2(max(TARGET_CHUNK_BYTES // (width * itemsize), 1)))
-    return int(max(1, min(max(c, 64), n_cells)))
+    return int(max(1, min(max(c, 64), MAX_CHUNK_CELLS, n_cells)))
 
 
 def _compressors(compression: str) -> Any:
