@@ -26,7 +26,7 @@ def run_demo(out: Path, *, n_cells: int = 2000, progress: bool = True) -> Store:
     print(RANDOM_WEIGHTS_NOTICE)
     t0 = time.perf_counter()
     if not data.exists():
-        write_synthetic_h5ad(data, n_cells=n_cells, seed=0, n_unknown_genes=60)
+        write_synthetic_h5ad(data, n_cells=n_cells, seed=0, n_unknown_genes=60, genes_per_cell=180)
         print(f"wrote {n_cells} synthetic cells (cell types, a trajectory, perturbations in 2 states) to {data}")
     if not (ckpt / "best_model.pt").exists():
         get_family("scgpt").init_checkpoint("tiny", ckpt, seed=0)
