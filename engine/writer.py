@@ -82,7 +82,9 @@ class ChunkWriter:
             t0 = time.perf_counter()
             self._wait_oldest()
             self.wait_seconds += time.perf_counter() - t0
-        future = self.client.submit(write_chunk, self.path, chunk, pure=False, key=f"write-chunk-{chunk.index}")
+        # Scatter the chunk first: its arrays travel as data, not inside the task graph.
+        data = self.client.scatter(chunk, hash=False)
+        future = self.client.submit(write_chunk, self.path, data, pure=False, key=f"write-chunk-{chunk.index}")
         self._pending.append((chunk.index, future))
 
     def _wait_oldest(self) -> None:

@@ -87,6 +87,26 @@ def _padded_view(hidden: torch.Tensor, starts: torch.Tensor, lengths: torch.Tens
     return hidden[idx]
 
 
+def _span_max(x: torch.Tensor, lo: int, hi: torch.Tensor) -> torch.Tensor:
+    """Max of ``x[b, lo:hi[b]]`` per row in float32 without copying the layer.
+
+    The span every row shares is reduced in one call on a view; only the rows' extra tails are
+    reduced one by one (batches are length-sorted, so tails are short). Masking the whole layer
+    instead costs a full copy and was ~4x slower on ``[13, 1200, 512]``.
+    """
+    b, _, h = x.shape
+    hi_list = hi.tolist()
+    common = max(min(hi_list), lo) if hi_list else lo
+    if common > lo:
+        res = x[:, lo:common].amax(1).to(torch.float32)
+    else:
+        res = torch.full((b, h), float("-inf"), dtype=torch.float32, device=x.device)
+    for row, end in enumerate(hi_list):
+        if end > common:
+            res[row] = torch.maximum(res[row], x[row, common:end].amax(0).to(torch.float32))
+    return res
+
+
 def pool_cast_torch(
     hidden: torch.Tensor,
     starts: torch.Tensor,
@@ -122,8 +142,7 @@ def pool_cast_torch(
                 acc = acc / n_gene.clamp(min=1)
             res = acc.masked_fill(empty, float("nan"))
         elif op == "max":
-            res = x.masked_fill(~gene[:, :, None], float("-inf")).amax(1).to(torch.float32)
-            res = res.masked_fill(empty, float("nan"))
+            res = _span_max(x, spec.n_leading, lengths - spec.n_trailing).masked_fill(empty, float("nan"))
         elif op in ("first", "first_l2"):
             res = x[:, 0, :].to(torch.float32)
             if op == "first_l2":
