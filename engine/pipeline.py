@@ -27,7 +27,6 @@ from .models import get_family
 from .models.base import GeneMapping, LoadedModel, TokenizedBlock
 from .sources import CellSource, check_values, open_source
 from .store import (
-    ATTR_KEY,
     FORMAT_VERSION,
     Store,
     StoreSpec,
@@ -125,9 +124,6 @@ class Window:
     chunks: list[int]
     bounds: list[tuple[int, int]]
     parts: list[TokenizedBlock]
-
-    def __len__(self) -> int:
-        return sum(len(p) for p in self.parts)
 
 
 class Extraction:
@@ -539,4 +535,4 @@ def extract(
         source.close()
 
 
-__all__ = ["ATTR_KEY", "Extraction", "Telemetry", "extract", "resolve_device"]
+__all__ = ["Extraction", "Telemetry", "extract", "resolve_device"]
