@@ -193,6 +193,8 @@ class Extraction:
     def _store_spec(self, compression: str) -> StoreSpec:
         ld = self.loaded
         fp = self.source.fingerprint()
+        tokenizer = ld.tokenizer.settings()
+        pool_ops = {n: ld.pool_ops[n] for n in self.poolings}
         model_attrs = {
             "family": ld.family,
             "preset": ld.preset,
@@ -205,8 +207,8 @@ class Extraction:
         numbers = {
             "format_version": FORMAT_VERSION,
             "model": {k: v for k, v in model_attrs.items() if k != "checkpoint"},
-            "tokenizer": ld.tokenizer.settings(),
-            "poolings": {n: ld.pool_ops[n] for n in self.poolings},
+            "tokenizer": tokenizer,
+            "poolings": pool_ops,
             "layout": [ld.layout.n_leading, ld.layout.n_trailing],
             "dtype": self.dtype,
             "precision": self.precision,
@@ -218,9 +220,9 @@ class Extraction:
         attrs = {
             "format_version": FORMAT_VERSION,
             "model": model_attrs,
-            "tokenizer": ld.tokenizer.settings(),
+            "tokenizer": tokenizer,
             "poolings": list(self.poolings),
-            "pool_ops": {n: ld.pool_ops[n] for n in self.poolings},
+            "pool_ops": pool_ops,
             "dtype": self.dtype,
             "precision": self.precision,
             "chunk_cells": self.chunk_cells,
@@ -303,7 +305,8 @@ class Extraction:
                 )
 
             t0 = time.perf_counter()
-            with torch.inference_mode(), _autocast(self.device, self.precision):
+            bf16 = self.device.type == "cuda" and self.precision == "bfloat16"
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 ld.model.forward(dev, tap)
             host = buf.to("cpu", non_blocking=pin) if pin else buf
             if pin:
@@ -420,25 +423,6 @@ def _select(tokens: TokenizedBlock, idx: np.ndarray) -> TokenizedBlock:
     )
 
 
-class _autocast:
-    """bf16 autocast on CUDA, nothing on CPU (float32)."""
-
-    def __init__(self, device: torch.device, precision: str):
-        self.ctx = (
-            torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-            if device.type == "cuda" and precision == "bfloat16"
-            else None
-        )
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 def _local_client() -> Any:
     """An in-process Dask client (threads) that runs the chunk writes beside the forward pass."""
     from distributed import Client
@@ -448,20 +432,10 @@ def _local_client() -> Any:
     )
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
-    if not enabled:
-        return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="cell", desc="extract", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, unit="cell", desc="extract", dynamic_ncols=True, disable=not enabled)
 
 
 def extract(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,8 +77,6 @@ class ChunkWriter:
 
     def submit(self, chunk: ChunkData) -> None:
         """Queue ``chunk`` for writing; blocks while ``max_pending`` writes are in flight."""
-        import time
-
         while len(self._pending) >= self.max_pending:
             t0 = time.perf_counter()
             self._wait_oldest()
