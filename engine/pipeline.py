@@ -36,6 +36,7 @@ from .store import (
     pending_chunks,
     update_attrs,
 )
+from .transfer import PooledBuffers, Transfer
 from .writer import ChunkData, ChunkWriter
 
 log = logging.getLogger("cellstrata")
@@ -182,6 +183,8 @@ class Extraction:
             n_trailing=loaded.layout.n_trailing,
         )
         self.precision = "float32" if device.type == "cpu" else "bfloat16"
+        self.pool_backend = kernels.resolve_backend(device)
+        self.buffers = PooledBuffers(loaded.n_layers + 1, len(self.poolings), hidden, kernels.OUT_DTYPES[dtype], device)
         self.store_spec = self._store_spec(compression)
         self.overwrite = overwrite
         self.telemetry = Telemetry(
@@ -225,6 +228,7 @@ class Extraction:
             "pool_ops": pool_ops,
             "dtype": self.dtype,
             "precision": self.precision,
+            "pool_backend": self.pool_backend,
             "chunk_cells": self.chunk_cells,
             "n_cells": self.n_cells,
             "empty_cells": self.empty_cells,
@@ -290,35 +294,50 @@ class Extraction:
         sub = _select(tokens, np.flatnonzero(keep)) if not keep.all() else tokens
         where = np.flatnonzero(keep)
         overflow = torch.zeros((n_layers + 1, n_pool), dtype=torch.int64, device=self.device)
-        pin = self.device.type == "cuda"
         tok = ld.tokenizer
-        for batch in iter_batches(sub, self.max_tokens, tok.pad_id, tok.pad_value):
-            b, s = batch.genes.shape
-            dev = batch.to(self.device)
-            buf = torch.empty((n_layers + 1, n_pool, b, hidden), dtype=out_dtype, device=self.device)
-            starts = torch.arange(b, device=self.device, dtype=torch.int64) * s
-            lengths = dev.lengths
+        bf16 = self.device.type == "cuda" and self.precision == "bfloat16"
+        in_flight: tuple[Transfer, np.ndarray] | None = None
 
-            def tap(layer: int, hidden_state: torch.Tensor, buf=buf, starts=starts, lengths=lengths) -> None:
-                kernels.pool_cast(
-                    hidden_state, starts, lengths, self.spec, out_dtype, out=buf[layer], overflow=overflow[layer]
-                )
-
-            t0 = time.perf_counter()
-            bf16 = self.device.type == "cuda" and self.precision == "bfloat16"
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                ld.model.forward(dev, tap)
-            host = buf.to("cpu", non_blocking=pin) if pin else buf
-            if pin:
-                torch.cuda.current_stream(self.device).synchronize()
-            self.telemetry.forward_seconds += time.perf_counter() - t0
-            rows = where[batch.positions]
-            host_np = host.numpy()
+        def land(transfer: Transfer, rows: np.ndarray) -> None:
+            host_np = transfer.wait()
             for p, name in enumerate(self.poolings):
                 result[name][:, rows, :] = host_np[:, p]
+
+        for batch in iter_batches(sub, self.max_tokens, tok.pad_id, tok.pad_value):
+            b, s = batch.genes.shape
+            t0 = time.perf_counter()
+            dev = batch.to(self.device)
+            buf = self.buffers.device_view(b)
+            lengths = dev.lengths
+
+            def tap(layer: int, hidden_state: torch.Tensor, buf=buf, lengths=lengths) -> None:
+                kernels.pool_cast(
+                    hidden_state,
+                    None,
+                    lengths,
+                    self.spec,
+                    out_dtype,
+                    out=buf[layer],
+                    overflow=overflow[layer],
+                    backend=self.pool_backend,
+                )
+
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                ld.model.forward(dev, tap)
+            transfer = self.buffers.to_host(buf)
+            if in_flight is not None:  # the previous batch lands while the device runs this one
+                land(*in_flight)
+                in_flight = None
+            if self.buffers.on_host:  # CPU: the buffer is reused by the next batch, land it now
+                land(transfer, where[batch.positions])
+            else:
+                in_flight = (transfer, where[batch.positions])
+            self.telemetry.forward_seconds += time.perf_counter() - t0
             self.telemetry.batches += 1
             self.telemetry.tokens += int(batch.lengths.sum())
             self.telemetry.padded_tokens += b * s
+        if in_flight is not None:
+            land(*in_flight)
         assert self.telemetry.overflow is not None
         self.telemetry.overflow += overflow.cpu().numpy()
         return result

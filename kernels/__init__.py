@@ -1,7 +1,25 @@
-"""Per-layer pooling + cast (torch reference now; the compiled Triton path plugs in behind ``pool_cast``)."""
+"""Per-layer pooling + cast: the fused Triton kernel (CUDA, or the interpreter in tests) and its torch path."""
 
 from __future__ import annotations
 
-from .pool_cast import FLOAT16_MAX, OUT_DTYPES, PoolSpec, pool_cast, pool_cast_torch
+from .pool_cast import (
+    BACKEND_ENV,
+    FLOAT16_MAX,
+    OUT_DTYPES,
+    PoolSpec,
+    pool_cast,
+    pool_cast_layers,
+    pool_cast_torch,
+    resolve_backend,
+)
 
-__all__ = ["FLOAT16_MAX", "OUT_DTYPES", "PoolSpec", "pool_cast", "pool_cast_torch"]
+__all__ = [
+    "BACKEND_ENV",
+    "FLOAT16_MAX",
+    "OUT_DTYPES",
+    "PoolSpec",
+    "pool_cast",
+    "pool_cast_layers",
+    "pool_cast_torch",
+    "resolve_backend",
+]
