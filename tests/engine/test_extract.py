@@ -122,6 +122,52 @@ def test_in_memory_anndata_and_float16(adata, ckpt, tmp_path):
     assert ds["mean"].sizes["layer"] == s16.n_layers + 1
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_triton_backend_store_equals_torch_backend_store(h5ad, ckpt, tmp_path, monkeypatch, dtype):
+    """The whole pipeline with the fused kernel (the interpreter on CPU) against the torch path."""
+    monkeypatch.setenv("CELLSTRATA_POOL_BACKEND", "torch")
+    ref = run(h5ad, ckpt, tmp_path / "torch.zarr", dtype=dtype, limit=48, chunk_cells=20, max_tokens=2000)
+    monkeypatch.setenv("CELLSTRATA_POOL_BACKEND", "triton")
+    got = run(h5ad, ckpt, tmp_path / "triton.zarr", dtype=dtype, limit=48, chunk_cells=20, max_tokens=2000)
+    assert (ref.attrs["pool_backend"], got.attrs["pool_backend"]) == ("torch", "triton")
+    a, b = read_all(ref), read_all(got)
+    for name in ("max", "cls"):  # no arithmetic: the same float32 value, the same cast
+        np.testing.assert_array_equal(b[name], a[name])
+    for name in ("mean", "official"):  # float32 sums in another order: float32 rounding, or one float16 step
+        assert np.isfinite(b[name]).all()
+        diff = np.abs(b[name].astype(np.float64) - a[name].astype(np.float64))
+        if dtype == "float16":
+            assert (diff <= np.spacing(np.abs(a[name])).astype(np.float64)).all(), name
+        else:
+            assert (diff <= 1e-5 * np.abs(a[name]) + 1e-6).all(), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float16_overflow_is_reported_per_layer(h5ad, ckpt, tmp_path, monkeypatch, caplog, backend):
+    """Layer 2 scaled far beyond float16: counted in the telemetry, named in a warning, float32 keeps it."""
+    from cellstrata.engine.models.scgpt import ScGPTModel
+
+    forward = ScGPTModel.forward
+
+    def loud_forward(self, batch, tap):
+        forward(self, batch, lambda layer, h: tap(layer, h * 1e6 if layer == 2 else h))
+
+    monkeypatch.setattr(ScGPTModel, "forward", loud_forward)
+    monkeypatch.setenv("CELLSTRATA_POOL_BACKEND", backend)
+    with caplog.at_level("WARNING", logger="cellstrata"):
+        s16 = run(h5ad, ckpt, tmp_path / "s16.zarr", dtype="float16", limit=20, poolings=["mean", "max"])
+    tele = s16.attrs["telemetry"]
+    mx = s16.layers("max").compute()
+    n_inf = int(np.isinf(mx[2]).sum())
+    assert n_inf > 0 and not np.isinf(np.delete(mx, 2, axis=0)).any()
+    assert tele["overflow_layers"]["layer 2 max"] == n_inf
+    assert set(tele["overflow_layers"]) <= {"layer 2 max", "layer 2 mean"}
+    assert tele["float16_overflows"] == int(np.isinf(s16.layers("mean").compute()).sum()) + n_inf
+    assert "layer 2 max" in caplog.text and "--dtype float32" in caplog.text
+    s32 = run(h5ad, ckpt, tmp_path / "s32.zarr", dtype="float32", limit=20, poolings=["mean", "max"])
+    assert s32.attrs["telemetry"]["float16_overflows"] == 0 and np.isfinite(s32.layers("max").compute()).all()
+
+
 def test_rerun_resumes_and_other_config_is_refused(h5ad, ckpt, tmp_path, capsys):
     out = tmp_path / "s.zarr"
     args = ["extract", str(h5ad), "--model", "scgpt", "--checkpoint", str(ckpt), "--out", str(out), "--quiet"]
