@@ -7,13 +7,15 @@ boundaries, casts every result once and stores it straight into ``out[layer, op,
 intermediate tensor is allocated; values that become inf in float16 are counted with one atomic add
 per program and op. The reference is :func:`~cellstrata.kernels.pool_cast.pool_cast_torch`.
 
-On a machine without a GPU driver this module switches Triton to its interpreter before the kernel
-is defined (``TRITON_INTERPRET=1`` does the same when set before import), so tests run the same kernel
-on CPU tensors.
+Without CUDA, importing this module (before anything else imports triton) switches Triton to its
+interpreter, as ``TRITON_INTERPRET=1`` would, so the same kernel runs on CPU tensors in tests and
+with ``CELLSTRATA_POOL_BACKEND=triton``. ``tests/kernels/test_pool_cast_compiles.py`` compiles it for
+NVIDIA targets without a GPU, so it stays valid GPU Triton.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -48,13 +50,12 @@ def _pool_cast_kernel(
     # pointers
     out_ptr,  # [L, P, B, H] output, any strides, float16 or float32
     overflow_ptr,  # [L, P] int64 counters of float16 overflows (read only when COUNT_OVERFLOW)
-    hidden_ptr,  # [L, B, S, H] hidden states (packed layout: B = 1, S = T), any strides
-    starts_ptr,  # [B] first token of each cell in the flattened B*S tokens (ignored when PADDED)
+    hidden_ptr,  # [L, B, S, H] padded (PADDED) or [L, 1, T, H] packed hidden states, any strides
+    starts_ptr,  # [B] first token of each cell in the T packed tokens (ignored when PADDED)
     lengths_ptr,  # [B] tokens of each cell
     picks_ptr,  # [N_PICKS, 4] int32 rows (slot, from_end, offset, l2) of the single-token ops
     # sizes
-    n_rows,  # B of hidden
-    seq_len,  # S of hidden
+    seq_len,  # S (padded) or T (packed): tokens per row of hidden
     n_hidden,  # H
     n_leading,  # special tokens before the gene span
     n_trailing,  # special tokens after the gene span
@@ -88,11 +89,11 @@ def _pool_cast_kernel(
     ovf_base = overflow_ptr + layer * stride_fl
     out_base = out_ptr + layer * stride_ol + cell * stride_ob + offs_h.to(tl.int64) * stride_oh
     length = tl.load(lengths_ptr + cell).to(tl.int64)
-    if PADDED:
-        start = cell * seq_len
+    if PADDED:  # the cell is its own row of hidden and starts at token 0
+        base += cell * stride_hb
+        start = cell * 0
     else:
         start = tl.load(starts_ptr + cell).to(tl.int64)
-    n_tokens = n_rows * seq_len
     lo = start + n_leading
     hi = start + length - n_trailing
     n_gene = tl.maximum(hi - lo, 0)
@@ -102,10 +103,8 @@ def _pool_cast_kernel(
         acc_max = tl.full([BLOCK_T, BLOCK_H], float("-inf"), dtype=tl.float32)
         for t0 in range(lo, hi, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-            mask_t = (t < hi) & (t >= 0) & (t < n_tokens)
-            row = t // seq_len
-            pos = t - row * seq_len
-            ptrs = base + row[:, None] * stride_hb + pos[:, None] * stride_hs + col[None, :]
+            mask_t = (t < hi) & (t >= 0) & (t < seq_len)
+            ptrs = base + t[:, None] * stride_hs + col[None, :]
             mask = mask_t[:, None] & mask_h[None, :]
             x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
             if SLOT_MEAN >= 0 or SLOT_SUM >= 0:
@@ -132,9 +131,8 @@ def _pool_cast_kernel(
         offset = tl.load(picks_ptr + 4 * i + 2).to(tl.int64)
         l2 = tl.load(picks_ptr + 4 * i + 3)
         t = tl.where(from_end != 0, start + length - offset, start + offset)
-        valid = tl.where(from_end != 0, length >= offset, length > offset) & (t >= 0) & (t < n_tokens)
-        row = t // seq_len
-        tok = base + row * stride_hb + (t - row * seq_len) * stride_hs
+        valid = tl.where(from_end != 0, length >= offset, length > offset) & (t >= 0) & (t < seq_len)
+        tok = base + t * stride_hs
         x = tl.load(tok + col, mask=mask_h & valid, other=0.0).to(tl.float32)
         if l2 != 0:
             sq = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -161,17 +159,16 @@ def _picks(spec: PoolSpec, device: torch.device) -> torch.Tensor:
 
 
 def block_sizes(n_hidden: int, element_size: int) -> tuple[int, int, int]:
-    """``(BLOCK_T, BLOCK_H, num_warps)``: 256-byte rows per tile on a GPU, large tiles in the interpreter.
+    """``(BLOCK_T, BLOCK_H, num_warps)`` (powers of two) for a hidden size and input element size.
 
-    Powers of two. The interpreter's cost is per program and loop step, so it gets the largest tiles.
+    GPU: 128 columns and an 8 KiB tile per loop step (32 tokens of 16-bit values, 16 of float32), so
+    each thread of 4 warps issues 16-byte loads and keeps 2 x 32 float32 accumulators. Interpreter:
+    the largest tiles, because its cost is per program and loop step.
     """
     h = triton.next_power_of_2(max(n_hidden, 1))
     if INTERPRETING:
         return 64, min(h, 512), 4
-    block_h = min(h, 256 // element_size * 2)  # 128 columns of 16-bit, 128 of 32-bit
-    block_h = min(max(block_h, 16), h) if h >= 16 else h
-    block_t = 32 if element_size <= 2 else 16
-    return block_t, block_h, 4
+    return (32 if element_size <= 2 else 16), min(h, 128), 4
 
 
 def pool_cast_triton(
@@ -205,8 +202,12 @@ def pool_cast_triton(
     n_layers, _, n_cells, n_hidden = shape
     if n_cells == 0 or n_layers == 0 or n_hidden == 0:
         return out
-    padded = hidden.dim() == 4
-    view = hidden if padded else hidden.unsqueeze(1)  # packed: one row of T tokens
+    if starts is None:
+        view = hidden  # padded: cell b is row b
+    elif hidden.dim() == 4:
+        view = hidden.flatten(1, 2).unsqueeze(1)  # padded rows with explicit starts: one row of B*S tokens
+    else:
+        view = hidden.unsqueeze(1)  # packed: one row of T tokens
     bt, bh, warps = block_sizes(n_hidden, hidden.element_size())
     bt, bh, warps = block_t or bt, block_h or bh, num_warps or warps
     for name, v in (("block_t", bt), ("block_h", bh)):
@@ -216,7 +217,7 @@ def pool_cast_triton(
     count = overflow is not None and out_dtype == torch.float16
     ovf = overflow if count else out  # never read when COUNT_OVERFLOW is False
     grid = (n_cells, triton.cdiv(n_hidden, bh), n_layers)
-    with torch.device(hidden.device) if hidden.device.type == "cuda" else _no_context():
+    with torch.cuda.device(hidden.device) if hidden.device.type == "cuda" else contextlib.nullcontext():
         _pool_cast_kernel[grid](
             out,
             ovf,
@@ -224,7 +225,6 @@ def pool_cast_triton(
             starts if starts is not None else lengths,
             lengths,
             _picks(spec, hidden.device),
-            view.shape[1],
             view.shape[2],
             n_hidden,
             spec.n_leading,
@@ -243,11 +243,3 @@ def pool_cast_triton(
             num_warps=warps,
         )
     return out
-
-
-class _no_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
