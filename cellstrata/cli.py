@@ -29,7 +29,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         "Re-running the same command resumes an interrupted run.",
     )
     p.add_argument("input", help="an .h5ad file or an AnnData .zarr folder")
-    p.add_argument("--model", required=True, help="model family: scgpt")
+    p.add_argument("--model", required=True, help="model family: scgpt, tahoe-x1, scfoundation, geneformer")
     p.add_argument("--checkpoint", help="the official checkpoint folder (see README)")
     p.add_argument("--out", required=True, help="the store to write (a .zarr folder)")
     p.add_argument("--pool", type=_csv, default=None, help="poolings, comma-separated, or 'all' (default: mean,cls)")
@@ -98,7 +98,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
         description="Write random weights in the official checkpoint layout (for tests, demos and benchmarks; "
         "the numbers carry no biology).",
     )
-    p.add_argument("--model", required=True, help="model family: scgpt")
+    p.add_argument("--model", required=True, help="model family: scgpt, tahoe-x1, scfoundation, geneformer")
     p.add_argument("--preset", default="tiny", help="tiny or a released size (scgpt: whole-human)")
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--seed", type=int, default=0)

@@ -55,6 +55,17 @@ def gene_symbols(n: int) -> list[str]:
     return [f"SG{i:05d}" for i in range(n)]
 
 
+def gene_ensembl_ids(n: int) -> list[str]:
+    """Ensembl-style ids of the first ``n`` synthetic genes (``ENSG`` + 11 digits), for Ensembl-keyed vocabularies."""
+    return [f"ENSG{i:011d}" for i in range(n)]
+
+
+def ensembl_id_of(symbol: str) -> str:
+    """The Ensembl-style id of a synthetic gene symbol (known ``SG...`` or unknown ``XG...`` genes)."""
+    prefix, number = symbol[:2], int(symbol[2:])
+    return f"ENSG{number:011d}" if prefix == "SG" else f"ENSG9{number:010d}"
+
+
 def unknown_gene_symbols(n: int) -> list[str]:
     """``n`` gene symbols that are in no synthetic vocabulary (to exercise gene mapping)."""
     return [f"XG{i:05d}" for i in range(n)]
@@ -524,7 +535,11 @@ class _Generator:
         program[progs.cycling] = "cycling"
         program[progs.targets] = "perturbation_target"
         return pd.DataFrame(
-            {"gene_symbol": self.var_names.astype(str), "program": program.astype(str)},
+            {
+                "gene_symbol": self.var_names.astype(str),
+                "ensembl_id": [ensembl_id_of(g) for g in self.var_names.astype(str)],
+                "program": program.astype(str),
+            },
             index=pd.Index(self.var_names.astype(str)),
         )
 

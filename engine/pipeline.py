@@ -105,12 +105,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _resolve_poolings(loaded: LoadedModel, poolings: Sequence[str] | None) -> tuple[str, ...]:
+    offered = loaded.pooling_names
     names = tuple(poolings) if poolings else loaded.default_poolings
     if "all" in names:
-        names = tuple(loaded.pool_ops)
-    unknown = [n for n in names if n not in loaded.pool_ops]
+        names = offered
+    unknown = [n for n in names if n not in offered]
     if unknown:
-        msg = f"{loaded.family} has no pooling {', '.join(unknown)}; choose from {', '.join(loaded.pool_ops)} or all"
+        msg = f"{loaded.family} has no pooling {', '.join(unknown)}; choose from {', '.join(offered)} or all"
         raise ConfigError(msg)
     if len(set(names)) != len(names):
         msg = f"pooling listed twice in {','.join(names)}"
@@ -177,19 +178,34 @@ class Extraction:
             msg = f"chunk_cells must be >= 1, got {self.chunk_cells}"
             raise ConfigError(msg)
         self.mapping: GeneMapping = loaded.tokenizer.map_genes(list(source.gene_names))
-        self.spec = kernels.PoolSpec(
-            ops=tuple(loaded.pool_ops[n] for n in self.poolings),
-            n_leading=loaded.layout.n_leading,
-            n_trailing=loaded.layout.n_trailing,
+        # Buffer layout: the kernel's poolings first (one launch writes them as a [P, B, H] view),
+        # then the custom ones; overflow counters follow the same order.
+        self.kernel_poolings = tuple(n for n in self.poolings if n in loaded.pool_ops)
+        self.custom_poolings = tuple(n for n in self.poolings if n not in loaded.pool_ops)
+        self.widths = {n: loaded.custom_poolings[n].width for n in self.custom_poolings}
+        self.widths.update(dict.fromkeys(self.kernel_poolings, hidden))
+        self.columns: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name in (*self.kernel_poolings, *self.custom_poolings):
+            self.columns[name] = (offset, offset + self.widths[name])
+            offset += self.widths[name]
+        self.spec = (
+            kernels.PoolSpec(
+                ops=tuple(loaded.pool_ops[n] for n in self.kernel_poolings),
+                n_leading=loaded.layout.n_leading,
+                n_trailing=loaded.layout.n_trailing,
+            )
+            if self.kernel_poolings
+            else None
         )
         self.precision = "float32" if device.type == "cpu" else "bfloat16"
         self.pool_backend = kernels.resolve_backend(device)
-        self.buffers = PooledBuffers(loaded.n_layers + 1, len(self.poolings), hidden, kernels.OUT_DTYPES[dtype], device)
+        self.buffers = PooledBuffers(loaded.n_layers + 1, offset, kernels.OUT_DTYPES[dtype], device)
         self.store_spec = self._store_spec(compression)
         self.overwrite = overwrite
         self.telemetry = Telemetry(
             overflow=np.zeros((loaded.n_layers + 1, len(self.poolings)), dtype=np.int64),
-            pooling_names=self.poolings,
+            pooling_names=(*self.kernel_poolings, *self.custom_poolings),
         )
 
     # ------------------------------------------------------------------ configuration
@@ -197,7 +213,7 @@ class Extraction:
         ld = self.loaded
         fp = self.source.fingerprint()
         tokenizer = ld.tokenizer.settings()
-        pool_ops = {n: ld.pool_ops[n] for n in self.poolings}
+        pool_ops = {n: ld.pool_ops.get(n, "custom") for n in self.poolings}
         model_attrs = {
             "family": ld.family,
             "preset": ld.preset,
@@ -225,6 +241,7 @@ class Extraction:
             "model": model_attrs,
             "tokenizer": tokenizer,
             "poolings": list(self.poolings),
+            "official_layer": self.loaded.official_layer,
             "pool_ops": pool_ops,
             "dtype": self.dtype,
             "precision": self.precision,
@@ -246,7 +263,7 @@ class Extraction:
             n_cells=self.n_cells,
             n_layers=ld.n_layers,
             hidden=ld.hidden_size,
-            widths=dict.fromkeys(self.poolings, ld.hidden_size),
+            widths={n: self.widths[n] for n in self.poolings},
             dtype=self.dtype,
             chunk_cells=self.chunk_cells,
             compression=compression,
@@ -286,10 +303,11 @@ class Extraction:
         """Pooled ``[L+1, n, H]`` per pooling for the cells of one chunk (NaN rows for empty cells)."""
         ld = self.loaded
         n = len(tokens)
-        n_layers, hidden, n_pool = ld.n_layers, ld.hidden_size, len(self.poolings)
+        n_layers, n_pool, n_kernel = ld.n_layers, len(self.poolings), len(self.kernel_poolings)
+        hidden = ld.hidden_size
         out_dtype = kernels.OUT_DTYPES[self.dtype]
         np_dtype = np.dtype(self.dtype)
-        result = {name: np.full((n_layers + 1, n, hidden), np.nan, dtype=np_dtype) for name in self.poolings}
+        result = {name: np.full((n_layers + 1, n, self.widths[name]), np.nan, dtype=np_dtype) for name in self.poolings}
         keep = ~tokens.empty
         sub = _select(tokens, np.flatnonzero(keep)) if not keep.all() else tokens
         where = np.flatnonzero(keep)
@@ -297,30 +315,37 @@ class Extraction:
         tok = ld.tokenizer
         bf16 = self.device.type == "cuda" and self.precision == "bfloat16"
         in_flight: tuple[Transfer, np.ndarray] | None = None
+        customs = [(ld.custom_poolings[name], *self.columns[name]) for name in self.custom_poolings]
 
         def land(transfer: Transfer, rows: np.ndarray) -> None:
             host_np = transfer.wait()
-            for p, name in enumerate(self.poolings):
-                result[name][:, rows, :] = host_np[:, p]
+            for name, (lo, hi) in self.columns.items():
+                result[name][:, rows, :] = host_np[:, :, lo:hi]
 
         for batch in iter_batches(sub, self.max_tokens, tok.pad_id, tok.pad_value):
             b, s = batch.genes.shape
             t0 = time.perf_counter()
             dev = batch.to(self.device)
             buf = self.buffers.device_view(b)
+            # the kernel's poolings as one [L+1, P, B, H] strided view of the buffer's first P*H columns
+            kernel_out = buf[:, :, : n_kernel * hidden].unflatten(-1, (n_kernel, hidden)).transpose(1, 2)
             lengths = dev.lengths
 
-            def tap(layer: int, hidden_state: torch.Tensor, buf=buf, lengths=lengths) -> None:
-                kernels.pool_cast(
-                    hidden_state,
-                    None,
-                    lengths,
-                    self.spec,
-                    out_dtype,
-                    out=buf[layer],
-                    overflow=overflow[layer],
-                    backend=self.pool_backend,
-                )
+            def tap(layer: int, hidden_state: torch.Tensor, buf=buf, kernel_out=kernel_out, lengths=lengths) -> None:
+                if self.spec is not None:
+                    kernels.pool_cast(
+                        hidden_state,
+                        None,
+                        lengths,
+                        self.spec,
+                        out_dtype,
+                        out=kernel_out[layer],
+                        overflow=overflow[layer, :n_kernel],
+                        backend=self.pool_backend,
+                    )
+                for j, (custom, lo, hi) in enumerate(customs):
+                    ovf = overflow[layer, n_kernel + j] if out_dtype == torch.float16 else None
+                    custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend)
 
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 ld.model.forward(dev, tap)

@@ -151,13 +151,36 @@ class CellModel(Protocol):
     def forward(self, batch: TokenBatch, tap: Tap) -> None: ...
 
 
+class CustomPooling(Protocol):
+    """A pooling the fused kernel cannot express alone, e.g. a model's final norm applied before pooling.
+
+    Called once per layer with that layer's ``hidden [B, S, H]`` and ``lengths [B]``; writes
+    ``out [B, width]`` (the store dtype, any strides) and adds the number of values that became inf
+    in float16 to ``overflow`` (a 0-d int64 tensor) when it is given. ``backend`` is passed on to
+    :func:`~cellstrata.kernels.pool_cast` when the pooling uses it.
+    """
+
+    width: int
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        lengths: torch.Tensor,
+        out: torch.Tensor,
+        overflow: torch.Tensor | None,
+        backend: str | None,
+    ) -> None: ...
+
+
 @dataclass
 class LoadedModel:
     """Everything the pipeline needs from a checkpoint.
 
     ``pool_ops`` maps each store pooling name the family offers (``mean``, ``max``, ``cls``,
     ``official``, ...) to a :class:`~cellstrata.kernels.PoolSpec` op (``mean``, ``max``, ``first``,
-    ``first_l2``, ``from_end:K``). ``checkpoint`` describes the files (path, sha256, ...).
+    ``first_l2``, ``from_end:K``); these are all computed by one kernel launch per layer.
+    ``custom_poolings`` holds the poolings that need more (their own width, a norm first).
+    ``checkpoint`` describes the files (path, sha256, ...).
     """
 
     family: str
@@ -169,6 +192,13 @@ class LoadedModel:
     pool_ops: Mapping[str, str]
     default_poolings: tuple[str, ...]
     checkpoint: dict[str, Any] = field(default_factory=dict)
+    custom_poolings: Mapping[str, CustomPooling] = field(default_factory=dict)
+    official_layer: int | None = None  # the layer the official extractor reads ``official`` from
+
+    @property
+    def pooling_names(self) -> tuple[str, ...]:
+        """Every pooling this model offers (kernel poolings first)."""
+        return (*self.pool_ops, *(n for n in self.custom_poolings if n not in self.pool_ops))
 
     @property
     def n_layers(self) -> int:

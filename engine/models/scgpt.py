@@ -30,6 +30,7 @@ from torch import nn
 from ..datasets import gene_symbols
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
 from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock
+from .checkpoints import load_state_dict, read_json, sha256_file
 
 if TYPE_CHECKING:
     from ..sources import CellBlock
@@ -602,25 +603,9 @@ class ScGPTModel(nn.Module):
 # checkpoints
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        msg = f"cannot read scGPT {what} {path}: {exc}"
-        raise CheckpointError(msg) from None
-
-
 def _read_vocab(path: Path) -> tuple[dict[str, int], list[str]]:
     """``vocab.json`` with ``<pad>``, ``<cls>``, ``<eoc>`` appended when missing (as ``embed_data``)."""
-    raw = _read_json(path, "vocabulary")
+    raw = read_json(path, "scGPT vocabulary")
     if not isinstance(raw, dict) or not raw:
         msg = f"scGPT vocabulary {path} must be a non-empty JSON object token -> id"
         raise CheckpointError(msg)
@@ -643,24 +628,6 @@ def _to_torch_layout(key: str) -> str:
     """Flash-attn names (PyPI ``self_attn.Wqkv``, GitHub HEAD ``self_attn._impl.*``) -> torch names."""
     key = key.replace("self_attn._impl.", "self_attn.")
     return key.replace("self_attn.Wqkv.", "self_attn.in_proj_")
-
-
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError for code-bearing pickles, RuntimeError for corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg = (
-            f"cannot read {path} as plain weights (torch.load(weights_only=True): {first}); "
-            "cellstrata only loads tensor state dicts and never runs code stored in a checkpoint"
-        )
-        raise CheckpointError(msg) from None
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
-    ):
-        msg = f"{path} is not a state dict (a mapping of parameter names to tensors)"
-        raise CheckpointError(msg)
-    return dict(obj)
 
 
 def _match_preset(args: Mapping[str, Any], config: ScGPTConfig) -> str | None:
@@ -750,7 +717,7 @@ class ScGPTFamily:
                 f"{WEIGHTS_FILE} (weights), {ARGS_FILE} (model settings) and {VOCAB_FILE} (gene vocabulary)"
             )
             raise CheckpointError(msg)
-        args = _read_json(folder / ARGS_FILE, "settings")
+        args = read_json(folder / ARGS_FILE, "scGPT settings")
         if not isinstance(args, dict):
             msg = f"scGPT {folder / ARGS_FILE} must be a JSON object"
             raise CheckpointError(msg)
@@ -769,7 +736,7 @@ class ScGPTFamily:
 
         model = ScGPTModel(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        raw = _load_state_dict(folder / WEIGHTS_FILE)
+        raw = load_state_dict(folder / WEIGHTS_FILE)
         state, ignored, layout = _check_and_convert(raw, expected, folder / WEIGHTS_FILE)
         model.load_state_dict(state, strict=True)
         del raw, state
@@ -788,7 +755,7 @@ class ScGPTFamily:
         files = {}
         for f in REQUIRED_FILES:
             p = folder / f
-            files[f] = {"bytes": p.stat().st_size, "sha256": _sha256_file(p)}
+            files[f] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
         cfg_out = dict(args)
         cfg_out.update({"preset": preset, "vocab_size": len(vocab), "max_length": config.max_length})
         return LoadedModel(
@@ -808,6 +775,7 @@ class ScGPTFamily:
                 "ignored_keys": ignored,
                 "appended_special_tokens": appended,
             },
+            official_layer=config.nlayers,
         )
 
     def init_checkpoint(

@@ -168,6 +168,43 @@ def test_float16_overflow_is_reported_per_layer(h5ad, ckpt, tmp_path, monkeypatc
     assert s32.attrs["telemetry"]["float16_overflows"] == 0 and np.isfinite(s32.layers("max").compute()).all()
 
 
+def test_custom_pooling_of_its_own_width(h5ad, ckpt, tmp_path, monkeypatch):
+    """A family's custom pooling (here: mean and max side by side, 2H wide) lands in its own array."""
+    from cellstrata.engine.models.scgpt import ScGPTFamily
+    from cellstrata.kernels import PoolSpec, pool_cast
+
+    class MeanMax:
+        width = 128  # 2 x hidden of the tiny preset
+
+        def __call__(self, hidden, lengths, out, overflow, backend):
+            h = hidden.shape[-1]
+            view = out.unflatten(-1, (2, h)).transpose(0, 1)  # [2, B, H] strided view of [B, 2H]
+            ovf = torch.zeros(2, dtype=torch.int64, device=hidden.device)
+            pool_cast(
+                hidden, None, lengths, PoolSpec(("mean", "max"), n_leading=1), out.dtype, view, ovf, backend=backend
+            )
+            if overflow is not None:
+                overflow += ovf.sum()
+
+    load = ScGPTFamily.load
+
+    def load_with_custom(self, *a, **kw):
+        loaded = load(self, *a, **kw)
+        loaded.custom_poolings = {"meanmax": MeanMax()}
+        return loaded
+
+    monkeypatch.setattr(ScGPTFamily, "load", load_with_custom)
+    store = run(h5ad, ckpt, tmp_path / "c.zarr", poolings=["max", "meanmax", "mean"], limit=40)
+    assert store.poolings == ["max", "meanmax", "mean"]
+    both, mean, mx = (store.layers(p).compute() for p in ("meanmax", "mean", "max"))
+    assert both.shape == (mean.shape[0], 40, 128)
+    np.testing.assert_array_equal(both[:, :, :64], mean)
+    np.testing.assert_array_equal(both[:, :, 64:], mx)
+    ds = store.to_xarray()
+    assert ds["meanmax"].dims == ("layer", "cell", "feature_meanmax") and ds["mean"].dims[-1] == "feature"
+    assert store.attrs["pool_ops"]["meanmax"] == "custom"
+
+
 def test_rerun_resumes_and_other_config_is_refused(h5ad, ckpt, tmp_path, capsys):
     out = tmp_path / "s.zarr"
     args = ["extract", str(h5ad), "--model", "scgpt", "--checkpoint", str(ckpt), "--out", str(out), "--quiet"]

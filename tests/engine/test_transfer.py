@@ -13,13 +13,13 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_buffer_is_reused_grown_and_copied_whole(device):
-    bufs = PooledBuffers(5, 3, 24, torch.float16, torch.device(device))
+    bufs = PooledBuffers(5, 3 * 24, torch.float16, torch.device(device))
     big = bufs.device_view(40)
-    assert big.shape == (5, 3, 40, 24) and big.is_contiguous() and big.dtype == torch.float16
+    assert big.shape == (5, 40, 72) and big.is_contiguous() and big.dtype == torch.float16
     small = bufs.device_view(7)
     assert small.is_contiguous() and small.data_ptr() == big.data_ptr()  # no new allocation
     grown = bufs.device_view(41)
-    assert grown.shape[2] == 41
+    assert grown.shape[1] == 41
     pending = []
     for b in (9, 13):  # two batches in flight alternate between the host buffers
         view = bufs.device_view(b)
