@@ -1,0 +1,1055 @@
+"""Tahoe-X1 (Tahoe Therapeutics 2025): tokenizer, per-layer model and checkpoint reader/writer.
+
+Reproduces the official embedding path of ``tahoebio/tahoe-x1`` (``scripts/inference/predict_embeddings.py``
+-> ``utils.util.loader_from_adata`` -> ``data.dataloader.CountDataset`` -> ``data.collator.DataCollator``
+(``do_mlm=False``, ``binning``) -> ``model.TXModel.transformer_generate`` -> ``cell_emb``), with one
+deliberate difference: the random subset kept from an over-long cell comes from
+``np.random.default_rng((seed, cell_index))`` instead of an unseeded ``torch.randperm``, so a cell's
+tokens do not depend on its batch or order (the rule is the same, the drawn subset differs from any one
+official run). The chemical (drug) token of the 3b model is not used: ``ComposerTX.from_hf`` and
+``utils.util.load_model`` switch it off by default (``use_chem_inf=False``), and so do we.
+
+Checkpoint folder (as published on Hugging Face, ``tahoebio/Tahoe-x1/{70m,1b,3b}-model/``):
+``model.safetensors`` (a ``ComposerTX`` state dict, every key prefixed ``model.``), ``model_config.yml``,
+``collator_config.yml`` and ``vocab.json`` (Ensembl gene id -> index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...kernels import PoolSpec, pool_cast
+from ..datasets import gene_ensembl_ids
+from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
+from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock
+from .checkpoints import check_state_dict, describe_files, load_state_dict, read_json, read_yaml, save_safetensors
+
+if TYPE_CHECKING:
+    from ..sources import CellBlock
+
+FAMILY_NAME = "tahoe-x1"
+PAD_TOKEN = "<pad>"
+CLS_TOKEN = "<cls>"
+EOC_TOKEN = "<eoc>"
+SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)  # appended in this order when absent (prepare_for_inference)
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "model_config.yml"
+COLLATOR_CONFIG_FILE = "collator_config.yml"
+VOCAB_FILE = "vocab.json"
+REQUIRED_FILES = (WEIGHTS_FILE, MODEL_CONFIG_FILE, COLLATOR_CONFIG_FILE, VOCAB_FILE)
+KEY_PREFIX = "model."  # ComposerTX wraps TXModel as ``self.model``
+# heads and the drug encoder: in the released files, never used for embeddings (skip_decoders, use_chem_inf=False)
+IGNORED_PREFIXES = ("expression_decoder.", "mvc_decoder.", "chem_encoder.")
+INFERENCE_MAX_LENGTH = 2048  # scripts/inference/configs/predict.yaml: predict.seq_len_dataset
+TOKENIZER_VERSION = "tahoe-x1-binning-1"
+PRESET_FIELD = "cellstrata_preset"  # model_config.yml field written by init_checkpoint
+# torch.nn.functional names the official ``resolve_ffn_act_fn({"name": ...})`` resolves (default arguments)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "leaky_relu": F.leaky_relu,
+    "silu": F.silu,
+}
+_LAYERNORMS = ("layernorm", "low_precision_layernorm")  # identical in float32 (llm-foundry norms registry)
+
+
+# ------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class TahoeX1Config:
+    """Architecture and tokenization settings (official ``model_config.yml`` / ``collator_config.yml`` names)."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    expansion_ratio: int = 4
+    transformer_activation: str = "relu"
+    expression_activation: str = "relu"
+    decoder_activation: str = "leaky_relu"
+    decoder_layers: int = 1
+    norm_eps: float = 1e-5
+    max_value: float = 512.0
+    gene_norm: bool = True
+    expression_norm: bool = True
+    mvc: bool = True
+    pad_value: float = -2.0
+    num_bins: int = 51
+    keep_first_n_tokens: int = 1
+    train_max_length: int = 1024
+    max_length: int = INFERENCE_MAX_LENGTH
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "expansion_ratio", "num_bins"):
+            if int(getattr(self, name)) <= 0:
+                msg = f"Tahoe-X1 config: {name} must be > 0, got {getattr(self, name)!r}"
+                raise ConfigError(msg)
+        if self.d_model % self.n_heads:
+            msg = f"Tahoe-X1 config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}"
+            raise ConfigError(msg)
+        for name in ("transformer_activation", "expression_activation"):
+            if getattr(self, name) not in ACTIVATIONS:
+                msg = f"Tahoe-X1 config: {name} {getattr(self, name)!r} is not one of {', '.join(ACTIVATIONS)}"
+                raise ConfigError(msg)
+        if self.num_bins < 3:
+            msg = f"Tahoe-X1 config: num_bins must be >= 3, got {self.num_bins}"
+            raise ConfigError(msg)
+        if self.keep_first_n_tokens < 1:
+            msg = (
+                f"Tahoe-X1 config: keep_first_n_tokens {self.keep_first_n_tokens} is not supported "
+                "(>= 1 keeps <cls> out of the binning, as every released model)"
+            )
+            raise ConfigError(msg)
+        if self.max_length <= self.keep_first_n_tokens:
+            msg = (
+                f"Tahoe-X1 max_length must be > keep_first_n_tokens ({self.keep_first_n_tokens}), got {self.max_length}"
+            )
+            raise ConfigError(msg)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.d_model * self.expansion_ratio
+
+    def architecture(self) -> tuple[Any, ...]:
+        return (self.d_model, self.n_layers, self.n_heads, self.expansion_ratio, self.transformer_activation)
+
+    @classmethod
+    def from_configs(
+        cls, model_cfg: Mapping[str, Any], collator_cfg: Mapping[str, Any], vocab_size: int
+    ) -> TahoeX1Config:
+        """Build from the official YAML dicts; ``CheckpointError`` names missing or unsupported fields."""
+        required = ("d_model", "n_layers", "n_heads", "expansion_ratio")
+        missing = [k for k in required if k not in model_cfg]
+        if missing:
+            msg = f"Tahoe-X1 {MODEL_CONFIG_FILE} lacks {', '.join(missing)} (it must give {', '.join(required)})"
+            raise CheckpointError(msg)
+        _check_supported(model_cfg, collator_cfg)
+        norm = dict(model_cfg.get("norm_config") or {})
+        expr = dict(model_cfg.get("expression_encoder") or {})
+        gene = dict(model_cfg.get("gene_encoder") or {})
+        dec = dict(model_cfg.get("expression_decoder") or {})
+        try:
+            return cls(
+                d_model=int(model_cfg["d_model"]),
+                n_layers=int(model_cfg["n_layers"]),
+                n_heads=int(model_cfg["n_heads"]),
+                vocab_size=int(vocab_size),
+                expansion_ratio=_as_int(model_cfg["expansion_ratio"], "expansion_ratio"),
+                transformer_activation=str(model_cfg.get("transformer_activation", "gelu")),
+                expression_activation=str(expr.get("activation", "relu")),
+                decoder_activation=str(dec.get("activation", "leaky_relu")),
+                decoder_layers=int(dec.get("n_layers", 2)),
+                norm_eps=float(norm.get("eps", 1e-5)),
+                max_value=float(expr.get("max_value", 512)),
+                gene_norm=bool(gene.get("use_norm", False)),
+                expression_norm=bool(expr.get("use_norm", False)),
+                mvc=model_cfg.get("mvc") is not None,
+                pad_value=float(collator_cfg["pad_value"]),
+                num_bins=int(collator_cfg.get("num_bins", 51)),
+                keep_first_n_tokens=int(collator_cfg.get("keep_first_n_tokens", 1)),
+                train_max_length=int(collator_cfg.get("max_length", 1024)),
+            )
+        except (TypeError, ValueError, KeyError) as exc:
+            msg = f"Tahoe-X1 config has an invalid or missing value: {exc}"
+            raise CheckpointError(msg) from None
+
+    def to_configs(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(model_config.yml, collator_config.yml)`` dicts for this config (fields of the released files)."""
+        model_cfg: dict[str, Any] = {
+            "name": "tahoe_x1",
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "init_device": "cpu",
+            "expansion_ratio": self.expansion_ratio,
+            "standard_scale_outputs": False,
+            "transformer_activation": self.transformer_activation,
+            "n_heads": self.n_heads,
+            "norm_scheme": "pre",
+            "use_generative_training": False,
+            "use_glu": False,
+            "cell_emb_style": "cls",
+            "attn_config": {
+                "attn_impl": "flash",
+                "use_attn_mask": False,
+                "attn_type": "grouped_query_attention",
+                "kv_nheads": self.n_heads,
+                "attn_pdrop": 0.0,
+            },
+            "norm_config": {"norm_type": "layernorm", "eps": self.norm_eps},
+            "expression_encoder": {
+                "input_emb_style": "continuous",
+                "dropout": 0.1,
+                "max_value": _yaml_number(self.max_value),
+                "activation": self.expression_activation,
+                "use_norm": self.expression_norm,
+            },
+            "gene_encoder": {"use_norm": self.gene_norm},
+            "mvc": {"arch_style": "inner product", "query_activation": "sigmoid", "scaled_dot_product": True}
+            if self.mvc
+            else None,
+            "expression_decoder": {
+                "n_outputs": 1,
+                "n_layers": self.decoder_layers,
+                "activation": self.decoder_activation,
+            },
+            "vocab_size": self.vocab_size,
+            "precision": "amp_bf16",
+        }
+        collator_cfg: dict[str, Any] = {
+            "do_padding": True,
+            "pad_value": _yaml_number(self.pad_value),
+            "do_mlm": True,
+            "do_binning": True,
+            "mlm_probability": 0.5,
+            "mask_value": -1,
+            "max_length": self.train_max_length,
+            "sampling": True,
+            "num_bins": self.num_bins,
+            "right_binning": False,
+            "use_junk_tokens": False,
+            "keep_first_n_tokens": self.keep_first_n_tokens,
+        }
+        return model_cfg, collator_cfg
+
+
+def _as_int(x: Any, name: str) -> int:
+    if float(x) != int(float(x)):
+        msg = f"Tahoe-X1 {name} must be a whole number, got {x!r}"
+        raise CheckpointError(msg)
+    return int(float(x))
+
+
+def _yaml_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _check_supported(model_cfg: Mapping[str, Any], collator_cfg: Mapping[str, Any]) -> None:
+    """Refuse settings that change the official computation in ways this module does not implement."""
+    problems = []
+    if model_cfg.get("norm_scheme", "pre") != "pre":
+        problems.append(f"norm_scheme {model_cfg.get('norm_scheme')!r} (only 'pre')")
+    if model_cfg.get("use_glu", False):
+        problems.append("use_glu: true")
+    if model_cfg.get("cell_emb_style", "cls") != "cls":
+        problems.append(f"cell_emb_style {model_cfg.get('cell_emb_style')!r} (only 'cls')")
+    norm_type = str((model_cfg.get("norm_config") or {}).get("norm_type", "low_precision_layernorm")).lower()
+    if norm_type not in _LAYERNORMS:
+        problems.append(f"norm_config.norm_type {norm_type!r} (only {', '.join(_LAYERNORMS)})")
+    attn = model_cfg.get("attn_config") or {}
+    # TXBlock reads kv_n_heads (the released configs write kv_nheads, which it ignores)
+    if "kv_n_heads" in attn and int(attn["kv_n_heads"]) != int(model_cfg["n_heads"]):
+        problems.append(f"attn_config.kv_n_heads {attn['kv_n_heads']} != n_heads (grouped-query attention)")
+    if (model_cfg.get("gene_encoder") or {}).get("embeddings"):
+        problems.append("gene_encoder.embeddings (extra pretrained gene embeddings)")
+    expr = model_cfg.get("expression_encoder") or {}
+    if expr.get("input_emb_style", "continuous") != "continuous":
+        problems.append(f"expression_encoder.input_emb_style {expr.get('input_emb_style')!r}")
+    if not collator_cfg.get("do_binning", True) or collator_cfg.get("log_transform", False):
+        problems.append("collator without do_binning (log_transform inputs)")
+    if collator_cfg.get("right_binning", False):
+        problems.append("right_binning: true")
+    if "pad_value" not in collator_cfg:
+        problems.append("collator pad_value missing")
+    if problems:
+        msg = f"Tahoe-X1 checkpoint settings not supported: {'; '.join(problems)}"
+        raise CheckpointError(msg)
+
+
+PRESETS: dict[str, TahoeX1Config] = {
+    # configs/gcloud/tahoe_x1-70m-merged.yaml; vocab 62720 incl. specials (tutorial printout)
+    "70m": TahoeX1Config(d_model=512, n_layers=12, n_heads=8, vocab_size=62720),
+    # configs/gcloud/tahoe_x1-1_3b-merged.yaml (same vocabulary file)
+    "1b": TahoeX1Config(d_model=2048, n_layers=24, n_heads=16, vocab_size=62720),
+    # configs/mcli/tahoe_x1-3b-v2-cont-train.yaml: gelu everywhere, trained with the drug token after <cls>
+    # (keep_first_n_tokens 2, vocabulary + <drug>)
+    "3b": TahoeX1Config(
+        d_model=2560,
+        n_layers=32,
+        n_heads=20,
+        vocab_size=62721,
+        transformer_activation="gelu",
+        expression_activation="gelu",
+        decoder_activation="gelu",
+        keep_first_n_tokens=2,
+        train_max_length=2048,
+    ),
+    # random test model over the synthetic Ensembl ids of engine/datasets.gene_ensembl_ids
+    "tiny": TahoeX1Config(
+        d_model=64, n_layers=4, n_heads=4, vocab_size=2000 + len(SPECIAL_TOKENS), train_max_length=256, max_length=256
+    ),
+}
+
+
+def official_key_shapes(config: TahoeX1Config) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the official ``ComposerTX`` state dict (``model.`` prefix, heads included).
+
+    The drug encoder of a model trained with ``use_chem_token`` is not listed (it is dropped at inference).
+    """
+    d, f, v = config.d_model, config.ffn_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"gene_encoder.embedding.weight": (v, d)}
+    if config.gene_norm:
+        shapes.update({"gene_encoder.enc_norm.weight": (d,), "gene_encoder.enc_norm.bias": (d,)})
+    shapes["flag_encoder.weight"] = (2, d)
+    shapes.update(
+        {
+            "expression_encoder.linear1.weight": (d, 1),
+            "expression_encoder.linear1.bias": (d,),
+            "expression_encoder.linear2.weight": (d, d),
+            "expression_encoder.linear2.bias": (d,),
+        }
+    )
+    if config.expression_norm:
+        shapes.update({"expression_encoder.norm.weight": (d,), "expression_encoder.norm.bias": (d,)})
+    for i in range(config.n_layers):
+        p = f"transformer_encoder.layers.{i}."
+        for name, (o, n_in) in {
+            "self_attn.Wqkv": (3 * d, d),
+            "self_attn.out_proj": (d, d),
+            "up_proj": (f, d),
+            "down_proj": (d, f),
+        }.items():
+            shapes[f"{p}{name}.weight"] = (o, n_in)
+            shapes[f"{p}{name}.bias"] = (o,)
+        for name in ("norm1", "norm2"):
+            shapes[f"{p}{name}.weight"] = (d,)
+            shapes[f"{p}{name}.bias"] = (d,)
+    shapes["transformer_encoder.norm.weight"] = (d,)
+    shapes["transformer_encoder.norm.bias"] = (d,)
+    for j in range(config.decoder_layers):
+        shapes[f"expression_decoder.linear_layers.{j}.weight"] = (d, d)
+        shapes[f"expression_decoder.linear_layers.{j}.bias"] = (d,)
+    shapes["expression_decoder.out_proj.weight"] = (1, d)
+    shapes["expression_decoder.out_proj.bias"] = (1,)
+    if config.mvc:
+        shapes["mvc_decoder.gene2query.weight"] = (d, d)
+        shapes["mvc_decoder.gene2query.bias"] = (d,)
+        shapes["mvc_decoder.W.weight"] = (d, d)
+    return {KEY_PREFIX + k: s for k, s in shapes.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# binning (data/collator.py ``binning``), vectorised over cells and equal to torch.quantile per cell
+
+_EDGE_GROUP = 256  # cells per vectorised group: 64 * 256 lerp elements stay under torch's 32768 grain
+_LERP_WIDTH = 64  # columns per cell in the contiguous lerp: a multiple of every CPU vector loop step
+
+
+def _lerp_both_paths(below: torch.Tensor, above: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``torch.lerp`` of ``[g, K]`` float32 operands once through the vectorised and once the scalar CPU loop.
+
+    torch's CPU lerp computes an element with a fused multiply-add in its vector loop and without one
+    in its scalar loop (the remainder of a contiguous tensor, or any strided tensor), so a single
+    ``torch.quantile`` call can round an edge either way depending on its position. Contiguous rows
+    padded to 64 columns run entirely through the vector loop; stride-2 views run entirely scalar.
+    """
+    g, k = below.shape
+    wide = [torch.zeros((g, _LERP_WIDTH), dtype=torch.float32) for _ in range(3)]
+    for w, src in zip(wide, (below, above, weight)):
+        w[:, :k] = src
+    vec = torch.lerp(wide[0], wide[1], wide[2])[:, :k]
+    strided = [torch.zeros((g, k, 2), dtype=torch.float32) for _ in range(3)]
+    for s, src in zip(strided, (below, above, weight)):
+        s[..., 0] = src
+    scalar = strided[0][..., 0]
+    scalar.lerp_(strided[1][..., 0], strided[2][..., 0])
+    return vec, scalar.clone()
+
+
+def _sort_within_cells(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Each cell's values sorted ascending, cells kept in order (one uint64 sort: cell, then value bits)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    rows = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
+    if len(values) and values.min() > 0:  # positive float32 bit patterns sort like the floats
+        keys = (rows << np.uint64(32)) | values.view(np.uint32).astype(np.uint64)
+        keys.sort()
+        return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
+    return values[np.lexsort((values, rows))]
+
+
+def quantile_edges(values: np.ndarray, counts: np.ndarray, num_bins: int) -> np.ndarray:
+    """``torch.quantile(cell, torch.linspace(0, 1, num_bins - 1))`` of every cell, bit for bit.
+
+    ``values`` (float32) are the cells' values one cell after the other, ``counts`` (each >= 1) how many
+    belong to each cell. Returns ``[n_cells, num_bins - 1]`` float32. The quantile's steps (sort,
+    ``ranks = q * (n - 1)`` in float32, ``floor``/``ceil`` gathers, ``lerp``) run batched; where the two
+    possible lerp roundings of an edge differ, that cell is computed by ``torch.quantile`` itself.
+    """
+    grades = torch.linspace(0, 1, num_bins - 1, dtype=torch.float32)
+    counts = np.asarray(counts, dtype=np.int64)
+    n_cells = len(counts)
+    out = np.empty((n_cells, num_bins - 1), dtype=np.float32)
+    starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    sorted_vals = _sort_within_cells(values, counts)
+    for lo in range(0, n_cells, _EDGE_GROUP):
+        hi = min(lo + _EDGE_GROUP, n_cells)
+        c = counts[lo:hi]
+        last = torch.from_numpy((c - 1).astype(np.float32))[:, None]
+        ranks = grades[None, :] * last  # float32, as ``q * last_index``
+        below_i = ranks.to(torch.int64)
+        weight = ranks - below_i
+        above_i = ranks.ceil().to(torch.int64)
+        base = torch.from_numpy(starts[lo:hi])[:, None]
+        flat = torch.from_numpy(sorted_vals)
+        below = flat[base + below_i]
+        above = flat[base + above_i]
+        vec, scalar = _lerp_both_paths(below, above, weight)
+        edges = vec.numpy().copy()
+        ambiguous = np.flatnonzero((vec != scalar).any(dim=1).numpy())
+        for j in ambiguous:  # exceedingly rare: let torch.quantile decide exactly as the official call
+            s = starts[lo + j]
+            cell = torch.from_numpy(values[s : s + c[j]].copy())
+            edges[j] = torch.quantile(cell, grades).numpy()
+        out[lo:hi] = edges
+    return out
+
+
+def bin_values(values: np.ndarray, counts: np.ndarray, num_bins: int) -> np.ndarray:
+    """Official ``binning(row, n_bins, right=False)`` of every cell: ``bucketize(v, edges) + 1`` (1..num_bins-1).
+
+    ``values`` (float32, all > 0) grouped by cell as in :func:`quantile_edges`. The bucketing is
+    ``torch.searchsorted`` (the kernel ``torch.bucketize`` runs) on each cell's own edges.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    edges = quantile_edges(values, counts, num_bins)
+    out = np.empty(len(values), dtype=np.int64)
+    starts = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    for lo in range(0, len(counts), _EDGE_GROUP):
+        hi = min(lo + _EDGE_GROUP, len(counts))
+        c = counts[lo:hi]
+        width = int(c.max())
+        padded = np.zeros((hi - lo, width), dtype=np.float32)
+        local = np.arange(starts[lo], starts[hi]) - np.repeat(starts[lo:hi], c)
+        rows = np.repeat(np.arange(hi - lo), c)
+        padded[rows, local] = values[starts[lo] : starts[hi]]
+        digits = torch.searchsorted(torch.from_numpy(edges[lo:hi]), torch.from_numpy(padded), right=False)
+        out[starts[lo] : starts[hi]] = digits.numpy()[rows, local] + 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# vocabulary and tokenizer
+
+
+def _vocab_sha256(vocab: Mapping[str, int]) -> str:
+    ordered = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    return hashlib.sha256(json.dumps(ordered, ensure_ascii=False).encode()).hexdigest()
+
+
+def _is_special(token: str) -> bool:
+    return token.startswith("<")  # the collator's rule for non-gene tokens (<pad>, <cls>, <drug>, <junkN>)
+
+
+class TahoeX1Tokenizer:
+    """Official Tahoe-X1 input preparation (see the module docstring), seeded per cell.
+
+    Per cell (``CountDataset.__getitem__`` + ``DataCollator.__call__``): the expressed vocabulary genes
+    in column order with their raw counts, ``<cls>`` first with value ``pad_value``; every value after
+    the first ``keep_first_n_tokens`` tokens binned against the quantiles of those values
+    (``binning``); cells longer than ``max_length`` keep their first ``keep_first_n_tokens`` tokens
+    plus a random subset of the rest in random order (``_sample``).
+    """
+
+    def __init__(
+        self,
+        vocab: Mapping[str, int],
+        *,
+        max_length: int = INFERENCE_MAX_LENGTH,
+        seed: int = 0,
+        num_bins: int = 51,
+        keep_first_n_tokens: int = 1,
+        pad_token_id: int | None = None,
+        pad_value: float = -2.0,
+    ) -> None:
+        if int(keep_first_n_tokens) < 1:
+            msg = f"keep_first_n_tokens must be >= 1, got {keep_first_n_tokens}"
+            raise ConfigError(msg)
+        if int(max_length) <= int(keep_first_n_tokens):
+            msg = (
+                f"Tahoe-X1 max_length must be > keep_first_n_tokens ({keep_first_n_tokens}) "
+                f"(<cls> plus at least one gene), got {max_length}"
+            )
+            raise ConfigError(msg)
+        if int(seed) < 0:
+            msg = f"seed must be a non-negative integer, got {seed}"
+            raise ConfigError(msg)
+        if int(num_bins) < 3:
+            msg = f"num_bins must be >= 3, got {num_bins}"
+            raise ConfigError(msg)
+        for tok in (PAD_TOKEN, CLS_TOKEN):
+            if tok not in vocab:
+                msg = f"the Tahoe-X1 vocabulary has no {tok!r} token"
+                raise ConfigError(msg)
+        self.vocab: dict[str, int] = dict(vocab)
+        self.max_length = int(max_length)
+        self.seed = int(seed)
+        self.num_bins = int(num_bins)
+        self.keep_first_n_tokens = int(keep_first_n_tokens)
+        self.pad_id = int(vocab[PAD_TOKEN] if pad_token_id is None else pad_token_id)
+        self.cls_id = int(vocab[CLS_TOKEN])
+        self.pad_value = float(pad_value)
+        self._n_genes = sum(not _is_special(t) for t in self.vocab)
+        self.vocab_sha256 = _vocab_sha256(self.vocab)
+
+    @property
+    def n_vocab_genes(self) -> int:
+        return self._n_genes
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "family": FAMILY_NAME,
+            "version": TOKENIZER_VERSION,
+            "num_bins": self.num_bins,
+            "binning": "torch.quantile(values, linspace(0, 1, num_bins - 1)); bucketize(right=False) + 1",
+            "keep_first_n_tokens": self.keep_first_n_tokens,
+            "max_length": self.max_length,
+            "seed": self.seed,
+            "rng": "numpy default_rng((seed, cell_index))",
+            "over_length": "keep the first keep_first_n_tokens + random subset, random order",
+            "chem_token": False,
+            "pad_id": self.pad_id,
+            "pad_value": self.pad_value,
+            "cls_id": self.cls_id,
+            "cls_value": self.pad_value,
+            "vocab_size": len(self.vocab),
+            "vocab_sha256": self.vocab_sha256,
+        }
+
+    def map_genes(self, gene_names: Sequence[str]) -> GeneMapping:
+        names = list(gene_names)
+        get = self.vocab.get
+        ids = np.fromiter(
+            (get(g, -1) if isinstance(g, str) and not _is_special(g) else -1 for g in names),
+            dtype=np.int64,
+            count=len(names),
+        )
+        matched = int((ids >= 0).sum())
+        mapping = GeneMapping(
+            token_ids=ids,
+            n_input=len(names),
+            n_matched=matched,
+            n_vocab_genes=self.n_vocab_genes,
+            examples_missing=tuple(str(names[j]) for j in np.flatnonzero(ids < 0)[:5]),
+        )
+        if matched == 0:
+            raise GeneOverlapError(self._no_overlap_message(names, mapping))
+        return mapping
+
+    def _no_overlap_message(self, names: list[Any], mapping: GeneMapping) -> str:
+        ex_in = ", ".join(str(g) for g in names[:5]) or "(none)"
+        by_id = sorted(self.vocab.items(), key=lambda kv: kv[1])
+        ex_vocab = [t for t, _ in by_id if not _is_special(t)][:3]
+        head = [str(g) for g in names[:100]]
+        looks_ensembl = sum(g.upper().startswith("ENS") for g in head) > len(head) / 2
+        hint = "" if looks_ensembl else " The input looks like gene symbols, not Ensembl ids."
+        return (
+            f"no input gene is in the Tahoe-X1 vocabulary: {mapping.report()}. Input genes look like: "
+            f"{ex_in}; the vocabulary holds e.g.: {', '.join(ex_vocab)}.{hint} Tahoe-X1 matches genes by "
+            "Ensembl gene id: pick the column of adata.var that holds Ensembl ids with --gene-column "
+            "(Python: gene_column=...), e.g. ensembl_id."
+        )
+
+    def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        X = block.X
+        if not sp.issparse(X) or X.format != "csr":
+            X = sp.csr_matrix(X)
+        n_cells = X.shape[0]
+        indices = np.asarray(block.indices)
+        if n_cells != len(indices):
+            msg = f"CellBlock has {len(indices)} indices but {n_cells} rows"
+            raise ValueError(msg)
+        if X.shape[1] != len(mapping.token_ids):
+            msg = f"CellBlock has {X.shape[1]} gene columns but the gene mapping has {len(mapping.token_ids)}"
+            raise ValueError(msg)
+        if not X.has_canonical_format:  # column order within rows, duplicates summed (as densifying)
+            X = X.copy()
+            X.sum_duplicates()
+        token_ids = np.asarray(mapping.token_ids, dtype=np.int64)
+        tok = token_ids[X.indices]
+        data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch.tensor(dtype=torch.float)
+        keep = (tok >= 0) & (data != 0)
+        rows_all = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
+        genes, values, rows = tok[keep], data[keep], rows_all[keep]
+        _check_counts(values, rows, indices)
+        counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
+        offsets = np.concatenate(([0], np.cumsum(counts)))
+
+        # binned: every gene at position >= keep_first_n_tokens of [<cls>, genes...]
+        skip = self.keep_first_n_tokens - 1
+        pos_in_cell = np.arange(len(values)) - offsets[rows]
+        binned = pos_in_cell >= skip
+        out_values = values.copy()
+        if binned.any():
+            n_binned = np.maximum(counts - skip, 0)
+            out_values[binned] = bin_values(values[binned], n_binned[n_binned > 0], self.num_bins).astype(np.float32)
+
+        total = len(values) + n_cells
+        seq_genes = np.empty(total, dtype=np.int64)
+        seq_values = np.empty(total, dtype=np.float32)
+        cls_pos = offsets[:-1] + np.arange(n_cells)
+        seq_genes[cls_pos] = self.cls_id
+        seq_values[cls_pos] = self.pad_value
+        gene_pos = np.arange(len(values)) + rows + 1
+        seq_genes[gene_pos] = genes
+        seq_values[gene_pos] = out_values
+        gene_list = np.split(seq_genes, cls_pos[1:])
+        value_list = np.split(seq_values, cls_pos[1:])
+        truncated = counts + 1 > self.max_length
+        k = self.keep_first_n_tokens
+        for i in np.flatnonzero(truncated):
+            rng = np.random.default_rng((self.seed, int(indices[i])))
+            sel = np.concatenate((np.arange(k), rng.permutation(int(counts[i]) + 1 - k)[: self.max_length - k] + k))
+            gene_list[i] = gene_list[i][sel]
+            value_list[i] = value_list[i][sel]
+        return TokenizedBlock(
+            indices=indices.copy(),
+            genes=gene_list,
+            values=value_list,
+            truncated=truncated,
+            empty=counts == 0,
+        )
+
+
+def _check_counts(values: np.ndarray, rows: np.ndarray, indices: np.ndarray) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        cell = int(indices[rows[np.flatnonzero(bad)[0]]])
+        msg = f"the expression matrix holds NaN or infinite values (first in cell {cell})"
+        raise InvalidValuesError(msg)
+    neg = values < 0
+    if neg.any():
+        cell = int(indices[rows[np.flatnonzero(neg)[0]]])
+        msg = f"the expression matrix holds negative values (first in cell {cell}); Tahoe-X1 needs raw counts"
+        raise InvalidValuesError(msg)
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+
+
+class _Attention(nn.Module):
+    """llm-foundry ``GroupedQueryAttention`` with ``kv_n_heads == n_heads``: fused ``Wqkv``, SDPA."""
+
+    def __init__(self, d: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.Wqkv = nn.Linear(d, 3 * d)
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        b, s, d = x.shape
+        h = self.n_heads
+        q, k, v = (t.view(b, s, h, d // h).transpose(1, 2) for t in self.Wqkv(x).split(d, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # scale 1/sqrt(d/h)
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, d))
+
+
+class _Block(nn.Module):
+    """``TXBlock`` with ``norm_scheme='pre'``: ``x + attn(norm1(x))``, then ``x + down(act(up(norm2(x))))``."""
+
+    def __init__(self, d: int, n_heads: int, ffn: int, eps: float, activation: str) -> None:
+        super().__init__()
+        self.self_attn = _Attention(d, n_heads)
+        self.up_proj = nn.Linear(d, ffn)
+        self.down_proj = nn.Linear(ffn, d)
+        self.norm1 = nn.LayerNorm(d, eps=eps)
+        self.norm2 = nn.LayerNorm(d, eps=eps)
+        self.activation = ACTIVATIONS[activation]
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x), attn_mask)
+        return x + self.down_proj(self.activation(self.up_proj(self.norm2(x))))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, layers: Iterable[nn.Module], d: int, eps: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(d, eps=eps)
+
+
+class _GeneEncoder(nn.Module):
+    def __init__(self, vocab_size: int, d: int, pad_id: int, use_norm: bool) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d, padding_idx=pad_id)
+        self.enc_norm = nn.LayerNorm(d) if use_norm else nn.Identity()
+
+    def forward(self, genes: torch.Tensor) -> torch.Tensor:
+        return self.enc_norm(self.embedding(genes))
+
+
+class _ExpressionEncoder(nn.Module):
+    """``ContinuousValueEncoder``: clamp(max) -> Linear(1, d) -> act -> Linear(d, d) -> LayerNorm."""
+
+    def __init__(self, d: int, max_value: float, activation: str, use_norm: bool) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(1, d)
+        self.linear2 = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d) if use_norm else nn.Identity()
+        self.activation = ACTIVATIONS[activation]
+        self.max_value = float(max_value)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        x = torch.clamp(values.unsqueeze(-1), max=self.max_value)
+        return self.norm(self.linear2(self.activation(self.linear1(x))))
+
+
+class TahoeX1Model(nn.Module):
+    """``TXModel.transformer_generate`` at inference; ``forward(batch, tap)`` taps layer 0 and each block 1..L.
+
+    The flag encoder is loaded but adds nothing: at inference every ``gen_mask`` is False, so
+    ``flag_embs = gen_masks * flag`` is zero. Taps come before the final ``transformer_encoder.norm``.
+    """
+
+    def __init__(self, config: TahoeX1Config, pad_id: int) -> None:
+        super().__init__()
+        d = config.d_model
+        self.config = config
+        self.n_layers = config.n_layers
+        self.hidden_size = d
+        self.gene_encoder = _GeneEncoder(config.vocab_size, d, pad_id, config.gene_norm)
+        self.flag_encoder = nn.Embedding(2, d)
+        self.expression_encoder = _ExpressionEncoder(
+            d, config.max_value, config.expression_activation, config.expression_norm
+        )
+        self.transformer_encoder = _Encoder(
+            (
+                _Block(d, config.n_heads, config.ffn_size, config.norm_eps, config.transformer_activation)
+                for _ in range(config.n_layers)
+            ),
+            d,
+            config.norm_eps,
+        )
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        return self.transformer_encoder.norm
+
+    def forward(self, batch: TokenBatch, tap: Tap) -> None:
+        pad = batch.padding_mask
+        attn_mask = None if not bool(pad.any()) else (~pad)[:, None, None, :]
+        del pad
+        h = self.gene_encoder(batch.genes) + self.expression_encoder(batch.values.to(torch.float32))
+        tap(0, h)
+        for i, layer in enumerate(self.transformer_encoder.layers, start=1):
+            h = layer(h, attn_mask)
+            tap(i, h)
+        del h
+
+
+class OfficialPooling:
+    """The published cell embedding at any layer: ``L2-normalise(final_norm(h[:, 0]))``.
+
+    At the last layer this is ``predict_embeddings.py``'s ``cell_emb`` (CLS of the final-norm output)
+    divided by its norm. LayerNorm works per token, so norming the CLS token alone is exact.
+    """
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        self.norm = norm
+        self.width = int(norm.normalized_shape[0])
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        lengths: torch.Tensor,
+        out: torch.Tensor,
+        overflow: torch.Tensor | None,
+        backend: str | None,
+    ) -> None:
+        n = self.norm
+        cls = F.layer_norm(hidden[:, 0, :].float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
+        ones = torch.ones(cls.shape[0], dtype=lengths.dtype, device=cls.device)
+        ovf = torch.zeros(1, dtype=torch.int64, device=cls.device)
+        spec = PoolSpec(("first_l2",))
+        pool_cast(cls.unsqueeze(1), None, ones, spec, out.dtype, out.unsqueeze(0), ovf, backend=backend)
+        if overflow is not None:
+            overflow += ovf.sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _read_vocab(path: Path) -> tuple[dict[str, int], list[str]]:
+    """``vocab.json`` with ``<pad>``, ``<cls>``, ``<eoc>`` appended when missing (``prepare_for_inference.py``)."""
+    raw = read_json(path, "Tahoe-X1 vocabulary")
+    if not isinstance(raw, dict) or not raw:
+        msg = f"Tahoe-X1 vocabulary {path} must be a non-empty JSON object token -> id"
+        raise CheckpointError(msg)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in raw.values()):
+        msg = f"Tahoe-X1 vocabulary {path}: every id must be an integer"
+        raise CheckpointError(msg)
+    if sorted(raw.values()) != list(range(len(raw))):
+        msg = f"Tahoe-X1 vocabulary {path}: ids must be 0..{len(raw) - 1}, each used once"
+        raise CheckpointError(msg)
+    vocab = dict(raw)
+    appended = []
+    for tok in SPECIAL_TOKENS:
+        if tok not in vocab:
+            vocab[tok] = len(vocab)
+            appended.append(tok)
+    return vocab, appended
+
+
+def _read_config(path: Path, what: str) -> dict[str, Any]:
+    cfg = read_yaml(path, what)
+    if not isinstance(cfg, dict):
+        msg = f"Tahoe-X1 {path} must be a YAML mapping"
+        raise CheckpointError(msg)
+    return cfg
+
+
+def _match_preset(model_cfg: Mapping[str, Any], config: TahoeX1Config) -> str | None:
+    named = model_cfg.get(PRESET_FIELD)
+    if isinstance(named, str) and named in PRESETS and PRESETS[named].architecture() == config.architecture():
+        return named
+    for name, p in PRESETS.items():
+        if name != "tiny" and p.architecture() == config.architecture():
+            return name
+    return None
+
+
+def _split_state(raw: Mapping[str, torch.Tensor], path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Strip ``model.``; drop the heads and the drug encoder (returned by their file names)."""
+    unprefixed = [k for k in raw if not k.startswith(KEY_PREFIX)]
+    if unprefixed:
+        msg = (
+            f"Tahoe-X1 checkpoint {path} has keys without the '{KEY_PREFIX}' prefix of a ComposerTX state dict "
+            f"({', '.join(unprefixed[:5])}{', ...' if len(unprefixed) > 5 else ''}); use the model.safetensors "
+            "published with the model"
+        )
+        raise CheckpointError(msg)
+    state: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    for key, tensor in raw.items():
+        name = key[len(KEY_PREFIX) :]
+        if name.startswith(IGNORED_PREFIXES):
+            ignored.append(key)
+        else:
+            state[name] = tensor
+    return state, sorted(ignored)
+
+
+class TahoeX1Family:
+    """The ``FAMILY`` object of Tahoe-X1 (see :class:`~cellstrata.engine.models.base.ModelFamily`)."""
+
+    name = FAMILY_NAME
+    presets: Mapping[str, TahoeX1Config] = PRESETS
+    default_poolings: tuple[str, ...] = ("mean", "official")
+    pool_ops: Mapping[str, str] = {"mean": "mean", "max": "max", "cls": "first"}
+
+    def load(
+        self,
+        checkpoint: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        max_length: int | None = None,
+        seed: int = 0,
+        **unknown: Any,
+    ) -> LoadedModel:
+        """Load a published Tahoe-X1 folder (``model.safetensors``, the two YAML configs, ``vocab.json``)."""
+        if unknown:
+            msg = f"tahoe-x1 does not take the option(s) {', '.join(sorted(unknown))}; it takes max_length, seed"
+            raise ConfigError(msg)
+        folder = Path(checkpoint).expanduser()
+        if not folder.is_dir():
+            msg = (
+                f"Tahoe-X1 checkpoint folder {folder} does not exist or is not a folder; it must contain "
+                f"{', '.join(REQUIRED_FILES)} (as tahoebio/Tahoe-x1/<size>-model on Hugging Face)"
+            )
+            raise CheckpointError(msg)
+        absent = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+        if absent:
+            msg = (
+                f"Tahoe-X1 checkpoint folder {folder} lacks {', '.join(absent)}; it must contain "
+                f"{', '.join(REQUIRED_FILES)} (as tahoebio/Tahoe-x1/<size>-model on Hugging Face)"
+            )
+            raise CheckpointError(msg)
+        model_cfg = _read_config(folder / MODEL_CONFIG_FILE, "Tahoe-X1 model config")
+        collator_cfg = _read_config(folder / COLLATOR_CONFIG_FILE, "Tahoe-X1 collator config")
+        vocab, appended = _read_vocab(folder / VOCAB_FILE)
+        config = self._config(folder, model_cfg, collator_cfg, vocab)
+        preset = _match_preset(model_cfg, config)
+        if max_length is None:
+            max_length = PRESETS[preset].max_length if preset else INFERENCE_MAX_LENGTH
+        config = replace(config, max_length=int(max_length))
+        pad_id = int(collator_cfg.get("pad_token_id", vocab[PAD_TOKEN]))
+        if not 0 <= pad_id < len(vocab):
+            msg = (
+                f"Tahoe-X1 {COLLATOR_CONFIG_FILE}: pad_token_id {pad_id} is outside the vocabulary "
+                f"(0..{len(vocab) - 1})"
+            )
+            raise CheckpointError(msg)
+
+        model = TahoeX1Model(config, pad_id)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        state, ignored = _split_state(load_state_dict(folder / WEIGHTS_FILE), folder / WEIGHTS_FILE)
+        check_state_dict(
+            state,
+            expected,
+            what=f"Tahoe-X1 checkpoint {folder / WEIGHTS_FILE} (keys without the '{KEY_PREFIX}' prefix)",
+            hint=(
+                f"Check that the four files come from the same model folder; the weights must be a ComposerTX "
+                f"state dict (every key prefixed '{KEY_PREFIX}')."
+            ),
+        )
+        model.load_state_dict(state, strict=True)
+        del state
+        model.requires_grad_(False)
+        model.eval()
+        model.to(device)
+
+        tokenizer = TahoeX1Tokenizer(
+            vocab,
+            max_length=config.max_length,
+            seed=seed,
+            num_bins=config.num_bins,
+            keep_first_n_tokens=config.keep_first_n_tokens,
+            pad_token_id=pad_id,
+            pad_value=config.pad_value,
+        )
+        files = describe_files(folder, list(REQUIRED_FILES))
+        cfg_out = {k: v for k, v in model_cfg.items() if k != "chemical_encoder"}
+        cfg_out.update(
+            {
+                "preset": preset,
+                "vocab_size": len(vocab),
+                "max_length": config.max_length,
+                "keep_first_n_tokens": config.keep_first_n_tokens,
+                "num_bins": config.num_bins,
+                "chem_token": False,
+            }
+        )
+        return LoadedModel(
+            family=FAMILY_NAME,
+            preset=preset,
+            model=model,
+            tokenizer=tokenizer,
+            config=cfg_out,
+            layout=SpecialLayout(n_leading=1, n_trailing=0, has_cls=True),
+            pool_ops=dict(self.pool_ops),
+            default_poolings=self.default_poolings,
+            checkpoint={
+                "path": str(folder.resolve()),
+                "sha256": files[WEIGHTS_FILE]["sha256"],
+                "files": files,
+                "ignored_keys": ignored,
+                "appended_special_tokens": appended,
+                "chem_token_disabled": bool(collator_cfg.get("use_chem_token", False)),
+            },
+            custom_poolings={"official": OfficialPooling(model.final_norm)},
+            official_layer=config.n_layers,
+        )
+
+    @staticmethod
+    def _config(
+        folder: Path, model_cfg: Mapping[str, Any], collator_cfg: Mapping[str, Any], vocab: Mapping[str, int]
+    ) -> TahoeX1Config:
+        try:
+            config = TahoeX1Config.from_configs(model_cfg, collator_cfg, vocab_size=len(vocab))
+        except ConfigError as exc:
+            raise CheckpointError(f"{folder / MODEL_CONFIG_FILE}: {exc}") from None
+        declared = model_cfg.get("vocab_size")
+        if declared is not None and int(declared) != len(vocab):
+            msg = (
+                f"Tahoe-X1 {MODEL_CONFIG_FILE} says vocab_size {declared} but {VOCAB_FILE} holds {len(vocab)} "
+                "tokens (special tokens included); check that both files come from the same model folder"
+            )
+            raise CheckpointError(msg)
+        return config
+
+    def init_checkpoint(
+        self,
+        preset: str,
+        out: str | Path,
+        *,
+        seed: int = 0,
+        genes: Sequence[str] | None = None,
+    ) -> Path:
+        """Write a random-weight Tahoe-X1 folder for ``preset`` in the published file layout."""
+        if preset not in PRESETS:
+            msg = f"unknown tahoe-x1 preset {preset!r}; known presets: {', '.join(PRESETS)}"
+            raise ConfigError(msg)
+        config = PRESETS[preset]
+        n_specials = len(SPECIAL_TOKENS)
+        gene_list = list(genes) if genes is not None else gene_ensembl_ids(config.vocab_size - n_specials)
+        if len(set(gene_list)) != len(gene_list) or any(_is_special(str(g)) for g in gene_list):
+            msg = "genes must be unique and must not start with '<' (reserved for special tokens)"
+            raise ConfigError(msg)
+        config = replace(config, vocab_size=len(gene_list) + n_specials)
+        folder = Path(out).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        vocab = {str(g): i for i, g in enumerate(gene_list)}
+        for tok in SPECIAL_TOKENS:
+            vocab[tok] = len(vocab)
+        (folder / VOCAB_FILE).write_text(json.dumps(vocab, indent=2), encoding="utf-8")
+        model_cfg, collator_cfg = config.to_configs()
+        model_cfg[PRESET_FIELD] = preset
+        model_cfg["random_init_seed"] = int(seed)
+        collator_cfg["pad_token_id"] = vocab[PAD_TOKEN]
+        import yaml
+
+        (folder / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model_cfg, sort_keys=False), encoding="utf-8")
+        (folder / COLLATOR_CONFIG_FILE).write_text(yaml.safe_dump(collator_cfg, sort_keys=False), encoding="utf-8")
+        save_safetensors(random_state_dict(config, seed=seed, pad_id=vocab[PAD_TOKEN]), folder / WEIGHTS_FILE)
+        return folder
+
+
+def random_state_dict(config: TahoeX1Config, *, seed: int = 0, pad_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Seeded random weights with the official key set (``model.`` prefix, heads included).
+
+    Linear weights ~ N(0, 1/fan_in), biases and LayerNorm biases ~ N(0, 0.05), LayerNorm weights ~
+    1 + N(0, 0.1), embeddings ~ N(0, 0.1) (the padding row zero, as ``nn.Embedding(padding_idx=...)``).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    state: dict[str, torch.Tensor] = {}
+    for key, shape in official_key_shapes(config).items():
+        last = key.rsplit(".", 1)[-1]
+        is_norm = len(shape) == 1 and ("norm" in key.rsplit(".", 2)[-2])
+        if is_norm and last == "weight":
+            t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        elif last == "bias":
+            t = 0.05 * torch.randn(shape, generator=gen)
+        elif key.endswith(("embedding.weight", "flag_encoder.weight")):
+            t = 0.1 * torch.randn(shape, generator=gen)
+            if pad_id is not None and key.endswith("gene_encoder.embedding.weight"):
+                t[pad_id] = 0.0
+        else:
+            t = torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+        state[key] = t.contiguous()
+    return state
+
+
+FAMILY = TahoeX1Family()
+
+__all__ = [
+    "FAMILY",
+    "PRESETS",
+    "SPECIAL_TOKENS",
+    "OfficialPooling",
+    "TahoeX1Config",
+    "TahoeX1Family",
+    "TahoeX1Model",
+    "TahoeX1Tokenizer",
+    "bin_values",
+    "official_key_shapes",
+    "quantile_edges",
+    "random_state_dict",
+]
