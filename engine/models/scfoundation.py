@@ -343,9 +343,9 @@ def _parse_tgthighres(tgthighres: str) -> tuple[str, float]:
         value = float(rest)
     except ValueError:
         value = math.nan
-    if kind not in ("t", "f", "a") or not math.isfinite(value):
+    if kind not in ("t", "f", "a") or not math.isfinite(value) or (kind == "f" and value <= 0):
         msg = (
-            f"tgthighres {tgthighres!r} is not valid: use t<v> (T = v), f<v> (T = log10(total count x v)) "
+            f"tgthighres {tgthighres!r} is not valid: use t<v> (T = v), f<v> (T = log10(total count x v), v > 0) "
             f"or a<v> (T = log10(total count) + v), e.g. {DEFAULT_TGTHIGHRES} (the official default)"
         )
         raise ConfigError(msg)
