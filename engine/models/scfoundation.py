@@ -392,7 +392,8 @@ class ScFoundationTokenizer:
     - ``gatherData``: the genes with value > 0 in gene-list order, then T, then S; position ids are the
       genes' list indices, ``n_genes`` for T and ``n_genes + 1`` for S.
 
-    Arithmetic is float64 (the script's pandas rows) cast once to float32 (its ``torch.tensor``).
+    Arithmetic is float64 (the script's pandas rows and its float64 ``torch.tensor`` of values + [T, S])
+    cast once to float32 (``token_emb(x.float())``).
     Padding uses value ``pad_token_id`` (103, embedded as ``emb_pad``) and position id ``seq_len``, the
     extra ``pos_emb`` row ``getEncoerDecoderData`` gives padded encoder positions (the cell path's
     ``gatherData`` would give the position id 103, but runs one cell at a time and never pads; padded
@@ -508,7 +509,7 @@ class ScFoundationTokenizer:
             raise InvalidValuesError(msg)
 
     def _count_tokens(self, total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 (T, S) per cell from its total (float64, > 0), as ``get_embedding.py``."""
+        """(T, S) per cell from its total (float64, > 0), as ``get_embedding.py``; cast to float32."""
         with np.errstate(divide="ignore", invalid="ignore"):
             s = np.log10(total)
             if self._t_kind == "t":
@@ -543,11 +544,12 @@ class ScFoundationTokenizer:
         total = np.bincount(rows, weights=data, minlength=n_cells)
         if self.pre_normalized == "F":
             with np.errstate(divide="ignore", invalid="ignore"):
-                values = np.log1p(data / total[rows] * 1e4).astype(np.float32)
+                values64 = np.log1p(data / total[rows] * 1e4)
         else:
-            values = data.astype(np.float32)
-        expressed = values > 0  # gatherData keeps value > 0 (after the float32 cast)
-        genes, values, rows = genes[expressed], values[expressed], rows[expressed]
+            values64 = data
+        expressed = values64 > 0  # gatherData keeps value > 0 (of the float64 input tensor)
+        genes, rows = genes[expressed], rows[expressed]
+        values = values64[expressed].astype(np.float32)  # token_emb(x.float())
         order = np.lexsort((genes, rows))  # gene-list order within each cell
         genes, values, rows = genes[order], values[order], rows[order]
 
