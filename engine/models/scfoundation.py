@@ -393,7 +393,9 @@ class ScFoundationTokenizer:
       genes' list indices, ``n_genes`` for T and ``n_genes + 1`` for S.
 
     Arithmetic is float64 (the script's pandas rows and its float64 ``torch.tensor`` of values + [T, S])
-    cast once to float32 (``token_emb(x.float())``).
+    cast once to float32 (``token_emb(x.float())``); the total is summed in column order (pandas sums
+    pairwise, so a non-integer total may differ in its last float64 bit, which the float32 cast almost
+    always hides). ``T`` input with values above 30 (not log1p-normalised) is refused.
     Padding uses value ``pad_token_id`` (103, embedded as ``emb_pad``) and position id ``seq_len``, the
     extra ``pos_emb`` row ``getEncoerDecoderData`` gives padded encoder positions (the cell path's
     ``gatherData`` would give the position id 103, but runs one cell at a time and never pads; padded
