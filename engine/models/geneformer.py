@@ -855,7 +855,7 @@ def _encoder_state(
     ignored: list[str] = []
     buffers = ("embeddings.position_ids", "embeddings.token_type_ids")
     for key, tensor in raw.items():
-        name = key[len(prefix) :] if prefix and key.startswith(prefix) else None
+        name = key[len(prefix) :] if key.startswith(prefix) else None
         if name is None or name in buffers or not name.startswith(("embeddings.", "encoder.")):
             ignored.append(key)
         else:

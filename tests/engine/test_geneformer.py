@@ -1,0 +1,545 @@
+"""Geneformer family: presets vs the published files, checkpoint reading/writing, dictionaries, tokens, end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import cellstrata as cs
+from cellstrata.cli import main
+from cellstrata.engine.datasets import ensembl_id_of, gene_ensembl_ids, gene_symbols, synthetic_dataset
+from cellstrata.engine.errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
+from cellstrata.engine.models import family_names, get_family
+from cellstrata.engine.models.base import SpecialLayout, TokenBatch
+from cellstrata.engine.models.geneformer import (
+    FAMILY,
+    PRESETS,
+    GeneDictionaries,
+    GeneformerConfig,
+    GeneformerModel,
+    GeneformerTokenizer,
+    official_key_shapes,
+    random_state_dict,
+)
+from cellstrata.engine.sources import CellBlock
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return FAMILY.init_checkpoint("tiny", tmp_path_factory.mktemp("gf") / "tiny", seed=3)
+
+
+def _copy(folder: Path, dest: Path) -> Path:
+    return Path(shutil.copytree(folder, dest))
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    edit(state)
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def _hand_dicts(special: bool = True) -> GeneDictionaries:
+    specials = ["<pad>", "<mask>", "<cls>", "<eos>"] if special else ["<pad>", "<mask>"]
+    token = {t: i for i, t in enumerate(specials)}
+    genes = gene_ensembl_ids(5)
+    token.update({g: 4 + i for i, g in enumerate(genes)})  # G0..G4 -> 4..8 in both layouts
+    median = dict(zip(genes, [2.0, 0.5, 1.0, 5.0, 1.0]))
+    return GeneDictionaries(token, median)
+
+
+def _symbol_adata(n_cells: int = 60):
+    return synthetic_dataset(n_cells, 2000, seed=5, genes_per_cell=120)
+
+
+# ------------------------------------------------------------------------------------------------
+# registry and presets
+
+
+def test_registry():
+    assert "geneformer" in family_names() and get_family("Geneformer") is FAMILY
+    assert set(PRESETS) == {"v1-10m", "v2-104m", "v2-316m", "tiny"}
+
+
+def _safetensors_size(shapes: dict[str, tuple[int, ...]], int64: frozenset[str] = frozenset()) -> int:
+    """Bytes of the file ``save_pretrained`` writes for these float32 (and int64) tensors."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in [*sorted(int64), *sorted(k for k in shapes if k not in int64)]:  # 8-byte dtypes first
+        nbytes = (8 if name in int64 else 4) * math.prod(shapes[name])
+        dtype = "I64" if name in int64 else "F32"
+        header[name] = {"dtype": dtype, "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    n = len(json.dumps(header, separators=(",", ":")))
+    return 8 + n + (-n) % 8 + offset
+
+
+@pytest.mark.parametrize(
+    ("preset", "published_bytes", "position_ids"),
+    [("v1-10m", 41_183_536, True), ("v2-104m", 417_571_156, False), ("v2-316m", 1_265_455_076, False)],
+)
+def test_released_presets_reproduce_the_published_files(preset, published_bytes, position_ids):
+    """Our key list and shapes give exactly the byte size of each released model.safetensors
+    (Hugging Face ctheodoris/Geneformer; V1's file also holds the int64 position_ids buffer)."""
+    cfg = PRESETS[preset]
+    shapes = official_key_shapes(cfg, position_ids=position_ids)
+    extra = frozenset({"bert.embeddings.position_ids"}) if position_ids else frozenset()
+    assert _safetensors_size(shapes, extra) == published_bytes
+    with torch.device("meta"):
+        model = GeneformerModel(cfg)
+    ours = {"bert." + k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == {k: v for k, v in shapes.items() if k.startswith("bert.") and k != "bert.embeddings.position_ids"}
+    assert (model.n_layers, model.hidden_size) == (cfg.num_hidden_layers, cfg.hidden_size)
+
+
+def test_v2_316m_tensor_inventory():
+    shapes = official_key_shapes(PRESETS["v2-316m"])
+    assert len(shapes) == 298 and sum(math.prod(s) for s in shapes.values()) == 316_354_867
+
+
+def test_preset_values():
+    v1 = PRESETS["v1-10m"]
+    assert (v1.num_hidden_layers, v1.hidden_size, v1.num_attention_heads, v1.intermediate_size) == (6, 256, 4, 512)
+    assert (v1.max_position_embeddings, v1.vocab_size, v1.hidden_act, v1.layer_norm_eps) == (2048, 25426, "relu", 1e-12)
+    assert (v1.type_vocab_size, v1.pad_token_id) == (2, 0)
+    for name, dims in (("v2-104m", (12, 768, 12, 3072)), ("v2-316m", (18, 1152, 18, 4608))):
+        c = PRESETS[name]
+        assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == dims
+        assert (c.max_position_embeddings, c.vocab_size) == (4096, 20275)
+    t = PRESETS["tiny"]
+    assert (t.num_hidden_layers, t.hidden_size, t.num_attention_heads, t.intermediate_size) == (4, 64, 4, 128)
+    assert t.vocab_size == 2004 and t.max_position_embeddings == 2048
+
+
+def test_config_round_trip_and_errors():
+    cfg = PRESETS["v2-104m"]
+    assert GeneformerConfig.from_config(cfg.to_config()) == cfg
+    raw = cfg.to_config()
+    del raw["intermediate_size"]
+    with pytest.raises(CheckpointError, match=r"lacks the field.*intermediate_size"):
+        GeneformerConfig.from_config(raw)
+    with pytest.raises(CheckpointError, match="model_type 'gpt2'"):
+        GeneformerConfig.from_config({**cfg.to_config(), "model_type": "gpt2"})
+    with pytest.raises(CheckpointError, match="hidden_act 'swish'"):
+        GeneformerConfig.from_config({**cfg.to_config(), "hidden_act": "swish"})
+    with pytest.raises(CheckpointError, match="not divisible"):
+        GeneformerConfig.from_config({**cfg.to_config(), "num_attention_heads": 5})
+    no_act = {k: v for k, v in cfg.to_config().items() if k != "hidden_act"}
+    assert GeneformerConfig.from_config(no_act).hidden_act == "gelu"  # BertConfig's default
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def test_init_checkpoint_round_trip(tiny):
+    names = sorted(p.name for p in tiny.iterdir())
+    assert names == [
+        "config.json",
+        "gene_median_dictionary_gc104M.pkl",
+        "model.safetensors",
+        "token_dictionary_gc104M.pkl",
+    ]
+    with (tiny / "token_dictionary_gc104M.pkl").open("rb") as f:
+        token = pickle.load(f)
+    assert list(token)[:6] == ["<pad>", "<mask>", "<cls>", "<eos>", "ENSG00000000000", "ENSG00000000001"]
+    assert token["<pad>"] == 0 and len(token) == 2004 and type(token["ENSG00000000000"]) is int
+
+    loaded = FAMILY.load(tiny)
+    assert loaded.family == "geneformer" and loaded.preset == "tiny"
+    assert (loaded.n_layers, loaded.hidden_size, loaded.official_layer) == (4, 64, 3)
+    assert loaded.layout == SpecialLayout(1, 1, True)
+    assert dict(loaded.pool_ops) == {"mean": "mean", "max": "max", "cls": "first"}
+    assert loaded.pooling_names == ("mean", "max", "cls", "official") and loaded.default_poolings == ("mean", "cls")
+    assert loaded.custom_poolings["official"].width == 64
+    ck = loaded.checkpoint
+    assert ck["sha256"] == hashlib.sha256((tiny / "model.safetensors").read_bytes()).hexdigest()
+    assert ck["weights_file"] == "model.safetensors" and ck["genes_without_median"] == 0
+    assert set(ck["files"]) == {"config.json", "model.safetensors", "token_dictionary", "gene_median_dictionary"}
+    assert ck["ignored_keys"] == sorted(k for k in official_key_shapes(PRESETS["tiny"]) if k.startswith("cls."))
+    assert loaded.tokenizer.max_length == 2048 and loaded.config["preset"] == "tiny"
+    from safetensors.torch import load_file
+
+    raw = load_file(str(tiny / "model.safetensors"))
+    state = loaded.model.state_dict()
+    assert set(raw) == set(official_key_shapes(PRESETS["tiny"]))
+    assert all(torch.equal(state[k[5:]], v) for k, v in raw.items() if k.startswith("bert."))
+    assert not any(p.requires_grad for p in loaded.model.parameters()) and not loaded.model.training
+    assert FAMILY.load(tiny, max_length=100).tokenizer.settings()["max_length"] == 100
+
+
+def test_init_checkpoint_is_seeded_and_checks_its_arguments(tmp_path):
+    a = FAMILY.init_checkpoint("tiny", tmp_path / "a", seed=1, genes=gene_ensembl_ids(30))
+    b = FAMILY.init_checkpoint("tiny", tmp_path / "b", seed=1, genes=gene_ensembl_ids(30))
+    c = FAMILY.init_checkpoint("tiny", tmp_path / "c", seed=2, genes=gene_ensembl_ids(30))
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+    assert FAMILY.load(a).model.embeddings.word_embeddings.weight.shape == (34, 64)
+    with pytest.raises(ConfigError, match="known presets"):
+        FAMILY.init_checkpoint("huge", tmp_path / "d")
+    with pytest.raises(ConfigError, match="unique"):
+        FAMILY.init_checkpoint("tiny", tmp_path / "e", genes=["ENSG1", "ENSG1"])
+
+
+def test_dictionaries_of_a_hugging_face_snapshot_are_found_by_vocabulary_size(tiny, tmp_path):
+    """Model folders beside geneformer/ (V2 dictionaries) and geneformer/gene_dictionaries_30m/ (V1)."""
+    snap = tmp_path / "snapshot"
+    model = _copy(tiny, snap / "Geneformer-V2-tiny")
+    (snap / "geneformer" / "gene_dictionaries_30m").mkdir(parents=True)
+    for f in ("token_dictionary_gc104M.pkl", "gene_median_dictionary_gc104M.pkl"):
+        (model / f).rename(snap / "geneformer" / f)
+    v1 = FAMILY.init_checkpoint("v1-10m", tmp_path / "v1", genes=gene_ensembl_ids(10))
+    for f in ("token_dictionary_gc30M.pkl", "gene_median_dictionary_gc30M.pkl"):
+        shutil.copy(v1 / f, snap / "geneformer" / "gene_dictionaries_30m" / f)
+    shutil.copy(v1 / "token_dictionary_gc30M.pkl", snap / "geneformer" / "token_dictionary.pkl")  # wrong size
+    loaded = FAMILY.load(model)
+    assert loaded.checkpoint["files"]["token_dictionary"]["path"] == str(
+        snap / "geneformer" / "token_dictionary_gc104M.pkl"
+    )
+    assert loaded.tokenizer.special
+
+    (snap / "geneformer" / "token_dictionary_gc104M.pkl").unlink()
+    with pytest.raises(CheckpointError) as err:
+        FAMILY.load(model)
+    msg = str(err.value)
+    assert "2004 tokens" in msg and "token_dictionary.pkl (12 tokens)" in msg and "token_dictionary=" in msg
+
+
+def test_explicit_dictionary_options(tiny, tmp_path):
+    folder = _copy(tiny, tmp_path / "f")
+    elsewhere = tmp_path / "dicts"
+    elsewhere.mkdir()
+    for f in ("token_dictionary_gc104M.pkl", "gene_median_dictionary_gc104M.pkl"):
+        (folder / f).rename(elsewhere / f)
+    with pytest.raises(CheckpointError, match="no Geneformer token dictionary"):
+        FAMILY.load(folder)
+    loaded = FAMILY.load(folder, token_dictionary=elsewhere / "token_dictionary_gc104M.pkl")
+    assert loaded.checkpoint["files"]["gene_median_dictionary"]["path"].startswith(str(elsewhere))
+    (elsewhere / "gene_median_dictionary_gc104M.pkl").rename(tmp_path / "m.pkl")
+    with pytest.raises(CheckpointError, match="gene_median_dictionary="):
+        FAMILY.load(folder, token_dictionary=elsewhere / "token_dictionary_gc104M.pkl")
+    loaded = FAMILY.load(
+        folder, token_dictionary=elsewhere / "token_dictionary_gc104M.pkl", gene_median_dictionary=tmp_path / "m.pkl"
+    )
+    assert loaded.tokenizer.n_vocab_genes == 2000
+    with pytest.raises(CheckpointError, match="does not exist"):
+        FAMILY.load(folder, token_dictionary=tmp_path / "nope.pkl")
+
+
+def test_real_dictionary_pickles_with_numpy_scalars(tiny, tmp_path):
+    """The released pickles hold numpy int16 token ids and numpy float64 medians."""
+    folder = _copy(tiny, tmp_path / "np")
+    with (folder / "token_dictionary_gc104M.pkl").open("rb") as f:
+        token = pickle.load(f)
+    with (folder / "gene_median_dictionary_gc104M.pkl").open("rb") as f:
+        median = pickle.load(f)
+    with (folder / "token_dictionary_gc104M.pkl").open("wb") as f:
+        pickle.dump({k: (v if k.startswith("<") else np.int16(v)) for k, v in token.items()}, f)
+    with (folder / "gene_median_dictionary_gc104M.pkl").open("wb") as f:
+        pickle.dump({k: np.float64(v) for k, v in median.items()}, f)
+    a, b = FAMILY.load(tiny).tokenizer, FAMILY.load(folder).tokenizer
+    assert a.settings() == b.settings()
+
+
+def test_missing_misshaped_and_unexpected_keys_are_named(tiny, tmp_path):
+    folder = _copy(tiny, tmp_path / "bad")
+
+    def damage(s):
+        del s["bert.encoder.layer.1.output.LayerNorm.bias"]
+        s["bert.encoder.layer.2.intermediate.dense.weight"] = torch.zeros(7, 64)
+        s["bert.encoder.layer.4.output.dense.bias"] = torch.zeros(64)
+
+    _edit_weights(folder, damage)
+    with pytest.raises(CheckpointError) as err:
+        FAMILY.load(folder)
+    msg = str(err.value)
+    assert "missing: encoder.layer.1.output.LayerNorm.bias" in msg
+    assert "encoder.layer.2.intermediate.dense.weight (7, 64) (expected (128, 64))" in msg
+    assert "unexpected: encoder.layer.4.output.dense.bias" in msg
+
+
+def test_old_bin_file_and_bare_bert_model_load_the_same_weights(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    ref = FAMILY.load(tiny).model.state_dict()
+    raw = load_file(str(tiny / "model.safetensors"))
+    old = _copy(tiny, tmp_path / "old")
+    (old / "model.safetensors").unlink()
+    torch.save({**raw, "bert.embeddings.position_ids": torch.arange(2048)[None]}, old / "pytorch_model.bin")
+    loaded = FAMILY.load(old)
+    assert loaded.checkpoint["weights_file"] == "pytorch_model.bin"
+    assert "bert.embeddings.position_ids" in loaded.checkpoint["ignored_keys"]
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in ref.items())
+
+    bare = _copy(tiny, tmp_path / "bare")
+    _edit_weights(
+        bare, lambda s: [s.__setitem__(k[5:], s.pop(k)) if k.startswith("bert.") else s.pop(k) for k in list(s)]
+    )
+    other = FAMILY.load(bare)
+    assert other.checkpoint["ignored_keys"] == [] and all(
+        torch.equal(other.model.state_dict()[k], v) for k, v in ref.items()
+    )
+
+
+_RAN: list[str] = []
+
+
+def _side_effect() -> dict:
+    _RAN.append("ran")
+    return {}
+
+
+class _Payload:
+    def __reduce__(self):
+        return (_side_effect, ())
+
+
+def test_code_bearing_files_are_refused_not_run(tiny, tmp_path):
+    folder = _copy(tiny, tmp_path / "evil")
+    (folder / "model.safetensors").unlink()
+    torch.save(
+        {"bert.embeddings.word_embeddings.weight": torch.zeros(1), "x": _Payload()}, folder / "pytorch_model.bin"
+    )
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        FAMILY.load(folder)
+    folder = _copy(tiny, tmp_path / "evil_dict")
+    with (folder / "gene_median_dictionary_gc104M.pkl").open("wb") as f:
+        pickle.dump({"ENSG00000000000": _Payload()}, f)
+    with pytest.raises(CheckpointError, match="only plain data"):
+        FAMILY.load(folder)
+    assert _RAN == []
+    (folder / "gene_median_dictionary_gc104M.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match="cannot read Geneformer gene median dictionary"):
+        FAMILY.load(folder)
+
+
+def test_missing_files_and_bad_options(tiny, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        FAMILY.load(tmp_path / "nowhere")
+    for f in ("config.json", "model.safetensors"):
+        folder = _copy(tiny, tmp_path / f.replace(".", "_"))
+        (folder / f).unlink()
+        with pytest.raises(CheckpointError, match=f"lacks {f if f == 'config.json' else 'model.safetensors or'}"):
+            FAMILY.load(folder)
+    with pytest.raises(ConfigError, match="takes max_length"):
+        FAMILY.load(tiny, n_bins=3)
+    with pytest.raises(ConfigError, match="between 1 and 2048"):
+        FAMILY.load(tiny, max_length=5000)
+    with pytest.raises(ConfigError, match=">= 3"):
+        FAMILY.load(tiny, max_length=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def test_tokens_hand_computed():
+    """x = counts / n_counts * 1e4 / median; G0..G4 medians 2, 0.5, 1, 5, 1; an unknown gene last."""
+    names = [*gene_ensembl_ids(5), "ENSG99999999999"]
+    X = sp.csr_matrix(np.array([[4, 2, 0, 8, 3, 3], [0, 0, 5, 0, 0, 9], [0, 0, 0, 0, 0, 7], [0] * 6], dtype=np.float32))
+    # cell 0 (n = 20): G0 1000, G1 2000, G3 800, G4 1500 -> G1, G4, G0, G3
+    v2 = GeneformerTokenizer(_hand_dicts(), max_length=4096)
+    out = v2.tokenize(CellBlock(np.arange(4), X), v2.map_genes(names))
+    assert [g.tolist() for g in out.genes] == [[2, 5, 8, 4, 7, 3], [2, 6, 3], [2, 3], [2, 3]]
+    assert out.empty.tolist() == [False, False, True, True] and not out.truncated.any()
+    assert all(v.dtype == np.float32 and not v.any() and len(v) == len(g) for v, g in zip(out.values, out.genes))
+    short = GeneformerTokenizer(_hand_dicts(), max_length=4)
+    cut = short.tokenize(CellBlock(np.arange(4), X), short.map_genes(names))
+    assert cut.genes[0].tolist() == [2, 5, 8, 3] and cut.truncated.tolist() == [True, False, False, False]
+    v1 = GeneformerTokenizer(_hand_dicts(special=False), max_length=3)
+    one = v1.tokenize(CellBlock(np.arange(4), X), v1.map_genes(names))
+    assert [g.tolist() for g in one.genes] == [[5, 8, 4], [6], [], []] and one.truncated.tolist()[0]
+    assert (v2.pad_id, v2.cls_id, v2.eos_id, v1.cls_id) == (0, 2, 3, None)
+
+
+def test_duplicates_symbols_mapping_and_case():
+    """Duplicate ids are summed; ids are matched upper-cased; symbols need the symbol dictionary."""
+    d = _hand_dicts()
+    ids = gene_ensembl_ids(5)
+    X = sp.csr_matrix(np.array([[1, 0, 0, 0, 0, 2, 3]], dtype=np.float32))
+    tok = GeneformerTokenizer(d, max_length=100)
+    m = tok.map_genes([ids[0], ids[1], ids[2], ids[3], ids[4], ids[2].lower(), ids[3]])
+    assert m.token_ids.tolist() == [4, 5, 6, 7, 8, 6, 7]
+    # G0 = 1/6*1e4/2 = 833, G2 = 2/6*1e4/1 = 3333, G3 = 3/6*1e4/5 = 1000
+    assert tok.tokenize(CellBlock(np.arange(1), X), m).genes[0].tolist() == [2, 6, 7, 4, 3]
+    symbols = [f"GENE{i}" for i in range(5)]
+    with pytest.raises(GeneOverlapError) as err:
+        tok.map_genes(symbols)
+    msg = str(err.value)
+    assert "0 of 5 input genes" in msg and "Ensembl" in msg and "--gene-column ensembl_id" in msg
+    assert "no symbol dictionary" in msg and "\n" not in msg
+    d.symbol_to_id = dict(zip(symbols, ids))
+    d.ensembl_mapping = {ids[0]: ids[1], **{g: g for g in ids[1:]}}  # ids[0] retired onto ids[1]
+    mapped = GeneformerTokenizer(d, max_length=100).map_genes([*symbols, "GENE9"])
+    assert mapped.token_ids.tolist() == [5, 5, 6, 7, 8, -1] and mapped.examples_missing == ("GENE9",)
+    assert mapped.report() == "5 of 6 input genes (83.3%) are in the model's vocabulary of 5 genes"
+
+
+def test_matrix_variants_and_blocks_give_the_same_tokens(tiny):
+    tok = FAMILY.load(tiny).tokenizer
+    names = gene_ensembl_ids(2000)
+    rng = np.random.default_rng(0)
+    dense = np.where(rng.random((12, 2000)) < 0.1, rng.integers(1, 9, (12, 2000)), 0).astype(np.float32)
+    mapping = tok.map_genes(names)
+    ref = tok.tokenize(CellBlock(np.arange(12), sp.csr_matrix(dense)), mapping)
+    coo = sp.coo_matrix(dense)
+    order = rng.permutation(coo.nnz)
+    r, c, v = coo.row[order], coo.col[order], coo.data[order]
+    messy = sp.csr_matrix(
+        (np.concatenate([v / 2, v / 2]), (np.concatenate([r, r]), np.concatenate([c, c]))), shape=dense.shape
+    )
+    messy.has_canonical_format = False
+    for X in (messy, sp.csr_matrix(dense.astype(np.float64)), sp.csr_matrix(dense.astype(np.int32)), dense):
+        out = tok.tokenize(CellBlock(np.arange(12), X), mapping)
+        assert all(np.array_equal(a, b) and a.dtype == np.int64 for a, b in zip(out.genes, ref.genes))
+    part = tok.tokenize(CellBlock(np.array([7, 3]), sp.csr_matrix(dense[[7, 3]])), mapping)
+    assert np.array_equal(part.genes[0], ref.genes[7]) and np.array_equal(part.genes[1], ref.genes[3])
+
+
+def test_nan_refused_and_settings_describe_tokens(tiny):
+    tok = FAMILY.load(tiny).tokenizer
+    X = sp.csr_matrix(np.array([[1.0, np.nan] + [0.0] * 1998]))
+    with pytest.raises(InvalidValuesError, match="NaN"):
+        tok.tokenize(CellBlock(np.array([41]), X), tok.map_genes(gene_ensembl_ids(2000)))
+    s = tok.settings()
+    json.dumps(s)
+    assert s["max_length"] == 2048 and s["special_tokens"] and (s["cls_id"], s["eos_id"], s["pad_id"]) == (2, 3, 0)
+    assert s["target_sum"] == 10_000 and len(s["token_dictionary_sha256"]) == 64
+    other = GeneformerTokenizer(_hand_dicts(), max_length=2048).settings()
+    assert other["gene_median_dictionary_sha256"] != s["gene_median_dictionary_sha256"]
+
+
+# ------------------------------------------------------------------------------------------------
+# model and poolings
+
+
+def test_forward_taps_every_layer_and_runs_under_bf16_autocast(tiny):
+    loaded = FAMILY.load(tiny)
+    tok = loaded.tokenizer
+    X = sp.csr_matrix(np.where(np.random.default_rng(1).random((4, 2000)) < 0.05, 3, 0).astype(np.float32))
+    tb = tok.tokenize(CellBlock(np.arange(4), X), tok.map_genes(gene_ensembl_ids(2000)))
+    s = int(tb.lengths.max())
+    genes = torch.zeros((4, s), dtype=torch.long)
+    for i in range(4):
+        genes[i, : tb.lengths[i]] = torch.from_numpy(tb.genes[i])
+    batch = TokenBatch(genes, torch.zeros((4, s)), torch.from_numpy(tb.lengths), np.arange(4))
+    f32: dict[int, torch.Tensor] = {}
+    bf16: dict[int, torch.Tensor] = {}
+    with torch.inference_mode():
+        loaded.model(batch, lambda layer, h: f32.__setitem__(layer, h.float().clone()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loaded.model(batch, lambda layer, h: bf16.__setitem__(layer, h.float().clone()))
+    assert sorted(f32) == list(range(5)) and f32[4].shape == (4, s, 64)
+    real = ~batch.padding_mask
+    for layer in range(5):
+        rel = (bf16[layer][real] - f32[layer][real]).abs().max() / f32[layer][real].abs().max()
+        assert torch.isfinite(bf16[layer][real]).all() and rel < 0.1, (layer, float(rel))
+
+
+def test_random_state_dict_is_non_trivial():
+    state = random_state_dict(PRESETS["tiny"], seed=0)
+    norms = [state[f"bert.encoder.layer.{i}.output.LayerNorm.weight"] for i in range(4)]
+    assert all(0.5 < float(n.mean()) < 1.5 and float(n.std()) > 0.05 for n in norms)
+    assert not torch.equal(norms[0], norms[1])
+    assert all(float(v.abs().max()) > 0 for v in state.values())
+
+
+def test_official_pooling_counts_float16_overflow(tiny):
+    official = FAMILY.load(tiny).custom_poolings["official"]
+    hidden = torch.randn(3, 6, 64)
+    hidden[1, 2, 5] = 4e5  # the mean of cell 1's genes (positions 1..3) overflows float16 in feature 5
+    lengths = torch.tensor([6, 5, 3])
+    out = torch.empty(3, 128, dtype=torch.float16)[:, ::2]  # strided, as a view of the batch buffer
+    overflow = torch.zeros((), dtype=torch.int64)
+    official(hidden, lengths, out, overflow, "torch")
+    assert int(overflow) == 1 and torch.isinf(out[1, 5])
+    ref = torch.stack([hidden[b, 1 : int(n) - 1].mean(0) for b, n in enumerate(lengths)])
+    mask = ~torch.isinf(out.float())
+    torch.testing.assert_close(out.float()[mask], ref[mask], rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# end to end
+
+
+def _transformers():
+    """``transformers`` imported with the repository root off ``sys.path`` (its ``kernels`` probe)."""
+    root = Path(__file__).resolve().parents[2]
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
+    try:
+        module = pytest.importorskip("transformers")
+        importlib.import_module("transformers.models.bert.modeling_bert")
+        return module
+    finally:
+        sys.path[:] = saved
+
+
+def test_extract_end_to_end_with_ensembl_ids(tiny, tmp_path):
+    adata = _symbol_adata()
+    assert adata.var["ensembl_id"].iloc[0] == ensembl_id_of(adata.var_names[0])
+    store = cs.extract(
+        adata,
+        model="geneformer",
+        checkpoint=tiny,
+        out=tmp_path / "s.zarr",
+        poolings=["all"],
+        gene_column="ensembl_id",
+        dtype="float32",
+        chunk_cells=16,
+        progress=False,
+    )
+    assert store.poolings == ["mean", "max", "cls", "official"]
+    layers = {p: store.layers(p).compute() for p in store.poolings}
+    assert all(v.shape == (5, 60, 64) for v in layers.values())
+    np.testing.assert_array_equal(layers["official"], layers["mean"])
+    assert store.attrs["official_layer"] == 3 and store.attrs["model"]["family"] == "geneformer"
+    n_tokens = np.asarray(store.group["n_tokens"][:])
+
+    loaded = FAMILY.load(tiny)
+    tok = loaded.tokenizer
+    tb = tok.tokenize(CellBlock(np.arange(60), sp.csr_matrix(adata.X)), tok.map_genes(list(adata.var["ensembl_id"])))
+    np.testing.assert_array_equal(n_tokens, tb.lengths)
+    hf = _transformers().BertForMaskedLM.from_pretrained(str(tiny), output_hidden_states=True).eval()
+    for i in (0, 17, 59):
+        with torch.no_grad():
+            hs = hf(input_ids=torch.from_numpy(tb.genes[i])[None]).hidden_states
+        for layer in (0, 3, 4):
+            h = hs[layer][0].double()
+            for name, ref in (("mean", h[1:-1].mean(0)), ("max", h[1:-1].max(0).values), ("cls", h[0])):
+                got = torch.from_numpy(layers[name][layer, i]).double()
+                assert float((got - ref).abs().max()) <= 1e-5 * float(h.abs().max()), (i, layer, name)
+
+
+def test_cli_symbols_without_symbol_dictionary_is_one_clear_error(tiny, tmp_path, capsys):
+    path = tmp_path / "cells.h5ad"
+    _symbol_adata(30).write_h5ad(path)
+    argv = ["extract", str(path), "--model", "geneformer", "--checkpoint", str(tiny), "--out", str(tmp_path / "x.zarr")]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [ln for ln in err.splitlines() if ln.startswith("cellstrata: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "0 of 2000 input genes" in lines[0] and "Ensembl" in lines[0] and "--gene-column" in lines[0]
+    assert not (tmp_path / "x.zarr").exists()
+    assert main([*argv, "--gene-column", "ensembl_id", "--quiet", "--limit", "10"]) == 0
+    with_symbols = _copy(tiny, tmp_path / "sym")
+    with (with_symbols / "gene_name_id_dict_gc104M.pkl").open("wb") as f:
+        pickle.dump({s: ensembl_id_of(s) for s in gene_symbols(2000)}, f)
+    argv[5] = str(with_symbols)
+    assert main([*argv, "--quiet", "--limit", "10", "--overwrite"]) == 0
