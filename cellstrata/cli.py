@@ -21,6 +21,14 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _key_value(value: str) -> tuple[str, str]:
+    key, sep, val = value.partition("=")
+    if not sep or not key.strip():
+        msg = f"expected KEY=VALUE, got {value!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return key.strip().replace("-", "_"), val.strip()
+
+
 def _add_extract(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "extract",
@@ -32,7 +40,9 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="model family: scgpt, tahoe-x1, scfoundation, geneformer")
     p.add_argument("--checkpoint", help="the official checkpoint folder (see README)")
     p.add_argument("--out", required=True, help="the store to write (a .zarr folder)")
-    p.add_argument("--pool", type=_csv, default=None, help="poolings, comma-separated, or 'all' (default: mean,cls)")
+    p.add_argument(
+        "--pool", type=_csv, default=None, help="poolings, comma-separated, or 'all' (default: the model's own)"
+    )
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="store dtype")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per batch (B x S budget)")
@@ -41,6 +51,15 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gene-column", default=None, help="var column holding gene identifiers (default: var_names)")
     p.add_argument("--max-length", type=int, default=None, help="override the model's context length")
     p.add_argument("--seed", type=int, default=0, help="global seed of the per-cell tokenizer randomness")
+    p.add_argument(
+        "--model-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a family's own loading option, repeatable (e.g. scfoundation: version=rde, pre_normalized=T, "
+        "tgthighres=a5; geneformer: token_dictionary=PATH)",
+    )
     p.add_argument("--empty-cells", default="nan", choices=["nan", "error"], help="cells with no vocabulary gene")
     p.add_argument("--allow-noncounts", action="store_true", help="accept a non-integer (normalised) matrix")
     p.add_argument("--compression", default="zstd", choices=["zstd", "lz4", "none"])
@@ -69,6 +88,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         limit=args.limit,
         seed=args.seed,
         max_length=args.max_length,
+        model_options=dict(args.model_option),
         empty_cells=args.empty_cells,
         allow_noncounts=args.allow_noncounts,
         compression=args.compression,

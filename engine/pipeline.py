@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,6 +499,7 @@ def extract(
     limit: int | None = None,
     seed: int = 0,
     max_length: int | None = None,
+    model_options: Mapping[str, Any] | None = None,
     empty_cells: str = "nan",
     allow_noncounts: bool = False,
     compression: str = "zstd",
@@ -509,7 +510,8 @@ def extract(
 
     ``data`` is an ``.h5ad`` path, an AnnData ``.zarr`` path or an ``AnnData``; ``layer`` picks
     ``layers[...]`` or ``raw`` and ``gene_column`` a ``var`` column of gene identifiers. ``poolings``
-    are store names offered by the family (``all`` for every one). Re-running the same call resumes;
+    are store names offered by the family (``all`` for every one); ``model_options`` go to the family's
+    loader (e.g. scFoundation's ``pre_normalized``). Re-running the same call resumes;
     another configuration on an existing store is refused unless ``overwrite``. Returns the
     :class:`~.store.Store`.
     """
@@ -530,7 +532,7 @@ def extract(
         if n_cells == 0:
             msg = "the input has no cells"
             raise ConfigError(msg)
-        loaded = family.load(checkpoint, device=dev, max_length=max_length, seed=seed)
+        loaded = family.load(checkpoint, device=dev, max_length=max_length, seed=seed, **dict(model_options or {}))
         run = Extraction(
             source,
             loaded,
@@ -542,7 +544,8 @@ def extract(
             chunk_cells=chunk_cells,
             n_cells=n_cells,
             empty_cells=empty_cells,
-            require_counts=not allow_noncounts,
+            # a tokenizer that takes normalised input (scFoundation pre_normalized=T) does not need counts
+            require_counts=bool(getattr(loaded.tokenizer, "require_counts", True)) and not allow_noncounts,
             compression=compression,
             overwrite=overwrite,
             progress=progress,
