@@ -178,25 +178,30 @@ class Extraction:
             msg = f"chunk_cells must be >= 1, got {self.chunk_cells}"
             raise ConfigError(msg)
         self.mapping: GeneMapping = loaded.tokenizer.map_genes(list(source.gene_names))
-        # Buffer layout: the kernel's poolings first (one launch writes them as a [P, B, H] view),
-        # then the custom ones; overflow counters follow the same order.
+        # Buffer layout: the kernel's distinct ops first (one launch writes them as a [P, B, H] view;
+        # names that alias one op share its columns), then the custom poolings. Overflow counters
+        # follow the same order.
         self.kernel_poolings = tuple(n for n in self.poolings if n in loaded.pool_ops)
         self.custom_poolings = tuple(n for n in self.poolings if n not in loaded.pool_ops)
+        kernel_ops = tuple(dict.fromkeys(loaded.pool_ops[n] for n in self.kernel_poolings))
         self.widths = {n: loaded.custom_poolings[n].width for n in self.custom_poolings}
         self.widths.update(dict.fromkeys(self.kernel_poolings, hidden))
-        self.columns: dict[str, tuple[int, int]] = {}
-        offset = 0
-        for name in (*self.kernel_poolings, *self.custom_poolings):
+        self.columns: dict[str, tuple[int, int]] = {
+            n: (kernel_ops.index(loaded.pool_ops[n]) * hidden, (kernel_ops.index(loaded.pool_ops[n]) + 1) * hidden)
+            for n in self.kernel_poolings
+        }
+        offset = len(kernel_ops) * hidden
+        for name in self.custom_poolings:
             self.columns[name] = (offset, offset + self.widths[name])
             offset += self.widths[name]
         self.spec = (
-            kernels.PoolSpec(
-                ops=tuple(loaded.pool_ops[n] for n in self.kernel_poolings),
-                n_leading=loaded.layout.n_leading,
-                n_trailing=loaded.layout.n_trailing,
-            )
-            if self.kernel_poolings
+            kernels.PoolSpec(ops=kernel_ops, n_leading=loaded.layout.n_leading, n_trailing=loaded.layout.n_trailing)
+            if kernel_ops
             else None
+        )
+        self.overflow_names = (
+            *("/".join(n for n in self.kernel_poolings if loaded.pool_ops[n] == op) for op in kernel_ops),
+            *self.custom_poolings,
         )
         self.precision = "float32" if device.type == "cpu" else "bfloat16"
         self.pool_backend = kernels.resolve_backend(device)
@@ -204,8 +209,8 @@ class Extraction:
         self.store_spec = self._store_spec(compression)
         self.overwrite = overwrite
         self.telemetry = Telemetry(
-            overflow=np.zeros((loaded.n_layers + 1, len(self.poolings)), dtype=np.int64),
-            pooling_names=(*self.kernel_poolings, *self.custom_poolings),
+            overflow=np.zeros((loaded.n_layers + 1, len(self.overflow_names)), dtype=np.int64),
+            pooling_names=self.overflow_names,
         )
 
     # ------------------------------------------------------------------ configuration
@@ -303,7 +308,8 @@ class Extraction:
         """Pooled ``[L+1, n, H]`` per pooling for the cells of one chunk (NaN rows for empty cells)."""
         ld = self.loaded
         n = len(tokens)
-        n_layers, n_pool, n_kernel = ld.n_layers, len(self.poolings), len(self.kernel_poolings)
+        n_layers, n_pool = ld.n_layers, len(self.overflow_names)
+        n_kernel = len(self.spec.ops) if self.spec is not None else 0
         hidden = ld.hidden_size
         out_dtype = kernels.OUT_DTYPES[self.dtype]
         np_dtype = np.dtype(self.dtype)

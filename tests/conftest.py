@@ -7,8 +7,16 @@ test module is collected. On a machine with CUDA the kernels run compiled on the
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The repository root holds the source folder ``kernels/`` (installed as ``cellstrata.kernels``).
+# ``python -m pytest`` puts the root on sys.path, where ``kernels`` would shadow the Hugging Face
+# package of that name that ``transformers`` probes for; the tests import the installed package only.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]

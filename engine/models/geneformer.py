@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels import PoolSpec, pool_cast
 from ..datasets import gene_ensembl_ids
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
 from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock
@@ -803,31 +802,6 @@ class GeneformerModel(nn.Module):
         del h
 
 
-class GeneMean:
-    """The official cell embedding (``get_embs``, ``emb_mode="cell"``): the mean over the gene tokens.
-
-    The same reduction as the ``mean`` pooling, offered under the name ``official`` as a pooling of its
-    own (one more kernel launch per layer when both are stored), so that the two can be asked for in one run.
-    """
-
-    def __init__(self, width: int, layout: SpecialLayout) -> None:
-        self.width = width
-        self.spec = PoolSpec(("mean",), n_leading=layout.n_leading, n_trailing=layout.n_trailing)
-
-    def __call__(
-        self,
-        hidden: torch.Tensor,
-        lengths: torch.Tensor,
-        out: torch.Tensor,
-        overflow: torch.Tensor | None,
-        backend: str | None,
-    ) -> None:
-        ovf = torch.zeros(1, dtype=torch.int64, device=hidden.device) if overflow is not None else None
-        pool_cast(hidden, None, lengths, self.spec, out.dtype, out.unsqueeze(0), ovf, backend=backend)
-        if overflow is not None and ovf is not None:
-            overflow += ovf.sum()
-
-
 # ------------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -961,7 +935,10 @@ class GeneformerFamily:
         layout = (
             SpecialLayout(n_leading=1, n_trailing=1, has_cls=True) if tokenizer.special else SpecialLayout(0, 0, False)
         )
-        pool_ops = {"mean": "mean", "max": "max"} | ({"cls": "first"} if tokenizer.special else {})
+        # official: Geneformer's published cell embedding is the mean over gene tokens (an alias of mean)
+        pool_ops = (
+            {"mean": "mean", "max": "max"} | ({"cls": "first"} if tokenizer.special else {}) | {"official": "mean"}
+        )
         files = describe_files(folder, [CONFIG_FILE, weights.name])
         for role, p in paths.items():
             files[role] = {"path": str(p.resolve()), **describe_files(p.parent, [p.name])[p.name]}
@@ -984,7 +961,6 @@ class GeneformerFamily:
                 "ignored_keys": ignored,
                 "genes_without_median": tokenizer.n_without_median,
             },
-            custom_poolings={"official": GeneMean(config.hidden_size, layout)},
             official_layer=config.num_hidden_layers - 1,  # get_embs: hidden_states[quant_layers + emb_layer(-1)]
         )
 
@@ -1062,7 +1038,6 @@ __all__ = [
     "PRESETS",
     "SPECIAL_TOKENS",
     "GeneDictionaries",
-    "GeneMean",
     "GeneformerConfig",
     "GeneformerFamily",
     "GeneformerModel",

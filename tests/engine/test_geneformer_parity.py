@@ -273,8 +273,8 @@ def test_every_layer_matches_transformers(tiny, reference):
     assert official_layer == loaded.n_layers - 1
     embs = ref[official_layer]
     ref_emb = _mean_nonpadding_embs(embs[:, 1:, :], batch.lengths - 2)  # <cls> and <eos> present
-    out = torch.empty(len(rows), loaded.hidden_size)
-    loaded.custom_poolings["official"](ours[official_layer], batch.lengths, out, None, "torch")
+    spec = PoolSpec((loaded.pool_ops["official"],), n_leading=1, n_trailing=1)
+    out = pool_cast_torch(ours[official_layer], None, batch.lengths, spec, torch.float32)[0]
     err = float((out - ref_emb).abs().max() / ref_emb.abs().max())
     assert err <= REL_TOL, err
     # cls (emb_mode="cls": hidden_states[layer][:, 0]) and mean via the kernel's ops
@@ -318,8 +318,8 @@ def test_v1_layout_matches_transformers(v1_relu, tmp_path, act):
     errs = _rel_errors(ours, ref, ~batch.padding_mask)
     assert len(errs) == 7 and max(errs) <= REL_TOL, errs
     ref_emb = _mean_nonpadding_embs(ref[loaded.official_layer], batch.lengths)  # no <cls>: first `length`
-    out = torch.empty(len(rows), loaded.hidden_size)
-    loaded.custom_poolings["official"](ours[loaded.official_layer], batch.lengths, out, None, None)
+    spec = PoolSpec((loaded.pool_ops["official"],), n_leading=0, n_trailing=0)
+    out = pool_cast_torch(ours[loaded.official_layer], None, batch.lengths, spec, torch.float32)[0]
     assert float((out - ref_emb).abs().max() / ref_emb.abs().max()) <= REL_TOL
 
 
