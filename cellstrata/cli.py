@@ -146,9 +146,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the built-in end-to-end example (synthetic data, random tiny model)",
-        description="Generate a synthetic dataset, write a tiny random scGPT checkpoint, extract every layer "
-        "and describe the store.",
+        description="Generate a synthetic dataset, write a tiny random checkpoint of --model (default scgpt), "
+        "extract every layer and describe the store.",
     )
+    p.add_argument("--model", default="scgpt", help="scgpt, tahoe-x1, scfoundation or geneformer")
     p.add_argument("--out", default="cellstrata-demo", help="folder for the demo's files")
     p.add_argument("--cells", type=int, default=2000, help="number of synthetic cells")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -158,7 +159,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), n_cells=args.cells, progress=not args.quiet)
+    run_demo(Path(args.out), model=args.model, n_cells=args.cells, progress=not args.quiet)
     return 0
 
 

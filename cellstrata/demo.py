@@ -10,6 +10,8 @@ from .engine.models import get_family
 from .engine.pipeline import extract
 from .engine.store import Store
 
+# the var column holding the identifiers each model's users have (symbols are the var_names)
+GENE_COLUMN = {"scgpt": None, "scfoundation": None, "tahoe-x1": "ensembl_id", "geneformer": "ensembl_id"}
 DEMO_CHUNK_CELLS = 512  # several chunks, so the demo store shows per-chunk commits and resume
 RANDOM_WEIGHTS_NOTICE = (
     "NOTE: the demo model has RANDOM weights. The extraction, the store and its layout are real; "
@@ -17,24 +19,28 @@ RANDOM_WEIGHTS_NOTICE = (
 )
 
 
-def run_demo(out: Path, *, n_cells: int = 2000, progress: bool = True) -> Store:
-    """Synthetic data -> tiny random scGPT checkpoint -> all-layer store; prints where things are."""
+def run_demo(out: Path, *, model: str = "scgpt", n_cells: int = 2000, progress: bool = True) -> Store:
+    """Synthetic data -> tiny random checkpoint of ``model`` -> all-layer store; prints where things are."""
+    family = get_family(model)
+    model = family.name
     out.mkdir(parents=True, exist_ok=True)
     data = out / "demo.h5ad"
-    ckpt = out / "scgpt-tiny"
-    store_path = out / "demo.zarr"
+    ckpt = out / f"{model}-tiny"
+    store_path = out / ("demo.zarr" if model == "scgpt" else f"demo-{model}.zarr")
+    gene_column = GENE_COLUMN.get(model)
     print(RANDOM_WEIGHTS_NOTICE)
     t0 = time.perf_counter()
     if not data.exists():
         write_synthetic_h5ad(data, n_cells=n_cells, seed=0, n_unknown_genes=60, genes_per_cell=180)
         print(f"wrote {n_cells} synthetic cells (cell types, a trajectory, perturbations in 2 states) to {data}")
-    if not (ckpt / "best_model.pt").exists():
-        get_family("scgpt").init_checkpoint("tiny", ckpt, seed=0)
-        print(f"wrote a tiny scGPT checkpoint with random weights to {ckpt}")
+    if not (ckpt.is_dir() and any(ckpt.iterdir())):
+        family.init_checkpoint("tiny", ckpt, seed=0)
+        print(f"wrote a tiny {model} checkpoint with random weights to {ckpt}")
     store = extract(
         data,
-        model="scgpt",
+        model=model,
         checkpoint=ckpt,
+        gene_column=gene_column,
         out=store_path,
         poolings=["all"],
         chunk_cells=DEMO_CHUNK_CELLS,
@@ -47,8 +53,9 @@ def run_demo(out: Path, *, n_cells: int = 2000, progress: bool = True) -> Store:
     print(f"demo finished in {time.perf_counter() - t0:.1f} s. Next:")
     print(f"  cellstrata info {store_path}")
     print(f"  python -c \"import cellstrata as cs; print(cs.open_store('{store_path}').to_xarray())\"")
+    genes = f" --gene-column {gene_column}" if gene_column else ""
     print(
-        f"  cellstrata extract {data} --model scgpt --checkpoint {ckpt} --out my.zarr --pool mean,cls  "
+        f"  cellstrata extract {data} --model {model} --checkpoint {ckpt}{genes} --out my.zarr --pool all  "
         "# your own run; re-run to resume"
     )
     print(RANDOM_WEIGHTS_NOTICE)

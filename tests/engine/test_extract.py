@@ -412,3 +412,21 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "RANDOM" in out and "complete" in out
     store = cs.open_store(tmp_path / "demo" / "demo.zarr")
     assert store.is_complete and set(store.poolings) == {"mean", "max", "cls", "official"}
+
+
+@pytest.mark.parametrize(
+    ("model", "poolings"),
+    [
+        ("tahoe-x1", {"mean", "max", "cls", "official"}),
+        ("scfoundation", {"mean", "max", "s_token", "t_token", "official"}),
+        ("geneformer", {"mean", "max", "cls", "official"}),
+    ],
+)
+def test_demo_runs_every_family(tmp_path, capsys, model, poolings):
+    assert main(["demo", "--model", model, "--out", str(tmp_path / "demo"), "--cells", "60", "--quiet"]) == 0
+    assert "RANDOM" in capsys.readouterr().out
+    store = cs.open_store(tmp_path / "demo" / f"demo-{model}.zarr")
+    assert store.is_complete and set(store.poolings) == poolings
+    assert store.attrs["model"]["family"] == model and store.attrs["official_layer"] is not None
+    mean = store.layers("mean").compute()
+    assert np.isfinite(mean).mean() > 0.9  # the demo's cells map to every tiny vocabulary
