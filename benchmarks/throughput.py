@@ -42,10 +42,10 @@ Random weights: the numbers are throughput only, which does not depend on the we
 (JSON with machine info, command line and settings, and the tables as Markdown) go to
 ``benchmarks/results/throughput-<device>-<date>.{json,md}``.
 
-    python benchmarks/throughput.py                    # every family, tiny + released sizes: ~20 min on 2 cores
+    python benchmarks/throughput.py                    # every family, tiny + released sizes: ~23 min on 2 cores
     python benchmarks/throughput.py --quick            # smoke run of the tiny shapes, under a minute
     python benchmarks/throughput.py --models tahoe-x1 --presets tahoe-x1=tiny,70m,1b
-    python benchmarks/throughput.py --models scgpt --cells tiny=20000,scgpt:whole-human=2000 --device cuda
+    python benchmarks/throughput.py --models scgpt --cells tiny=20000,whole-human=2000 --device cuda
 """
 
 from __future__ import annotations
@@ -90,10 +90,10 @@ GENE_COLUMN: dict[str, str | None] = {
 # cells per shape of the default run (released sizes are expensive on a CPU: a 2,048-token cell costs
 # ~40 s in Tahoe-X1 1b on 2 cores); --quick runs the tiny shapes only, QUICK_CELLS each
 CELLS: dict[str, dict[str, int]] = {
-    "scgpt": {"tiny": 3000, "whole-human": 32},
-    "tahoe-x1": {"tiny": 3000, "70m": 16, "1b": 2, "3b": 1},
-    "scfoundation": {"tiny": 3000, "100m": 8},
-    "geneformer": {"tiny": 3000, "v1-10m": 64, "v2-104m": 8, "v2-316m": 4},
+    "scgpt": {"tiny": 2000, "whole-human": 32},
+    "tahoe-x1": {"tiny": 2000, "70m": 16, "1b": 2, "3b": 1},
+    "scfoundation": {"tiny": 2000, "100m": 8},
+    "geneformer": {"tiny": 2000, "v1-10m": 32, "v2-104m": 8, "v2-316m": 4},
 }
 QUICK_CELLS = 100
 # Synthetic data per size class: genes in the matrix, median expressed genes per cell (lognormal spread
