@@ -92,7 +92,7 @@ GENE_COLUMN: dict[str, str | None] = {
 CELLS: dict[str, dict[str, int]] = {
     "scgpt": {"tiny": 2000, "whole-human": 32},
     "tahoe-x1": {"tiny": 2000, "70m": 16, "1b": 2, "3b": 1},
-    "scfoundation": {"tiny": 2000, "100m": 8},
+    "scfoundation": {"tiny": 2000, "100m": 4},  # its only (largest) released size; no truncation: long cells
     "geneformer": {"tiny": 2000, "v1-10m": 32, "v2-104m": 8, "v2-316m": 4},
 }
 QUICK_CELLS = 100
