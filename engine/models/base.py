@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 if TYPE_CHECKING:
@@ -40,6 +41,18 @@ class GeneMapping:
     n_matched: int
     n_vocab_genes: int
     examples_missing: tuple[str, ...] = ()
+
+    @classmethod
+    def from_ids(cls, ids: np.ndarray, names: Sequence[Any], n_vocab_genes: int) -> GeneMapping:
+        """The mapping given each input column's vocabulary id (``-1`` = not in the vocabulary)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return cls(
+            token_ids=ids,
+            n_input=len(names),
+            n_matched=int((ids >= 0).sum()),
+            n_vocab_genes=n_vocab_genes,
+            examples_missing=tuple(str(names[j]) for j in np.flatnonzero(ids < 0)[:5]),
+        )
 
     @property
     def fraction(self) -> float:
@@ -121,6 +134,25 @@ class SpecialLayout:
     n_leading: int
     n_trailing: int
     has_cls: bool
+
+
+def canonical_rows(block: CellBlock, mapping: GeneMapping) -> tuple[sp.csr_matrix, np.ndarray]:
+    """A block's matrix as canonical CSR (columns ascending within rows, duplicates summed, as densifying
+    would) and its cell indices, checked against the gene mapping."""
+    X = block.X
+    if not sp.issparse(X) or X.format != "csr":
+        X = sp.csr_matrix(X)
+    indices = np.asarray(block.indices)
+    if X.shape[0] != len(indices):
+        msg = f"CellBlock has {len(indices)} indices but {X.shape[0]} rows"
+        raise ValueError(msg)
+    if X.shape[1] != len(mapping.token_ids):
+        msg = f"CellBlock has {X.shape[1]} gene columns but the gene mapping has {len(mapping.token_ids)}"
+        raise ValueError(msg)
+    if not X.has_canonical_format:
+        X = X.copy()
+        X.sum_duplicates()
+    return X, indices
 
 
 class Tokenizer(Protocol):

@@ -11,13 +11,13 @@ import hashlib
 import io
 import json
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 
 def sha256_file(path: Path) -> str:
@@ -37,6 +37,27 @@ def describe_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
         if p.is_file():
             out[name] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     return out
+
+
+def checkpoint_folder(checkpoint: str | Path, required: Sequence[str], *, model: str, origin: str) -> Path:
+    """The checkpoint folder, or one ``CheckpointError`` naming what is missing and where it comes from."""
+    folder = Path(checkpoint).expanduser()
+    need = f"it must contain {', '.join(required)} ({origin})"
+    if not folder.is_dir():
+        msg = f"{model} checkpoint folder {folder} does not exist or is not a folder; {need}"
+        raise CheckpointError(msg)
+    absent = [f for f in required if not (folder / f).is_file()]
+    if absent:
+        msg = f"{model} checkpoint folder {folder} lacks {', '.join(absent)}; {need}"
+        raise CheckpointError(msg)
+    return folder
+
+
+def refuse_unknown_options(model: str, unknown: Mapping[str, Any], accepted: Sequence[str]) -> None:
+    """``ConfigError`` when a loader got options it does not know (they come from ``--model-option``)."""
+    if unknown:
+        msg = f"{model} does not take the option(s) {', '.join(sorted(unknown))}; it takes {', '.join(accepted)}"
+        raise ConfigError(msg)
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -27,20 +27,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..datasets import gene_ensembl_ids
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
-from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock
+from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
 from .checkpoints import (
     check_state_dict,
     describe_files,
     load_plain_pickle,
     load_state_dict,
     read_json,
+    refuse_unknown_options,
     save_safetensors,
 )
 
@@ -560,16 +560,8 @@ class GeneformerTokenizer:
         ids = np.fromiter(
             (self._token_of(g) if isinstance(g, str) else -1 for g in names), dtype=np.int64, count=len(names)
         )
-        matched = int((ids >= 0).sum())
-        missing = tuple(str(names[j]) for j in np.flatnonzero(ids < 0)[:5])
-        mapping = GeneMapping(
-            token_ids=ids,
-            n_input=len(names),
-            n_matched=matched,
-            n_vocab_genes=self._n_genes,
-            examples_missing=missing,
-        )
-        if matched == 0:
+        mapping = GeneMapping.from_ids(ids, names, self._n_genes)
+        if mapping.n_matched == 0:
             raise GeneOverlapError(self._no_overlap_message(names, mapping))
         return mapping
 
@@ -598,20 +590,8 @@ class GeneformerTokenizer:
         return self._cached[1]
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
-        X = block.X
-        if not sp.issparse(X) or X.format != "csr":
-            X = sp.csr_matrix(X)
+        X, indices = canonical_rows(block, mapping)
         n_cells = X.shape[0]
-        indices = np.asarray(block.indices)
-        if n_cells != len(indices):
-            msg = f"CellBlock has {len(indices)} indices but {n_cells} rows"
-            raise ValueError(msg)
-        if X.shape[1] != len(mapping.token_ids):
-            msg = f"CellBlock has {X.shape[1]} gene columns but the gene mapping has {len(mapping.token_ids)}"
-            raise ValueError(msg)
-        if not X.has_canonical_format:  # columns ascending within rows, duplicate entries summed
-            X = X.copy()
-            X.sum_duplicates()
         layout = self._layout_of(mapping)
         data = np.asarray(X.data, dtype=np.float64)
         rows_all = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
@@ -868,12 +848,17 @@ class GeneformerFamily:
         ``max_length`` is the model input size (default: ``max_position_embeddings``, as the official
         tokenizer's ``model_input_size``); ``seed`` is accepted for the common interface (no randomness).
         """
-        if unknown:
-            msg = (
-                f"geneformer does not take the option(s) {', '.join(sorted(unknown))}; it takes max_length, "
-                "token_dictionary, gene_median_dictionary, gene_name_id_dictionary, ensembl_mapping_dictionary"
-            )
-            raise ConfigError(msg)
+        refuse_unknown_options(
+            "geneformer",
+            unknown,
+            (
+                "max_length",
+                "token_dictionary",
+                "gene_median_dictionary",
+                "gene_name_id_dictionary",
+                "ensembl_mapping_dictionary",
+            ),
+        )
         del seed
         folder = Path(checkpoint).expanduser()
         if not folder.is_dir():

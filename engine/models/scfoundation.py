@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,8 +41,9 @@ from torch import nn
 from ... import kernels
 from ..datasets import gene_symbols
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
-from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock
-from .checkpoints import check_state_dict, describe_files, load_torch_weights
+from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
+from .checkpoints import check_state_dict, describe_files, load_torch_weights, refuse_unknown_options
+from .layers import TorchEncoderLayer
 
 if TYPE_CHECKING:
     from ..sources import CellBlock
@@ -467,15 +467,8 @@ class ScFoundationTokenizer:
             _, first = np.unique(ids[hit], return_index=True)
             repeated = np.setdiff1d(hit, hit[first], assume_unique=True)
             ids[repeated] = -1
-        matched = int((ids >= 0).sum())
-        mapping = GeneMapping(
-            token_ids=ids,
-            n_input=len(names),
-            n_matched=matched,
-            n_vocab_genes=self.n_genes,
-            examples_missing=tuple(str(names[j]) for j in np.flatnonzero(ids < 0)[:5]),
-        )
-        if matched == 0:
+        mapping = GeneMapping.from_ids(ids, names, self.n_genes)
+        if mapping.n_matched == 0:
             raise GeneOverlapError(self._no_overlap_message(names, mapping))
         return mapping
 
@@ -523,20 +516,8 @@ class ScFoundationTokenizer:
         return t.astype(np.float32), s.astype(np.float32)
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
-        X = block.X
-        if not sp.issparse(X) or X.format != "csr":
-            X = sp.csr_matrix(X)
+        X, indices = canonical_rows(block, mapping)
         n_cells = X.shape[0]
-        indices = np.asarray(block.indices)
-        if n_cells != len(indices):
-            msg = f"CellBlock has {len(indices)} indices but {n_cells} rows"
-            raise ValueError(msg)
-        if X.shape[1] != len(mapping.token_ids):
-            msg = f"CellBlock has {X.shape[1]} gene columns but the gene mapping has {len(mapping.token_ids)}"
-            raise ValueError(msg)
-        if not X.has_canonical_format:  # duplicates summed, as densifying
-            X = X.copy()
-            X.sum_duplicates()
         ids = np.asarray(mapping.token_ids, dtype=np.int64)[X.indices]
         data = np.asarray(X.data, dtype=np.float64)
         rows = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
@@ -628,41 +609,6 @@ class AutoDiscretizationEmbedding(nn.Module):
         return torch.where((values == self.pad_value).unsqueeze(-1), self.emb_pad.weight[0].to(x.dtype), x)
 
 
-class _SelfAttention(nn.Module):
-    """``nn.MultiheadAttention`` parameters (packed ``in_proj``), computed by SDPA."""
-
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
-        self.out_proj = nn.Linear(d, d)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        b, s, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out_proj(out.transpose(1, 2).reshape(b, s, d))
-
-
-class _Block(nn.Module):
-    """``nn.TransformerEncoderLayer(d, heads, 4d, batch_first=True, norm_first=False)`` in eval mode."""
-
-    def __init__(self, d: int, heads: int, ffn: int, eps: float) -> None:
-        super().__init__()
-        self.self_attn = _SelfAttention(d, heads)
-        self.linear1 = nn.Linear(d, ffn)
-        self.linear2 = nn.Linear(ffn, d)
-        self.norm1 = nn.LayerNorm(d, eps=eps)
-        self.norm2 = nn.LayerNorm(d, eps=eps)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm1(x + self.self_attn(x, attn_mask))
-        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
-
-
 class _Encoder(nn.Module):
     """``pytorchTransformerModule``: ``transformer_encoder`` (a ModuleList) and the final ``norm``."""
 
@@ -690,7 +636,7 @@ class ScFoundationModel(nn.Module):
         )
         self.pos_emb = nn.Embedding(config.pos_rows, d)
         self.encoder = _Encoder(
-            (_Block(d, config.heads, config.ffn_dim, config.layer_norm_eps) for _ in range(config.depth)),
+            (TorchEncoderLayer(d, config.heads, config.ffn_dim, config.layer_norm_eps) for _ in range(config.depth)),
             d,
             config.layer_norm_eps,
         )
@@ -875,10 +821,7 @@ class ScFoundationFamily:
         ``version``: ``ce`` (entry ``cell``, default) or ``rde`` (read-depth enhancement weights);
         ``pre_normalized`` / ``tgthighres``: as ``get_embedding.py`` (see :class:`ScFoundationTokenizer`).
         """
-        if unknown:
-            names = ", ".join(sorted(unknown))
-            msg = f"scfoundation does not take the option(s) {names}; it takes {', '.join(self.options)}"
-            raise ConfigError(msg)
+        refuse_unknown_options("scfoundation", unknown, self.options)
         if version not in VERSIONS:
             msg = f"scFoundation version must be ce (cell embeddings) or rde (read-depth enhancement), got {version!r}"
             raise ConfigError(msg)

@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..datasets import gene_symbols
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
-from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock
-from .checkpoints import load_state_dict, read_json, sha256_file
+from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
+from .checkpoints import checkpoint_folder, load_state_dict, read_json, refuse_unknown_options, sha256_file
+from .layers import ContinuousValueEncoder, GeneEncoder, TorchEncoderLayer
 
 if TYPE_CHECKING:
     from ..sources import CellBlock
@@ -391,16 +390,8 @@ class ScGPTTokenizer:
             dtype=np.int64,
             count=len(names),
         )
-        matched = int((ids >= 0).sum())
-        missing = tuple(str(names[j]) for j in np.flatnonzero(ids < 0)[:5])
-        mapping = GeneMapping(
-            token_ids=ids,
-            n_input=len(names),
-            n_matched=matched,
-            n_vocab_genes=self.n_vocab_genes,
-            examples_missing=missing,
-        )
-        if matched == 0:
+        mapping = GeneMapping.from_ids(ids, names, self.n_vocab_genes)
+        if mapping.n_matched == 0:
             raise GeneOverlapError(self._no_overlap_message(names, mapping))
         return mapping
 
@@ -418,20 +409,8 @@ class ScGPTTokenizer:
         )
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
-        X = block.X
-        if not sp.issparse(X) or X.format != "csr":
-            X = sp.csr_matrix(X)
+        X, indices = canonical_rows(block, mapping)
         n_cells = X.shape[0]
-        indices = np.asarray(block.indices)
-        if n_cells != len(indices):
-            msg = f"CellBlock has {len(indices)} indices but {n_cells} rows"
-            raise ValueError(msg)
-        if X.shape[1] != len(mapping.token_ids):
-            msg = f"CellBlock has {X.shape[1]} gene columns but the gene mapping has {len(mapping.token_ids)}"
-            raise ValueError(msg)
-        if not X.has_canonical_format:  # column order within rows, duplicates summed (as densifying)
-            X = X.copy()
-            X.sum_duplicates()
         token_ids = np.asarray(mapping.token_ids, dtype=np.int64)
         tok = token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch .float()
@@ -492,73 +471,6 @@ class ScGPTTokenizer:
 # model
 
 
-class _SelfAttention(nn.Module):
-    """Multi-head self-attention with torch's packed ``in_proj`` layout, computed by SDPA."""
-
-    def __init__(self, d: int, nheads: int) -> None:
-        super().__init__()
-        self.nheads = nheads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
-        self.out_proj = nn.Linear(d, d)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        b, s, d = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, s, 3, self.nheads, d // self.nheads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out_proj(out.transpose(1, 2).reshape(b, s, d))
-
-
-class _Block(nn.Module):
-    """``nn.TransformerEncoderLayer`` (ReLU FFN); ``pre_norm`` follows scGPT's flash layer."""
-
-    def __init__(self, d: int, nheads: int, d_hid: int, eps: float, pre_norm: bool) -> None:
-        super().__init__()
-        self.self_attn = _SelfAttention(d, nheads)
-        self.linear1 = nn.Linear(d, d_hid)
-        self.linear2 = nn.Linear(d_hid, d)
-        self.norm1 = nn.LayerNorm(d, eps=eps)
-        self.norm2 = nn.LayerNorm(d, eps=eps)
-        self.pre_norm = pre_norm
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        if self.pre_norm:  # scGPT FlashTransformerEncoderLayer(norm_scheme="pre"): residual after the norm
-            x = self.norm1(x)
-            x = x + self.self_attn(x, attn_mask)
-            x = self.norm2(x)
-            return x + self.linear2(F.relu(self.linear1(x)))
-        x = self.norm1(x + self.self_attn(x, attn_mask))
-        return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
-
-
-class _GeneEncoder(nn.Module):
-    def __init__(self, vocab_size: int, d: int) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab_size, d)
-        self.enc_norm = nn.LayerNorm(d)
-
-    def forward(self, genes: torch.Tensor) -> torch.Tensor:
-        return self.enc_norm(self.embedding(genes))
-
-
-class _ValueEncoder(nn.Module):
-    """scGPT ``ContinuousValueEncoder``: clamp(max=512) -> Linear(1, d) -> ReLU -> Linear -> LayerNorm."""
-
-    max_value = 512.0
-
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(1, d)
-        self.linear2 = nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d)
-
-    def forward(self, values: torch.Tensor) -> torch.Tensor:
-        x = torch.clamp(values.unsqueeze(-1), max=self.max_value)
-        return self.norm(self.linear2(F.relu(self.linear1(x))))
-
-
 class _Encoder(nn.Module):
     def __init__(self, layers: Iterable[nn.Module]) -> None:
         super().__init__()
@@ -580,10 +492,10 @@ class ScGPTModel(nn.Module):
         self.config = config
         self.n_layers = config.nlayers
         self.hidden_size = d
-        self.encoder = _GeneEncoder(config.vocab_size, d)
-        self.value_encoder = _ValueEncoder(d)
+        self.encoder = GeneEncoder(config.vocab_size, d)
+        self.value_encoder = ContinuousValueEncoder(d)
         self.transformer_encoder = _Encoder(
-            _Block(d, config.nheads, config.d_hid, config.layer_norm_eps, config.pre_norm)
+            TorchEncoderLayer(d, config.nheads, config.d_hid, config.layer_norm_eps, pre_norm=config.pre_norm)
             for _ in range(config.nlayers)
         )
 
@@ -700,23 +612,13 @@ class ScGPTFamily:
         **unknown: Any,
     ) -> LoadedModel:
         """Load an official scGPT folder (``best_model.pt``, ``args.json``, ``vocab.json``)."""
-        if unknown:
-            msg = f"scgpt does not take the option(s) {', '.join(sorted(unknown))}; it takes max_length, seed"
-            raise ConfigError(msg)
-        folder = Path(checkpoint).expanduser()
-        if not folder.is_dir():
-            msg = (
-                f"scGPT checkpoint folder {folder} does not exist or is not a folder; it must contain "
-                f"{', '.join(REQUIRED_FILES)} (as the released scGPT model folders)"
-            )
-            raise CheckpointError(msg)
-        absent = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
-        if absent:
-            msg = (
-                f"scGPT checkpoint folder {folder} lacks {', '.join(absent)}; it must contain "
-                f"{WEIGHTS_FILE} (weights), {ARGS_FILE} (model settings) and {VOCAB_FILE} (gene vocabulary)"
-            )
-            raise CheckpointError(msg)
+        refuse_unknown_options("scgpt", unknown, ("max_length", "seed"))
+        folder = checkpoint_folder(
+            checkpoint,
+            REQUIRED_FILES,
+            model="scGPT",
+            origin=f"{WEIGHTS_FILE} weights, {ARGS_FILE} settings, {VOCAB_FILE} gene vocabulary, as released",
+        )
         args = read_json(folder / ARGS_FILE, "scGPT settings")
         if not isinstance(args, dict):
             msg = f"scGPT {folder / ARGS_FILE} must be a JSON object"

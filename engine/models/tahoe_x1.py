@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,8 +32,18 @@ from torch import nn
 from ...kernels import PoolSpec, pool_cast
 from ..datasets import gene_ensembl_ids
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
-from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock
-from .checkpoints import check_state_dict, describe_files, load_state_dict, read_json, read_yaml, save_safetensors
+from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
+from .checkpoints import (
+    check_state_dict,
+    checkpoint_folder,
+    describe_files,
+    load_state_dict,
+    read_json,
+    read_yaml,
+    refuse_unknown_options,
+    save_safetensors,
+)
+from .layers import ContinuousValueEncoder, GeneEncoder
 
 if TYPE_CHECKING:
     from ..sources import CellBlock
@@ -540,15 +549,8 @@ class TahoeX1Tokenizer:
             dtype=np.int64,
             count=len(names),
         )
-        matched = int((ids >= 0).sum())
-        mapping = GeneMapping(
-            token_ids=ids,
-            n_input=len(names),
-            n_matched=matched,
-            n_vocab_genes=self.n_vocab_genes,
-            examples_missing=tuple(str(names[j]) for j in np.flatnonzero(ids < 0)[:5]),
-        )
-        if matched == 0:
+        mapping = GeneMapping.from_ids(ids, names, self.n_vocab_genes)
+        if mapping.n_matched == 0:
             raise GeneOverlapError(self._no_overlap_message(names, mapping))
         return mapping
 
@@ -567,20 +569,8 @@ class TahoeX1Tokenizer:
         )
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
-        X = block.X
-        if not sp.issparse(X) or X.format != "csr":
-            X = sp.csr_matrix(X)
+        X, indices = canonical_rows(block, mapping)
         n_cells = X.shape[0]
-        indices = np.asarray(block.indices)
-        if n_cells != len(indices):
-            msg = f"CellBlock has {len(indices)} indices but {n_cells} rows"
-            raise ValueError(msg)
-        if X.shape[1] != len(mapping.token_ids):
-            msg = f"CellBlock has {X.shape[1]} gene columns but the gene mapping has {len(mapping.token_ids)}"
-            raise ValueError(msg)
-        if not X.has_canonical_format:  # column order within rows, duplicates summed (as densifying)
-            X = X.copy()
-            X.sum_duplicates()
         token_ids = np.asarray(mapping.token_ids, dtype=np.int64)
         tok = token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch.tensor(dtype=torch.float)
@@ -685,32 +675,6 @@ class _Encoder(nn.Module):
         self.norm = nn.LayerNorm(d, eps=eps)
 
 
-class _GeneEncoder(nn.Module):
-    def __init__(self, vocab_size: int, d: int, pad_id: int, use_norm: bool) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(vocab_size, d, padding_idx=pad_id)
-        self.enc_norm = nn.LayerNorm(d) if use_norm else nn.Identity()
-
-    def forward(self, genes: torch.Tensor) -> torch.Tensor:
-        return self.enc_norm(self.embedding(genes))
-
-
-class _ExpressionEncoder(nn.Module):
-    """``ContinuousValueEncoder``: clamp(max) -> Linear(1, d) -> act -> Linear(d, d) -> LayerNorm."""
-
-    def __init__(self, d: int, max_value: float, activation: str, use_norm: bool) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(1, d)
-        self.linear2 = nn.Linear(d, d)
-        self.norm = nn.LayerNorm(d) if use_norm else nn.Identity()
-        self.activation = ACTIVATIONS[activation]
-        self.max_value = float(max_value)
-
-    def forward(self, values: torch.Tensor) -> torch.Tensor:
-        x = torch.clamp(values.unsqueeze(-1), max=self.max_value)
-        return self.norm(self.linear2(self.activation(self.linear1(x))))
-
-
 class TahoeX1Model(nn.Module):
     """``TXModel.transformer_generate`` at inference; ``forward(batch, tap)`` taps layer 0 and each block 1..L.
 
@@ -724,10 +688,13 @@ class TahoeX1Model(nn.Module):
         self.config = config
         self.n_layers = config.n_layers
         self.hidden_size = d
-        self.gene_encoder = _GeneEncoder(config.vocab_size, d, pad_id, config.gene_norm)
+        self.gene_encoder = GeneEncoder(config.vocab_size, d, pad_id=pad_id, use_norm=config.gene_norm)
         self.flag_encoder = nn.Embedding(2, d)
-        self.expression_encoder = _ExpressionEncoder(
-            d, config.max_value, config.expression_activation, config.expression_norm
+        self.expression_encoder = ContinuousValueEncoder(
+            d,
+            activation=ACTIVATIONS[config.expression_activation],
+            max_value=float(config.max_value),
+            use_norm=config.expression_norm,
         )
         self.transformer_encoder = _Encoder(
             (
@@ -865,23 +832,10 @@ class TahoeX1Family:
         **unknown: Any,
     ) -> LoadedModel:
         """Load a published Tahoe-X1 folder (``model.safetensors``, the two YAML configs, ``vocab.json``)."""
-        if unknown:
-            msg = f"tahoe-x1 does not take the option(s) {', '.join(sorted(unknown))}; it takes max_length, seed"
-            raise ConfigError(msg)
-        folder = Path(checkpoint).expanduser()
-        if not folder.is_dir():
-            msg = (
-                f"Tahoe-X1 checkpoint folder {folder} does not exist or is not a folder; it must contain "
-                f"{', '.join(REQUIRED_FILES)} (as tahoebio/Tahoe-x1/<size>-model on Hugging Face)"
-            )
-            raise CheckpointError(msg)
-        absent = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
-        if absent:
-            msg = (
-                f"Tahoe-X1 checkpoint folder {folder} lacks {', '.join(absent)}; it must contain "
-                f"{', '.join(REQUIRED_FILES)} (as tahoebio/Tahoe-x1/<size>-model on Hugging Face)"
-            )
-            raise CheckpointError(msg)
+        refuse_unknown_options("tahoe-x1", unknown, ("max_length", "seed"))
+        folder = checkpoint_folder(
+            checkpoint, REQUIRED_FILES, model="Tahoe-X1", origin="as tahoebio/Tahoe-x1/<size>-model on Hugging Face"
+        )
         model_cfg = _read_config(folder / MODEL_CONFIG_FILE, "Tahoe-X1 model config")
         collator_cfg = _read_config(folder / COLLATOR_CONFIG_FILE, "Tahoe-X1 collator config")
         vocab, appended = _read_vocab(folder / VOCAB_FILE)
