@@ -88,7 +88,7 @@ GENE_COLUMN: dict[str, str | None] = {
     "geneformer": "ensembl_id",
 }
 # cells per shape of the default run (released sizes are expensive on a CPU: a 2,048-token cell costs
-# ~40 s in Tahoe-X1 1b on 2 cores); --quick runs the tiny shapes only, QUICK_CELLS each
+# ~50 s in Tahoe-X1 1b on 2 cores); --quick runs the tiny shapes only, QUICK_CELLS each
 CELLS: dict[str, dict[str, int]] = {
     "scgpt": {"tiny": 2000, "whole-human": 32},
     "tahoe-x1": {"tiny": 2000, "70m": 16, "1b": 2, "3b": 1},
