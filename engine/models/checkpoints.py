@@ -69,6 +69,31 @@ def read_json(path: Path, what: str) -> Any:
         raise CheckpointError(msg) from None
 
 
+def read_vocab_json(path: Path, what: str, specials: Sequence[str]) -> tuple[dict[str, int], list[str]]:
+    """A ``vocab.json`` (token -> id 0..V-1) with ``specials`` appended in order when missing.
+
+    Returns the vocabulary and the special tokens that were appended (scGPT's ``embed_data`` and
+    Tahoe-X1's ``prepare_for_inference.py`` both append ``<pad>``, ``<cls>``, ``<eoc>`` this way).
+    """
+    raw = read_json(path, what)
+    if not isinstance(raw, dict) or not raw:
+        msg = f"{what} {path} must be a non-empty JSON object token -> id"
+        raise CheckpointError(msg)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in raw.values()):
+        msg = f"{what} {path}: every id must be an integer"
+        raise CheckpointError(msg)
+    if sorted(raw.values()) != list(range(len(raw))):
+        msg = f"{what} {path}: ids must be 0..{len(raw) - 1}, each used once"
+        raise CheckpointError(msg)
+    vocab = dict(raw)
+    appended = []
+    for tok in specials:
+        if tok not in vocab:
+            vocab[tok] = len(vocab)
+            appended.append(tok)
+    return vocab, appended
+
+
 def read_yaml(path: Path, what: str) -> Any:
     """Parse a YAML file (safe loader: plain data only)."""
     import yaml

@@ -28,7 +28,14 @@ from torch import nn
 from ..datasets import gene_symbols
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
 from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
-from .checkpoints import checkpoint_folder, load_state_dict, read_json, refuse_unknown_options, sha256_file
+from .checkpoints import (
+    checkpoint_folder,
+    load_state_dict,
+    read_json,
+    read_vocab_json,
+    refuse_unknown_options,
+    sha256_file,
+)
 from .layers import ContinuousValueEncoder, GeneEncoder, TorchEncoderLayer
 
 if TYPE_CHECKING:
@@ -516,24 +523,8 @@ class ScGPTModel(nn.Module):
 
 
 def _read_vocab(path: Path) -> tuple[dict[str, int], list[str]]:
-    """``vocab.json`` with ``<pad>``, ``<cls>``, ``<eoc>`` appended when missing (as ``embed_data``)."""
-    raw = read_json(path, "scGPT vocabulary")
-    if not isinstance(raw, dict) or not raw:
-        msg = f"scGPT vocabulary {path} must be a non-empty JSON object token -> id"
-        raise CheckpointError(msg)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in raw.values()):
-        msg = f"scGPT vocabulary {path}: every id must be an integer"
-        raise CheckpointError(msg)
-    if sorted(raw.values()) != list(range(len(raw))):
-        msg = f"scGPT vocabulary {path}: ids must be 0..{len(raw) - 1}, each used once"
-        raise CheckpointError(msg)
-    vocab = dict(raw)
-    appended = []
-    for tok in SPECIAL_TOKENS:
-        if tok not in vocab:
-            vocab[tok] = len(vocab)
-            appended.append(tok)
-    return vocab, appended
+    """``vocab.json`` with ``<pad>``, ``<cls>``, ``<eoc>`` appended when missing, as the official scripts do."""
+    return read_vocab_json(path, "scGPT vocabulary", SPECIAL_TOKENS)
 
 
 def _to_torch_layout(key: str) -> str:

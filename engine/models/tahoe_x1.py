@@ -38,7 +38,7 @@ from .checkpoints import (
     checkpoint_folder,
     describe_files,
     load_state_dict,
-    read_json,
+    read_vocab_json,
     read_yaml,
     refuse_unknown_options,
     save_safetensors,
@@ -755,24 +755,8 @@ class OfficialPooling:
 
 
 def _read_vocab(path: Path) -> tuple[dict[str, int], list[str]]:
-    """``vocab.json`` with ``<pad>``, ``<cls>``, ``<eoc>`` appended when missing (``prepare_for_inference.py``)."""
-    raw = read_json(path, "Tahoe-X1 vocabulary")
-    if not isinstance(raw, dict) or not raw:
-        msg = f"Tahoe-X1 vocabulary {path} must be a non-empty JSON object token -> id"
-        raise CheckpointError(msg)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in raw.values()):
-        msg = f"Tahoe-X1 vocabulary {path}: every id must be an integer"
-        raise CheckpointError(msg)
-    if sorted(raw.values()) != list(range(len(raw))):
-        msg = f"Tahoe-X1 vocabulary {path}: ids must be 0..{len(raw) - 1}, each used once"
-        raise CheckpointError(msg)
-    vocab = dict(raw)
-    appended = []
-    for tok in SPECIAL_TOKENS:
-        if tok not in vocab:
-            vocab[tok] = len(vocab)
-            appended.append(tok)
-    return vocab, appended
+    """``vocab.json`` with ``<pad>``, ``<cls>``, ``<eoc>`` appended when missing, as the official scripts do."""
+    return read_vocab_json(path, "Tahoe-X1 vocabulary", SPECIAL_TOKENS)
 
 
 def _read_config(path: Path, what: str) -> dict[str, Any]:
