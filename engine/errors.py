@@ -59,3 +59,7 @@ class IncompleteStoreError(StoreError):
 
 class WriteError(StoreError):
     """Writing a chunk failed (disk full, permissions, ...); committed chunks are intact."""
+
+
+class ProbeError(CellstrataError):
+    """A probe cannot run on the given store and annotations (missing column, too few cells, ...)."""

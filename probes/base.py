@@ -1,0 +1,176 @@
+"""What every probe task shares: the per-context plan it gets, the metrics it returns, its interface.
+
+A task is a small frozen settings object. The runner asks it to :meth:`Task.plan` which cells it needs
+per context (cell state), gives it the counts of those cells once to :meth:`Task.prepare` references
+that do not depend on the layer (HVG-PCA baseline features, reference pseudotime, DE profiles), and
+then calls :meth:`Task.evaluate` once per (pooling, layer) with that layer's rows, float32, in plan order.
+Everything a task computes from arrays lives in pure functions next to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..engine.errors import ProbeError
+
+ALL_CONTEXT = "all"
+DEFAULT_BOOTSTRAP = 200
+DEFAULT_SEED = 0
+
+
+@dataclass
+class Metric:
+    """One metric of one layer in one context.
+
+    ``replicates`` are bootstrap values drawn with the *same* resample indices for every layer of the
+    context (the task seeds them from its settings and the context only), so differences between layers
+    can be bootstrapped pairwise. ``ci_low``/``ci_high`` are the percentile interval of the replicates
+    unless the task set them otherwise; ``extra`` holds side numbers (p-values, z-scores, fold sd).
+    """
+
+    context: str
+    metric: str
+    value: float
+    n_cells: int
+    replicates: np.ndarray | None = None
+    higher_is_better: bool = True
+    features: str = "std"
+    ci_low: float = float("nan")
+    ci_high: float = float("nan")
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.value = float(self.value)
+        if self.replicates is not None:
+            self.replicates = np.asarray(self.replicates, dtype=np.float64)
+            if np.isnan(self.ci_low) and np.isnan(self.ci_high):
+                from .confidence import percentile_ci
+
+                self.ci_low, self.ci_high = percentile_ci(self.replicates)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["replicates"] = None if self.replicates is None else [float(x) for x in self.replicates]
+        d["extra"] = {k: float(v) for k, v in self.extra.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Metric:
+        d = dict(d)
+        reps = d.pop("replicates")
+        return cls(**d, replicates=None if reps is None else np.asarray(reps, dtype=np.float64))
+
+
+@dataclass
+class ContextPlan:
+    """The cells one context of one task uses.
+
+    ``rows`` are global store/input row indices, sorted ascending and unique; ``obs`` is the annotation
+    of exactly those rows, in that order. ``caps`` reports what subsampling did (cells available,
+    used, the cap). ``reference`` is filled by :meth:`Task.prepare` (layer-independent arrays).
+    """
+
+    task: str
+    context: str
+    rows: np.ndarray
+    obs: pd.DataFrame
+    caps: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rows = np.asarray(self.rows, dtype=np.int64)
+        if len(self.rows) != len(self.obs):
+            raise ValueError(f"{len(self.rows)} rows but {len(self.obs)} obs rows")
+        if len(self.rows) > 1 and not (np.diff(self.rows) > 0).all():
+            raise ValueError("plan rows must be sorted and unique")
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.rows)
+
+    def seed_for(self, seed: int, *salt: str) -> np.random.SeedSequence:
+        """A seed that depends on the task's seed, this context and ``salt`` only (never on the layer)."""
+        digest = hashlib.sha256("\x1f".join((self.task, self.context, *salt)).encode()).digest()
+        return np.random.SeedSequence([seed, int.from_bytes(digest[:8], "little")])
+
+
+class Task:
+    """Base class of probe tasks; subclasses are frozen dataclasses of settings.
+
+    ``name`` is the task's name in results; ``primary_metric`` is the metric the summary ranks layers
+    by (a task may return it under several contexts). ``needs_counts`` says whether :meth:`prepare`
+    needs the counts of the plan's cells (all built-in tasks do, for the HVG-PCA baseline).
+    """
+
+    name: ClassVar[str] = "task"
+    needs_counts: ClassVar[bool] = True
+
+    @property
+    def primary_metric(self) -> str:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """The task's settings as JSON-able values (part of the cache key and of the results)."""
+        out = {"task": self.name}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    def key(self) -> str:
+        blob = json.dumps(self.settings(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def required_columns(self) -> list[str]:
+        """obs columns the task reads (checked before any layer is read)."""
+        raise NotImplementedError
+
+    def plan(self, obs: pd.DataFrame, *, chunk_cells: int) -> list[ContextPlan]:
+        """Validate ``obs`` (all cells, store order) and choose the cells of each context."""
+        raise NotImplementedError
+
+    def prepare(self, plan: ContextPlan, counts: sp.csr_matrix | None, var_names: Sequence[str]) -> None:
+        """Compute layer-independent references into ``plan.reference`` from the plan's counts."""
+
+    def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
+        """Metrics of one layer: ``X`` is ``[plan.n_cells, W]`` float32 in plan row order."""
+        raise NotImplementedError
+
+    def evaluate_baseline(self, plan: ContextPlan) -> list[Metric]:
+        """The same metrics on the HVG-PCA(50) baseline features (``plan.reference['baseline']``)."""
+        return self.evaluate(plan, plan.reference["baseline"])
+
+
+def require_columns(obs: pd.DataFrame, columns: Sequence[str], task: str) -> None:
+    """One clear error naming every missing annotation column and the ones that exist."""
+    missing = [c for c in columns if c not in obs.columns]
+    if missing:
+        have = ", ".join(map(str, obs.columns[:30])) or "(none)"
+        msg = (
+            f"task {task}: obs has no column {', '.join(repr(c) for c in missing)}; it has: {have}. "
+            "Pass the column that holds it (see `cellstrata probe --help`)"
+        )
+        raise ProbeError(msg)
+
+
+def contexts_of(obs: pd.DataFrame, context_key: str | None) -> list[tuple[str, np.ndarray]]:
+    """``[(name, row indices)]``: one per value of ``context_key`` (sorted), or one ``all`` context."""
+    if context_key is None:
+        return [(ALL_CONTEXT, np.arange(len(obs), dtype=np.int64))]
+    values = obs[context_key]
+    if values.isna().any():
+        values = values.astype(object).where(values.notna(), None)
+    out = []
+    codes, uniques = pd.factorize(values, sort=True)
+    for i, u in enumerate(uniques):
+        out.append((str(u), np.flatnonzero(codes == i).astype(np.int64)))
+    return out
