@@ -33,8 +33,8 @@ class Metric:
 
     ``replicates`` are bootstrap values drawn with the *same* resample indices for every layer of the
     context (the task seeds them from its settings and the context only), so differences between layers
-    can be bootstrapped pairwise. ``ci_low``/``ci_high`` are the percentile interval of the replicates
-    unless the task set them otherwise; ``extra`` holds side numbers (p-values, z-scores, fold sd).
+    can be bootstrapped pairwise. ``ci_low``/``ci_high`` are the bias-corrected percentile interval of the
+    replicates unless the task set them otherwise; ``extra`` holds side numbers (p-values, z-scores, fold sd).
     """
 
     context: str
@@ -55,7 +55,7 @@ class Metric:
             if np.isnan(self.ci_low) and np.isnan(self.ci_high):
                 from .confidence import percentile_ci
 
-                self.ci_low, self.ci_high = percentile_ci(self.replicates)
+                self.ci_low, self.ci_high = percentile_ci(self.replicates, center=self.value)
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
