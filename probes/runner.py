@@ -1,0 +1,507 @@
+"""The lazy layer-wise runner: plan cells per task, read only those rows of only the asked layers, cache.
+
+``probe(store, adata, tasks)``:
+
+1. reads the obs columns the tasks need and checks they align with the store's cells;
+2. asks every task for its per-context plans (sorted row subsets, capped and reported);
+3. reads the counts of the planned cells once, for the layer-independent references (HVG-PCA baseline,
+   reference pseudotime, DE profiles);
+4. builds one Dask task per (pooling, layer) that reads the union of planned rows of that one layer,
+   one store chunk at a time, and evaluates every task on it; the layers run in parallel on Dask's
+   threaded scheduler;
+5. caches every (task settings, context, cells, pooling, layer) result inside the store under
+   ``probes/``, so re-running the same probe, or adding a task or layer, only computes what is new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import zarr
+
+from ..engine.errors import CellstrataError, ProbeError
+from ..engine.store import Store, open_store
+from .base import ContextPlan, Metric, Task
+
+log = logging.getLogger("cellstrata.probes")
+
+CACHE_GROUP = "probes"
+BASELINE_POOLING = "hvg_pca50"
+COUNTS_BLOCK = 8192
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+
+
+@dataclass
+class ProbeResults:
+    """Everything a probe run produced.
+
+    ``table`` is the tidy table (one row per task, context, pooling, layer, metric; baseline rows have
+    pooling ``hvg_pca50`` and no layer). ``replicates[(task, context, pooling, metric)]`` is the
+    ``[n_layers_evaluated, B]`` matrix of paired bootstrap replicates, rows in ``layers`` order.
+    """
+
+    table: pd.DataFrame
+    replicates: dict[tuple[str, str, str, str], np.ndarray]
+    layers: list[int]
+    n_layers: int
+    primary: dict[str, str]
+    higher_is_better: dict[tuple[str, str], bool]
+    caps: dict[str, dict[str, Any]]
+    settings: dict[str, dict[str, Any]]
+    store: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def probe(
+    store: str | os.PathLike[str] | Store,
+    adata: Any,
+    tasks: Sequence[Task] | Task,
+    *,
+    layers: str | Iterable[int] = "all",
+    pooling: str | Sequence[str] | None = None,
+    counts_layer: str | None = None,
+    n_jobs: int | None = None,
+    cache: bool = True,
+    baseline: bool = True,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    progress: bool = False,
+) -> ProbeResults:
+    """Evaluate ``tasks`` on every requested layer and pooling of ``store``; see the module docstring.
+
+    ``adata``: the AnnData (path, object or open source) the store was extracted from; its obs holds the
+    annotations and ``counts_layer`` (default: the matrix the store was extracted from) the raw counts.
+    ``layers``: ``"all"`` or store layer indices (0 = embedding output, L = last block; negative counts
+    from the end). ``pooling``: names in the store (default: all of them).
+    """
+    from ..engine.sources import open_source
+
+    t_start = time.perf_counter()
+    st = store if isinstance(store, Store) else open_store(store)
+    st.require_complete()
+    tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+    if not tasks:
+        raise ProbeError("no probe task given; choose at least one (cell_type, knn_transfer, clustering, ...)")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ProbeError(f"each task may be given once per run, got {', '.join(names)}")
+    poolings = _poolings(st, pooling)
+    layer_list = _layers(st, layers)
+    src_layer = counts_layer if counts_layer is not None else st.attrs.get("source", {}).get("layer")
+    try:
+        source = open_source(adata, layer=src_layer)
+    except CellstrataError as err:
+        raise ProbeError(f"cannot read the annotations: {err}") from None
+    needed = sorted({c for t in tasks for c in t.required_columns()})
+    obs_all = source.read_obs(needed) if needed else pd.DataFrame(index=source.obs_names)
+    order = _align(st, source.obs_names)
+    obs = obs_all.iloc[order].reset_index(drop=True) if order is not None else obs_all.reset_index(drop=True)
+    obs.index = pd.Index(st.obs_names())
+    valid = _valid_cells(st)
+
+    plans: dict[str, list[ContextPlan]] = {}
+    caps: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        sub = obs if valid is None else obs.iloc[np.flatnonzero(valid)]
+        task_plans = task.plan(sub, chunk_cells=st.chunk_cells)
+        if valid is not None:  # plan rows are positions in ``sub``; make them store rows
+            keep = np.flatnonzero(valid)
+            for p in task_plans:
+                p.rows = keep[p.rows]
+                p.caps["excluded_empty_cells"] = int((~valid).sum())
+        plans[task.name] = task_plans
+        for p in task_plans:
+            caps[f"{task.name}/{p.context}"] = dict(p.caps)
+    t_plan = time.perf_counter()
+
+    union = np.unique(np.concatenate([p.rows for ps in plans.values() for p in ps]))
+    counts = _read_counts(source, union if order is None else order[union], any(t.needs_counts for t in tasks))
+    for task in tasks:
+        for p in plans[task.name]:
+            sub_counts = None if counts is None else counts[np.searchsorted(union, p.rows)]
+            task.prepare(p, sub_counts, source.gene_names)
+    t_prep = time.perf_counter()
+
+    cache_store = _Cache(st, enabled=cache)
+    store_key = _store_key(st, obs, needed)
+    results: dict[str, list[Metric]] = {}
+    todo: list[tuple[str, int]] = []
+    keys: dict[tuple[str, int, str, str], str] = {}
+    for pool in poolings:
+        for layer in layer_list:
+            missing = False
+            for task in tasks:
+                for p in plans[task.name]:
+                    k = _result_key(store_key, task, p, pool, layer)
+                    keys[(pool, layer, task.name, p.context)] = k
+                    hit = cache_store.get(k)
+                    if hit is None:
+                        missing = True
+                    else:
+                        results[k] = hit
+            if missing:
+                todo.append((pool, layer))
+    n_cached = len(poolings) * len(layer_list) - len(todo)
+    if todo:
+        computed = _compute(
+            st, todo, tasks, plans, union, n_jobs=n_jobs, memory_budget=memory_budget, progress=progress
+        )
+        for (pool, layer), per_task in computed.items():
+            for (task_name, context), metrics in per_task.items():
+                k = keys[(pool, layer, task_name, context)]
+                results[k] = metrics
+                cache_store.put(k, metrics)
+    t_layers = time.perf_counter()
+
+    base_results: dict[tuple[str, str], list[Metric]] = {}
+    if baseline:
+        for task in tasks:
+            for p in plans[task.name]:
+                k = _result_key(store_key, task, p, BASELINE_POOLING, -1)
+                hit = cache_store.get(k)
+                if hit is None:
+                    hit = task.evaluate_baseline(p)
+                    cache_store.put(k, hit)
+                base_results[(task.name, p.context)] = hit
+    t_end = time.perf_counter()
+
+    out = _assemble(st, tasks, plans, poolings, layer_list, keys, results, base_results)
+    out.caps = caps
+    out.timings = {
+        "plan_s": t_plan - t_start,
+        "references_s": t_prep - t_plan,
+        "layers_s": t_layers - t_prep,
+        "baseline_s": t_end - t_layers,
+        "total_s": t_end - t_start,
+        "layer_evaluations": float(len(todo)),
+        "layer_evaluations_cached": float(n_cached),
+    }
+    log.info("probe finished in %.1f s (%d layer evaluations, %d from cache)", t_end - t_start, len(todo), n_cached)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _poolings(st: Store, pooling: str | Sequence[str] | None) -> list[str]:
+    if pooling is None:
+        return st.poolings
+    wanted = [pooling] if isinstance(pooling, str) else list(pooling)
+    bad = [p for p in wanted if p not in st.poolings]
+    if bad:
+        raise ProbeError(f"pooling {', '.join(map(repr, bad))} is not in {st.path}; it has {', '.join(st.poolings)}")
+    return wanted
+
+
+def _layers(st: Store, layers: str | Iterable[int]) -> list[int]:
+    n = st.n_layers + 1
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ProbeError(f"layers must be 'all' or store layer indices 0..{n - 1}, got {layers!r}")
+        return list(range(n))
+    out = []
+    for layer in layers:
+        i = int(layer)
+        if not -n <= i < n:
+            raise ProbeError(f"layer {i} is not in {st.path}: it has layers 0..{n - 1} (0 = embedding output)")
+        out.append(i % n)
+    if not out:
+        raise ProbeError("no layer selected")
+    return sorted(set(out))
+
+
+def _align(st: Store, input_names: np.ndarray) -> np.ndarray | None:
+    """None when the input's cells are the store's cells in order; else the input row of each store cell."""
+    store_names = st.obs_names()
+    input_names = np.asarray(input_names).astype(str)
+    if len(input_names) == len(store_names) and (input_names == store_names).all():
+        return None
+    pos = pd.Index(input_names)
+    if not pos.is_unique:
+        raise ProbeError("the annotations' obs_names are not unique; make them unique (obs_names_make_unique)")
+    idx = pos.get_indexer(store_names)
+    if (idx < 0).any():
+        missing = store_names[idx < 0]
+        msg = (
+            f"obs is not aligned with the store's cells: {len(missing)} of the store's {len(store_names)} cells "
+            f"(e.g. {missing[0]!r}) are not in the annotations ({len(input_names)} cells). Pass the AnnData the "
+            "store was extracted from"
+        )
+        raise ProbeError(msg)
+    return idx.astype(np.int64)
+
+
+def _valid_cells(st: Store) -> np.ndarray | None:
+    """Mask of cells with at least one gene token (None when all have); empty cells' gene poolings are NaN."""
+    n_tokens = np.asarray(st.group["n_tokens"][:])
+    valid = n_tokens > 0
+    return None if valid.all() else valid
+
+
+def _read_counts(source: Any, rows: np.ndarray, needed: bool) -> sp.csr_matrix | None:
+    """CSR counts of ``rows`` (sorted input rows), reading only the row blocks that hold them."""
+    if not needed or len(rows) == 0:
+        return None
+    order = np.argsort(rows, kind="stable")
+    rows_sorted = rows[order]
+    parts = []
+    blocks = np.unique(rows_sorted // COUNTS_BLOCK)
+    for b in blocks:
+        lo, hi = b * COUNTS_BLOCK, min((b + 1) * COUNTS_BLOCK, source.n_cells)
+        sel = rows_sorted[(rows_sorted >= lo) & (rows_sorted < hi)]
+        block = source.read(int(sel[0]), int(sel[-1]) + 1)
+        parts.append(block.X[sel - sel[0]])
+    X = sp.vstack(parts, format="csr")
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return sp.csr_matrix(X[inverse])
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def read_layer_rows(array: zarr.Array, layer: int, rows: np.ndarray, chunk_cells: int) -> np.ndarray:
+    """Rows ``rows`` (sorted) of ``array[layer]`` as float32, reading each touched chunk once."""
+    out = np.empty((len(rows), array.shape[2]), dtype=np.float32)
+    chunk_of = rows // chunk_cells
+    bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+    for part in np.split(np.arange(len(rows)), bounds):
+        if len(part) == 0:
+            continue
+        lo, hi = int(rows[part[0]]), int(rows[part[-1]]) + 1
+        block = array[layer, lo:hi]
+        out[part] = block[rows[part] - lo]
+    return out
+
+
+def _evaluate_layer(
+    st: Store,
+    pooling: str,
+    layer: int,
+    tasks: Sequence[Task],
+    plans: dict[str, list[ContextPlan]],
+    union: np.ndarray,
+) -> dict[tuple[str, str], list[Metric]]:
+    X = read_layer_rows(st.group["pooled"][pooling], layer, union, st.chunk_cells)
+    bad = ~np.isfinite(X).all(axis=1)
+    if bad.any():
+        msg = (
+            f"{int(bad.sum())} cells have NaN or inf in pooling {pooling!r} at layer {layer} of {st.path} "
+            "(float16 overflow or cells without gene tokens); re-extract with --dtype float32, or probe "
+            "another pooling"
+        )
+        raise ProbeError(msg)
+    out = {}
+    for task in tasks:
+        for p in plans[task.name]:
+            out[(task.name, p.context)] = task.evaluate(p, X[np.searchsorted(union, p.rows)])
+    return out
+
+
+def _compute(
+    st: Store,
+    todo: list[tuple[str, int]],
+    tasks: Sequence[Task],
+    plans: dict[str, list[ContextPlan]],
+    union: np.ndarray,
+    *,
+    n_jobs: int | None,
+    memory_budget: int,
+    progress: bool,
+) -> dict[tuple[str, int], dict[tuple[str, str], list[Metric]]]:
+    """Evaluate the (pooling, layer) pairs of ``todo`` in parallel on Dask's threaded scheduler."""
+    import dask
+    from threadpoolctl import threadpool_limits
+
+    width = max(st.group["pooled"][p].shape[2] for p, _ in todo)
+    per_layer = max(len(union) * width * 4 * 4, 1)  # the rows, a standardised copy, PCA and slack
+    cpus = os.cpu_count() or 1
+    workers = n_jobs or min(cpus, len(todo))
+    workers = int(max(1, min(workers, len(todo), memory_budget // per_layer)))
+    log.info("evaluating %d layer(s) on %d thread(s)", len(todo), workers)
+    delayed = [dask.delayed(_evaluate_layer)(st, pool, layer, tasks, plans, union) for pool, layer in todo]
+    limit = threadpool_limits(limits=max(1, cpus // workers)) if workers > 1 else contextlib.nullcontext()
+    with limit:
+        if progress:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar():
+                values = dask.compute(*delayed, scheduler="threads", num_workers=workers)
+        else:
+            values = dask.compute(*delayed, scheduler="threads", num_workers=workers)
+    return dict(zip(todo, values, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _store_key(st: Store, obs: pd.DataFrame, columns: Sequence[str]) -> str:
+    h = hashlib.sha256(str(st.attrs.get("config_hash")).encode())
+    for c in columns:
+        h.update(c.encode())
+        h.update(pd.util.hash_pandas_object(obs[c].astype(str), index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def _result_key(store_key: str, task: Task, plan: ContextPlan, pooling: str, layer: int) -> str:
+    h = hashlib.sha256(store_key.encode())
+    h.update(json.dumps(task.settings(), sort_keys=True, default=str).encode())
+    h.update(f"\x1f{plan.context}\x1f{pooling}\x1f{layer}\x1f".encode())
+    h.update(plan.rows.tobytes())
+    return h.hexdigest()[:32]
+
+
+class _Cache:
+    """Results inside the store: group ``probes/<key>`` with the metrics as its ``result`` attribute."""
+
+    def __init__(self, st: Store, *, enabled: bool):
+        self.group: zarr.Group | None = None
+        if not enabled:
+            return
+        try:
+            root = zarr.open_group(str(st.path), mode="r+")
+            self.group = root.require_group(CACHE_GROUP)
+        except Exception as err:  # read-only media, permissions
+            log.warning("cannot cache probe results in %s (%s); they will be recomputed next time", st.path, err)
+
+    def get(self, key: str) -> list[Metric] | None:
+        if self.group is None:
+            return None
+        try:
+            entry = self.group[key]
+        except KeyError:
+            return None
+        try:
+            return [Metric.from_json(m) for m in entry.attrs["result"]]
+        except Exception:  # a partial or older entry: recompute it
+            return None
+
+    def put(self, key: str, metrics: list[Metric]) -> None:
+        if self.group is None:
+            return
+        try:
+            entry = self.group.require_group(key)
+            entry.attrs["result"] = [m.to_json() for m in metrics]
+        except Exception as err:
+            log.warning("cannot cache a probe result in the store (%s)", err)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tidy table
+# --------------------------------------------------------------------------------------------------
+
+
+def _assemble(
+    st: Store,
+    tasks: Sequence[Task],
+    plans: dict[str, list[ContextPlan]],
+    poolings: list[str],
+    layers: list[int],
+    keys: dict[tuple[str, int, str, str], str],
+    results: dict[str, list[Metric]],
+    base_results: dict[tuple[str, str], list[Metric]],
+) -> ProbeResults:
+    L = st.n_layers
+    rows: list[dict[str, Any]] = []
+    replicates: dict[tuple[str, str, str, str], list[np.ndarray | None]] = {}
+    direction: dict[tuple[str, str], bool] = {}
+    for task in tasks:
+        for p in plans[task.name]:
+            base = {m.metric: m for m in base_results.get((task.name, p.context), [])}
+            for pool in poolings:
+                for layer in layers:
+                    for m in results[keys[(pool, layer, task.name, p.context)]]:
+                        direction[(task.name, m.metric)] = m.higher_is_better
+                        rows.append(_row(task.name, pool, layer, L, m, base.get(m.metric)))
+                        replicates.setdefault((task.name, m.context, pool, m.metric), []).append(m.replicates)
+            for m in base.values():
+                rows.append(_row(task.name, BASELINE_POOLING, None, L, m, None))
+    table = pd.DataFrame(rows)
+    table = _add_final(table, L)
+    reps = {}
+    for k, v in replicates.items():
+        if all(r is not None for r in v) and len({len(r) for r in v}) == 1:
+            reps[k] = np.vstack(v)
+    return ProbeResults(
+        table=table,
+        replicates=reps,
+        layers=layers,
+        n_layers=L,
+        primary={t.name: t.primary_metric for t in tasks},
+        higher_is_better=direction,
+        caps={},
+        settings={t.name: t.settings() for t in tasks},
+        store={
+            "path": str(st.path),
+            "model": st.attrs.get("model", {}).get("family"),
+            "preset": st.attrs.get("model", {}).get("preset"),
+            "checkpoint": st.attrs.get("model", {}).get("checkpoint"),
+            "n_layers": L,
+            "official_layer": st.attrs.get("official_layer"),
+            "n_cells": st.n_cells,
+        },
+    )
+
+
+TABLE_COLUMNS = [
+    "task", "context", "pooling", "layer", "depth", "metric", "value", "ci_low", "ci_high", "n_cells",
+    "features", "higher_is_better", "baseline", "final_value", "gain_vs_final",
+]  # fmt: skip
+
+
+def _row(task: str, pooling: str, layer: int | None, L: int, m: Metric, base: Metric | None) -> dict[str, Any]:
+    row = {
+        "task": task,
+        "context": m.context,
+        "pooling": pooling,
+        "layer": layer,
+        "depth": None if layer is None else layer / L,
+        "metric": m.metric,
+        "value": m.value,
+        "ci_low": m.ci_low,
+        "ci_high": m.ci_high,
+        "n_cells": m.n_cells,
+        "features": m.features,
+        "higher_is_better": m.higher_is_better,
+        "baseline": None if base is None else base.value,
+    }
+    row.update(m.extra)
+    return row
+
+
+def _add_final(table: pd.DataFrame, L: int) -> pd.DataFrame:
+    """Columns ``final_value`` (the last layer's value of the same series) and ``gain_vs_final``."""
+    if table.empty:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    layer_rows = table["layer"].notna()
+    finals = table[layer_rows & (table["layer"] == L)].set_index(["task", "context", "pooling", "metric"])["value"]
+    idx = pd.MultiIndex.from_frame(table[["task", "context", "pooling", "metric"]])
+    table["final_value"] = finals.reindex(idx).to_numpy()
+    table.loc[~layer_rows, "final_value"] = np.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = (table["value"] - table["final_value"]) / table["final_value"].abs()
+    table["gain_vs_final"] = gain.where(table["final_value"] != 0)
+    table["layer"] = table["layer"].astype("Int64")
+    extra = [c for c in table.columns if c not in TABLE_COLUMNS]
+    return table[TABLE_COLUMNS + extra]
