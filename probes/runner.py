@@ -129,38 +129,38 @@ def probe(
             caps[f"{task.name}/{p.context}"] = dict(p.caps)
     t_plan = time.perf_counter()
 
-    union = np.unique(np.concatenate([p.rows for ps in plans.values() for p in ps]))
-    counts = _read_counts(source, union if order is None else order[union], any(t.needs_counts for t in tasks))
-    for task in tasks:
-        for p in plans[task.name]:
+    cache_store = _Cache(st, enabled=cache)
+    store_key = _store_key(st, obs, needed)
+    results: dict[str, list[Metric]] = {}
+    keys: dict[tuple[str, int, str, str], str] = {}
+    todo: dict[tuple[str, int], set[tuple[str, str]]] = {}
+    for pool in [*poolings, BASELINE_POOLING] if baseline else poolings:
+        for layer in [-1] if pool == BASELINE_POOLING else layer_list:
+            for task in tasks:
+                for p in plans[task.name]:
+                    k = keys[(pool, layer, task.name, p.context)] = _result_key(store_key, task, p, pool, layer)
+                    hit = cache_store.get(k)
+                    if hit is None:
+                        todo.setdefault((pool, layer), set()).add((task.name, p.context))
+                    else:
+                        results[k] = hit
+    n_total = len(poolings) * len(layer_list)
+    layer_todo = {k: v for k, v in todo.items() if k[0] != BASELINE_POOLING}
+
+    # only the plans with something left to compute need their references (and so the counts)
+    pending = set().union(*todo.values()) if todo else set()
+    to_prepare = [(t, p) for t in tasks for p in plans[t.name] if (t.name, p.context) in pending]
+    if to_prepare:
+        union = np.unique(np.concatenate([p.rows for _, p in to_prepare]))
+        rows = union if order is None else order[union]
+        counts = _read_counts(source, rows, any(t.needs_counts for t, _ in to_prepare))
+        for task, p in to_prepare:
             sub_counts = None if counts is None else counts[np.searchsorted(union, p.rows)]
             task.prepare(p, sub_counts, source.gene_names)
     t_prep = time.perf_counter()
 
-    cache_store = _Cache(st, enabled=cache)
-    store_key = _store_key(st, obs, needed)
-    results: dict[str, list[Metric]] = {}
-    todo: list[tuple[str, int]] = []
-    keys: dict[tuple[str, int, str, str], str] = {}
-    for pool in poolings:
-        for layer in layer_list:
-            missing = False
-            for task in tasks:
-                for p in plans[task.name]:
-                    k = _result_key(store_key, task, p, pool, layer)
-                    keys[(pool, layer, task.name, p.context)] = k
-                    hit = cache_store.get(k)
-                    if hit is None:
-                        missing = True
-                    else:
-                        results[k] = hit
-            if missing:
-                todo.append((pool, layer))
-    n_cached = len(poolings) * len(layer_list) - len(todo)
-    if todo:
-        computed = _compute(
-            st, todo, tasks, plans, union, n_jobs=n_jobs, memory_budget=memory_budget, progress=progress
-        )
+    if layer_todo:
+        computed = _compute(st, layer_todo, tasks, plans, n_jobs=n_jobs, memory_budget=memory_budget, progress=progress)
         for (pool, layer), per_task in computed.items():
             for (task_name, context), metrics in per_task.items():
                 k = keys[(pool, layer, task_name, context)]
@@ -172,12 +172,11 @@ def probe(
     if baseline:
         for task in tasks:
             for p in plans[task.name]:
-                k = _result_key(store_key, task, p, BASELINE_POOLING, -1)
-                hit = cache_store.get(k)
-                if hit is None:
-                    hit = task.evaluate_baseline(p)
-                    cache_store.put(k, hit)
-                base_results[(task.name, p.context)] = hit
+                k = keys[(BASELINE_POOLING, -1, task.name, p.context)]
+                if k not in results:
+                    results[k] = task.evaluate_baseline(p)
+                    cache_store.put(k, results[k])
+                base_results[(task.name, p.context)] = results[k]
     t_end = time.perf_counter()
 
     out = _assemble(st, tasks, plans, poolings, layer_list, keys, results, base_results)
@@ -188,10 +187,15 @@ def probe(
         "layers_s": t_layers - t_prep,
         "baseline_s": t_end - t_layers,
         "total_s": t_end - t_start,
-        "layer_evaluations": float(len(todo)),
-        "layer_evaluations_cached": float(n_cached),
+        "layer_evaluations": float(len(layer_todo)),
+        "layer_evaluations_cached": float(n_total - len(layer_todo)),
     }
-    log.info("probe finished in %.1f s (%d layer evaluations, %d from cache)", t_end - t_start, len(todo), n_cached)
+    log.info(
+        "probe finished in %.1f s (%d of %d layer evaluations computed, the rest from the cache)",
+        t_end - t_start,
+        len(layer_todo),
+        n_total,
+    )
     return out
 
 
@@ -297,10 +301,10 @@ def _evaluate_layer(
     st: Store,
     pooling: str,
     layer: int,
-    tasks: Sequence[Task],
-    plans: dict[str, list[ContextPlan]],
-    union: np.ndarray,
+    work: list[tuple[Task, ContextPlan]],
 ) -> dict[tuple[str, str], list[Metric]]:
+    """Read the union of ``work``'s rows of one layer and evaluate each (task, plan) on its rows."""
+    union = np.unique(np.concatenate([p.rows for _, p in work]))
     X = read_layer_rows(st.group["pooled"][pooling], layer, union, st.chunk_cells)
     bad = ~np.isfinite(X).all(axis=1)
     if bad.any():
@@ -310,35 +314,35 @@ def _evaluate_layer(
             "another pooling"
         )
         raise ProbeError(msg)
-    out = {}
-    for task in tasks:
-        for p in plans[task.name]:
-            out[(task.name, p.context)] = task.evaluate(p, X[np.searchsorted(union, p.rows)])
-    return out
+    return {(task.name, p.context): task.evaluate(p, X[np.searchsorted(union, p.rows)]) for task, p in work}
 
 
 def _compute(
     st: Store,
-    todo: list[tuple[str, int]],
+    todo: dict[tuple[str, int], set[tuple[str, str]]],
     tasks: Sequence[Task],
     plans: dict[str, list[ContextPlan]],
-    union: np.ndarray,
     *,
     n_jobs: int | None,
     memory_budget: int,
     progress: bool,
 ) -> dict[tuple[str, int], dict[tuple[str, str], list[Metric]]]:
-    """Evaluate the (pooling, layer) pairs of ``todo`` in parallel on Dask's threaded scheduler."""
+    """Evaluate the missing (task, context) pairs of each (pooling, layer) in parallel on Dask threads."""
     import dask
     from threadpoolctl import threadpool_limits
 
-    width = max(st.group["pooled"][p].shape[2] for p, _ in todo)
-    per_layer = max(len(union) * width * 4 * 4, 1)  # the rows, a standardised copy, PCA and slack
+    work = {
+        key: [(t, p) for t in tasks for p in plans[t.name] if (t.name, p.context) in pairs]
+        for key, pairs in todo.items()
+    }
+    n_rows = max(len(np.unique(np.concatenate([p.rows for _, p in w]))) for w in work.values())
+    width = max(st.group["pooled"][pool].shape[2] for pool, _ in work)
+    per_layer = max(n_rows * width * 4 * 4, 1)  # the rows, a standardised copy, PCA and slack
     cpus = os.cpu_count() or 1
-    workers = n_jobs or min(cpus, len(todo))
-    workers = int(max(1, min(workers, len(todo), memory_budget // per_layer)))
-    log.info("evaluating %d layer(s) on %d thread(s)", len(todo), workers)
-    delayed = [dask.delayed(_evaluate_layer)(st, pool, layer, tasks, plans, union) for pool, layer in todo]
+    workers = n_jobs or min(cpus, len(work))
+    workers = int(max(1, min(workers, len(work), memory_budget // per_layer)))
+    log.info("evaluating %d layer(s) on %d thread(s)", len(work), workers)
+    delayed = [dask.delayed(_evaluate_layer)(st, pool, layer, w) for (pool, layer), w in work.items()]
     limit = threadpool_limits(limits=max(1, cpus // workers)) if workers > 1 else contextlib.nullcontext()
     with limit:
         if progress:
@@ -348,7 +352,7 @@ def _compute(
                 values = dask.compute(*delayed, scheduler="threads", num_workers=workers)
         else:
             values = dask.compute(*delayed, scheduler="threads", num_workers=workers)
-    return dict(zip(todo, values, strict=True))
+    return dict(zip(work, values, strict=True))
 
 
 # --------------------------------------------------------------------------------------------------
