@@ -6,6 +6,7 @@ store = cs.extract("atlas.h5ad", model="scgpt", checkpoint="scGPT_human", out="r
 store = cs.open_store("run.zarr")
 store.layers("mean")   # dask array [L+1, N, H]
 store.to_xarray()
+res = cs.probe("run.zarr", "atlas.h5ad", tasks)   # which layer is best, per task and cell state (cellstrata.probes)
 ```
 """
 
@@ -21,6 +22,7 @@ _PUBLIC = {
     "Store": ("cellstrata.engine.store", "Store"),
     "CellstrataError": ("cellstrata.engine.errors", "CellstrataError"),
     "synthetic_dataset": ("cellstrata.engine.datasets", "synthetic_dataset"),
+    "probe": ("cellstrata.probes.runner", "probe"),
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -1,4 +1,4 @@
-"""The ``cellstrata`` command: extract, info, init-checkpoint, demo.
+"""The ``cellstrata`` command: extract, info, probe, init-checkpoint, demo.
 
 User mistakes end with one line on stderr and a non-zero exit, never a traceback; an interrupted
 extraction keeps every committed chunk and says how to resume.
@@ -11,8 +11,9 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .engine.errors import CellstrataError
+from .engine.errors import CellstrataError, ProbeError
 
 log = logging.getLogger("cellstrata")
 
@@ -111,6 +112,98 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layers_arg(value: str) -> str | list[int]:
+    if value.strip() == "all":
+        return "all"
+    try:
+        return [int(v) for v in _csv(value)]
+    except ValueError:
+        msg = f"expected 'all' or comma-separated layer indices, got {value!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    from .probes.tasks import task_names
+
+    p = sub.add_parser(
+        "probe",
+        help="evaluate probe tasks on every layer of a store: which layer is best, per task and cell state",
+        description="Evaluate probe tasks on every layer of STORE lazily (only the needed rows of the needed "
+        "layers are read; results are cached in the store) and write results.csv, summary.md and layers.png "
+        "into --out. Tasks: " + ", ".join(task_names()) + ".",
+    )
+    p.add_argument("store", help="a store written by cellstrata extract")
+    p.add_argument("--adata", required=True, help="the .h5ad/.zarr AnnData the store was extracted from (obs, counts)")
+    p.add_argument("--task", type=_csv, required=True, help="tasks, comma-separated (e.g. cell_type,trajectory)")
+    p.add_argument("--out", required=True, help="folder for the report")
+    p.add_argument("--pooling", type=_csv, default=None, help="poolings to probe, comma-separated (default: all)")
+    p.add_argument("--layers", type=_layers_arg, default="all", help="'all' or layer indices, e.g. 0,6,12")
+    p.add_argument("--label-key", default=None, help="obs column of cell labels (cell_type, knn_transfer, clustering)")
+    p.add_argument("--context-key", default=None, help="obs column of cell states: every task runs per state")
+    p.add_argument("--group-key", default=None, help="obs column of donors/batches: folds hold out whole groups")
+    p.add_argument("--time-key", default=None, help="obs column of real time (trajectory)")
+    p.add_argument("--perturbation-key", default=None, help="obs column of perturbation labels (perturbation)")
+    p.add_argument("--control", default=None, help="the control label in --perturbation-key (perturbation)")
+    p.add_argument("--counts-layer", default=None, help="matrix holding raw counts (default: the one extracted)")
+    p.add_argument("--n-boot", type=int, default=None, help="bootstrap replicates for CIs (default 200)")
+    p.add_argument("--seed", type=int, default=None, help="seed of folds, subsamples and bootstraps (default 0)")
+    p.add_argument("--n-jobs", type=int, default=None, help="layers evaluated in parallel (default: cores)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TASK.SETTING=VALUE",
+        help="any other task setting, repeatable (e.g. cell_type.C=0.5, trajectory.n_neighbors=15)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="recompute and do not write results into the store")
+    p.add_argument("--no-baseline", action="store_true", help="skip the HVG-PCA(50) baseline rows")
+    p.set_defaults(func=_cmd_probe)
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from .probes.report import write_report
+    from .probes.runner import probe
+    from .probes.summary import summarize
+    from .probes.tasks import make_task, parse_settings
+
+    shared = {
+        "label_key": args.label_key,
+        "context_key": args.context_key,
+        "group_key": args.group_key,
+        "time_key": args.time_key,
+        "perturbation_key": args.perturbation_key,
+        "control": args.control,
+        "n_boot": args.n_boot,
+        "seed": args.seed,
+    }
+    settings = parse_settings(args.set)
+    unknown = set(settings) - {t.strip().lower().replace("-", "_") for t in args.task}
+    if unknown:
+        raise ProbeError(f"--set names task(s) {', '.join(sorted(unknown))} that are not in --task")
+    tasks = [make_task(t, shared, settings.get(t.strip().lower().replace("-", "_"))) for t in args.task]
+    results = probe(
+        args.store,
+        args.adata,
+        tasks,
+        layers=args.layers,
+        pooling=args.pooling,
+        counts_layer=args.counts_layer,
+        n_jobs=args.n_jobs,
+        cache=not args.no_cache,
+        baseline=not args.no_baseline,
+    )
+    paths = write_report(results, args.out)
+    print_answers(summarize(results))
+    print(f"report: {paths['summary']}, {paths['results']}, {paths['plot']}")
+    return 0
+
+
+def print_answers(summary: Any) -> None:
+    """Print the summary's one-line answers, one per task, context and pooling."""
+    for r in summary.itertuples():
+        print(f"{r.task} [{r.context}, {r.pooling}]: {r.answer}")
+
+
 def _add_init(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "init-checkpoint",
@@ -147,19 +240,21 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="run the built-in end-to-end example (synthetic data, random tiny model)",
         description="Generate a synthetic dataset, write a tiny random checkpoint of --model (default scgpt), "
-        "extract every layer and describe the store.",
+        "extract every layer, describe the store, and probe every layer (cell type, kNN transfer, clustering, "
+        "trajectory, perturbation, per cell state) into a report.",
     )
     p.add_argument("--model", default="scgpt", help="scgpt, tahoe-x1, scfoundation or geneformer")
     p.add_argument("--out", default="cellstrata-demo", help="folder for the demo's files")
     p.add_argument("--cells", type=int, default=2000, help="number of synthetic cells")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-probe", action="store_true", help="stop after the extraction (no probe report)")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), model=args.model, n_cells=args.cells, progress=not args.quiet)
+    run_demo(Path(args.out), model=args.model, n_cells=args.cells, progress=not args.quiet, probe=not args.no_probe)
     return 0
 
 
@@ -172,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_extract(sub)
     _add_info(sub)
+    _add_probe(sub)
     _add_init(sub)
     _add_demo(sub)
     return parser

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
-from .engine.datasets import write_synthetic_h5ad
+from .engine.datasets import CONTROL, write_synthetic_h5ad
+from .engine.errors import ProbeError
 from .engine.models import get_family
 from .engine.pipeline import extract
 from .engine.store import Store
@@ -19,8 +21,24 @@ RANDOM_WEIGHTS_NOTICE = (
 )
 
 
-def run_demo(out: Path, *, model: str = "scgpt", n_cells: int = 2000, progress: bool = True) -> Store:
-    """Synthetic data -> tiny random checkpoint of ``model`` -> all-layer store; prints where things are."""
+# the probe tasks the demo runs on the synthetic annotations (engine/datasets.py), every one per cell state
+DEMO_TASKS: dict[str, dict[str, Any]] = {
+    "cell_type": {"label_key": "cell_type", "group_key": "donor"},
+    "knn_transfer": {"label_key": "cell_type"},
+    "clustering": {"label_key": "cell_type"},
+    "trajectory": {"time_key": "time"},
+    "perturbation": {"perturbation_key": "perturbation", "control": CONTROL},
+}
+DEMO_POOLINGS = ("mean", "official")
+
+
+def run_demo(
+    out: Path, *, model: str = "scgpt", n_cells: int = 2000, progress: bool = True, probe: bool = True
+) -> Store:
+    """Synthetic data -> tiny random checkpoint of ``model`` -> all-layer store -> probe report.
+
+    Prints where everything is; the probe report (every task, per cell state) lands in ``out/probe-<model>``.
+    """
     family = get_family(model)
     model = family.name
     out.mkdir(parents=True, exist_ok=True)
@@ -50,6 +68,11 @@ def run_demo(out: Path, *, model: str = "scgpt", n_cells: int = 2000, progress: 
     print()
     print(store.summary())
     print()
+    if probe:
+        report = out / f"probe-{model}"
+        run_demo_probe(store, data, report)
+        print(f"probe report: {report / 'summary.md'}, {report / 'results.csv'}, {report / 'layers.png'}")
+        print()
     print(f"demo finished in {time.perf_counter() - t0:.1f} s. Next:")
     print(f"  cellstrata info {store_path}")
     print(f"  python -c \"import cellstrata as cs; print(cs.open_store('{store_path}').to_xarray())\"")
@@ -58,5 +81,34 @@ def run_demo(out: Path, *, model: str = "scgpt", n_cells: int = 2000, progress: 
         f"  cellstrata extract {data} --model {model} --checkpoint {ckpt}{genes} --out my.zarr --pool all  "
         "# your own run; re-run to resume"
     )
+    print(
+        f"  cellstrata probe {store_path} --adata {data} --task cell_type,trajectory --label-key cell_type "
+        "--time-key time --context-key cell_state --out my-probe  # which layer is best"
+    )
     print(RANDOM_WEIGHTS_NOTICE)
     return store
+
+
+def run_demo_probe(store: Store, data: Path, report: Path) -> None:
+    """Every probe task on the demo store, per cell state; prints the answers and writes the report."""
+    from .cli import print_answers
+    from .probes.report import write_report
+    from .probes.runner import probe
+    from .probes.summary import summarize
+    from .probes.tasks import make_task
+
+    tasks = [make_task(name, {"context_key": "cell_state", **cols}) for name, cols in DEMO_TASKS.items()]
+    poolings = [p for p in DEMO_POOLINGS if p in store.poolings] or store.poolings[:1]
+    print(f"probing {len(tasks)} tasks x {len(poolings)} poolings x {store.n_layers + 1} layers, per cell state ...")
+    try:
+        results = probe(store, data, tasks, pooling=poolings)
+    except ProbeError as err:
+        print(f"probe skipped: {err} (the demo's probes need about 1000 cells or more: --cells)")
+        return
+    write_report(results, report)
+    print()
+    print_answers(summarize(results))
+    print(
+        "(random weights: expect the HVG-PCA baseline to beat every layer; with a published checkpoint these "
+        "lines answer which layer to use)"
+    )

@@ -108,7 +108,12 @@ def probe(
     except CellstrataError as err:
         raise ProbeError(f"cannot read the annotations: {err}") from None
     needed = sorted({c for t in tasks for c in t.required_columns()})
-    obs_all = source.read_obs(needed) if needed else pd.DataFrame(index=source.obs_names)
+    try:
+        obs_all = source.read_obs(needed) if needed else pd.DataFrame(index=source.obs_names)
+    except CellstrataError as err:
+        users = {c: [t.name for t in tasks if c in t.required_columns()] for c in needed}
+        which = "; ".join(f"{c!r} (needed by {', '.join(u)})" for c, u in users.items())
+        raise ProbeError(f"the tasks need obs columns {which}: {err}") from None
     order = _align(st, source.obs_names)
     obs = obs_all.iloc[order].reset_index(drop=True) if order is not None else obs_all.reset_index(drop=True)
     obs.index = pd.Index(st.obs_names())

@@ -407,7 +407,7 @@ def test_info_and_init_checkpoint_commands(capsys, tmp_path, h5ad):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--cells", "120", "--quiet"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--cells", "120", "--quiet", "--no-probe"]) == 0
     out = capsys.readouterr().out
     assert "RANDOM" in out and "complete" in out
     store = cs.open_store(tmp_path / "demo" / "demo.zarr")
@@ -423,7 +423,8 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     ],
 )
 def test_demo_runs_every_family(tmp_path, capsys, model, poolings):
-    assert main(["demo", "--model", model, "--out", str(tmp_path / "demo"), "--cells", "60", "--quiet"]) == 0
+    args = ["demo", "--model", model, "--out", str(tmp_path / "demo"), "--cells", "60", "--quiet", "--no-probe"]
+    assert main(args) == 0
     assert "RANDOM" in capsys.readouterr().out
     store = cs.open_store(tmp_path / "demo" / f"demo-{model}.zarr")
     assert store.is_complete and set(store.poolings) == poolings
