@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -138,6 +138,15 @@ class Task:
         """Validate ``obs`` (all cells, store order) and choose the cells of each context."""
         raise NotImplementedError
 
+    @property
+    def streaming(self) -> bool:
+        """True when :meth:`evaluate_stream` replaces :meth:`evaluate` (incremental learners over all rows)."""
+        return False
+
+    def counts_rows(self, plan: ContextPlan) -> np.ndarray:
+        """Positions (into ``plan.rows``) whose counts :meth:`prepare` receives; default every planned cell."""
+        return np.arange(plan.n_cells, dtype=np.int64)
+
     def prepare(self, plan: ContextPlan, counts: sp.csr_matrix | None, var_names: Sequence[str]) -> None:
         """Compute layer-independent references into ``plan.reference`` from the plan's counts."""
 
@@ -145,9 +154,35 @@ class Task:
         """Metrics of one layer: ``X`` is ``[plan.n_cells, W]`` float32 in plan row order."""
         raise NotImplementedError
 
+    def evaluate_stream(self, plan: ContextPlan, rows: LayerRows) -> list[Metric]:
+        """Metrics of one layer read chunk by chunk through ``rows`` (only when :attr:`streaming`)."""
+        raise NotImplementedError
+
     def evaluate_baseline(self, plan: ContextPlan) -> list[Metric]:
         """The same metrics on the HVG-PCA(50) baseline features (``plan.reference['baseline']``)."""
         return self.evaluate(plan, plan.reference["baseline"])
+
+
+class LayerRows:
+    """One layer's rows of a plan, readable one store chunk at a time (for streaming tasks).
+
+    ``chunk(i)`` returns ``(positions, X)``: positions into ``plan.rows`` and their float32 features.
+    """
+
+    def __init__(self, read: Callable[[np.ndarray], np.ndarray], rows: np.ndarray, chunk_cells: int):
+        self._read = read
+        chunk_of = rows // chunk_cells
+        bounds = np.flatnonzero(np.diff(chunk_of)) + 1
+        self._parts = [p for p in np.split(np.arange(len(rows), dtype=np.int64), bounds) if len(p)]
+        self._rows = rows
+
+    @property
+    def n_chunks(self) -> int:
+        return len(self._parts)
+
+    def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        part = self._parts[i]
+        return part, self._read(self._rows[part])
 
 
 def require_columns(obs: pd.DataFrame, columns: Sequence[str], task: str) -> None:

@@ -2,6 +2,11 @@
 
 Out-of-fold predictions are computed once per layer; the bootstrap resamples cells on them (the model is
 not refitted per replicate), with the same resamples for every layer so layers can be compared pairwise.
+
+``learner="sgd"`` is the incremental variant for stores too large to hold a layer in memory: a
+``StandardScaler`` and an ``SGDClassifier(loss="log_loss")`` are fitted with ``partial_fit`` over the
+layer's store chunks (``epochs`` passes in a seeded shuffled chunk order), on every cell outside the
+held-out fold, and scored on the held-out fold; memory is one chunk, whatever the number of cells.
 """
 
 from __future__ import annotations
@@ -14,15 +19,18 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LogisticRegression, SGDClassifier
 from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, Metric, Task
+from ..engine.errors import ProbeError
+from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, LayerRows, Metric, Task
+from .confidence import bootstrap_indices
 from .features import as_float32
 from .labels import plan_labels, prepare_labels, splits_of
 from .metrics import label_metrics
+from .sampling import stratified_cap
 
 
 def classification_metrics(
@@ -67,7 +75,8 @@ class CellTypeTask(Task):
 
     Classes with fewer than ``min_cells_per_class`` cells are dropped (reported); at most
     ``max_per_class`` cells per class and ``max_cells`` in total are used (stratified, reported).
-    ``C`` is fixed across layers.
+    ``C`` is fixed across layers. ``learner="sgd"`` streams every planned cell (set the caps to None to
+    use all of them) with ``alpha`` regularisation; its baseline uses ``baseline_max_cells`` cells.
     """
 
     name: ClassVar[str] = "cell_type"
@@ -80,12 +89,33 @@ class CellTypeTask(Task):
     max_per_class: int | None = 2000
     max_cells: int | None = 200_000
     C: float = 1.0
+    learner: str = "logistic"
+    epochs: int = 5
+    alpha: float = 1e-4
+    baseline_max_cells: int = 50_000
     n_boot: int = DEFAULT_BOOTSTRAP
     seed: int = DEFAULT_SEED
+
+    def __post_init__(self) -> None:
+        if self.learner not in LEARNERS:
+            raise ProbeError(f"cell_type learner must be one of {', '.join(LEARNERS)}, got {self.learner!r}")
 
     @property
     def primary_metric(self) -> str:
         return "macro_f1"
+
+    @property
+    def streaming(self) -> bool:
+        return self.learner == "sgd"
+
+    def counts_rows(self, plan: ContextPlan) -> np.ndarray:
+        if not self.streaming:
+            return super().counts_rows(plan)
+        labels = plan.obs[self.label_key].astype(str).to_numpy()
+        pos, _ = stratified_cap(
+            labels, max_per_class=None, max_total=self.baseline_max_cells, seed=plan.seed_for(self.seed, "baseline")
+        )
+        return pos
 
     def required_columns(self) -> list[str]:
         return [c for c in (self.label_key, self.context_key, self.group_key) if c]
@@ -105,10 +135,66 @@ class CellTypeTask(Task):
         )
 
     def prepare(self, plan: ContextPlan, counts: sp.csr_matrix | None, var_names: Any) -> None:
-        prepare_labels(
-            plan, counts, label_key=self.label_key, group_key=self.group_key, n_boot=self.n_boot, seed=self.seed
-        )
+        if not self.streaming:
+            prepare_labels(
+                plan, counts, label_key=self.label_key, group_key=self.group_key, n_boot=self.n_boot, seed=self.seed
+            )
+            return
+        prepare_labels(plan, None, label_key=self.label_key, group_key=self.group_key, n_boot=0, seed=self.seed)
+        test = np.flatnonzero(plan.reference["folds"] == 0)
+        plan.reference["test"] = test
+        plan.reference["test_boot"] = bootstrap_indices(len(test), self.n_boot, plan.seed_for(self.seed, "boot"))
+        if counts is not None:  # the baseline: the in-memory probe on a capped subsample of the counts
+            sub = self.counts_rows(plan)
+            base = ContextPlan(self.name, plan.context, plan.rows[sub], plan.obs.iloc[sub], caps=dict(plan.caps))
+            prepare_labels(
+                base, counts, label_key=self.label_key, group_key=self.group_key, n_boot=self.n_boot, seed=self.seed
+            )
+            plan.reference["baseline_plan"] = base
 
     def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
         y_pred = linear_probe_predictions(X, plan.reference["y"], plan.reference["folds"], C=self.C, seed=self.seed)
         return classification_metrics(plan, y_pred)
+
+    def evaluate_baseline(self, plan: ContextPlan) -> list[Metric]:
+        if not self.streaming:
+            return self.evaluate(plan, plan.reference["baseline"])
+        base = plan.reference["baseline_plan"]
+        return self.evaluate(base, base.reference["baseline"])
+
+    def evaluate_stream(self, plan: ContextPlan, rows: LayerRows) -> list[Metric]:
+        """Incremental fit over the layer's chunks; metrics on the held-out fold (fold 0)."""
+        y, folds = plan.reference["y"], plan.reference["folds"]
+        train = folds != 0
+        classes = np.unique(y)
+        scaler = StandardScaler()
+        for i in range(rows.n_chunks):
+            pos, X = rows.chunk(i)
+            if train[pos].any():
+                scaler.partial_fit(X[train[pos]])
+        clf = SGDClassifier(loss="log_loss", alpha=self.alpha, random_state=self.seed)
+        rng = np.random.default_rng(plan.seed_for(self.seed, "sgd"))  # the same order for every layer
+        for _ in range(self.epochs):
+            for i in rng.permutation(rows.n_chunks):
+                pos, X = rows.chunk(int(i))
+                m = train[pos]
+                if m.any():
+                    shuffle = rng.permutation(int(m.sum()))
+                    clf.partial_fit(scaler.transform(X[m])[shuffle], y[pos][m][shuffle], classes=classes)
+        y_pred = np.empty(len(y), dtype=y.dtype)
+        for i in range(rows.n_chunks):
+            pos, X = rows.chunk(i)
+            m = ~train[pos]
+            if m.any():
+                y_pred[pos[m]] = clf.predict(scaler.transform(X[m]))
+        test = plan.reference["test"]
+        values = label_metrics(y[test], y_pred[test])
+        reps = label_metrics(y[test], y_pred[test], plan.reference["test_boot"])
+        extra = {"n_train": float(train.sum()), "n_test": float(len(test)), "epochs": float(self.epochs)}
+        return [
+            Metric(plan.context, name, float(values[name][0]), len(test), replicates=reps[name], extra=dict(extra))
+            for name in values
+        ]
+
+
+LEARNERS = ("logistic", "sgd")

@@ -32,7 +32,7 @@ import zarr
 
 from ..engine.errors import CellstrataError, ProbeError
 from ..engine.store import Store, open_store
-from .base import ContextPlan, Metric, Task
+from .base import ContextPlan, LayerRows, Metric, Task
 
 log = logging.getLogger("cellstrata.probes")
 
@@ -156,11 +156,12 @@ def probe(
     pending = set().union(*todo.values()) if todo else set()
     to_prepare = [(t, p) for t in tasks for p in plans[t.name] if (t.name, p.context) in pending]
     if to_prepare:
-        union = np.unique(np.concatenate([p.rows for _, p in to_prepare]))
+        wanted = [p.rows[t.counts_rows(p)] for t, p in to_prepare]
+        union = np.unique(np.concatenate(wanted))
         rows = union if order is None else order[union]
         counts = _read_counts(source, rows, any(t.needs_counts for t, _ in to_prepare))
-        for task, p in to_prepare:
-            sub_counts = None if counts is None else counts[np.searchsorted(union, p.rows)]
+        for (task, p), w in zip(to_prepare, wanted, strict=True):
+            sub_counts = None if counts is None else counts[np.searchsorted(union, w)]
             task.prepare(p, sub_counts, source.gene_names)
     t_prep = time.perf_counter()
 
@@ -308,9 +309,39 @@ def _evaluate_layer(
     layer: int,
     work: list[tuple[Task, ContextPlan]],
 ) -> dict[tuple[str, str], list[Metric]]:
-    """Read the union of ``work``'s rows of one layer and evaluate each (task, plan) on its rows."""
-    union = np.unique(np.concatenate([p.rows for _, p in work]))
-    X = read_layer_rows(st.group["pooled"][pooling], layer, union, st.chunk_cells)
+    """Evaluate each (task, plan) of ``work`` on one layer.
+
+    In-memory tasks share one read of the union of their rows; streaming tasks read their rows one store
+    chunk at a time through :class:`LayerRows`.
+    """
+    array = st.group["pooled"][pooling]
+
+    def read(rows: np.ndarray) -> np.ndarray:
+        X = read_layer_rows(array, layer, rows, st.chunk_cells)
+        _check_finite(X, st, pooling, layer)
+        return X
+
+    out: dict[tuple[str, str], list[Metric]] = {}
+    in_memory = [(t, p) for t, p in work if not t.streaming]
+    if in_memory:
+        union = np.unique(np.concatenate([p.rows for _, p in in_memory]))
+        X = read(union)
+        for task, p in in_memory:
+            out[(task.name, p.context)] = task.evaluate(p, X[np.searchsorted(union, p.rows)])
+        del X
+    for task, p in work:
+        if task.streaming:
+            out[(task.name, p.context)] = task.evaluate_stream(p, LayerRows(read, p.rows, st.chunk_cells))
+    return out
+
+
+def _rows_in_memory(work: list[tuple[Task, ContextPlan]]) -> int:
+    """Rows one layer's in-memory tasks hold at once (streaming tasks hold one chunk)."""
+    rows = [p.rows for t, p in work if not t.streaming]
+    return len(np.unique(np.concatenate(rows))) if rows else 0
+
+
+def _check_finite(X: np.ndarray, st: Store, pooling: str, layer: int) -> None:
     bad = ~np.isfinite(X).all(axis=1)
     if bad.any():
         msg = (
@@ -319,7 +350,6 @@ def _evaluate_layer(
             "another pooling"
         )
         raise ProbeError(msg)
-    return {(task.name, p.context): task.evaluate(p, X[np.searchsorted(union, p.rows)]) for task, p in work}
 
 
 def _compute(
@@ -340,7 +370,7 @@ def _compute(
         key: [(t, p) for t in tasks for p in plans[t.name] if (t.name, p.context) in pairs]
         for key, pairs in todo.items()
     }
-    n_rows = max(len(np.unique(np.concatenate([p.rows for _, p in w]))) for w in work.values())
+    n_rows = max(max(_rows_in_memory(w), 2 * st.chunk_cells) for w in work.values())
     width = max(st.group["pooled"][pool].shape[2] for pool, _ in work)
     per_layer = max(n_rows * width * 4 * 4, 1)  # the rows, a standardised copy, PCA and slack
     cpus = os.cpu_count() or 1
