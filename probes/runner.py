@@ -523,7 +523,7 @@ def _row(task: str, pooling: str, layer: int | None, L: int, m: Metric, base: Me
         "n_cells": m.n_cells,
         "features": m.features,
         "higher_is_better": m.higher_is_better,
-        "baseline": None if base is None else base.value,
+        "baseline": float("nan") if base is None else base.value,
     }
     row.update(m.extra)
     return row

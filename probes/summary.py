@@ -101,7 +101,7 @@ def _summarize_series(
 
 def format_layers(layers: np.ndarray) -> str:
     """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
-    layers = sorted(int(x) for x in layers)
+    layers = sorted({int(x) for x in layers})
     if not layers:
         return ""
     runs, start, prev = [], layers[0], layers[0]
