@@ -80,6 +80,9 @@ class PerturbationTask(Task):
     per-perturbation DE gene count of both references. AUROC uses perturbations with at least
     ``auroc_min_cells`` cells and at most ``auroc_max_cells`` cells per class. ``n_boot`` bootstrap
     resamples of perturbations, ``n_permutations`` label permutations (similarity nulls and every E-test).
+    The smallest E-test p-value is ``1 / (n_permutations + 1)``, so BH at 0.05 can call perturbations only
+    when at least ``P / (0.05 (n_permutations + 1))`` of them reach it: use ``n_permutations >= 20 P`` when
+    single strong perturbations among many must count.
     """
 
     name: ClassVar[str] = "perturbation"
