@@ -135,7 +135,7 @@ def probe(
     t_plan = time.perf_counter()
 
     cache_store = _Cache(st, enabled=cache)
-    store_key = _store_key(st, obs, needed)
+    store_key = _store_key(st, obs, needed, source.fingerprint())
     results: dict[str, list[Metric]] = {}
     keys: dict[tuple[str, int, str, str], str] = {}
     todo: dict[tuple[str, int], set[tuple[str, str]]] = {}
@@ -395,8 +395,10 @@ def _compute(
 # --------------------------------------------------------------------------------------------------
 
 
-def _store_key(st: Store, obs: pd.DataFrame, columns: Sequence[str]) -> str:
+def _store_key(st: Store, obs: pd.DataFrame, columns: Sequence[str], counts: dict[str, Any]) -> str:
+    """What every cached result depends on: the store's configuration, the annotations and the counts' matrix."""
     h = hashlib.sha256(str(st.attrs.get("config_hash")).encode())
+    h.update(json.dumps({k: v for k, v in counts.items() if k != "path"}, sort_keys=True, default=str).encode())
     for c in columns:
         h.update(c.encode())
         h.update(pd.util.hash_pandas_object(obs[c].astype(str), index=False).to_numpy().tobytes())
