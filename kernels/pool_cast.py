@@ -221,27 +221,30 @@ def pool_cast_torch(
     n_gene = gene.sum(1, keepdim=True)
     empty = n_gene == 0
     rows = torch.arange(n_cells, device=hidden.device)
-    for p, op in enumerate(spec.ops):
-        if op in ("mean", "sum"):
-            acc = torch.bmm(gene.to(torch.float32)[:, None, :], x.to(torch.float32)).squeeze(1)
-            if op == "mean":
-                acc = acc / n_gene.clamp(min=1)
-            res = acc.masked_fill(empty, float("nan"))
-        elif op == "max":
-            res = _span_max(x, spec.n_leading, lengths - spec.n_trailing).masked_fill(empty, float("nan"))
-        elif op in ("first", "first_l2"):
-            res = x[:, 0, :].to(torch.float32)
-            if op == "first_l2":
-                res = res / res.norm(dim=-1, keepdim=True)
-            res = res.masked_fill((lengths < 1)[:, None], float("nan"))
-        else:
-            k = int(op.split(":")[1])
-            where = (lengths - k).clamp(min=0, max=m - 1)
-            res = x[rows, where, :].to(torch.float32)
-            res = res.masked_fill((lengths < k)[:, None], float("nan"))
-        if overflow is not None and out_dtype == torch.float16:
-            _add_float16_overflow(overflow[p], res)
-        out[p].copy_(res)
+    # The pipeline pools inside the forward's bfloat16 autocast on CUDA, where ``bmm`` would run in bfloat16:
+    # autocast off, so every op accumulates in float32 as documented (and as the Triton kernel does).
+    with torch.autocast(hidden.device.type, enabled=False):
+        for p, op in enumerate(spec.ops):
+            if op in ("mean", "sum"):
+                acc = torch.bmm(gene.to(torch.float32)[:, None, :], x.to(torch.float32)).squeeze(1)
+                if op == "mean":
+                    acc = acc / n_gene.clamp(min=1)
+                res = acc.masked_fill(empty, float("nan"))
+            elif op == "max":
+                res = _span_max(x, spec.n_leading, lengths - spec.n_trailing).masked_fill(empty, float("nan"))
+            elif op in ("first", "first_l2"):
+                res = x[:, 0, :].to(torch.float32)
+                if op == "first_l2":
+                    res = res / res.norm(dim=-1, keepdim=True)
+                res = res.masked_fill((lengths < 1)[:, None], float("nan"))
+            else:
+                k = int(op.split(":")[1])
+                where = (lengths - k).clamp(min=0, max=m - 1)
+                res = x[rows, where, :].to(torch.float32)
+                res = res.masked_fill((lengths < k)[:, None], float("nan"))
+            if overflow is not None and out_dtype == torch.float16:
+                _add_float16_overflow(overflow[p], res)
+            out[p].copy_(res)
     return out
 
 

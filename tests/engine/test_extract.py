@@ -51,11 +51,12 @@ def run(h5ad, ckpt, out, **kw):
     return cs.extract(h5ad, model="scgpt", checkpoint=ckpt, out=out, progress=False, **kw)
 
 
-def tap_states(model, batch) -> dict[int, torch.Tensor]:
-    """Float64 copy of row 0 of every layer's hidden state."""
+def tap_states(model, batch, bf16: bool = False) -> dict[int, torch.Tensor]:
+    """Float64 (CPU) copy of row 0 of every layer's hidden state; ``bf16``: under the pipeline's CUDA autocast."""
     states: dict[int, torch.Tensor] = {}
-    with torch.inference_mode():
-        model.forward(batch, lambda layer, h: states.__setitem__(layer, h[0].double().clone()))
+    device = batch.lengths.device.type
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        model.forward(batch, lambda layer, h: states.__setitem__(layer, h[0].double().cpu().clone()))
     return states
 
 
@@ -65,7 +66,9 @@ def read_all(store) -> dict[str, np.ndarray]:
 
 def test_store_holds_every_layer_of_every_cell(h5ad, ckpt, adata, tmp_path):
     store = run(h5ad, ckpt, tmp_path / "s.zarr")
-    loaded = get_family("scgpt").load(ckpt)
+    # the reference runs where the store was computed (device="auto"), at its precision (bf16 autocast on CUDA)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = get_family("scgpt").load(ckpt, device=device)
     n_layers, hidden = loaded.n_layers, loaded.hidden_size
     assert store.is_complete and store.attrs["complete"] is True
     assert set(store.poolings) == {"mean", "max", "cls", "official"}
@@ -84,7 +87,7 @@ def test_store_holds_every_layer_of_every_cell(h5ad, ckpt, adata, tmp_path):
     assert tokens.truncated.any() and not tokens.truncated.all()  # the fixture exercises the context limit
     for i in [0, 7, 77, N_CELLS - 1]:
         batch = collate(tokens, np.array([i]), loaded.tokenizer.pad_id, loaded.tokenizer.pad_value)
-        states = tap_states(loaded.model, batch)
+        states = tap_states(loaded.model, batch.to(device), bf16=store.attrs["precision"] == "bfloat16")
         assert sorted(states) == list(range(n_layers + 1))
         for layer, h in states.items():
             genes = h[1:]
@@ -275,7 +278,8 @@ def test_killed_run_resumes_to_identical_store(tmp_path, kill_case, sig):
     common, ref = kill_case
     out = tmp_path / "killed.zarr"
     cmd = [sys.executable, "-m", "cellstrata", *common, "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # cwd: the installed package, not a same-named folder of the working directory (python -m puts it first)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:

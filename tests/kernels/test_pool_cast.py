@@ -236,3 +236,76 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "cuda")
     with pytest.raises(ConfigError, match="not a pooling backend"):
         resolve_backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_bfloat16_autocast_keeps_float32_accumulation(backend, in_dtype):
+    """The pipeline pools inside the forward's bf16 autocast (CUDA): sums must stay float32 all the same."""
+    x, lens = padded_batch([5, 300, 41], 64, in_dtype, seed=13)
+    x = x + 100.0  # a bfloat16 matmul loses these sums by whole units
+    spec = PoolSpec(("mean", "sum", "max", "first_l2"), n_leading=1)
+    out = poisoned((4, 3, 64), torch.float32)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        pool_cast(x, None, lens, spec, torch.float32, out=out, backend=backend)
+    ref = reference(x, torch.arange(3) * x.shape[1], lens.cpu(), spec)
+    np.testing.assert_allclose(out.double().cpu().numpy(), ref, rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA only
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_triton_runs_compiled_on_cuda():
+    """With a GPU the kernel runs compiled, not in the interpreter (conftest leaves TRITON_INTERPRET unset)."""
+    from cellstrata.kernels import pool_cast_triton as m
+
+    assert not m.INTERPRETING
+    assert resolve_backend(DEVICE) == "triton"
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden", [512, 2560])
+def test_released_shapes_match_torch_path_on_cuda(in_dtype, hidden):
+    """Released-model shapes (long cells, many tiles per program, hidden > one column block) on the GPU."""
+    g = torch.Generator(device=DEVICE).manual_seed(hidden)
+    lengths = torch.tensor([1200, 1199, 1024, 777, 513, 64, 2, 1, 0], device=DEVICE)
+    x = torch.randn(len(lengths), 1200, hidden, generator=g, device=DEVICE).to(in_dtype)
+    spec = PoolSpec(ALL_OPS, n_leading=1, n_trailing=1)
+    for out_dtype in (torch.float32, torch.float16):
+        got = pool_cast(x, None, lengths, spec, out_dtype, backend="triton")
+        want = pool_cast(x, None, lengths, spec, out_dtype, backend="torch")
+        # float32: sums of ~1,200 values in another order; float16: one rounding step
+        rtol, atol = (1e-5, 1e-4) if out_dtype == torch.float32 else (1e-3, 1e-3)
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True)
+    check(
+        pool_cast(x, None, lengths, spec, torch.float32, backend="triton")[:, -3:],
+        reference(x[-3:], torch.arange(3) * x.shape[1], lengths[-3:].cpu(), spec),
+        torch.float32,
+    )
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_offsets_beyond_int32_on_cuda():
+    """A packed layer of more than 2**31 elements: cells at its end are addressed with 64-bit offsets."""
+    hidden = 256
+    n_tokens = 2**31 // hidden + 4096
+    if torch.cuda.mem_get_info(DEVICE)[0] < 3 * n_tokens * hidden * 2:
+        pytest.skip("not enough free GPU memory for a 4 GiB layer")
+    x = torch.empty(n_tokens, hidden, dtype=torch.bfloat16, device=DEVICE)
+    x[:-8192].fill_(7.0)
+    tail = torch.randn(8192, hidden, generator=torch.Generator(device=DEVICE).manual_seed(1), device=DEVICE)
+    x[-8192:] = tail.to(torch.bfloat16)
+    lengths = torch.tensor([3000, 2000, 3192, 5], device=DEVICE)
+    starts = torch.tensor([n_tokens - 8192, n_tokens - 5192, n_tokens - 3192, 0], device=DEVICE)
+    spec = PoolSpec(("mean", "max", "first", "from_end:1"), n_leading=1)
+    out = poisoned((4, 4, hidden), torch.float32)
+    pool_cast(x, starts, lengths, spec, torch.float32, out=out, backend="triton")
+    ref = reference(x[-8192:], torch.tensor([0, 3000, 5000]), lengths[:3].cpu(), spec)
+    check(out[:, :3], ref, torch.float32)
+    assert (out[:, 3] == 7.0).all()

@@ -67,13 +67,14 @@ CASES = [
 ]
 
 
-def test_kernel_compiles_for_nvidia_targets():
+def test_kernel_compiles_for_nvidia_targets(tmp_path):
     cases = [{**c, "count": c["out"] == "float16"} for c in CASES]
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(cases)],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,  # import the installed package, not the checkout's cellstrata/ folder (python -c puts cwd first)
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
