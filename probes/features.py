@@ -21,6 +21,12 @@ HVG_GENES = 2000
 CPM_TARGET = 1e4
 
 
+class BaselineFeatures(np.ndarray):
+    """HVG-PCA(50) coordinates of the counts: already what ``pca50`` produces, so :func:`pca_recipe`
+    passes them through unchanged (standardising the 50 PCs would give noise PCs the weight of the
+    leading ones; the paper uses ``X_pca`` as is)."""
+
+
 def as_float32(X: np.ndarray) -> np.ndarray:
     """``X`` as C-contiguous float32 with non-finite values rejected."""
     X = np.ascontiguousarray(X, dtype=np.float32)
@@ -32,7 +38,12 @@ def as_float32(X: np.ndarray) -> np.ndarray:
 
 
 def pca_recipe(X: np.ndarray, n_components: int = PCA_COMPONENTS, seed: int = 0) -> np.ndarray:
-    """``StandardScaler`` -> ``PCA(n_components)`` (fewer when the data has fewer cells or dimensions)."""
+    """``StandardScaler`` -> ``PCA(n_components)`` (fewer when the data has fewer cells or dimensions).
+
+    :class:`BaselineFeatures` (and slices of them) are returned as they are.
+    """
+    if isinstance(X, BaselineFeatures):
+        return as_float32(np.asarray(X))
     X = StandardScaler().fit_transform(as_float32(X))
     k = int(min(n_components, X.shape[0] - 1, X.shape[1]))
     if k < 1:
@@ -82,11 +93,12 @@ def highly_variable_genes(logX: sp.csr_matrix, n_top: int = HVG_GENES, n_bins: i
 def hvg_pca(
     counts: sp.spmatrix | np.ndarray, n_top: int = HVG_GENES, n_components: int = PCA_COMPONENTS, seed: int = 0
 ) -> np.ndarray:
-    """The baseline representation: log1p-CPM -> top ``n_top`` HVGs -> PCA(``n_components``) (centred)."""
+    """The baseline representation: log1p-CPM -> top ``n_top`` HVGs -> PCA(``n_components``) (centred),
+    as :class:`BaselineFeatures`."""
     logX = log1p_cpm(counts)
     genes = highly_variable_genes(logX, n_top)
     Xh = logX[:, genes].toarray()
     k = int(min(n_components, Xh.shape[0] - 1, Xh.shape[1]))
     if k < 1:
-        return Xh.astype(np.float32)
-    return PCA(n_components=k, random_state=seed).fit_transform(Xh).astype(np.float32)
+        return Xh.astype(np.float32).view(BaselineFeatures)
+    return PCA(n_components=k, random_state=seed).fit_transform(Xh).astype(np.float32).view(BaselineFeatures)

@@ -40,6 +40,7 @@ CACHE_GROUP = "probes"
 BASELINE_POOLING = "hvg_pca50"
 COUNTS_BLOCK = 8192
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
+CACHE_VERSION = 1  # bump when a metric's definition changes, so cached results of the old one are not reused
 
 
 @dataclass
@@ -406,7 +407,7 @@ def _store_key(st: Store, obs: pd.DataFrame, columns: Sequence[str], counts: dic
 
 
 def _result_key(store_key: str, task: Task, plan: ContextPlan, pooling: str, layer: int) -> str:
-    h = hashlib.sha256(store_key.encode())
+    h = hashlib.sha256(f"{CACHE_VERSION}\x1f{store_key}".encode())
     h.update(json.dumps(task.settings(), sort_keys=True, default=str).encode())
     h.update(f"\x1f{plan.context}\x1f{pooling}\x1f{layer}\x1f".encode())
     h.update(plan.rows.tobytes())
