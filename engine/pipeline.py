@@ -447,6 +447,9 @@ class Extraction:
 
     def _finish(self) -> None:
         done = np.asarray(self.group["done"][:])
+        if self.resumed and self.telemetry.cells == 0:  # nothing was left to do: keep the last real run's numbers
+            update_attrs(self.group, complete=bool(done.all()))
+            return
         tele = self.telemetry.as_dict()
         update_attrs(self.group, complete=bool(done.all()), telemetry=tele)
         if tele["float16_overflows"]:

@@ -10,6 +10,8 @@ Recipes (recorded with every result):
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -48,7 +50,9 @@ def pca_recipe(X: np.ndarray, n_components: int = PCA_COMPONENTS, seed: int = 0)
     k = int(min(n_components, X.shape[0] - 1, X.shape[1]))
     if k < 1:
         return X.astype(np.float32)
-    return PCA(n_components=k, random_state=seed, svd_solver="auto").fit_transform(X).astype(np.float32)
+    with warnings.catch_warnings():  # a layer constant over cells (e.g. CLS at the embedding) has no variance
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return PCA(n_components=k, random_state=seed, svd_solver="auto").fit_transform(X).astype(np.float32)
 
 
 def log1p_cpm(counts: sp.spmatrix | np.ndarray, target: float = CPM_TARGET) -> sp.csr_matrix:

@@ -394,7 +394,8 @@ class PerturbationTask(Task):
             energy[p], null = energy_test(Z[codes == p], control, self.n_permutations, seed)
             if len(null):
                 p_values[p] = permutation_test(energy[p], null)["p_perm"]
-        scale = mean_within_distance(control)
+        scale = float(mean_within_distance(control))
+        scale = scale if scale > 0 else float("nan")  # a layer constant over the controls has no spread
         half_a, half_b = plan.reference["control_halves"]
         boot = plan.reference["boot"]
         ratio = energy / scale

@@ -220,6 +220,12 @@ def test_rerun_resumes_and_other_config_is_refused(h5ad, ckpt, tmp_path, capsys)
     after = read_all(cs.open_store(out))
     for name in before:
         np.testing.assert_array_equal(after[name], before[name])
+    resumed = cs.open_store(out).attrs["telemetry"]
+    assert resumed["cells"] == 64  # the two chunks written again
+    # a re-run with nothing left to do keeps the last real run's telemetry
+    assert main([*args, "--chunk-cells", "32"]) == 0
+    assert cs.open_store(out).attrs["telemetry"] == resumed
+    capsys.readouterr()
     assert main([*args, "--chunk-cells", "32", "--pool", "max"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cellstrata: error:") and "--overwrite" in err and "\n" not in err
