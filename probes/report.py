@@ -58,7 +58,8 @@ def summary_markdown(results: ProbeResults, summary: pd.DataFrame) -> str:
     lines += ["", "## Per task", ""]
     cols = [
         "context", "pooling", "metric", "best_layer", "depth", "value", "ci_low", "ci_high", "final_value",
-        "gain_vs_final", "gain_ci_low", "gain_ci_high", "tied_layers", "best_support", "baseline", "n_cells",
+        "diff_vs_final", "diff_ci_low", "diff_ci_high", "gain_vs_final", "tied_layers", "best_support", "baseline",
+        "n_cells",
     ]  # fmt: skip
     for task, g in summary.groupby("task", sort=False):
         lines += [f"### {task}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -101,24 +102,29 @@ def plot_layers(results: ProbeResults, summary: pd.DataFrame, path: str | Path) 
     for ax, task in zip(axes.ravel(), tasks, strict=False):
         metric = results.primary[task]
         t = table[(table["task"] == task) & (table["metric"] == metric)]
-        series = t[t["pooling"] != BASELINE_POOLING].groupby(["context", "pooling"], sort=False)
+        layer_rows = t[t["pooling"] != BASELINE_POOLING]
+        contexts = list(dict.fromkeys(layer_rows["context"]))
+        poolings = list(dict.fromkeys(layer_rows["pooling"]))
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, ((context, pooling), g) in enumerate(series):
+        styles = ["-", "--", ":", "-."]
+        markers = ["o", "s", "^", "D"]
+        for (context, pooling), g in layer_rows.groupby(["context", "pooling"], sort=False):
             g = g.sort_values("layer")
-            c = colors[i % len(colors)]
+            c = colors[contexts.index(context) % len(colors)]
+            k = poolings.index(pooling)
             x = g["layer"].astype(float).to_numpy() / L
             label = pooling if context == "all" else f"{context} · {pooling}"
-            ax.plot(x, g["value"], marker="o", ms=3, color=c, label=label)
-            ax.fill_between(x, g["ci_low"].astype(float), g["ci_high"].astype(float), color=c, alpha=0.18, lw=0)
+            ax.plot(x, g["value"], ls=styles[k % 4], marker=markers[k % 4], ms=3, color=c, label=label)
+            ax.fill_between(x, g["ci_low"].astype(float), g["ci_high"].astype(float), color=c, alpha=0.15, lw=0)
             row = summary[(summary["task"] == task) & (summary["context"] == context) & (summary["pooling"] == pooling)]
             if len(row):
                 r = row.iloc[0]
                 ax.plot([r["depth"]], [r["value"]], marker="*", ms=14, color=c, mec="black", mew=0.6, zorder=5)
-        base = t[t["pooling"] == BASELINE_POOLING]
-        for _, b in base.drop_duplicates("context").iterrows():
-            ax.axhline(float(b["value"]), ls="--", lw=1, color="grey")
-        if len(base):
-            ax.plot([], [], ls="--", color="grey", label="HVG-PCA(50) baseline")
+        base = t[t["pooling"] == BASELINE_POOLING].drop_duplicates("context")
+        for _, b in base.iterrows():
+            c = colors[contexts.index(b["context"]) % len(colors)] if b["context"] in contexts else "grey"
+            name = "HVG-PCA(50)" if b["context"] == "all" else f"HVG-PCA(50) · {b['context']}"
+            ax.axhline(float(b["value"]), ls=(0, (1, 2)), lw=1.2, color=c, label=name)
         ax.set_title(f"{task}: {metric}", fontsize=10)
         ax.set_xlabel(f"depth (layer / {L})")
         ax.set_ylabel(metric + ("" if t["higher_is_better"].all() else " (lower is better)"))

@@ -12,7 +12,8 @@ from .runner import BASELINE_POOLING, ProbeResults
 
 SUMMARY_COLUMNS = [
     "task", "context", "pooling", "metric", "best_layer", "n_layers", "depth", "depth_ci_low", "depth_ci_high",
-    "value", "ci_low", "ci_high", "final_value", "gain_vs_final", "gain_ci_low", "gain_ci_high",
+    "value", "ci_low", "ci_high", "final_value", "diff_vs_final", "diff_ci_low", "diff_ci_high",
+    "gain_vs_final", "gain_ci_low", "gain_ci_high",
     "tied_layers", "best_support", "baseline", "n_cells", "answer",
 ]  # fmt: skip
 
@@ -22,7 +23,9 @@ def summarize(results: ProbeResults, *, metrics: str = "primary") -> pd.DataFram
 
     - ``best_layer``: the layer with the best value; ``depth`` = layer / L (0 = embedding output, 1 = last block);
       ``depth_ci_*``: the 2.5/97.5 % quantiles of the winning layer's depth over the bootstrap replicates;
-    - ``gain_vs_final``: (best - final) / |final|, its CI from the paired replicates (same resampled cells);
+    - ``diff_vs_final``: best - final, and ``gain_vs_final``: (best - final) / |final|, each with a CI from the
+      paired replicates (the same resampled cells for every layer); the relative gain is unstable when the
+      final value is near 0, the difference is not;
     - ``tied_layers``: layers whose paired difference with the best has a CI reaching 0;
     - ``best_support``: the fraction of replicates the best layer wins.
     """
@@ -60,13 +63,15 @@ def _summarize_series(
     final_pos = np.flatnonzero(layers == L)
     final_value = float(values[final_pos[0]]) if len(final_pos) else float("nan")
     gain = relative_gain(values[b], final_value) if len(final_pos) else float("nan")
-    gain_lo = gain_hi = float("nan")
+    gain_lo = gain_hi = diff_lo = diff_hi = float("nan")
+    diff = float(values[b] - final_value) if len(final_pos) else float("nan")
     tied = np.array([b])
     depth_lo = depth_hi = float("nan")
     support = float("nan")
     if reps is not None:
         if len(final_pos):
             gain_lo, gain_hi = percentile_ci(relative_gain(reps[b], reps[final_pos[0]]), center=float(gain))
+            diff_lo, diff_hi = percentile_ci(reps[b] - reps[final_pos[0]], center=diff)
         tied = tied_with_best(reps, b, higher_is_better=higher, level=CI_LEVEL)
         winners = best_index_distribution(reps, higher_is_better=higher)
         if winners.size:
@@ -87,6 +92,9 @@ def _summarize_series(
         "ci_low": float(best["ci_low"]),
         "ci_high": float(best["ci_high"]),
         "final_value": final_value,
+        "diff_vs_final": diff,
+        "diff_ci_low": float(diff_lo),
+        "diff_ci_high": float(diff_hi),
         "gain_vs_final": float(gain),
         "gain_ci_low": float(gain_lo),
         "gain_ci_high": float(gain_hi),
@@ -131,8 +139,8 @@ def answer(row: dict[str, Any], higher_is_better: bool = True) -> str:
     elif np.isfinite(row["final_value"]):
         word = "over" if higher_is_better else "vs"
         text += (
-            f"; {_pct(row['gain_vs_final'])} {word} the final layer ({row['final_value']:.3f}), "
-            f"CI [{_pct(row['gain_ci_low'])}, {_pct(row['gain_ci_high'])}]"
+            f"; {row['diff_vs_final']:+.3f} ({_pct(row['gain_vs_final'])}) {word} the final layer "
+            f"({row['final_value']:.3f}), CI [{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}]"
         )
     if row["tied_layers"] and row["tied_layers"] != str(row["best_layer"]):
         text += f"; statistically tied: layers {row['tied_layers']}"
