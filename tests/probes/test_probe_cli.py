@@ -60,3 +60,17 @@ def test_probe_command_bad_input_is_one_clear_error(demo_store, tmp_path, capsys
     assert fragment in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_demo_ends_with_the_probe_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--cells", "1200", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = tmp_path / "demo" / "probe-scgpt"
+    table = pd.read_csv(report / "results.csv")
+    assert set(table["task"]) == {"cell_type", "knn_transfer", "clustering", "trajectory", "perturbation"}
+    assert set(table["context"]) == {"resting", "activated"}
+    assert set(table["pooling"]) == {"mean", "official", "hvg_pca50"}
+    assert set(table["layer"].dropna().astype(int)) == set(range(5))  # tiny scGPT: 4 blocks
+    for task in ("cell_type", "trajectory", "perturbation"):
+        assert f"{task} [resting, mean]: layer" in printed
+    assert "probe report:" in printed and (report / "layers.png").stat().st_size > 10_000
