@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, SGDClassifier
@@ -25,10 +24,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..engine.errors import ProbeError
-from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, LayerRows, Metric, Task
+from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, LayerRows, Metric
 from .confidence import bootstrap_indices
 from .features import as_float32
-from .labels import plan_labels, prepare_labels, splits_of
+from .labels import LabelTask, prepare_labels, splits_of
 from .metrics import label_metrics
 from .sampling import stratified_cap
 
@@ -70,7 +69,7 @@ def linear_probe_predictions(X: np.ndarray, y: np.ndarray, folds: np.ndarray, *,
 
 
 @dataclass(frozen=True)
-class CellTypeTask(Task):
+class CellTypeTask(LabelTask):
     """Linear probe of ``label_key`` (e.g. cell type) per context; grouped folds when ``group_key`` is set.
 
     Classes with fewer than ``min_cells_per_class`` cells are dropped (reported); at most
@@ -117,28 +116,9 @@ class CellTypeTask(Task):
         )
         return pos
 
-    def required_columns(self) -> list[str]:
-        return [c for c in (self.label_key, self.context_key, self.group_key) if c]
-
-    def plan(self, obs: pd.DataFrame, *, chunk_cells: int) -> list[ContextPlan]:
-        return plan_labels(
-            self.name,
-            obs,
-            label_key=self.label_key,
-            context_key=self.context_key,
-            group_key=self.group_key,
-            min_cells_per_class=self.min_cells_per_class,
-            max_per_class=self.max_per_class,
-            max_cells=self.max_cells,
-            seed=self.seed,
-            n_folds=self.n_folds,
-        )
-
     def prepare(self, plan: ContextPlan, counts: sp.csr_matrix | None, var_names: Any) -> None:
         if not self.streaming:
-            prepare_labels(
-                plan, counts, label_key=self.label_key, group_key=self.group_key, n_boot=self.n_boot, seed=self.seed
-            )
+            super().prepare(plan, counts, var_names)
             return
         prepare_labels(plan, None, label_key=self.label_key, group_key=self.group_key, n_boot=0, seed=self.seed)
         test = np.flatnonzero(plan.reference["folds"] == 0)

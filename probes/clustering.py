@@ -13,18 +13,17 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_samples
 from sklearn.model_selection import cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier, kneighbors_graph
 
-from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, Metric, Task
+from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, Metric
 from .celltype import classification_metrics
 from .confidence import bootstrap, bootstrap_indices
 from .features import pca_recipe
-from .labels import plan_labels, prepare_labels, splits_of
+from .labels import LabelTask, splits_of
 from .metrics import partition_metrics
 from .sampling import random_cap
 
@@ -82,7 +81,7 @@ def leiden_sweep(graph: sp.csr_matrix, labels: np.ndarray, resolutions: tuple[fl
 
 
 @dataclass(frozen=True)
-class KnnTransferTask(Task):
+class KnnTransferTask(LabelTask):
     """kNN label transfer: ``KNeighborsClassifier(k, weights="distance")`` on pca50, cross-validated.
 
     With ``group_key`` the folds hold out whole donors/batches (transfer to unseen donors).
@@ -105,28 +104,6 @@ class KnnTransferTask(Task):
     def primary_metric(self) -> str:
         return "knn_macro_f1"
 
-    def required_columns(self) -> list[str]:
-        return [c for c in (self.label_key, self.context_key, self.group_key) if c]
-
-    def plan(self, obs: pd.DataFrame, *, chunk_cells: int) -> list[ContextPlan]:
-        return plan_labels(
-            self.name,
-            obs,
-            label_key=self.label_key,
-            context_key=self.context_key,
-            group_key=self.group_key,
-            min_cells_per_class=self.min_cells_per_class,
-            max_per_class=self.max_per_class,
-            max_cells=self.max_cells,
-            seed=self.seed,
-            n_folds=self.n_folds,
-        )
-
-    def prepare(self, plan: ContextPlan, counts: sp.csr_matrix | None, var_names: Any) -> None:
-        prepare_labels(
-            plan, counts, label_key=self.label_key, group_key=self.group_key, n_boot=self.n_boot, seed=self.seed
-        )
-
     def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
         Z = pca_recipe(X, seed=self.seed)
         y, folds = plan.reference["y"], plan.reference["folds"]
@@ -137,7 +114,7 @@ class KnnTransferTask(Task):
 
 
 @dataclass(frozen=True)
-class ClusteringTask(Task):
+class ClusteringTask(LabelTask):
     """How well a layer's geometry separates ``label_key``: Leiden and k-means ARI/NMI, silhouette.
 
     Leiden runs on a symmetric kNN graph (``n_neighbors``) of the pca50 features at every resolution of
@@ -162,25 +139,8 @@ class ClusteringTask(Task):
     def primary_metric(self) -> str:
         return "leiden_ari"
 
-    def required_columns(self) -> list[str]:
-        return [c for c in (self.label_key, self.context_key) if c]
-
-    def plan(self, obs: pd.DataFrame, *, chunk_cells: int) -> list[ContextPlan]:
-        return plan_labels(
-            self.name,
-            obs,
-            label_key=self.label_key,
-            context_key=self.context_key,
-            group_key=None,
-            min_cells_per_class=self.min_cells_per_class,
-            max_per_class=self.max_per_class,
-            max_cells=self.max_cells,
-            seed=self.seed,
-            n_folds=2,
-        )
-
     def prepare(self, plan: ContextPlan, counts: sp.csr_matrix | None, var_names: Any) -> None:
-        prepare_labels(plan, counts, label_key=self.label_key, group_key=None, n_boot=self.n_boot, seed=self.seed)
+        super().prepare(plan, counts, var_names)
         sil = random_cap(plan.n_cells, self.silhouette_max_cells, plan.seed_for(self.seed, "silhouette"))
         plan.reference["silhouette_cells"] = sil
         plan.reference["silhouette_boot"] = bootstrap_indices(len(sil), self.n_boot, plan.seed_for(self.seed, "sb"))

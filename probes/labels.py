@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from ..engine.errors import ProbeError
-from .base import ContextPlan, contexts_of, require_columns
+from .base import ContextPlan, Task, contexts_of, require_columns
 from .confidence import bootstrap_indices
 from .features import hvg_pca
 from .sampling import stratified_cap
@@ -123,3 +123,45 @@ def fold_ids(y: np.ndarray, groups: np.ndarray | None, n_folds: int, seed: int) 
 def splits_of(folds: np.ndarray) -> Sequence[tuple[np.ndarray, np.ndarray]]:
     """``(train, test)`` index pairs of the fold assignment (for ``cross_val_predict(cv=...)``)."""
     return [(np.flatnonzero(folds != k), np.flatnonzero(folds == k)) for k in np.unique(folds)]
+
+
+class LabelTask(Task):
+    """Shared behaviour of the tasks over one label column: columns, plans, labels, folds, baseline.
+
+    Subclasses are frozen dataclasses with ``label_key``, ``context_key``, ``min_cells_per_class``,
+    ``max_per_class``, ``max_cells``, ``n_boot`` and ``seed``, and optionally ``group_key`` and ``n_folds``.
+    """
+
+    label_key: str
+    context_key: str | None
+    min_cells_per_class: int
+    max_per_class: int | None
+    max_cells: int | None
+    n_boot: int
+    seed: int
+
+    @property
+    def _group_key(self) -> str | None:
+        return getattr(self, "group_key", None)
+
+    def required_columns(self) -> list[str]:
+        return [c for c in (self.label_key, self.context_key, self._group_key) if c]
+
+    def plan(self, obs: pd.DataFrame, *, chunk_cells: int) -> list[ContextPlan]:
+        return plan_labels(
+            self.name,
+            obs,
+            label_key=self.label_key,
+            context_key=self.context_key,
+            group_key=self._group_key,
+            min_cells_per_class=self.min_cells_per_class,
+            max_per_class=self.max_per_class,
+            max_cells=self.max_cells,
+            seed=self.seed,
+            n_folds=getattr(self, "n_folds", 2),
+        )
+
+    def prepare(self, plan: ContextPlan, counts: sp.csr_matrix | None, var_names: Any) -> None:
+        prepare_labels(
+            plan, counts, label_key=self.label_key, group_key=self._group_key, n_boot=self.n_boot, seed=self.seed
+        )
