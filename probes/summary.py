@@ -123,6 +123,10 @@ def format_layers(layers: np.ndarray) -> str:
     return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
 
 
+def _signed(x: float) -> str:
+    return f"{x:+.3f}" if np.isfinite(x) else "n/a"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:+.0f}%" if np.isfinite(x) else "n/a"
 
@@ -139,8 +143,8 @@ def answer(row: dict[str, Any], higher_is_better: bool = True) -> str:
     elif np.isfinite(row["final_value"]):
         word = "over" if higher_is_better else "vs"
         text += (
-            f"; {row['diff_vs_final']:+.3f} ({_pct(row['gain_vs_final'])}) {word} the final layer "
-            f"({row['final_value']:.3f}), CI [{row['diff_ci_low']:+.3f}, {row['diff_ci_high']:+.3f}]"
+            f"; {_signed(row['diff_vs_final'])} ({_pct(row['gain_vs_final'])}) {word} the final layer "
+            f"({row['final_value']:.3f}), CI [{_signed(row['diff_ci_low'])}, {_signed(row['diff_ci_high'])}]"
         )
     if row["tied_layers"] and row["tied_layers"] != str(row["best_layer"]):
         text += f"; statistically tied: layers {row['tied_layers']}"

@@ -97,12 +97,15 @@ def test_summarize_hand_case_higher_is_better():
     assert r["gain_vs_final"] == pytest.approx(0.5)
     lo, hi = percentile_ci((reps[2] - reps[3]) / np.abs(reps[3]), center=0.5)
     assert (r["gain_ci_low"], r["gain_ci_high"]) == pytest.approx((lo, hi))
+    assert r["diff_vs_final"] == pytest.approx(0.3)
+    dlo, dhi = percentile_ci(reps[2] - reps[3], center=0.3)
+    assert (r["diff_ci_low"], r["diff_ci_high"]) == pytest.approx((dlo, dhi))
     assert r["tied_layers"] == "2" and r["best_support"] == 1.0
     assert r["depth_ci_low"] == pytest.approx(2 / 3) and r["depth_ci_high"] == pytest.approx(2 / 3)
     assert r["baseline"] == 0.55 and r["n_cells"] == 100
     assert r["answer"] == (
-        f"layer 2 of 3 (67% depth): m 0.900 [{r['ci_low']:.3f}, {r['ci_high']:.3f}]; +50% over the final layer "
-        f"(0.600), CI [{100 * lo:+.0f}%, {100 * hi:+.0f}%]; HVG-PCA baseline 0.550"
+        f"layer 2 of 3 (67% depth): m 0.900 [{r['ci_low']:.3f}, {r['ci_high']:.3f}]; +0.300 (+50%) over the final "
+        f"layer (0.600), CI [{dlo:+.3f}, {dhi:+.3f}]; HVG-PCA baseline 0.550"
     )
     assert best_layers(s) == {("t", "all", "p"): 2}
 
@@ -165,16 +168,17 @@ def test_format_layers(layers, text):
 def test_answer_hand_case():
     row = {
         "best_layer": 15, "n_layers": 24, "depth": 15 / 24, "metric": "macro_f1", "value": 0.76, "ci_low": 0.72,
-        "ci_high": 0.79, "final_value": 0.5846, "gain_vs_final": 0.3, "gain_ci_low": 0.2, "gain_ci_high": 0.4,
-        "tied_layers": "14-16", "baseline": 0.7,
+        "ci_high": 0.79, "final_value": 0.5846, "gain_vs_final": 0.3, "diff_vs_final": 0.1754,
+        "diff_ci_low": 0.11, "diff_ci_high": 0.23, "tied_layers": "14-16", "baseline": 0.7,
     }  # fmt: skip
     assert answer(row) == (
-        "layer 15 of 24 (62% depth): macro_f1 0.760 [0.720, 0.790]; +30% over the final layer (0.585), "
-        "CI [+20%, +40%]; statistically tied: layers 14-16; HVG-PCA baseline 0.700"
+        "layer 15 of 24 (62% depth): macro_f1 0.760 [0.720, 0.790]; +0.175 (+30%) over the final layer (0.585), "
+        "CI [+0.110, +0.230]; statistically tied: layers 14-16; HVG-PCA baseline 0.700"
     )
-    row.update(tied_layers="15", baseline=float("nan"), gain_ci_low=float("nan"))
+    row.update(tied_layers="15", baseline=float("nan"), diff_ci_low=float("nan"))
     assert answer(row) == (
-        "layer 15 of 24 (62% depth): macro_f1 0.760 [0.720, 0.790]; +30% over the final layer (0.585), CI [n/a, +40%]"
+        "layer 15 of 24 (62% depth): macro_f1 0.760 [0.720, 0.790]; +0.175 (+30%) over the final layer (0.585), "
+        "CI [n/a, +0.230]"
     )
 
 
