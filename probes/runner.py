@@ -40,7 +40,7 @@ CACHE_GROUP = "probes"
 BASELINE_POOLING = "hvg_pca50"
 COUNTS_BLOCK = 8192
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
-CACHE_VERSION = 1  # bump when a metric's definition changes, so cached results of the old one are not reused
+CACHE_VERSION = 2  # bump when a metric's definition changes, so cached results of the old one are not reused
 
 
 @dataclass
