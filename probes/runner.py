@@ -136,7 +136,8 @@ def probe(
     t_plan = time.perf_counter()
 
     cache_store = _Cache(st, enabled=cache)
-    store_key = _store_key(st, obs, needed, source.fingerprint())
+    fingerprint = source.fingerprint()
+    task_keys = {t.name: _store_key(st, obs, t.required_columns(), fingerprint) for t in tasks}
     results: dict[str, list[Metric]] = {}
     keys: dict[tuple[str, int, str, str], str] = {}
     todo: dict[tuple[str, int], set[tuple[str, str]]] = {}
@@ -144,7 +145,8 @@ def probe(
         for layer in [-1] if pool == BASELINE_POOLING else layer_list:
             for task in tasks:
                 for p in plans[task.name]:
-                    k = keys[(pool, layer, task.name, p.context)] = _result_key(store_key, task, p, pool, layer)
+                    k = _result_key(task_keys[task.name], task, p, pool, layer)
+                    keys[(pool, layer, task.name, p.context)] = k
                     hit = cache_store.get(k)
                     if hit is None:
                         todo.setdefault((pool, layer), set()).add((task.name, p.context))
@@ -164,6 +166,7 @@ def probe(
         for (task, p), w in zip(to_prepare, wanted, strict=True):
             sub_counts = None if counts is None else counts[np.searchsorted(union, w)]
             task.prepare(p, sub_counts, source.gene_names)
+        del counts  # the references are built; the layer phase does not need the counts
     t_prep = time.perf_counter()
 
     if layer_todo:
@@ -397,7 +400,8 @@ def _compute(
 
 
 def _store_key(st: Store, obs: pd.DataFrame, columns: Sequence[str], counts: dict[str, Any]) -> str:
-    """What every cached result depends on: the store's configuration, the annotations and the counts' matrix."""
+    """What a task's cached results depend on: the store's configuration, the counts' matrix and the
+    annotation columns the task reads (only those, so adding a task keeps the others' results)."""
     h = hashlib.sha256(str(st.attrs.get("config_hash")).encode())
     h.update(json.dumps({k: v for k, v in counts.items() if k != "path"}, sort_keys=True, default=str).encode())
     for c in columns:

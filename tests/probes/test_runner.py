@@ -302,6 +302,14 @@ def test_cache_reuses_results_and_recomputes_on_new_settings(store, fresh, monke
     other_c = probe(fresh, store.adata, CellTypeTask(n_boot=30, C=0.01), layers=[2, 4, 6], pooling="x", baseline=False)
     assert other_c.timings["layer_evaluations"] == 3
     assert not np.allclose(other_c.table["value"], old["value"])
+    # a run with one more task (reading another obs column) keeps the first task's cached results
+    calls = []
+    evaluate = CellTypeTask.evaluate
+    monkeypatch.setattr(CellTypeTask, "evaluate", lambda self, plan, X: calls.append(1) or evaluate(self, plan, X))
+    both = probe(fresh, store.adata, [task, KnnTransferTask(n_boot=30, context_key="cell_state")], layers=[2, 4, 6],
+                 pooling="x")  # fmt: skip
+    assert not calls and both.timings["layer_evaluations"] == 3  # only the new task's layers were computed
+    monkeypatch.undo()
     # cache=False neither reads nor writes the cache
     off = probe(fresh, store.adata, task, layers=[4], pooling="x", cache=False, baseline=False)
     assert off.timings["layer_evaluations"] == 1
