@@ -262,7 +262,7 @@ def build_h5ad(settings: BuildSettings, work: Path) -> tuple[Path, float, bool]:
 
 def _store_spec(settings: BuildSettings, source: Any, model: LayerModel) -> Any:
     import cellstrata
-    from cellstrata.engine.store import FORMAT_VERSION, StoreSpec, config_hash, default_chunk_cells
+    from cellstrata.engine.store import StoreSpec, default_chunk_cells, store_attributes
 
     L, W = settings.n_layers, settings.width
     chunk_cells = default_chunk_cells(settings.n_cells, W, DTYPE)
@@ -277,40 +277,23 @@ def _store_spec(settings: BuildSettings, source: Any, model: LayerModel) -> Any:
         "checkpoint": None,
         "sha256": None,
     }
-    pool_ops = {POOLING: "mean"}
-    numbers = {
-        "format_version": FORMAT_VERSION,
-        "model": {k: v for k, v in model_attrs.items() if k != "checkpoint"},
-        "tokenizer": {},
-        "poolings": pool_ops,
-        "layout": [0, 0],
-        "dtype": DTYPE,
-        "precision": "float32",
-        "chunk_cells": chunk_cells,
-        "n_cells": settings.n_cells,
-        "empty_cells": "nan",
-        "source": {k: v for k, v in fp.items() if k != "path"},
-    }
-    attrs = {
-        "format_version": FORMAT_VERSION,
-        "model": model_attrs,
-        "tokenizer": {},
-        "poolings": [POOLING],
-        "official_layer": L,
-        "pool_ops": pool_ops,
-        "dtype": DTYPE,
-        "precision": "float32",
-        "pool_backend": "synthetic",
-        "chunk_cells": chunk_cells,
-        "n_cells": settings.n_cells,
-        "empty_cells": "nan",
-        "gene_overlap": {"n_input": settings.n_genes, "n_matched": settings.n_genes, "n_vocab_genes": settings.n_genes},
-        "source": fp,
-        "engine_version": cellstrata.__version__,
-        "config_hash": config_hash(numbers),
-        "layer_index": "0 = embedding output; k = output of block k (1-based), before any final norm",
-        "synthetic": synthetic,
-    }
+    attrs = store_attributes(
+        model=model_attrs,
+        tokenizer={},
+        pool_ops={POOLING: "mean"},
+        layout=[0, 0],
+        dtype=DTYPE,
+        precision="float32",
+        chunk_cells=chunk_cells,
+        n_cells=settings.n_cells,
+        empty_cells="nan",
+        source=fp,
+        official_layer=L,
+        pool_backend="synthetic",
+        gene_overlap={"n_input": settings.n_genes, "n_matched": settings.n_genes, "n_vocab_genes": settings.n_genes},
+        engine_version=cellstrata.__version__,
+        synthetic=synthetic,
+    )
     return StoreSpec(
         n_cells=settings.n_cells,
         n_layers=L,

@@ -27,13 +27,12 @@ from .models import get_family
 from .models.base import GeneMapping, LoadedModel, TokenizedBlock
 from .sources import CellSource, check_values, open_source
 from .store import (
-    FORMAT_VERSION,
     Store,
     StoreSpec,
-    config_hash,
     create_or_resume,
     default_chunk_cells,
     pending_chunks,
+    store_attributes,
     update_attrs,
 )
 from .transfer import PooledBuffers, Transfer
@@ -228,42 +227,26 @@ class Extraction:
             "checkpoint": str(ld.checkpoint.get("path")),
             "sha256": ld.checkpoint.get("sha256"),
         }
-        numbers = {
-            "format_version": FORMAT_VERSION,
-            "model": {k: v for k, v in model_attrs.items() if k != "checkpoint"},
-            "tokenizer": tokenizer,
-            "poolings": pool_ops,
-            "layout": [ld.layout.n_leading, ld.layout.n_trailing],
-            "dtype": self.dtype,
-            "precision": self.precision,
-            "chunk_cells": self.chunk_cells,
-            "n_cells": self.n_cells,
-            "empty_cells": self.empty_cells,
-            "source": {k: v for k, v in fp.items() if k != "path"},
-        }
-        attrs = {
-            "format_version": FORMAT_VERSION,
-            "model": model_attrs,
-            "tokenizer": tokenizer,
-            "poolings": list(self.poolings),
-            "official_layer": self.loaded.official_layer,
-            "pool_ops": pool_ops,
-            "dtype": self.dtype,
-            "precision": self.precision,
-            "pool_backend": self.pool_backend,
-            "chunk_cells": self.chunk_cells,
-            "n_cells": self.n_cells,
-            "empty_cells": self.empty_cells,
-            "gene_overlap": {
+        attrs = store_attributes(
+            model=model_attrs,
+            tokenizer=tokenizer,
+            pool_ops=pool_ops,
+            layout=[ld.layout.n_leading, ld.layout.n_trailing],
+            dtype=self.dtype,
+            precision=self.precision,
+            chunk_cells=self.chunk_cells,
+            n_cells=self.n_cells,
+            empty_cells=self.empty_cells,
+            source=fp,
+            official_layer=self.loaded.official_layer,
+            pool_backend=self.pool_backend,
+            gene_overlap={
                 "n_input": self.mapping.n_input,
                 "n_matched": self.mapping.n_matched,
                 "n_vocab_genes": self.mapping.n_vocab_genes,
             },
-            "source": fp,
-            "engine_version": ENGINE_VERSION,
-            "config_hash": config_hash(numbers),
-            "layer_index": "0 = embedding output; k = output of block k (1-based), before any final norm",
-        }
+            engine_version=ENGINE_VERSION,
+        )
         return StoreSpec(
             n_cells=self.n_cells,
             n_layers=ld.n_layers,

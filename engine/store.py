@@ -18,7 +18,7 @@ import json
 import math
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,6 +83,68 @@ class StoreSpec:
     @property
     def n_chunks(self) -> int:
         return math.ceil(self.n_cells / self.chunk_cells)
+
+
+LAYER_INDEX = "0 = embedding output; k = output of block k (1-based), before any final norm"
+
+
+def store_attributes(
+    *,
+    model: Mapping[str, Any],
+    tokenizer: Mapping[str, Any],
+    pool_ops: Mapping[str, str],
+    layout: Sequence[int],
+    dtype: str,
+    precision: str,
+    chunk_cells: int,
+    n_cells: int,
+    empty_cells: str,
+    source: Mapping[str, Any],
+    official_layer: int | None,
+    pool_backend: str,
+    gene_overlap: Mapping[str, int],
+    engine_version: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The ``cellstrata`` group attribute of a new store, ``config_hash`` included.
+
+    The hash covers what changes the stored numbers: the model without its checkpoint path, the
+    tokenizer, the pooling ops, the layout, dtype, precision, chunking, cell count, empty-cell policy
+    and the source without its path. ``extra`` keys are recorded but not hashed.
+    """
+    numbers = {
+        "format_version": FORMAT_VERSION,
+        "model": {k: v for k, v in model.items() if k != "checkpoint"},
+        "tokenizer": dict(tokenizer),
+        "poolings": dict(pool_ops),
+        "layout": list(layout),
+        "dtype": dtype,
+        "precision": precision,
+        "chunk_cells": chunk_cells,
+        "n_cells": n_cells,
+        "empty_cells": empty_cells,
+        "source": {k: v for k, v in source.items() if k != "path"},
+    }
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": dict(model),
+        "tokenizer": dict(tokenizer),
+        "poolings": list(pool_ops),
+        "official_layer": official_layer,
+        "pool_ops": dict(pool_ops),
+        "dtype": dtype,
+        "precision": precision,
+        "pool_backend": pool_backend,
+        "chunk_cells": chunk_cells,
+        "n_cells": n_cells,
+        "empty_cells": empty_cells,
+        "gene_overlap": dict(gene_overlap),
+        "source": dict(source),
+        "engine_version": engine_version,
+        "config_hash": config_hash(numbers),
+        "layer_index": LAYER_INDEX,
+        **extra,
+    }
 
 
 def _is_store(path: Path) -> bool:

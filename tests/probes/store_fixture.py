@@ -27,12 +27,11 @@ import numpy as np
 from cellstrata.engine.pipeline import ENGINE_VERSION
 from cellstrata.engine.sources import open_source
 from cellstrata.engine.store import (
-    FORMAT_VERSION,
     Store,
     StoreSpec,
-    config_hash,
     create_or_resume,
     open_store,
+    store_attributes,
     update_attrs,
 )
 from cellstrata.engine.writer import ChunkData, write_chunk
@@ -98,39 +97,22 @@ def write_store(
         "checkpoint": "hand-built",
         "sha256": data_sha.hexdigest(),
     }
-    pool_ops = dict.fromkeys(arrays, "mean")
-    numbers = {
-        "format_version": FORMAT_VERSION,
-        "model": {k: v for k, v in model_attrs.items() if k != "checkpoint"},
-        "tokenizer": {},
-        "poolings": pool_ops,
-        "layout": [0, 0],
-        "dtype": dtype,
-        "precision": "float32",
-        "chunk_cells": chunk_cells,
-        "n_cells": n_cells,
-        "empty_cells": "nan",
-        "source": {k: v for k, v in fingerprint.items() if k != "path"},
-    }
-    attrs = {
-        "format_version": FORMAT_VERSION,
-        "model": model_attrs,
-        "tokenizer": {},
-        "poolings": list(arrays),
-        "official_layer": n_layers if official_layer is None else official_layer,
-        "pool_ops": pool_ops,
-        "dtype": dtype,
-        "precision": "float32",
-        "pool_backend": "numpy",
-        "chunk_cells": chunk_cells,
-        "n_cells": n_cells,
-        "empty_cells": "nan",
-        "gene_overlap": {"n_input": 0, "n_matched": 0, "n_vocab_genes": 0},
-        "source": fingerprint,
-        "engine_version": ENGINE_VERSION,
-        "config_hash": config_hash(numbers),
-        "layer_index": "0 = embedding output; k = output of block k (1-based), before any final norm",
-    }
+    attrs = store_attributes(
+        model=model_attrs,
+        tokenizer={},
+        pool_ops=dict.fromkeys(arrays, "mean"),
+        layout=[0, 0],
+        dtype=dtype,
+        precision="float32",
+        chunk_cells=chunk_cells,
+        n_cells=n_cells,
+        empty_cells="nan",
+        source=fingerprint,
+        official_layer=n_layers if official_layer is None else official_layer,
+        pool_backend="numpy",
+        gene_overlap={"n_input": 0, "n_matched": 0, "n_vocab_genes": 0},
+        engine_version=ENGINE_VERSION,
+    )
     spec = StoreSpec(
         n_cells=n_cells,
         n_layers=n_layers,
