@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -302,12 +303,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CellstrataError as err:
         print(f"cellstrata: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(
             "cellstrata: interrupted; every committed chunk is kept — re-run the same command to resume",
             file=sys.stderr,
         )
-        return 130
+        return 128 + getattr(err, "signum", signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from .. import kernels
 from .batching import iter_batches
 from .errors import ConfigError, EmptyCellError
+from .interrupts import StopRequest, graceful_stop
 from .models import get_family
 from .models.base import GeneMapping, LoadedModel, TokenizedBlock
 from .sources import CellSource, check_values, open_source
@@ -171,6 +172,7 @@ class Extraction:
         self.require_counts = require_counts
         self.progress = progress
         self.client = client
+        self.stop = StopRequest()  # set by SIGINT/SIGTERM during run(); checked between batches
         hidden = loaded.hidden_size
         self.chunk_cells = int(chunk_cells or default_chunk_cells(n_cells, hidden, dtype))
         if self.chunk_cells < 1:
@@ -312,6 +314,7 @@ class Extraction:
                 result[name][:, rows, :] = host_np[:, :, lo:hi]
 
         for batch in iter_batches(sub, self.max_tokens, tok.pad_id, tok.pad_value):
+            self.stop.check()
             b, s = batch.genes.shape
             t0 = time.perf_counter()
             dev = batch.to(self.device)
@@ -376,6 +379,11 @@ class Extraction:
         self.loaded.tokenizer.tokenize(head, self.mapping)
 
     def run(self) -> Store:
+        with graceful_stop() as stop:
+            self.stop = stop
+            return self._run()
+
+    def _run(self) -> Store:
         self._preflight()
         self.group, self.resumed = create_or_resume(self.out, self.store_spec, overwrite=self.overwrite)
         pending = pending_chunks(self.group)
@@ -413,6 +421,8 @@ class Extraction:
                     self.telemetry.writer_wait_seconds = writer.wait_seconds
         except BaseException:
             # Chunks already handed to the writer are complete: let them commit before leaving.
+            if self.stop:
+                log.warning("stopping: committing the chunks already computed (signal again to stop now)")
             if writer is not None:
                 with contextlib.suppress(Exception):  # the original error is the one to report
                     writer.flush()
