@@ -41,7 +41,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="an .h5ad file or an AnnData .zarr folder")
     p.add_argument("--model", required=True, help="model family: scgpt, tahoe-x1, scfoundation, geneformer")
     p.add_argument("--checkpoint", help="the official checkpoint folder (see README)")
-    p.add_argument("--out", required=True, help="the store to write (a .zarr folder)")
+    p.add_argument("--out", required=True, help="the store to write: a .zarr folder or a URL (s3://, gs://, ...)")
     p.add_argument(
         "--pool", type=_csv, default=None, help="poolings, comma-separated, or 'all' (default: the model's own)"
     )
@@ -67,6 +67,19 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", default="zstd", choices=["zstd", "lz4", "none"])
     p.add_argument("--limit", type=int, default=None, help="only the first N cells")
     p.add_argument("--overwrite", action="store_true", help="replace a store written with another configuration")
+    p.add_argument(
+        "--cluster",
+        default=None,
+        metavar="local:N|ADDRESS",
+        help="run on Dask distributed: local:N starts N local worker processes (one per GPU with dask-cuda), "
+        "an address such as tcp://host:8786 uses a running scheduler (workers must see the input and the store)",
+    )
+    p.add_argument(
+        "--break-lock",
+        action="store_true",
+        help="take over the store's lease from a run that died on another machine (same-host leases are "
+        "taken over automatically once their process is gone)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_extract)
 
@@ -95,21 +108,55 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         allow_noncounts=args.allow_noncounts,
         compression=args.compression,
         progress=not args.quiet,
+        cluster=args.cluster,
+        break_lock=args.break_lock,
     )
     print(store.summary())
     return 0
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe a store: model, shape, poolings, completeness")
+    p = sub.add_parser(
+        "info",
+        help="describe a store: model, shape, poolings, completeness; --verify checks every chunk",
+        description="Describe STORE. With --verify, read every committed chunk back and check it against the "
+        "checksums written with it (exit status 3 if anything is damaged); --repair then marks the damaged "
+        "chunks as not written, so re-running the same extract command rewrites exactly those.",
+    )
     p.add_argument("store", help="a store written by cellstrata extract")
+    p.add_argument("--verify", action="store_true", help="check every committed chunk against its checksums")
+    p.add_argument(
+        "--repair", action="store_true", help="with --verify: mark damaged chunks for the next extract run to rewrite"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_info)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .engine.errors import ConfigError, StoreCorruptError
     from .engine.store import open_store
 
-    print(open_store(args.store).summary())
+    if args.repair and not args.verify:
+        raise ConfigError(f"--repair needs --verify: cellstrata info {args.store} --verify --repair")
+    store = open_store(args.store)
+    try:
+        print(store.summary())
+    except Exception as err:  # a deleted or unreadable array: --verify says which
+        if not args.verify:
+            msg = (
+                f"{args.store} cannot be described ({type(err).__name__}: {err}); "
+                f"run cellstrata info {args.store} --verify to see what is damaged"
+            )
+            raise StoreCorruptError(msg) from None
+        print(f"store       {args.store}\nsummary     unavailable ({type(err).__name__}: {err})")
+    if not args.verify:
+        return 0
+    from .engine.verify import verify_store
+
+    report = verify_store(args.store, repair=args.repair, progress=not args.quiet)
+    print(report.describe())
+    if not report.is_clean:
+        raise StoreCorruptError(report.error_message())
     return 0
 
 

@@ -57,8 +57,18 @@ class IncompleteStoreError(StoreError):
     """A store has chunks whose ``done`` flag is not set."""
 
 
+class StoreLockedError(StoreError):
+    """Another extraction holds the store's lease."""
+
+
 class WriteError(StoreError):
     """Writing a chunk failed (disk full, permissions, ...); committed chunks are intact."""
+
+
+class StoreCorruptError(StoreError):
+    """``cellstrata info --verify`` found chunks or arrays that do not match what was written."""
+
+    exit_code = 3
 
 
 class ProbeError(CellstrataError):

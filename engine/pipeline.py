@@ -24,6 +24,8 @@ from .. import kernels
 from .batching import iter_batches
 from .errors import ConfigError, EmptyCellError
 from .interrupts import StopRequest, graceful_stop
+from .lease import Lease
+from .location import StoreLocation
 from .models import get_family
 from .models.base import GeneMapping, LoadedModel, TokenizedBlock
 from .sources import CellSource, check_values, open_source
@@ -64,6 +66,32 @@ class Telemetry:
     writer_wait_seconds: float = 0.0
     overflow: np.ndarray | None = None
     pooling_names: tuple[str, ...] = field(default_factory=tuple)
+
+    COUNTERS = (
+        "cells",
+        "tokens",
+        "padded_tokens",
+        "batches",
+        "empty_cells",
+        "truncated_cells",
+        "forward_seconds",
+        "input_wait_seconds",
+        "writer_wait_seconds",
+    )
+
+    def counters(self) -> dict[str, Any]:
+        """The raw counters (what a Dask worker sends back to the driver)."""
+        d: dict[str, Any] = {k: getattr(self, k) for k in self.COUNTERS}
+        d["overflow"] = None if self.overflow is None else self.overflow.tolist()
+        return d
+
+    def add(self, counters: Mapping[str, Any]) -> None:
+        """Add a worker's :meth:`counters` to these."""
+        for k in self.COUNTERS:
+            setattr(self, k, getattr(self, k) + counters[k])
+        if counters.get("overflow") is not None:
+            ovf = np.asarray(counters["overflow"], dtype=np.int64)
+            self.overflow = ovf if self.overflow is None else self.overflow + ovf
 
     def as_dict(self) -> dict[str, Any]:
         s = max(self.seconds, 1e-9)
@@ -153,6 +181,7 @@ class Extraction:
         overwrite: bool,
         progress: bool,
         client: Any = None,
+        break_lock: bool = False,
     ):
         if empty_cells not in EMPTY_POLICIES:
             msg = f"empty_cells must be one of {', '.join(EMPTY_POLICIES)}, got {empty_cells!r}"
@@ -172,6 +201,7 @@ class Extraction:
         self.require_counts = require_counts
         self.progress = progress
         self.client = client
+        self.break_lock = break_lock
         self.stop = StopRequest()  # set by SIGINT/SIGTERM during run(); checked between batches
         hidden = loaded.hidden_size
         self.chunk_cells = int(chunk_cells or default_chunk_cells(n_cells, hidden, dtype))
@@ -209,10 +239,7 @@ class Extraction:
         self.buffers = PooledBuffers(loaded.n_layers + 1, offset, kernels.OUT_DTYPES[dtype], device)
         self.store_spec = self._store_spec(compression)
         self.overwrite = overwrite
-        self.telemetry = Telemetry(
-            overflow=np.zeros((loaded.n_layers + 1, len(self.overflow_names)), dtype=np.int64),
-            pooling_names=self.overflow_names,
-        )
+        self.telemetry = self.fresh_telemetry()
 
     # ------------------------------------------------------------------ configuration
     def _store_spec(self, compression: str) -> StoreSpec:
@@ -379,84 +406,119 @@ class Extraction:
         self.loaded.tokenizer.tokenize(head, self.mapping)
 
     def run(self) -> Store:
+        """Create or resume the store under its lease and extract every pending chunk in this process."""
         with graceful_stop() as stop:
             self.stop = stop
-            return self._run()
+            self._preflight()
+            with Lease.acquire(StoreLocation.of(self.out), break_lock=self.break_lock):
+                self.group, self.resumed = create_or_resume(self.out, self.store_spec, overwrite=self.overwrite)
+                pending = pending_chunks(self.group)
+                self._log_start(len(pending))
+                client, own_client = self.client, False
+                if client is None and len(pending):
+                    client, own_client = _local_client(), True
+                t_start = time.perf_counter()
+                bar = _progress(self.n_cells, self.progress, initial=self.n_cells - self._cells_in(pending))
+                try:
+                    self.process(pending, client, bar)
+                finally:
+                    bar.close()
+                    if own_client:
+                        client.close()
+                self.telemetry.seconds = time.perf_counter() - t_start
+                self._finish()
+        return Store(self.out)
 
-    def _run(self) -> Store:
-        self._preflight()
-        self.group, self.resumed = create_or_resume(self.out, self.store_spec, overwrite=self.overwrite)
-        pending = pending_chunks(self.group)
+    def _log_start(self, n_pending: int) -> None:
         total = self.store_spec.n_chunks
         if self.resumed:
-            log.info("resuming %s: %d of %d chunks already written", self.out, total - len(pending), total)
+            log.info("resuming %s: %d of %d chunks already written", self.out, total - n_pending, total)
         log.info("%s", self.mapping.report())
         if self.mapping.fraction < 0.5:
             log.warning("only %.1f%% of the input genes are in the vocabulary", 100 * self.mapping.fraction)
-        windows = self._windows(pending)
-        client, own_client = self.client, False
-        if client is None and windows:
-            client, own_client = _local_client(), True
-        t_start = time.perf_counter()
-        bar = _progress(self.n_cells, self.progress, initial=self.n_cells - self._cells_in(pending))
-        writer: ChunkWriter | None = None
+
+    def process(self, chunks: Sequence[int], executor: Any, bar: Any = None) -> None:
+        """Extract ``chunks`` into the existing store, writing through ``executor``.
+
+        ``executor`` is a Dask client or a ``concurrent.futures`` executor. Reading and tokenizing run
+        one window ahead on a helper thread, the forward pass here, encoding and writing on the
+        executor's threads with at most two chunks in flight.
+        """
+        windows = self._windows(np.asarray(chunks, dtype=np.int64))
+        if not windows:
+            return
+        writer = ChunkWriter(self.out, executor, max_pending=2)
         try:
-            writer = ChunkWriter(self.out, client, max_pending=2) if windows else None
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellstrata-input") as pool:
-                ahead = pool.submit(self._prepare, windows[0]) if windows else None
+                ahead = pool.submit(self._prepare, windows[0])
                 for i in range(len(windows)):
-                    assert ahead is not None and writer is not None
                     t0 = time.perf_counter()
                     window = ahead.result()
                     self.telemetry.input_wait_seconds += time.perf_counter() - t0
-                    ahead = pool.submit(self._prepare, windows[i + 1]) if i + 1 < len(windows) else None
+                    if i + 1 < len(windows):
+                        ahead = pool.submit(self._prepare, windows[i + 1])
                     for c, bounds, tokens in zip(window.chunks, window.bounds, window.parts):
                         writer.submit(self._chunk_data(c, bounds, tokens))
                         self.telemetry.cells += len(tokens)
                         self.telemetry.empty_cells += int(tokens.empty.sum())
                         self.telemetry.truncated_cells += int(tokens.truncated.sum())
-                        bar.update(len(tokens))
-                if writer is not None:
-                    writer.flush()
-                    self.telemetry.writer_wait_seconds = writer.wait_seconds
+                        if bar is not None:
+                            bar.update(len(tokens))
+            writer.flush()
         except BaseException:
             # Chunks already handed to the writer are complete: let them commit before leaving.
             if self.stop:
                 log.warning("stopping: committing the chunks already computed (signal again to stop now)")
-            if writer is not None:
-                with contextlib.suppress(Exception):  # the original error is the one to report
-                    writer.flush()
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                writer.flush()
             raise
         finally:
-            bar.close()
-            if own_client:
-                client.close()
-        self.telemetry.seconds = time.perf_counter() - t_start
-        self._finish()
-        return Store(self.out)
+            self.telemetry.writer_wait_seconds += writer.wait_seconds
 
     def _cells_in(self, chunks: np.ndarray) -> int:
         return sum(stop - start for start, stop in map(self._chunk_bounds, chunks))
 
     def _finish(self) -> None:
-        done = np.asarray(self.group["done"][:])
-        if self.resumed and self.telemetry.cells == 0:  # nothing was left to do: keep the last real run's numbers
-            update_attrs(self.group, complete=bool(done.all()))
-            return
-        tele = self.telemetry.as_dict()
-        update_attrs(self.group, complete=bool(done.all()), telemetry=tele)
-        if tele["float16_overflows"]:
-            log.warning(
-                "%d pooled values exceeded float16 range and were stored as inf (%s); "
-                "re-run with --dtype float32 to keep them",
-                tele["float16_overflows"],
-                ", ".join(tele["overflow_layers"]),
-            )
-        if tele["empty_cells"]:
-            log.warning(
-                "%d cells had no expressed vocabulary gene; they are stored as NaN with n_tokens 0",
-                tele["empty_cells"],
-            )
+        record_run(self.group, self.telemetry, resumed=self.resumed)
+
+    def fresh_telemetry(self) -> Telemetry:
+        """Zeroed counters shaped for this run's layers and poolings."""
+        return Telemetry(
+            overflow=np.zeros((self.loaded.n_layers + 1, len(self.overflow_names)), dtype=np.int64),
+            pooling_names=self.overflow_names,
+        )
+
+
+def record_run(group: Any, telemetry: Telemetry, *, resumed: bool, **extra: Any) -> None:
+    """Store the run's completeness and telemetry in the store's attributes and warn about what needs it."""
+    done = np.asarray(group["done"][:])
+    if resumed and telemetry.cells == 0:  # nothing was left to do: keep the last real run's numbers
+        update_attrs(group, complete=bool(done.all()))
+        return
+    tele = {**telemetry.as_dict(), **extra}
+    update_attrs(group, complete=bool(done.all()), telemetry=tele)
+    log.info(
+        "%d cells in %.1f s: %.1f cells/s, %.0f tokens/s, padding %.1f%%; device waited %.1f s for input "
+        "and %.1f s for the writer",
+        tele["cells"],
+        tele["seconds"],
+        tele["cells_per_s"],
+        tele["tokens_per_s"],
+        100 * tele["padding_fraction"],
+        tele["input_wait_seconds"],
+        tele["writer_wait_seconds"],
+    )
+    if tele["float16_overflows"]:
+        log.warning(
+            "%d pooled values exceeded float16 range and were stored as inf (%s); "
+            "re-run with --dtype float32 to keep them",
+            tele["float16_overflows"],
+            ", ".join(tele["overflow_layers"]),
+        )
+    if tele["empty_cells"]:
+        log.warning(
+            "%d cells had no expressed vocabulary gene; they are stored as NaN with n_tokens 0", tele["empty_cells"]
+        )
 
 
 def _select(tokens: TokenizedBlock, idx: np.ndarray) -> TokenizedBlock:
@@ -484,6 +546,72 @@ def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
     return tqdm(total=total, initial=initial, unit="cell", desc="extract", dynamic_ncols=True, disable=not enabled)
 
 
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything that defines an extraction run, picklable so Dask workers can rebuild it."""
+
+    data: Any
+    model: str
+    checkpoint: str
+    out: str
+    poolings: tuple[str, ...] | None = None
+    dtype: str = "float16"
+    device: str = "auto"
+    max_tokens: int | None = None
+    chunk_cells: int | None = None
+    layer: str | None = None
+    gene_column: str | None = None
+    limit: int | None = None
+    seed: int = 0
+    max_length: int | None = None
+    model_options: tuple[tuple[str, Any], ...] = ()
+    empty_cells: str = "nan"
+    allow_noncounts: bool = False
+    compression: str = "zstd"
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, before anything is loaded."""
+        if self.limit is not None and self.limit < 1:
+            msg = f"--limit must be >= 1, got {self.limit}"
+            raise ConfigError(msg)
+        get_family(self.model)
+
+    def open(self, *, overwrite: bool = False, progress: bool = False, client: Any = None) -> Extraction:
+        """Load the model, open the input and return the :class:`Extraction` (call ``close()`` after)."""
+        family = get_family(self.model)
+        dev = resolve_device(self.device)
+        source = open_source(self.data, layer=self.layer, gene_column=self.gene_column)
+        try:
+            n_cells = min(source.n_cells, self.limit) if self.limit else source.n_cells
+            if n_cells == 0:
+                msg = "the input has no cells"
+                raise ConfigError(msg)
+            loaded = family.load(
+                self.checkpoint, device=dev, max_length=self.max_length, seed=self.seed, **dict(self.model_options)
+            )
+            return Extraction(
+                source,
+                loaded,
+                self.out,
+                poolings=self.poolings,
+                dtype=self.dtype,
+                device=dev,
+                max_tokens=self.max_tokens,
+                chunk_cells=self.chunk_cells,
+                n_cells=n_cells,
+                empty_cells=self.empty_cells,
+                # a tokenizer that takes normalised input (scFoundation pre_normalized=T) does not need counts
+                require_counts=bool(getattr(loaded.tokenizer, "require_counts", True)) and not self.allow_noncounts,
+                compression=self.compression,
+                overwrite=overwrite,
+                progress=progress,
+                client=client,
+            )
+        except BaseException:
+            source.close()
+            raise
+
+
 def extract(
     data: Any,
     *,
@@ -507,55 +635,62 @@ def extract(
     compression: str = "zstd",
     progress: bool = True,
     client: Any = None,
+    cluster: Any = None,
+    break_lock: bool = False,
 ) -> Store:
     """Extract every layer of ``model`` for every cell of ``data`` into the store ``out``.
 
     ``data`` is an ``.h5ad`` path, an AnnData ``.zarr`` path or an ``AnnData``; ``layer`` picks
-    ``layers[...]`` or ``raw`` and ``gene_column`` a ``var`` column of gene identifiers. ``poolings``
-    are store names offered by the family (``all`` for every one); ``model_options`` go to the family's
-    loader (e.g. scFoundation's ``pre_normalized``). Re-running the same call resumes;
-    another configuration on an existing store is refused unless ``overwrite``. Returns the
-    :class:`~.store.Store`.
+    ``layers[...]`` or ``raw`` and ``gene_column`` a ``var`` column of gene identifiers. ``out`` is a
+    local path or any URL zarr/fsspec opens (``s3://``, ``gs://``, ``memory://``). ``poolings`` are
+    store names offered by the family (``all`` for every one); ``model_options`` go to the family's
+    loader (e.g. scFoundation's ``pre_normalized``). Re-running the same call resumes; another
+    configuration on an existing store is refused unless ``overwrite``. One run at a time holds the
+    store's lease; ``break_lock`` takes over a lease left by a run that died on another machine.
+
+    ``cluster`` runs the chunks as Dask distributed tasks: ``"local:N"`` starts N local worker
+    processes (one per GPU with dask-cuda), an address such as ``"tcp://host:8786"`` connects to a
+    running scheduler, and a ``distributed.Client`` is used as is. ``client`` (without ``cluster``) is
+    the Dask client that runs the writes of a single-process run. Returns the :class:`~.store.Store`.
     """
-    family = get_family(model)
     if checkpoint is None:
+        get_family(model)
         msg = (
             f"pass --checkpoint DIR, the official {model} checkpoint folder; for a random one to try the tool, "
             f"run: cellstrata init-checkpoint --model {model} --preset tiny --out DIR"
         )
         raise ConfigError(msg)
-    if limit is not None and limit < 1:
-        msg = f"--limit must be >= 1, got {limit}"
-        raise ConfigError(msg)
-    dev = resolve_device(device)
-    source = open_source(data, layer=layer, gene_column=gene_column)
+    settings = ExtractSettings(
+        data=str(data) if isinstance(data, Path) else data,
+        model=model,
+        checkpoint=str(checkpoint),
+        out=StoreLocation.of(out).url,
+        poolings=tuple(poolings) if poolings else None,
+        dtype=dtype,
+        device=device,
+        max_tokens=max_tokens,
+        chunk_cells=chunk_cells,
+        layer=layer,
+        gene_column=gene_column,
+        limit=limit,
+        seed=seed,
+        max_length=max_length,
+        model_options=tuple(sorted(dict(model_options or {}).items())),
+        empty_cells=empty_cells,
+        allow_noncounts=allow_noncounts,
+        compression=compression,
+    )
+    settings.check()
+    if cluster is not None:
+        from .cluster import run_on_cluster
+
+        return run_on_cluster(settings, cluster, overwrite=overwrite, progress=progress, break_lock=break_lock)
+    run = settings.open(overwrite=overwrite, progress=progress, client=client)
+    run.break_lock = break_lock
     try:
-        n_cells = min(source.n_cells, limit) if limit else source.n_cells
-        if n_cells == 0:
-            msg = "the input has no cells"
-            raise ConfigError(msg)
-        loaded = family.load(checkpoint, device=dev, max_length=max_length, seed=seed, **dict(model_options or {}))
-        run = Extraction(
-            source,
-            loaded,
-            out,
-            poolings=poolings,
-            dtype=dtype,
-            device=dev,
-            max_tokens=max_tokens,
-            chunk_cells=chunk_cells,
-            n_cells=n_cells,
-            empty_cells=empty_cells,
-            # a tokenizer that takes normalised input (scFoundation pre_normalized=T) does not need counts
-            require_counts=bool(getattr(loaded.tokenizer, "require_counts", True)) and not allow_noncounts,
-            compression=compression,
-            overwrite=overwrite,
-            progress=progress,
-            client=client,
-        )
         return run.run()
     finally:
-        source.close()
+        run.source.close()
 
 
-__all__ = ["Extraction", "Telemetry", "extract", "resolve_device"]
+__all__ = ["ExtractSettings", "Extraction", "Telemetry", "extract", "resolve_device"]

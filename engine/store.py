@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from .checksums import CHECKSUM, create_checksum_array
 from .errors import ConfigError, IncompleteStoreError, StoreConfigMismatchError, StoreError
+from .lease import LEASE_NODE
+from .location import StoreLocation
 
 FORMAT_VERSION = 1
 ATTR_KEY = "cellstrata"
@@ -147,9 +149,9 @@ def store_attributes(
     }
 
 
-def _is_store(path: Path) -> bool:
+def _is_store(location: StoreLocation) -> bool:
     try:
-        group = zarr.open_group(str(path), mode="r")
+        group = location.open_group("r")
     except Exception:
         return False
     return ATTR_KEY in group.attrs
@@ -159,45 +161,51 @@ def _hash_of(group: zarr.Group) -> str | None:
     return dict(group.attrs.get(ATTR_KEY, {})).get("config_hash")
 
 
-def create_or_resume(path: str | Path, spec: StoreSpec, *, overwrite: bool = False) -> tuple[zarr.Group, bool]:
-    """Open ``path`` for writing ``spec``; returns ``(group, resumed)``.
+def create_or_resume(
+    path: str | Path | StoreLocation, spec: StoreSpec, *, overwrite: bool = False
+) -> tuple[zarr.Group, bool]:
+    """Open ``path`` (a local path or a URL) for writing ``spec``; returns ``(group, resumed)``.
 
     An existing store with the same ``config_hash`` is resumed; one with another hash is refused unless
-    ``overwrite``; a path that exists but is not a cellstrata store is never deleted.
+    ``overwrite``; a location that exists but is not a cellstrata store is never deleted. The store's
+    lease (:mod:`.lease`), if held, is kept.
     """
-    path = Path(path)
+    location = StoreLocation.of(path)
     if spec.dtype not in STORE_DTYPES:
         msg = f"unknown store dtype {spec.dtype!r}; choose one of {', '.join(STORE_DTYPES)}"
         raise ConfigError(msg)
     want = spec.attrs["config_hash"]
-    if path.exists():
-        if not _is_store(path):
-            if path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
+    if location.exists():
+        if not _is_store(location):
+            if location.is_dir() and set(location.names()) <= {LEASE_NODE}:
+                pass  # empty but for the lease this run holds
             else:
-                msg = f"{path} exists and is not a cellstrata store; choose another --out (nothing was changed)"
+                msg = f"{location} exists and is not a cellstrata store; choose another --out (nothing was changed)"
                 raise StoreError(msg)
         else:
-            group = zarr.open_group(str(path), mode="r+")
+            group = location.open_group("r+")
             have = _hash_of(group)
             if have == want:
                 return group, True
             if not overwrite:
                 old = dict(group.attrs[ATTR_KEY])
                 msg = (
-                    f"{path} was written with another configuration (model {old.get('model', {}).get('family')}, "
-                    f"poolings {old.get('poolings')}, dtype {old.get('dtype')}, config {str(have)[:12]} vs "
-                    f"{want[:12]}); pass --overwrite to replace it or choose another --out"
+                    f"{location} was written with another configuration (model "
+                    f"{old.get('model', {}).get('family')}, poolings {old.get('poolings')}, dtype "
+                    f"{old.get('dtype')}, config {str(have)[:12]} vs {want[:12]}); pass --overwrite to replace it "
+                    "or choose another --out"
                 )
                 raise StoreConfigMismatchError(msg)
-            shutil.rmtree(path)
-    return _create(path, spec), False
+            for name in location.names():
+                if name != LEASE_NODE:
+                    location.remove(name)
+    return _create(location, spec), False
 
 
-def _create(path: Path, spec: StoreSpec) -> zarr.Group:
+def _create(location: StoreLocation, spec: StoreSpec) -> zarr.Group:
     comp = _compressors(spec.compression)
     c = spec.chunk_cells
-    group = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    group = location.open_group("a" if location.exists() else "w-", zarr_format=3)  # "a": keep the lease
     pooled = group.create_group("pooled")
     for name, width in spec.widths.items():
         pooled.create_array(
@@ -219,6 +227,7 @@ def _create(path: Path, spec: StoreSpec) -> zarr.Group:
     group.create_array(
         "done", shape=(spec.n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, dimension_names=("cell_chunk",)
     )
+    create_checksum_array(group, list(spec.widths), spec.n_layers, spec.n_chunks)
     attrs = dict(spec.attrs)
     attrs.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), complete=False)
     group.attrs[ATTR_KEY] = attrs
@@ -240,10 +249,11 @@ def update_attrs(group: zarr.Group, **values: Any) -> None:
 class Store:
     """Read side of a store: lazy dask views per pooling, xarray, completeness."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | StoreLocation):
+        self.location = StoreLocation.of(path)
+        self.path = self.location.url  # a local absolute path or a URL
         try:
-            self.group = zarr.open_group(str(self.path), mode="r")
+            self.group = self.location.open_group("r")
         except Exception as err:  # zarr raises several types for a non-store path
             msg = f"{self.path} is not a readable zarr store ({type(err).__name__}); check the path"
             raise StoreError(msg) from None
@@ -308,8 +318,8 @@ class Store:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            pooled = xr.open_zarr(str(self.path), group="pooled", consolidated=False)
-            cells = xr.open_zarr(str(self.path), consolidated=False)
+            pooled = xr.open_zarr(self.path, group="pooled", consolidated=False)
+            cells = xr.open_zarr(self.path, consolidated=False)
         ds = xr.merge([pooled, cells.drop_vars("done")], compat="override", join="override")
         ds = ds.assign_coords(cell=self.obs_names(), layer=np.arange(self.n_layers + 1))
         ds.attrs = {"cellstrata": json.dumps(self.attrs, default=str)}
@@ -332,6 +342,7 @@ class Store:
             f"source      {a['source'].get('path')} ({a['source'].get('n_cells')} x {a['source'].get('n_genes')})",
             f"config      {a['config_hash'][:16]}",
             f"status      {'complete' if done.all() else 'INCOMPLETE: re-run the same extract command to resume'}",
+            f"checksums   {'per cell chunk (check: cellstrata info --verify)' if CHECKSUM in self.group else 'none'}",
         ]
         t = a.get("telemetry")
         if t:
@@ -348,9 +359,9 @@ class Store:
 
 
 def open_store(path: str | Path) -> Store:
-    """Open an extracted store for reading."""
-    p = Path(path)
-    if not p.exists():
-        msg = f"{p} does not exist; pass the --out path of an extract run"
+    """Open an extracted store (a local path or a URL such as ``s3://bucket/run.zarr``) for reading."""
+    location = StoreLocation.of(path)
+    if not location.exists():
+        msg = f"{location} does not exist; pass the --out path of an extract run"
         raise StoreError(msg)
-    return Store(p)
+    return Store(location)

@@ -1,9 +1,10 @@
 """The only code that writes data into a store: whole chunks, as Dask tasks, then the commit flag.
 
 ``ChunkWriter.submit`` hands one complete cell chunk (every pooling, every layer, and the per-cell
-arrays) to a Dask task that encodes and writes it and only then sets ``done[c] = 1``. At most
-``max_pending`` chunks are in flight: ``submit`` waits for the oldest when the queue is full, which
-bounds host memory (backpressure) while the forward pass of the next chunks overlaps the writes.
+arrays) to a Dask task that encodes and writes it, then its checksums (:mod:`engine.checksums`), and
+only then sets ``done[c] = 1``. At most ``max_pending`` chunks are in flight: ``submit`` waits for
+the oldest when the queue is full, which bounds host memory (backpressure) while the forward pass of
+the next chunks overlaps the writes.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from .checksums import checksum_array, write_checksums
 from .errors import WriteError
 
 
@@ -39,14 +41,22 @@ class ChunkData:
 
 
 def write_chunk(path: str, chunk: ChunkData) -> int:
-    """Write every array's region of ``chunk`` and then its ``done`` flag (runs inside a Dask task)."""
+    """Write every array's region of ``chunk``, its checksums, then its ``done`` flag (runs inside a Dask task)."""
     group = zarr.open_group(path, mode="r+")
     sl = slice(chunk.start, chunk.stop)
+    stored: dict[str, np.ndarray] = {}
     for name, data in chunk.pooled.items():
-        group["pooled"][name][:, sl, :] = data
+        arr = group["pooled"][name]
+        arr[:, sl, :] = data
+        stored[name] = np.asarray(data, dtype=arr.dtype)  # the digests cover the values as stored
     group["obs_names"][sl] = chunk.obs_names
     group["n_tokens"][sl] = chunk.n_tokens
     group["truncated"][sl] = chunk.truncated
+    checksums = checksum_array(group)
+    if checksums is not None:  # stores written before checksums existed have none
+        n_tokens = np.asarray(chunk.n_tokens, dtype=np.int32)
+        truncated = np.asarray(chunk.truncated, dtype=bool)
+        write_checksums(checksums, chunk.index, stored, chunk.obs_names, n_tokens, truncated)
     group["done"][chunk.index : chunk.index + 1] = np.ones(1, dtype=np.uint8)
     return chunk.index
 
@@ -65,7 +75,7 @@ def _explain(err: BaseException, chunk_index: int) -> str:
 
 
 class ChunkWriter:
-    """Submit chunk writes to a Dask client with a bounded number in flight."""
+    """Submit chunk writes to a Dask client or a thread pool, with a bounded number in flight."""
 
     def __init__(self, path: str, client: Any, *, max_pending: int = 2):
         self.path = path
@@ -81,9 +91,12 @@ class ChunkWriter:
             t0 = time.perf_counter()
             self._wait_oldest()
             self.wait_seconds += time.perf_counter() - t0
-        # Scatter the chunk first: its arrays travel as data, not inside the task graph.
-        data = self.client.scatter(chunk, hash=False)
-        future = self.client.submit(write_chunk, self.path, data, pure=False, key=f"write-chunk-{chunk.index}")
+        if hasattr(self.client, "scatter"):  # a Dask client
+            # Scatter the chunk first: its arrays travel as data, not inside the task graph.
+            data = self.client.scatter(chunk, hash=False)
+            future = self.client.submit(write_chunk, self.path, data, pure=False, key=f"write-chunk-{chunk.index}")
+        else:  # a concurrent.futures executor (inside a Dask worker)
+            future = self.client.submit(write_chunk, self.path, chunk)
         self._pending.append((chunk.index, future))
 
     def _wait_oldest(self) -> None:

@@ -426,7 +426,7 @@ class _Cache:
         if not enabled:
             return
         try:
-            root = zarr.open_group(str(st.path), mode="r+")
+            root = st.location.open_group("r+")
             self.group = root.require_group(CACHE_GROUP)
         except Exception as err:  # read-only media, permissions
             log.warning("cannot cache probe results in %s (%s); they will be recomputed next time", st.path, err)

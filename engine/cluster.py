@@ -1,0 +1,294 @@
+"""Extraction on Dask distributed: one task per shard of whole chunks, Dask owns workers and retries.
+
+The driver never loads the model: a first task plans the store on a worker (which loads the model
+once and keeps it), the driver creates or resumes the store under its lease, then submits one task per
+shard of consecutive pending chunks. Each task reads its rows straight from the input, runs the same
+:class:`~.pipeline.Extraction` as a single-process run (so every chunk is bit-identical to one on the
+same device type) and writes straight into the store. A task skips chunks already committed, so a
+shard retried after a worker died, or a re-run after the driver died, redoes only what is missing.
+
+``--cluster local:N`` starts N local worker processes (dask-cuda's ``LocalCUDACluster``, one worker
+per GPU, when the device is CUDA and dask-cuda is installed); an address connects to a running
+scheduler whose workers all see the input and the store (a shared filesystem or an object store).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from .errors import CellstrataError, ConfigError, StoreConfigMismatchError, WriteError
+from .interrupts import Interrupted, graceful_stop
+from .lease import Lease
+from .location import StoreLocation
+from .pipeline import Extraction, ExtractSettings, Telemetry, _progress, record_run
+from .store import Store, create_or_resume, pending_chunks
+
+log = logging.getLogger("cellstrata")
+
+RETRIES = 2  # a shard whose task raised is retried this often (a killed worker is rescheduled by Dask)
+SHARDS_PER_WORKER = 4  # enough shards to balance uneven workers, few enough to keep scheduling cheap
+MAX_SHARD_CHUNKS = 64
+WRITER_THREADS = 2
+
+_CACHE: dict[ExtractSettings, Extraction] = {}
+_CACHE_LOCK = threading.Lock()
+_LOADS = {"count": 0}
+
+
+# ------------------------------------------------------------------------------------------ worker side
+def _worker_settings(settings: ExtractSettings) -> ExtractSettings:
+    """Spread workers over GPUs when each sees several (without dask-cuda): worker ``name`` mod count."""
+    import torch
+
+    if settings.device not in ("auto", "cuda") or torch.cuda.device_count() < 2:
+        return settings
+    from distributed import get_worker
+
+    with contextlib.suppress(ValueError):
+        name = get_worker().name
+        if isinstance(name, int) or str(name).isdigit():
+            return replace(settings, device=f"cuda:{int(name) % torch.cuda.device_count()}")
+    return settings
+
+
+def worker_extraction(settings: ExtractSettings) -> Extraction:
+    """This process's :class:`Extraction` for ``settings``: the model is loaded once and reused."""
+    with _CACHE_LOCK:
+        run = _CACHE.get(settings)
+        if run is None:
+            for old in _CACHE.values():
+                old.source.close()
+            _CACHE.clear()
+            run = _worker_settings(settings).open(progress=False)
+            _CACHE[settings] = run
+            _LOADS["count"] += 1
+        return run
+
+
+def plan_task(settings: ExtractSettings) -> dict[str, Any]:
+    """On a worker: check the input's first cells and return the store spec the workers will write."""
+    run = worker_extraction(settings)
+    run._preflight()
+    return {
+        "spec": run.store_spec,
+        "mapping": run.mapping.report(),
+        "gene_fraction": run.mapping.fraction,
+        "device": str(run.device),
+        "overflow_names": run.overflow_names,
+    }
+
+
+def shard_task(settings: ExtractSettings, chunks: Sequence[int], config_hash: str) -> dict[str, Any]:
+    """On a worker: extract the chunks of ``chunks`` not yet committed; returns the shard's counters."""
+    run = worker_extraction(settings)
+    have = run.store_spec.attrs["config_hash"]
+    if have != config_hash:
+        msg = (
+            f"a worker would write other numbers than the store was planned for (config {have[:12]} vs "
+            f"{config_hash[:12]}, device {run.device}): every worker needs the same device type, model "
+            "checkpoint and package versions"
+        )
+        raise StoreConfigMismatchError(msg)
+    done = np.asarray(StoreLocation.of(settings.out).open_group("r")["done"][:])
+    todo = [int(c) for c in chunks if not done[c]]
+    run.telemetry = run.fresh_telemetry()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="cellstrata-write") as pool:
+        run.process(todo, pool)
+    counters = run.telemetry.counters()
+    counters.update(chunks=len(todo), skipped=len(chunks) - len(todo), seconds=time.perf_counter() - t0)
+    counters.update(model_loads=_LOADS["count"], pid=os.getpid())
+    return counters
+
+
+# ------------------------------------------------------------------------------------------ driver side
+def _local_workers(spec: str) -> int:
+    count = spec.partition(":")[2]
+    if not count:
+        return 0
+    if not count.isdigit() or int(count) < 1:
+        msg = f"--cluster {spec!r}: expected local or local:N with N >= 1 workers"
+        raise ConfigError(msg)
+    return int(count)
+
+
+def connect(cluster: Any, device: str) -> tuple[Any, Callable[[], None]]:
+    """A Dask client for ``cluster`` (``local[:N]``, a scheduler address or a ``Client``) and its closer."""
+    from distributed import Client, LocalCluster
+
+    if isinstance(cluster, Client):
+        return cluster, lambda: None
+    spec = str(cluster).strip()
+    if spec == "local" or spec.startswith("local:"):
+        import torch
+
+        n = _local_workers(spec)
+        cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            try:
+                from dask_cuda import LocalCUDACluster
+            except ImportError:
+                log.info("dask-cuda is not installed: workers are spread over the GPUs by worker number")
+            else:
+                lc = LocalCUDACluster(n_workers=n or None, threads_per_worker=1, silence_logs=logging.ERROR)
+                client = Client(lc)
+                return client, lambda: (client.close(), lc.close())
+            n = n or max(torch.cuda.device_count(), 1)
+        n = n or max((os.cpu_count() or 1) // 4, 1)
+        threads = str(max((os.cpu_count() or 1) // n, 1))  # torch threads per worker process
+        lc = LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+            env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        )
+        client = Client(lc)
+        return client, lambda: (client.close(), lc.close())
+    try:
+        client = Client(spec, timeout="30s")
+    except OSError as err:
+        msg = f"cannot reach the Dask scheduler at {spec} ({err}); start one with `dask scheduler` or use local:N"
+        raise ConfigError(msg) from None
+    return client, client.close
+
+
+def shards(pending: np.ndarray, n_workers: int) -> list[list[int]]:
+    """Split ``pending`` into shards of consecutive chunks, about ``SHARDS_PER_WORKER`` per worker."""
+    if len(pending) == 0:
+        return []
+    size = min(max(math.ceil(len(pending) / (SHARDS_PER_WORKER * max(n_workers, 1))), 1), MAX_SHARD_CHUNKS)
+    return [list(map(int, pending[i : i + size])) for i in range(0, len(pending), size)]
+
+
+def _chunk_cells(c: int, chunk_cells: int, n_cells: int) -> int:
+    return min((c + 1) * chunk_cells, n_cells) - c * chunk_cells
+
+
+def _check_inputs(settings: ExtractSettings, cluster: Any) -> ExtractSettings:
+    if not isinstance(settings.data, str):
+        msg = "--cluster needs the input as a path (or URL) every worker can read, not an in-memory AnnData"
+        raise ConfigError(msg)
+    location = StoreLocation.of(settings.out)
+    if location.protocol == "memory" and isinstance(cluster, str):
+        msg = "a memory:// store lives inside one process; with --cluster write to a path or a shared URL"
+        raise ConfigError(msg)
+    data = settings.data if "://" in settings.data else os.path.abspath(settings.data)  # noqa: PTH100
+    return replace(settings, data=data)
+
+
+def _fail(err: BaseException, shard: list[int]) -> CellstrataError:
+    """The one message a failed shard ends the run with."""
+    if isinstance(err, CellstrataError):
+        return err
+    what = f"chunks {shard[0]}-{shard[-1]}"
+    if type(err).__name__ == "KilledWorker":
+        msg = (
+            f"the workers running {what} died repeatedly ({err}); this is usually memory: lower --max-tokens "
+            "or use fewer workers per machine. Committed chunks are kept: re-run the same command to resume"
+        )
+    else:
+        msg = (
+            f"extracting {what} failed on a worker ({type(err).__name__}: {err}); committed chunks are kept: "
+            "fix the cause and re-run the same command to resume"
+        )
+    return WriteError(msg) if isinstance(err, OSError) else CellstrataError(msg)
+
+
+def run_on_cluster(
+    settings: ExtractSettings, cluster: Any, *, overwrite: bool, progress: bool, break_lock: bool
+) -> Store:
+    """Drive the extraction of ``settings`` on ``cluster``; see the module docstring."""
+    from distributed import wait
+
+    settings = _check_inputs(settings, cluster)
+    location = StoreLocation.of(settings.out)
+    with graceful_stop() as stop:
+        client, close = connect(cluster, settings.device)
+        try:
+            n_workers = max(len(client.scheduler_info(n_workers=-1).get("workers", {})), 1)
+            plan = client.submit(plan_task, settings, pure=False, retries=RETRIES).result()
+            spec = plan["spec"]
+            with Lease.acquire(location, break_lock=break_lock):
+                group, resumed = create_or_resume(location, spec, overwrite=overwrite)
+                pending = pending_chunks(group)
+                total = spec.n_chunks
+                if resumed:
+                    log.info("resuming %s: %d of %d chunks already written", location, total - len(pending), total)
+                log.info("%s", plan["mapping"])
+                work = shards(pending, n_workers)
+                log.info(
+                    "%d chunks in %d shards on %d Dask workers (%s)", len(pending), len(work), n_workers, plan["device"]
+                )
+                telemetry = Telemetry(pooling_names=tuple(plan["overflow_names"]))
+                t_start = time.perf_counter()
+                cells_in = {
+                    i: sum(_chunk_cells(c, spec.chunk_cells, spec.n_cells) for c in s) for i, s in enumerate(work)
+                }
+                bar = _progress(spec.n_cells, progress, initial=spec.n_cells - sum(cells_in.values()))
+                token = uuid.uuid4().hex[:8]
+                futures = {
+                    client.submit(
+                        shard_task,
+                        settings,
+                        shard,
+                        spec.attrs["config_hash"],
+                        pure=False,
+                        retries=RETRIES,
+                        key=f"cellstrata-shard-{shard[0]}-{shard[-1]}-{token}",
+                    ): i
+                    for i, shard in enumerate(work)
+                }
+                loads: dict[int, int] = {}  # worker process -> models it loaded
+                try:
+                    remaining = set(futures)
+                    while remaining:
+                        with contextlib.suppress(TimeoutError):  # wake up to check for a stop request
+                            wait(list(remaining), timeout=0.5, return_when="FIRST_COMPLETED")
+                        stop.check()
+                        finished = {f for f in remaining if f.done()}
+                        remaining -= finished
+                        for fut in finished:
+                            i = futures[fut]
+                            try:
+                                counters = fut.result()
+                            except Exception as err:
+                                raise _fail(err, work[i]) from err
+                            telemetry.add(counters)
+                            loads[counters["pid"]] = max(loads.get(counters["pid"], 0), counters["model_loads"])
+                            bar.update(cells_in[i])
+                except BaseException as err:
+                    client.cancel(list(futures))
+                    if isinstance(err, Interrupted):
+                        log.warning("stopping: cancelled the shards not yet finished; committed chunks are kept")
+                    raise
+                finally:
+                    bar.close()
+                telemetry.seconds = time.perf_counter() - t_start
+                record_run(
+                    group,
+                    telemetry,
+                    resumed=resumed,
+                    cluster={
+                        "workers": n_workers,
+                        "shards": len(work),
+                        "worker_processes": len(loads),
+                        "model_loads": sum(loads.values()),
+                    },
+                )
+        finally:
+            close()
+    return Store(location)
