@@ -1,0 +1,339 @@
+"""Check a store against its checksums: find tampered, deleted or undecodable chunks, optionally reset them.
+
+:func:`verify_store` checks the structure (every array of DESIGN section 3 exists with its shape,
+dtype and chunking), then reads every committed cell chunk back part by part (one pooling layer at
+a time, a few chunks in parallel) and compares each part's digest with the one the writer recorded
+(:mod:`engine.checksums`). ``repair=True`` sets ``done[c] = 0`` for every damaged chunk, so the same
+extract command rewrites exactly those chunks. Everything is read through zarr, so any location zarr
+opens can be verified.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from .checksums import CHECKSUM, digest, part_names
+from .errors import StoreError
+from .store import ATTR_KEY, update_attrs
+
+MAX_LISTED = 20  # damaged chunks listed one per line by describe()
+
+
+@dataclass
+class DamagedChunk:
+    """A committed cell chunk whose data does not match its checksums; ``parts`` maps part to reason."""
+
+    index: int
+    start: int
+    stop: int
+    parts: dict[str, str]
+
+    def describe(self) -> str:
+        parts = "; ".join(f"{p} {why}" for p, why in self.parts.items())
+        return f"chunk {self.index} (cells {self.start}-{self.stop - 1}): {parts}"
+
+
+@dataclass
+class VerifyReport:
+    """What :func:`verify_store` found: chunk counts, damaged chunks, structural problems."""
+
+    path: str
+    n_chunks: int
+    ok: int = 0
+    pending: int = 0
+    unchecked: int = 0
+    damaged_chunks: list[DamagedChunk] = field(default_factory=list)
+    structure: list[str] = field(default_factory=list)
+    has_checksums: bool = True
+    repaired: bool = False
+
+    @property
+    def damaged(self) -> int:
+        return len(self.damaged_chunks)
+
+    @property
+    def is_clean(self) -> bool:
+        """True when neither a chunk nor the structure is damaged (pending chunks are not damage)."""
+        return not self.damaged_chunks and not self.structure
+
+    def describe(self) -> str:
+        """Multi-line human-readable report (what ``cellstrata info --verify`` prints)."""
+        lines = [
+            f"verify      {self.n_chunks} cell chunks: {self.ok} ok, {self.damaged} damaged, "
+            f"{self.pending} pending (not yet written), {self.unchecked} unchecked"
+        ]
+        if not self.has_checksums:
+            lines.append("            no checksums: only structure checked (store written before checksums existed)")
+        lines += [f"structure   {problem}" for problem in self.structure]
+        lines += [f"damaged     {d.describe()}" for d in self.damaged_chunks[:MAX_LISTED]]
+        if self.damaged > MAX_LISTED:
+            lines.append(f"damaged     ... and {self.damaged - MAX_LISTED} more chunks")
+        if self.damaged_chunks and self.repaired:
+            lines.append(
+                f"repaired    {self.damaged} damaged chunks marked as not written: re-run the same extract "
+                "command to rewrite exactly those chunks"
+            )
+        elif self.damaged_chunks:
+            lines.append(
+                f"repair      run `cellstrata info {self.path} --verify --repair`, then the same extract "
+                "command, to rewrite the damaged chunks"
+            )
+        if self.structure:
+            lines.append(
+                "            the store's layout is damaged, which a re-run cannot rewrite: extract again into a "
+                "new --out (or delete this store first)"
+            )
+        if self.is_clean:
+            lines.append("result      no damage found")
+        return "\n".join(lines)
+
+    def error_message(self) -> str:
+        """One line for :class:`~.errors.StoreCorruptError`: what was found and what to do."""
+        found = []
+        if self.structure:
+            found.append("damaged layout (" + "; ".join(self.structure) + ")")
+        if self.damaged_chunks:
+            first = self.damaged_chunks[0].describe()
+            more = f" (and {self.damaged - 1} more)" if self.damaged > 1 else ""
+            found.append(f"{self.damaged} of {self.n_chunks} cell chunks damaged, first {first}{more}")
+        todo = []
+        if self.damaged_chunks and self.repaired:
+            todo.append("the damaged chunks were marked as not written: re-run the same extract command")
+        elif self.damaged_chunks:
+            todo.append(f"run `cellstrata info {self.path} --verify --repair`, then re-run the same extract command")
+        if self.structure:
+            todo.append("extract again into a new --out (a re-run cannot rewrite a damaged layout)")
+        return f"{self.path} is damaged: {', '.join(found)}; " + "; ".join(todo)
+
+
+@dataclass
+class _Layout:
+    """The store's arrays (None where damaged) and the numbers their shapes follow from."""
+
+    n_cells: int
+    chunk_cells: int
+    n_layers: int
+    n_chunks: int
+    parts: list[str]
+    arrays: dict[str, zarr.Array | None]
+    checksum: zarr.Array | None
+    has_checksums: bool  # the store has a checksum array (possibly damaged: then ``checksum`` is None)
+
+    def bounds(self, c: int) -> tuple[int, int]:
+        return c * self.chunk_cells, min((c + 1) * self.chunk_cells, self.n_cells)
+
+
+def _open_array(group: zarr.Group, name: str, structure: list[str]) -> zarr.Array | None:
+    try:
+        arr = group[name]
+    except KeyError:
+        structure.append(f"{name} is missing")
+        return None
+    except Exception as err:  # a deleted or corrupt zarr.json raises several types
+        structure.append(f"{name} is unreadable ({type(err).__name__}: {err})")
+        return None
+    if not isinstance(arr, zarr.Array):
+        structure.append(f"{name} is not an array")
+        return None
+    return arr
+
+
+def _check_array(
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int | None, ...],
+    chunks: tuple[int | None, ...],
+    kind: Callable[[np.dtype], bool],
+    structure: list[str],
+) -> zarr.Array | None:
+    """Open ``name`` and check its shape, chunks and dtype (None entries: any size, equal in both)."""
+    arr = _open_array(group, name, structure)
+    if arr is None:
+        return None
+    want_shape = tuple(s if s is not None else got for s, got in zip(shape, arr.shape))
+    want_chunks = tuple(s if s is not None else got for s, got in zip(chunks, arr.chunks))
+    if len(arr.shape) != len(shape) or arr.shape != want_shape or arr.chunks != want_chunks:
+        structure.append(f"{name} has shape {arr.shape} in chunks {arr.chunks}; expected {shape} in chunks {chunks}")
+        return None
+    if not kind(arr.dtype):
+        structure.append(f"{name} has dtype {arr.dtype}")
+        return None
+    return arr
+
+
+def _layout(group: zarr.Group, attrs: dict[str, Any], structure: list[str]) -> _Layout:
+    n, c, n_layers = int(attrs["n_cells"]), int(attrs["chunk_cells"]), int(attrs["model"]["n_layers"])
+    n_chunks = -(-n // c)
+    poolings = list(attrs["poolings"])
+    hidden = int(attrs["model"].get("hidden", 0))
+    dtype = np.dtype(attrs["dtype"])
+    arrays: dict[str, zarr.Array | None] = {}
+    for name in poolings:
+        arr = _check_array(
+            group, f"pooled/{name}", (n_layers + 1, n, None), (1, c, None), lambda d: d == dtype, structure
+        )
+        if arr is not None and arr.shape[2] != arr.chunks[2]:
+            structure.append(f"pooled/{name} is chunked {arr.chunks} along its features; expected whole rows")
+            arr = None
+        dims = arr.metadata.dimension_names if arr is not None else None
+        if arr is not None and dims and dims[-1] == "feature" and hidden and arr.shape[2] != hidden:
+            structure.append(f"pooled/{name} has {arr.shape[2]} features; the model's hidden size is {hidden}")
+            arr = None
+        arrays[f"pooled/{name}"] = arr
+    arrays["obs_names"] = _check_array(group, "obs_names", (n,), (c,), lambda d: d.kind in "OUT", structure)
+    arrays["n_tokens"] = _check_array(group, "n_tokens", (n,), (c,), lambda d: d == np.int32, structure)
+    arrays["truncated"] = _check_array(group, "truncated", (n,), (c,), lambda d: d == np.bool_, structure)
+    arrays["done"] = _check_array(group, "done", (n_chunks,), (1,), lambda d: d == np.uint8, structure)
+    parts = part_names(poolings, n_layers)
+    checksum = None
+    has_checksums = _has_member(group, CHECKSUM)
+    if has_checksums:
+        k = len(parts)
+        checksum = _check_array(group, CHECKSUM, (n_chunks, k), (1, k), lambda d: d == np.uint64, structure)
+        if checksum is not None and list(checksum.attrs.get("parts", [])) != parts:
+            structure.append(f"{CHECKSUM} lists other parts than the store's poolings and layers")
+            checksum = None
+    return _Layout(n, c, n_layers, n_chunks, parts, arrays, checksum, has_checksums)
+
+
+def _has_member(group: zarr.Group, name: str) -> bool:
+    try:
+        group[name]
+    except KeyError:
+        return False
+    except Exception:  # present but with unreadable metadata: _check_array reports it
+        return True
+    return True
+
+
+def _array_of(part: str) -> tuple[str, int | None]:
+    """``pooled/<name>/<layer>`` -> (``pooled/<name>``, layer); a per-cell part -> (part, None)."""
+    if part.startswith("pooled/"):
+        name, layer = part.rsplit("/", 1)
+        return name, int(layer)
+    return part, None
+
+
+def _read_part(arr: zarr.Array, layer: int | None, start: int, stop: int) -> np.ndarray:
+    return np.asarray(arr[layer, start:stop, :] if layer is not None else arr[start:stop])
+
+
+def _chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
+    key = arr.metadata.encode_chunk_key(coords)
+    return bool(sync((arr.store_path / key).exists()))
+
+
+def _check_chunk(layout: _Layout, c: int) -> dict[str, str]:
+    """Parts of committed chunk ``c`` that are missing, unreadable or changed (empty: the chunk is ok)."""
+    assert layout.checksum is not None
+    bad: dict[str, str] = {}
+    try:
+        want = np.asarray(layout.checksum[c, :])
+    except Exception as err:
+        return {CHECKSUM: f"unreadable: {type(err).__name__}: {err}"}
+    if not want.any():  # written before done[c], so a zero row of a committed chunk was removed
+        return {CHECKSUM: "missing" if not _chunk_exists(layout.checksum, (c, 0)) else "changed"}
+    start, stop = layout.bounds(c)
+    for part, expected in zip(layout.parts, want.tolist()):
+        name, layer = _array_of(part)
+        arr = layout.arrays[name]
+        if arr is None:  # a damaged array is reported once, under structure
+            continue
+        try:
+            got = digest(_read_part(arr, layer, start, stop))
+        except Exception as err:  # corrupt bytes raise inside zarr's codecs
+            bad[part] = f"unreadable: {type(err).__name__}: {err}"
+            continue
+        if got != expected:
+            coords = (layer, c, 0) if layer is not None else (c,)
+            bad[part] = "changed" if _chunk_exists(arr, coords) else "missing"
+    return bad
+
+
+def _read_done(done: zarr.Array, n_chunks: int) -> tuple[np.ndarray, dict[int, str]]:
+    """The ``done`` flags, and the chunks whose flag cannot be read (they count as damaged)."""
+    try:
+        return np.asarray(done[:]), {}
+    except Exception:
+        flags = np.zeros(n_chunks, dtype=np.uint8)
+        unreadable: dict[int, str] = {}
+        for c in range(n_chunks):
+            try:
+                flags[c] = np.asarray(done[c : c + 1])[0]
+            except Exception as err:
+                unreadable[c] = f"unreadable: {type(err).__name__}: {err}"
+        return flags, unreadable
+
+
+def verify_store(
+    path: str | os.PathLike[str], *, repair: bool = False, progress: bool = False, threads: int = 4
+) -> VerifyReport:
+    """Verify every committed chunk of the store at ``path`` (a local path or a URL zarr opens).
+
+    Damaged: a part whose chunk file is missing (where the data was not the fill value), does not
+    decode, or decodes to other values than were written. Chunks with ``done == 0`` are pending.
+    ``repair`` sets ``done[c] = 0`` (and the ``complete`` attribute to False) for each damaged chunk.
+    Memory: one pooling layer of one cell chunk per thread.
+    """
+    url = os.fspath(path)
+    try:
+        group = zarr.open_group(url, mode="r")
+        attrs = dict(group.attrs[ATTR_KEY])
+    except Exception as err:
+        msg = f"{url} is not a readable cellstrata store ({type(err).__name__}); check the path"
+        raise StoreError(msg) from None
+    structure: list[str] = []
+    layout = _layout(group, attrs, structure)
+    report = VerifyReport(url, layout.n_chunks, structure=structure, has_checksums=layout.has_checksums)
+    done_arr = layout.arrays["done"]
+    if done_arr is None:  # without commit flags nothing can be told apart
+        report.unchecked = layout.n_chunks
+        return report
+    flags, bad_flags = _read_done(done_arr, layout.n_chunks)
+    for c, why in bad_flags.items():
+        report.damaged_chunks.append(DamagedChunk(c, *layout.bounds(c), {"done": why}))
+    committed = [int(c) for c in np.flatnonzero(flags == 1) if int(c) not in bad_flags]
+    report.pending = int(layout.n_chunks - len(committed) - len(bad_flags))
+    if layout.checksum is None:
+        report.unchecked = len(committed)
+    else:
+        report.ok = _check_all(layout, committed, report, progress=progress, threads=threads)
+    report.damaged_chunks.sort(key=lambda d: d.index)
+    if repair and report.damaged_chunks:
+        _reset(url, [d.index for d in report.damaged_chunks])
+        report.repaired = True
+    return report
+
+
+def _check_all(layout: _Layout, chunks: list[int], report: VerifyReport, *, progress: bool, threads: int) -> int:
+    from tqdm.auto import tqdm
+
+    ok = 0
+    with (
+        ThreadPoolExecutor(max_workers=max(1, threads)) as pool,
+        tqdm(total=len(chunks), unit="chunk", desc="verify", dynamic_ncols=True, disable=not progress) as bar,
+    ):
+        for c, bad in zip(chunks, pool.map(lambda c: _check_chunk(layout, c), chunks)):
+            if bad:
+                report.damaged_chunks.append(DamagedChunk(c, *layout.bounds(c), bad))
+            else:
+                ok += 1
+            bar.update(1)
+    return ok
+
+
+def _reset(url: str, chunks: list[int]) -> None:
+    """Mark ``chunks`` as not written, so the same extract command rewrites them."""
+    group = zarr.open_group(url, mode="r+")
+    done = group["done"]
+    for c in chunks:
+        done[c : c + 1] = np.zeros(1, dtype=np.uint8)
+    update_attrs(group, complete=False)
