@@ -21,7 +21,7 @@ import zarr
 from zarr.core.sync import sync
 
 from .checksums import CHECKSUM, digest, part_names
-from .errors import StoreError
+from .errors import StoreCorruptError, StoreError
 from .store import ATTR_KEY, update_attrs
 
 MAX_LISTED = 20  # damaged chunks listed one per line by describe()
@@ -37,8 +37,37 @@ class DamagedChunk:
     parts: dict[str, str]
 
     def describe(self) -> str:
-        parts = "; ".join(f"{p} {why}" for p, why in self.parts.items())
+        by_reason: dict[str, list[str]] = {}
+        for part, why in self.parts.items():
+            by_reason.setdefault(why, []).append(part)
+        parts = "; ".join(f"{_compact(names)} {why}" for why, names in by_reason.items())
         return f"chunk {self.index} (cells {self.start}-{self.stop - 1}): {parts}"
+
+
+def _compact(parts: list[str]) -> str:
+    """``pooled/mean/0, pooled/mean/1, pooled/mean/3, obs_names`` -> ``pooled/mean/[0-1,3], obs_names``."""
+    layers: dict[str, list[int]] = {}
+    out: list[str] = []
+    for part in parts:
+        name, layer = _array_of(part)
+        if layer is None:
+            out.append(part)
+        else:
+            if name not in layers:
+                out.append(name)
+            layers.setdefault(name, []).append(layer)
+    return ", ".join(f"{p}/{_ranges(layers[p])}" if p in layers else p for p in out)
+
+
+def _ranges(values: list[int]) -> str:
+    runs: list[list[int]] = []
+    for v in sorted(values):
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    text = ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+    return text if len(runs) == 1 else f"[{text}]"
 
 
 @dataclass
@@ -291,7 +320,13 @@ def verify_store(
         msg = f"{url} is not a readable cellstrata store ({type(err).__name__}); check the path"
         raise StoreError(msg) from None
     structure: list[str] = []
-    layout = _layout(group, attrs, structure)
+    try:
+        layout = _layout(group, attrs, structure)
+    except (KeyError, TypeError, ValueError) as err:
+        msg = (
+            f"{url} has a damaged '{ATTR_KEY}' attribute ({type(err).__name__}: {err}); extract again into a new --out"
+        )
+        raise StoreCorruptError(msg) from None
     report = VerifyReport(url, layout.n_chunks, structure=structure, has_checksums=layout.has_checksums)
     done_arr = layout.arrays["done"]
     if done_arr is None:  # without commit flags nothing can be told apart

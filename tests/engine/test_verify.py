@@ -16,7 +16,7 @@ from cellstrata.engine.checksums import CHECKSUM, chunk_digests, digest, part_na
 from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
 from cellstrata.engine.store import ATTR_KEY, StoreSpec, config_hash, create_or_resume
-from cellstrata.engine.verify import verify_store
+from cellstrata.engine.verify import DamagedChunk, verify_store
 from cellstrata.engine.writer import ChunkData, write_chunk
 
 N_CELLS, CHUNK = 60, 16  # 4 chunks, the last one partial (12 cells)
@@ -192,6 +192,13 @@ def test_deleted_chunk_files_are_missing(store):
     assert report.ok == 1
 
 
+def test_damage_is_described_compactly():
+    parts = {f"pooled/mean/{layer}": "missing" for layer in (0, 1, 2, 4)}
+    parts |= {"pooled/max/0": "changed", "obs_names": "missing"}
+    text = DamagedChunk(3, 48, 60, parts).describe()
+    assert text == "chunk 3 (cells 48-59): pooled/mean/[0-2,4], obs_names missing; pooled/max/0 changed"
+
+
 def test_deleted_array_is_reported_without_traceback(store, capsys):
     shutil.rmtree(store / "pooled" / "cls")
     (store / "truncated" / "zarr.json").unlink()
@@ -204,6 +211,21 @@ def test_deleted_array_is_reported_without_traceback(store, capsys):
     assert code == 3 and "pooled/cls" in line and "new --out" in line
     code, line = cli_error(capsys, ["info", str(store)])  # the plain summary fails: say how to find out
     assert code == 3 and "--verify" in line
+
+
+def test_unreadable_done_flag_is_damage_and_repairable(store):
+    chunk_file(store, "done", 2).write_bytes(b"not zstd")
+    report = verify_store(store, repair=True)
+    assert [(d.index, list(d.parts)) for d in report.damaged_chunks] == [(2, ["done"])]
+    assert report.damaged_chunks[0].parts["done"].startswith("unreadable: ") and report.repaired
+    assert zarr.open_group(str(store), mode="r")["done"][:].tolist() == [1, 1, 0, 1]
+
+
+def test_damaged_attribute_is_one_error_line(store, capsys):
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs[ATTR_KEY] = {k: v for k, v in group.attrs[ATTR_KEY].items() if k != "chunk_cells"}
+    code, line = cli_error(capsys, ["info", str(store), "--verify", "--quiet"])
+    assert code == 3 and "chunk_cells" in line
 
 
 def test_cli_damage_exits_nonzero_with_one_error_line(store, capsys):
