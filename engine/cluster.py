@@ -45,6 +45,7 @@ WRITER_THREADS = 2
 _CACHE: dict[ExtractSettings, Extraction] = {}
 _CACHE_LOCK = threading.Lock()
 _LOADS = {"count": 0}
+_RUN_LOCKS: dict[int, threading.Lock] = {}
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -93,6 +94,13 @@ def plan_task(settings: ExtractSettings) -> dict[str, Any]:
 def shard_task(settings: ExtractSettings, chunks: Sequence[int], config_hash: str) -> dict[str, Any]:
     """On a worker: extract the chunks of ``chunks`` not yet committed; returns the shard's counters."""
     run = worker_extraction(settings)
+    # One shard at a time per loaded model: a worker with several threads (or threaded workers sharing
+    # this process) would otherwise share its buffers and counters.
+    with _RUN_LOCKS.setdefault(id(run), threading.Lock()):
+        return _run_shard(run, settings, chunks, config_hash)
+
+
+def _run_shard(run: Extraction, settings: ExtractSettings, chunks: Sequence[int], config_hash: str) -> dict[str, Any]:
     have = run.store_spec.attrs["config_hash"]
     if have != config_hash:
         msg = (

@@ -320,7 +320,9 @@ class Store:
             warnings.simplefilter("ignore", RuntimeWarning)
             pooled = xr.open_zarr(self.path, group="pooled", consolidated=False)
             cells = xr.open_zarr(self.path, consolidated=False)
-        ds = xr.merge([pooled, cells.drop_vars("done")], compat="override", join="override")
+        ds = xr.merge(
+            [pooled, cells.drop_vars(["done", "checksum"], errors="ignore")], compat="override", join="override"
+        )
         ds = ds.assign_coords(cell=self.obs_names(), layer=np.arange(self.n_layers + 1))
         ds.attrs = {"cellstrata": json.dumps(self.attrs, default=str)}
         return ds
