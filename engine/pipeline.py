@@ -1,13 +1,15 @@
 """Extraction: source -> tokenizer -> batches -> one forward pass with per-layer pooling -> writer.
 
-For each window of pending cell chunks: read and tokenize the rows (on a helper thread, one window
-ahead), cut length-sorted token-budget batches, run the model once per batch while the tap pools every
+For each window of pending cell chunks: read and tokenize the rows (on helper threads, up to two
+windows ahead), cut length-sorted token-budget batches, run the model once per batch while the tap pools every
 layer into one device buffer ``[L+1, P, B, H]``, copy that buffer to the host once per batch, put rows
-back in cell order, and hand each completed chunk to the :class:`~.writer.ChunkWriter`.
+back in cell order, and hand each completed chunk to the :class:`~.writer.ChunkWriter` (Dask threads,
+two chunks in flight). The same :meth:`Extraction.process` runs inside Dask workers (:mod:`.cluster`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -47,6 +49,7 @@ ENGINE_VERSION = "0.1.0"
 EMPTY_POLICIES = ("nan", "error")
 MIN_WINDOW_CELLS = 1024
 PREFLIGHT_CELLS = 256
+INPUT_AHEAD = 2  # windows read and tokenized ahead of the device, on as many threads
 DEFAULT_MAX_TOKENS = {"cpu": 16384, "cuda": 65536}
 
 
@@ -441,22 +444,22 @@ class Extraction:
         """Extract ``chunks`` into the existing store, writing through ``executor``.
 
         ``executor`` is a Dask client or a ``concurrent.futures`` executor. Reading and tokenizing run
-        one window ahead on a helper thread, the forward pass here, encoding and writing on the
-        executor's threads with at most two chunks in flight.
+        up to :data:`INPUT_AHEAD` windows ahead on helper threads, the forward pass here, encoding and
+        writing on the executor's threads with at most two chunks in flight: bounded queues on both sides.
         """
         windows = self._windows(np.asarray(chunks, dtype=np.int64))
         if not windows:
             return
         writer = ChunkWriter(self.out, executor, max_pending=2)
         try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellstrata-input") as pool:
-                ahead = pool.submit(self._prepare, windows[0])
+            with ThreadPoolExecutor(max_workers=INPUT_AHEAD, thread_name_prefix="cellstrata-input") as pool:
+                queue = collections.deque(pool.submit(self._prepare, w) for w in windows[:INPUT_AHEAD])
                 for i in range(len(windows)):
                     t0 = time.perf_counter()
-                    window = ahead.result()
+                    window = queue.popleft().result()
                     self.telemetry.input_wait_seconds += time.perf_counter() - t0
-                    if i + 1 < len(windows):
-                        ahead = pool.submit(self._prepare, windows[i + 1])
+                    if i + INPUT_AHEAD < len(windows):
+                        queue.append(pool.submit(self._prepare, windows[i + INPUT_AHEAD]))
                     for c, bounds, tokens in zip(window.chunks, window.bounds, window.parts):
                         writer.submit(self._chunk_data(c, bounds, tokens))
                         self.telemetry.cells += len(tokens)

@@ -353,6 +353,18 @@ class Store:
                 f"({t.get('cells_per_s', 0):.1f} cells/s, {t.get('tokens_per_s', 0):.0f} tokens/s, "
                 f"padding {100 * t.get('padding_fraction', 0):.1f}%)"
             )
+            lines.append(
+                f"pipeline    forward {t.get('forward_seconds', 0):.1f} s; the device waited "
+                f"{t.get('input_wait_seconds', 0):.1f} s for input and {t.get('writer_wait_seconds', 0):.1f} s "
+                "for the writer"
+            )
+            c = t.get("cluster")
+            if c:
+                lines.append(
+                    f"cluster     {c.get('workers')} Dask workers, {c.get('shards')} shards, "
+                    f"model loaded {c.get('model_loads')} times in {c.get('worker_processes')} worker processes "
+                    "(pipeline times summed over workers)"
+                )
             if t.get("empty_cells"):
                 lines.append(f"empty cells {t['empty_cells']} (gene poolings NaN, see README)")
             if t.get("float16_overflows"):
