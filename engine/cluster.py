@@ -42,7 +42,7 @@ SHARDS_PER_WORKER = 4  # enough shards to balance uneven workers, few enough to 
 MAX_SHARD_CHUNKS = 64
 WRITER_THREADS = 2
 
-_CACHE: dict[ExtractSettings, Extraction] = {}
+_CACHE: dict[str, Extraction] = {}  # keyed by repr(settings): option values need not be hashable
 _CACHE_LOCK = threading.Lock()
 _LOADS = {"count": 0}
 _RUN_LOCKS: dict[int, threading.Lock] = {}
@@ -66,14 +66,15 @@ def _worker_settings(settings: ExtractSettings) -> ExtractSettings:
 
 def worker_extraction(settings: ExtractSettings) -> Extraction:
     """This process's :class:`Extraction` for ``settings``: the model is loaded once and reused."""
+    key = repr(settings)
     with _CACHE_LOCK:
-        run = _CACHE.get(settings)
+        run = _CACHE.get(key)
         if run is None:
             for old in _CACHE.values():
                 old.source.close()
             _CACHE.clear()
             run = _worker_settings(settings).open(progress=False)
-            _CACHE[settings] = run
+            _CACHE[key] = run
             _LOADS["count"] += 1
         return run
 
@@ -194,8 +195,10 @@ def _check_inputs(settings: ExtractSettings, cluster: Any) -> ExtractSettings:
     if location.protocol == "memory" and isinstance(cluster, str):
         msg = "a memory:// store lives inside one process; with --cluster write to a path or a shared URL"
         raise ConfigError(msg)
+    # workers may run elsewhere: give them absolute paths
     data = settings.data if "://" in settings.data else os.path.abspath(settings.data)  # noqa: PTH100
-    return replace(settings, data=data)
+    checkpoint = settings.checkpoint if "://" in settings.checkpoint else os.path.abspath(settings.checkpoint)  # noqa: PTH100
+    return replace(settings, data=data, checkpoint=checkpoint)
 
 
 def _fail(err: BaseException, shard: list[int]) -> CellstrataError:
