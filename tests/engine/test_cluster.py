@@ -23,6 +23,8 @@ from cellstrata.engine import writer as writer_mod
 from cellstrata.engine.cluster import shards
 from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import ConfigError, WriteError
+from cellstrata.engine.lease import read_holder
+from cellstrata.engine.location import StoreLocation
 from cellstrata.engine.models import get_family
 from cellstrata.engine.verify import verify_store
 
@@ -127,11 +129,12 @@ def test_killed_worker_is_rescheduled_and_the_store_is_identical(case, tmp_path,
     assert_identical(result["store"], case["ref"])
 
 
-def test_killed_driver_resumes_to_identical_store(case, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_driver_resumes_to_identical_store(case, tmp_path, sig):
     out = tmp_path / "d.zarr"
     cmd = [sys.executable, "-m", "cellstrata", *case["common"], "--out", str(out), "--cluster", "local:2"]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path, start_new_session=True
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True
     )
     try:
         deadline = time.time() + 300
@@ -143,8 +146,11 @@ def test_killed_driver_resumes_to_identical_store(case, tmp_path):
                 pass
             time.sleep(0.02)
         assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+        if sig == signal.SIGTERM:  # graceful: shards cancelled, cluster closed, lease released
+            assert proc.returncode == 143 and "re-run the same command" in err and "Traceback" not in err, err
+            assert read_holder(StoreLocation.of(out)) is None
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # the driver's worker processes (its session) go with it
