@@ -21,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import StoreLockedError
+from .errors import StoreError, StoreLockedError
 from .location import StoreLocation
 
 log = logging.getLogger("cellstrata")
@@ -95,7 +95,12 @@ class Lease:
         """Take the lease of ``location`` or raise :class:`StoreLockedError` naming its live holder."""
         holder = _holder()
         for _ in range(3):
-            if location.write_bytes(LEASE_FILE, _encode(holder), exclusive=True):
+            try:
+                created = location.write_bytes(LEASE_FILE, _encode(holder), exclusive=True)
+            except OSError as err:
+                msg = f"cannot write to {location} ({type(err).__name__}: {err}); check the --out path is writable"
+                raise StoreError(msg) from None
+            if created:
                 lease = cls(location, holder, threading.Event())
                 lease._start_renewing()
                 return lease

@@ -110,3 +110,10 @@ def test_two_concurrent_extracts_on_one_new_store(case, tmp_path):
             assert "being written by another extraction" in err
     same_numbers(cs.open_store(out), ref)
     assert not Path(out, "lease").exists()
+
+
+def test_unwritable_location_is_one_clear_error(case, capsys):
+    common, _ = case
+    assert main([*common, "--out", "/proc/cellstrata-test.zarr"]) == 2
+    err = capsys.readouterr().err
+    assert "check the --out path is writable" in err and "Traceback" not in err
