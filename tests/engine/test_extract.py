@@ -279,9 +279,7 @@ def kill_case(tmp_path_factory, ckpt):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"]
-)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM], ids=["SIGKILL", "SIGINT", "SIGTERM"])
 def test_killed_run_resumes_to_identical_store(tmp_path, kill_case, sig):
     common, ref = kill_case
     out = tmp_path / "killed.zarr"
