@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -41,6 +41,7 @@ RETRIES = 2  # a shard whose task raised is retried this often (a killed worker 
 SHARDS_PER_WORKER = 4  # enough shards to balance uneven workers, few enough to keep scheduling cheap
 MAX_SHARD_CHUNKS = 64
 WRITER_THREADS = 2
+TORCH_THREADS_ENV = "CELLSTRATA_TORCH_THREADS"
 
 _CACHE: dict[str, Extraction] = {}  # keyed by repr(settings): option values need not be hashable
 _CACHE_LOCK = threading.Lock()
@@ -73,6 +74,11 @@ def worker_extraction(settings: ExtractSettings) -> Extraction:
             for old in _CACHE.values():
                 old.source.close()
             _CACHE.clear()
+            threads = os.environ.get(TORCH_THREADS_ENV)
+            if threads:  # set by connect(): torch may have been imported before the worker's math settings
+                import torch
+
+                torch.set_num_threads(int(threads))
             run = _worker_settings(settings).open(progress=False)
             _CACHE[key] = run
             _LOADS["count"] += 1
@@ -133,6 +139,39 @@ def _local_workers(spec: str) -> int:
     return int(count)
 
 
+@contextlib.contextmanager
+def _worker_environment(threads: int) -> Iterator[None]:
+    """Start local workers with ``threads`` math threads and glibc's own malloc tuning; leave ours as it was.
+
+    Dask's nannies export ``MALLOC_TRIM_THRESHOLD_=65536`` to workers by default; setting it switches off
+    glibc's adaptive mmap threshold, so every large activation is a fresh zeroed mapping and the forward
+    pass runs at half speed (measured: ``benchmarks/scale.py``). Nannies also write these variables into
+    the driver's own environment before spawning; it is restored on leaving.
+    """
+    import dask
+
+    saved = dict(os.environ)
+    n = str(threads)
+    environ = {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in environ.items()}):
+            yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _restoring(close: Callable[[], Any], saved: dict[str, str]) -> Callable[[], None]:
+    def closer() -> None:
+        try:
+            close()
+        finally:  # a nanny that restarted a worker exported its variables again
+            os.environ.clear()
+            os.environ.update(saved)
+
+    return closer
+
+
 def connect(cluster: Any, device: str) -> tuple[Any, Callable[[], None]]:
     """A Dask client for ``cluster`` (``local[:N]``, a scheduler address or a ``Client``) and its closer."""
     from distributed import Client, LocalCluster
@@ -144,6 +183,7 @@ def connect(cluster: Any, device: str) -> tuple[Any, Callable[[], None]]:
         import torch
 
         n = _local_workers(spec)
+        saved = dict(os.environ)
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         if cuda:
             try:
@@ -151,22 +191,24 @@ def connect(cluster: Any, device: str) -> tuple[Any, Callable[[], None]]:
             except ImportError:
                 log.info("dask-cuda is not installed: workers are spread over the GPUs by worker number")
             else:
-                lc = LocalCUDACluster(n_workers=n or None, threads_per_worker=1, silence_logs=logging.ERROR)
+                with _worker_environment(max((os.cpu_count() or 1) // max(torch.cuda.device_count(), 1), 1)):
+                    lc = LocalCUDACluster(n_workers=n or None, threads_per_worker=1, silence_logs=logging.ERROR)
                 client = Client(lc)
-                return client, lambda: (client.close(), lc.close())
+                return client, _restoring(lambda: (client.close(), lc.close()), saved)
             n = n or max(torch.cuda.device_count(), 1)
         n = n or max((os.cpu_count() or 1) // 4, 1)
-        threads = str(max((os.cpu_count() or 1) // n, 1))  # torch threads per worker process
-        lc = LocalCluster(
-            n_workers=n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-            env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
-        )
+        threads = max((os.cpu_count() or 1) // n, 1)  # torch threads per worker process
+        with _worker_environment(threads):
+            lc = LocalCluster(
+                n_workers=n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+                env={TORCH_THREADS_ENV: str(threads)},
+            )
         client = Client(lc)
-        return client, lambda: (client.close(), lc.close())
+        return client, _restoring(lambda: (client.close(), lc.close()), saved)
     try:
         client = Client(spec, timeout="30s")
     except OSError as err:

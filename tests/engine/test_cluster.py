@@ -20,7 +20,7 @@ import zarr
 import cellstrata as cs
 from cellstrata.cli import main
 from cellstrata.engine import writer as writer_mod
-from cellstrata.engine.cluster import shards
+from cellstrata.engine.cluster import connect, shards
 from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import ConfigError, WriteError
 from cellstrata.engine.lease import read_holder
@@ -84,6 +84,18 @@ def test_shards_are_consecutive_whole_chunks_covering_the_pending_ones():
     assert len(parts) == 6 and max(map(len, parts)) == 2
     assert shards(np.array([], dtype=np.int64), 4) == []
     assert max(map(len, shards(np.arange(10_000), 1))) == 64  # a shard is bounded
+
+
+def test_local_workers_keep_glibc_malloc_tuning_and_the_driver_environment():
+    before = dict(os.environ)
+    client, close = connect("local:2", "cpu")
+    try:
+        seen = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
+        threads = str(max((os.cpu_count() or 1) // 2, 1))
+        assert len(seen) == 2 and set(seen.values()) == {(None, threads)}
+    finally:
+        close()
+    assert dict(os.environ) == before
 
 
 def test_local_cluster_store_is_bit_identical_to_one_process(case, tmp_path, capsys):
