@@ -34,9 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import RESULTS
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 FAMILIES = ("scgpt", "tahoe-x1", "scfoundation", "geneformer")
 RUNS = ("cuda", "cuda-again", "cuda-torch", "cpu")
 

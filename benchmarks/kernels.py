@@ -49,11 +49,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from common import RESULTS, cpu_model, cpu_pressure, git_commit, loadavg
 
 from cellstrata.kernels.pool_cast import PoolSpec, pool_cast, resolve_backend
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 POOLINGS = ("mean", "max", "cls", "official")
 SPEC = PoolSpec(ops=("mean", "max", "first", "first_l2"), n_leading=1, n_trailing=0)
 OUT_DTYPE = torch.float16
@@ -600,34 +599,21 @@ def smoke_worker() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- machine
-def _sh(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def machine(device: torch.device) -> dict[str, Any]:
     """Device name (GPU name, or CPU model + cores), versions, threads, load."""
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    cpu_model = cpu_model or platform.processor() or "cpu"
+    model = cpu_model()
     cores = os.cpu_count()
     info: dict[str, Any] = {
         "device": device.type,
-        "device_name": f"{cpu_model}, {cores} CPUs",
-        "cpu_model": cpu_model,
+        "device_name": f"{model}, {cores} CPUs",
+        "cpu_model": model,
         "cpu_count": cores,
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "triton_version": None,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": _sh(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
+        "git_commit": git_commit(),
     }
     with contextlib.suppress(ImportError):
         import triton
@@ -648,20 +634,6 @@ def device_tag(info: dict[str, Any]) -> str:
     if info["device"] != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", info["device_name"].lower()).strip("-") or "cuda"
-
-
-def loadavg() -> float | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return round(os.getloadavg()[0], 2)
-    return None
-
-
-def cpu_pressure() -> float | None:
-    """Share of the last 60 s in which some runnable task waited for a CPU (Linux PSI), in %."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        return float(dict(kv.split("=") for kv in line.split()[1:])["avg60"])
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------- report

@@ -47,8 +47,6 @@ import importlib
 import json
 import math
 import os
-import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -62,9 +60,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from common import (
+    RESULTS,
+    cpu_pressure,
+    du,
+    growth,
+    ints,
+    json_default,
+    loadavg,
+    machine_info,
+    maxrss,
+    mib,
+    peak_rss,
+    print_failure,
+    read_result,
+    reset_peak_rss,
+    rss_now,
+    worker_main,
+    write_spec,
+)
 
 SIZES = (10_000, 100_000, 1_000_000)
 QUICK_SIZES = (10_000,)
@@ -91,74 +105,6 @@ PHASES = ("plan", "references", "layers", "baseline", "assemble")
 
 
 # ---------------------------------------------------------------------------------------------------- machine
-def _sh(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _version(module: str) -> str | None:
-    from importlib import metadata
-
-    with contextlib.suppress(metadata.PackageNotFoundError):
-        return metadata.version(module)
-    return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model and count, memory, library versions, git commit."""
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    cpu_model = cpu_model or platform.processor() or "cpu"
-    mem = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    cores = os.cpu_count()
-    return {
-        "device": "cpu",
-        "device_name": f"{cpu_model}, {cores} CPUs",
-        "cpu_model": cpu_model,
-        "cpu_count": cores,
-        "memory_gib": mem,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": {
-            m: _version(m)
-            for m in ("numpy", "scipy", "scikit-learn", "pandas", "zarr", "anndata", "dask", "igraph", "threadpoolctl")
-        },
-        "cellstrata_version": _version("cellstrata"),
-        "git_commit": _sh(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
-        "git_dirty": bool(_sh(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])),
-    }
-
-
-def loadavg() -> float | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return round(os.getloadavg()[0], 2)
-    return None
-
-
-def cpu_pressure() -> float | None:
-    """Share of the last 60 s in which some runnable task waited for a CPU (Linux PSI), in %."""
-    with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        return float(dict(kv.split("=") for kv in line.split()[1:])["avg60"])
-    return None
-
-
-def _du(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 # ---------------------------------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
 class BuildSettings:
@@ -381,47 +327,6 @@ def estimate_disk(settings: BuildSettings) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- worker
-def _rss_now() -> int | None:
-    """Resident set size of this process in bytes (Linux ``/proc/self/statm``)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return None
-
-
-def _status_bytes(field: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in bytes; None off Linux."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def _ru_maxrss() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
-
-
-def peak_rss() -> int:
-    """Peak RSS of this process image in bytes: ``VmHWM`` where Linux has it, else ``ru_maxrss``.
-
-    ``ru_maxrss`` of a process started by ``subprocess`` also counts the *parent's* peak (Linux keeps the
-    larger of the pre-exec image's high-water mark and the new one), so after the parent has built a
-    1M-cell store every child would report the parent's peak. ``VmHWM`` is the new image's own.
-    """
-    hwm = _status_bytes("VmHWM")
-    return hwm if hwm is not None else _ru_maxrss()
-
-
-def reset_peak_rss() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0, ``/proc/self/clear_refs``); True when it worked."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 class RssSampler(threading.Thread):
     """Samples this process's RSS every ``interval`` s (timestamps from ``time.perf_counter``)."""
 
@@ -433,7 +338,7 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            rss = _rss_now()
+            rss = rss_now()
             if rss is not None:
                 self.samples.append((time.perf_counter(), rss))
             self._stop_event.wait(self.interval)
@@ -492,7 +397,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     logging.basicConfig(level=logging.WARNING)
     tasks = make_tasks(spec["tasks"], spec.get("settings"))
     import_s = time.perf_counter() - t_imp
-    rss_imports, peak_imports = _rss_now(), peak_rss()
+    rss_imports, peak_imports = rss_now(), peak_rss()
     # from here on the peak is the probe's own: the imports' temporaries do not count
     peak_scope = "probe (VmHWM reset after the imports)" if reset_peak_rss() else "process (imports included)"
     sampler = RssSampler(RSS_INTERVAL_S)
@@ -536,7 +441,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         wall_s=t1 - t0,
         timings=tm,
         peak_rss=peak_rss(),
-        ru_maxrss=_ru_maxrss(),
+        ru_maxrss=maxrss(),
         phase_peak_rss=phase_peaks,
         rss_samples=len(sampler.samples),
         caps=cap_summary(res.caps),
@@ -548,11 +453,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_worker(spec: dict[str, Any], work: Path, timeout: float | None) -> dict[str, Any]:
     """``worker(spec)`` in a fresh interpreter; its result, or the reason it failed."""
-    fd, spec_path = tempfile.mkstemp(prefix="probe-spec-", suffix=".json", dir=work)
-    os.close(fd)
-    out_path = Path(spec_path).with_suffix(".result.json")
-    Path(spec_path).write_text(json.dumps({**spec, "result_path": str(out_path)}))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", spec_path]
+    spec_path, out_path, cmd = write_spec(spec, work, __file__, "probe-spec-")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -561,41 +462,12 @@ def run_worker(spec: dict[str, Any], work: Path, timeout: float | None) -> dict[
     except subprocess.TimeoutExpired as exc:
         failure, stderr = f"timed out after {timeout:.0f} s", str(exc.stderr or "")
     process_s = time.perf_counter() - t0
-    try:
-        result = json.loads(out_path.read_text())
-    except (OSError, ValueError):
-        result = {"spec": spec, "ok": False, "error": failure or "no result written"}
-    finally:
-        for p in (Path(spec_path), out_path):
-            p.unlink(missing_ok=True)
-    if failure and result.get("ok", False):
-        result.update(ok=False, error=failure)
-    if not result.get("ok"):
-        result["stderr_tail"] = stderr[-3000:]
+    result = read_result(spec, spec_path, out_path, failure, stderr)
     result["process_s"] = process_s
     return result
 
 
-def _worker_main(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    result = worker(spec)
-    Path(spec["result_path"]).write_text(json.dumps(result, default=_json_default))
-    return 0 if result.get("ok") else 1
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
 # ---------------------------------------------------------------------------------------------------- report
-def _mib(x: float | None) -> str:
-    return "–" if x is None else f"{x / 2**20:,.0f}"
-
-
 def _s(x: float | None) -> str:
     if x is None:
         return "–"
@@ -616,12 +488,6 @@ def _caps_text(c: dict[str, Any] | None) -> str:
     )
 
 
-def _growth(r: dict[str, Any]) -> float | None:
-    if r.get("peak_rss") is None or r.get("rss_after_imports") is None:
-        return None
-    return r["peak_rss"] - r["rss_after_imports"]
-
-
 def task_table(sizes: list[dict[str, Any]]) -> str:
     lines = [
         "| cells | task | contexts | cells used (of available) | caps | s / layer | references s | baseline s | "
@@ -639,7 +505,7 @@ def task_table(sizes: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {size['n_cells']:,} | {name} | {c['contexts'] if c else '–'} | {_cells(c)} | {_caps_text(c)} | "
                 f"{_s(tm['layers_s'])} | {_s(tm['references_s'])} | {_s(tm['baseline_s'])} | {_s(tm['total_s'])} | "
-                f"{_mib(r['peak_rss'])} | {_mib(_growth(r))} | {_mib(r['phase_peak_rss'].get('layers'))} |"
+                f"{mib(r['peak_rss'])} | {mib(growth(r))} | {mib(r['phase_peak_rss'].get('layers'))} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -675,7 +541,7 @@ def total_table(sizes: list[dict[str, Any]]) -> str:
                 f"{n_eval:.0f} / {tm['layer_evaluations_cached']:.0f} | {_s(tm['plan_s'])} | "
                 f"{_s(tm['references_s'])} | "
                 f"{_s(tm['layers_s'])} | {_s(per_layer)} | {_s(tm['baseline_s'])} | {_s(tm['total_s'])} | "
-                f"{_s(est)} | {_mib(r['peak_rss'])} | {_mib(_growth(r))} |"
+                f"{_s(est)} | {mib(r['peak_rss'])} | {mib(growth(r))} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -689,7 +555,7 @@ def input_table(sizes: list[dict[str, Any]]) -> str:
         i = size["inputs"]
         lines.append(
             f"| {size['n_cells']:,} | {i['n_layers'] + 1} | {i['width']} | {i['chunk_cells']:,} | {i['n_chunks']} | "
-            f"{_mib(i['h5ad_bytes'])} | {_mib(i['store_bytes'])} | {_s(i['h5ad_build_s'])} / {_s(i['store_build_s'])} |"
+            f"{mib(i['h5ad_bytes'])} | {mib(i['store_bytes'])} | {_s(i['h5ad_build_s'])} / {_s(i['store_build_s'])} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -725,10 +591,6 @@ def available_tasks(names: list[str], settings: dict[str, dict[str, str]]) -> tu
     return ok, skipped
 
 
-def _ints(text: str) -> list[int]:
-    return [int(float(x)) for x in text.split(",") if x.strip()]
-
-
 def measure_size(settings: BuildSettings, work: Path, tasks: list[str], args: argparse.Namespace) -> dict[str, Any]:
     from cellstrata.engine.store import open_store
 
@@ -736,14 +598,14 @@ def measure_size(settings: BuildSettings, work: Path, tasks: list[str], args: ar
     print(f"\n== {n:,} cells: inputs in {work}")
     h5ad, h5ad_s, h5ad_new = build_h5ad(settings, work)
     print(
-        f"  {'wrote' if h5ad_new else 'reusing'} {h5ad.name} ({_du(h5ad) / 2**20:,.0f} MiB)"
+        f"  {'wrote' if h5ad_new else 'reusing'} {h5ad.name} ({du(h5ad) / 2**20:,.0f} MiB)"
         + (f" in {h5ad_s:.1f} s" if h5ad_new else "")
     )
     store_path, store_s, n_written = build_store(settings, h5ad, work)
     st = open_store(store_path)
     print(
         f"  {'wrote ' + str(n_written) + ' chunks of' if n_written else 'reusing'} {store_path.name} "
-        f"({_du(store_path) / 2**20:,.0f} MiB, {st.n_layers + 1} layers x {n:,} x {settings.width}, chunks of "
+        f"({du(store_path) / 2**20:,.0f} MiB, {st.n_layers + 1} layers x {n:,} x {settings.width}, chunks of "
         f"{st.chunk_cells:,} cells)" + (f" in {store_s:.1f} s" if n_written else "")
     )
     inputs = {
@@ -755,21 +617,21 @@ def measure_size(settings: BuildSettings, work: Path, tasks: list[str], args: ar
         "genes_per_cell": settings.genes_per_cell,
         "chunk_cells": st.chunk_cells,
         "n_chunks": int(st.done.size),
-        "h5ad_bytes": _du(h5ad),
+        "h5ad_bytes": du(h5ad),
         "h5ad_build_s": h5ad_s if h5ad_new else None,
         "store_build_s": store_s if n_written else None,
         "store_chunks_written": n_written,
         "signal_strength": [round(float(s), 3) for s in signal_strength(settings.n_layers)],
     }
     _clear_cache(store_path)
-    inputs["store_bytes"] = _du(store_path)
+    inputs["store_bytes"] = du(store_path)
     base = {"store": str(store_path), "h5ad": str(h5ad), "settings": settings_of(args)}
     L = settings.n_layers
     layer = args.probe_layer if args.probe_layer is not None else L
     layer = layer % (L + 1)
     timeout = args.timeout or None
 
-    total_layers: str | list[int] = "all" if args.total_layers == "all" else _ints(args.total_layers)
+    total_layers: str | list[int] = "all" if args.total_layers == "all" else ints(args.total_layers)
     n_total = L + 1 if total_layers == "all" else len({x % (L + 1) for x in total_layers})
     cache_layers = {"layer": [layer], "all": total_layers}.get(args.cache_check)
 
@@ -822,11 +684,7 @@ def _clear_cache(store_path: Path) -> None:
 
 
 def _print_run(label: str, r: dict[str, Any], task: str | None) -> None:
-    if not r.get("ok"):
-        print(f"  [{label}] FAILED: {r.get('error')}")
-        tail = (r.get("traceback") or r.get("stderr_tail") or "").strip().splitlines()[-6:]
-        for line in tail:
-            print(f"      {line}")
+    if print_failure(label, r, tail=6):
         return
     tm = r["timings"]
     caps = r["caps"]
@@ -834,8 +692,8 @@ def _print_run(label: str, r: dict[str, Any], task: str | None) -> None:
     print(
         f"  [{label}] layers {_s(tm['layers_s'])} s ({tm['layer_evaluations']:.0f} computed, "
         f"{tm['layer_evaluations_cached']:.0f} cached), references {_s(tm['references_s'])} s, baseline "
-        f"{_s(tm['baseline_s'])} s, total {_s(tm['total_s'])} s; peak RSS {_mib(r['peak_rss'])} MiB "
-        f"(+{_mib(_growth(r))} over imports); cells {used}"
+        f"{_s(tm['baseline_s'])} s, total {_s(tm['total_s'])} s; peak RSS {mib(r['peak_rss'])} MiB "
+        f"(+{mib(growth(r))} over imports); cells {used}"
     )
 
 
@@ -892,12 +750,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return _worker_main(args.worker)
+        return worker_main(args.worker, worker)
 
-    sizes = _ints(args.sizes) if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
+    sizes = ints(args.sizes) if args.sizes else list(QUICK_SIZES if args.quick else SIZES)
     n_layers = args.layers or (QUICK_LAYERS if args.quick else N_LAYERS)
     wanted = [t.strip().lower().replace("-", "_") for t in args.tasks.split(",") if t.strip()]
-    info = machine_info()
+    info = machine_info(
+        ("numpy", "scipy", "scikit-learn", "pandas", "zarr", "anndata", "dask", "igraph", "threadpoolctl")
+    )
     t_start = time.perf_counter()
     load0, psi0 = loadavg(), cpu_pressure()
     settings_arg = settings_of(args)
@@ -1010,7 +870,7 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str,
         "sizes": results,
         "all_ok": all_ok,
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
     done = ", ".join(f"{r['n_cells']:,}" for r in results)
     head = (
         f"# Probe runner: time and peak memory per layer and task ({stamp.strftime('%Y-%m-%d')}, "

@@ -81,7 +81,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -95,9 +94,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from common import (
+    RESULTS,
+    ROOT,
+    cpu_pressure,
+    du,
+    git_commit,
+    growth,
+    ints,
+    json_default,
+    loadavgs,
+    machine_info,
+    maxrss,
+    mib,
+    peak_rss,
+    print_failure,
+    read_result,
+    reset_peak_rss,
+    rss_now,
+    status_bytes,
+    worker_main,
+    write_spec,
+)
 
 SIZES = (20_000, 100_000, 500_000)
 QUICK_SIZES = (2_000, 5_000)
@@ -127,72 +145,6 @@ COMPARE_ARRAYS = ("obs_names", "n_tokens", "truncated", "done")
 
 
 # ---------------------------------------------------------------------------------------------------- machine
-def _sh(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _version(module: str) -> str | None:
-    from importlib import metadata
-
-    with contextlib.suppress(metadata.PackageNotFoundError):
-        return metadata.version(module)
-    return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model and count, memory, library versions, torch threads, git commit."""
-    import torch
-
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    cpu_model = cpu_model or platform.processor() or "cpu"
-    mem = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    cores = os.cpu_count()
-    return {
-        "device": DEVICE,
-        "device_name": f"{cpu_model}, {cores} CPUs",
-        "cpu_model": cpu_model,
-        "cpu_count": cores,
-        "memory_gib": mem,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": {
-            m: _version(m)
-            for m in ("torch", "numpy", "dask", "distributed", "zarr", "numcodecs", "anndata", "h5py", "fsspec")
-        },
-        "cellstrata_version": _version("cellstrata"),
-        "git_commit": _sh(["git", "-C", str(ROOT), "rev-parse", "HEAD"]),
-        "git_dirty": bool(_sh(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])),
-    }
-
-
-def loadavg() -> list[float] | None:
-    """1, 5 and 15-minute load averages."""
-    with contextlib.suppress(OSError, AttributeError):
-        return [round(x, 2) for x in os.getloadavg()]
-    return None
-
-
-def cpu_pressure() -> float | None:
-    """Share of the last 60 s in which some runnable task waited for a CPU (Linux PSI), in %."""
-    with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        return float(dict(kv.split("=") for kv in line.split()[1:])["avg60"])
-    return None
-
-
 def busy_cpu_s() -> float | None:
     """CPU-seconds all CPUs of the machine have been busy since boot (``/proc/stat``: all but idle, iowait)."""
     with contextlib.suppress(OSError, ValueError, IndexError):
@@ -204,12 +156,6 @@ def busy_cpu_s() -> float | None:
 def _cpu_s(who: int) -> float:
     r = resource.getrusage(who)
     return r.ru_utime + r.ru_stime
-
-
-def _du(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -257,46 +203,6 @@ def tokens_per_cell(h5ad: Path) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- worker
-def _rss_now() -> int | None:
-    """Resident set size of this process in bytes (Linux ``/proc/self/statm``)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return None
-
-
-def _status_bytes(field: str, pid: int | str = "self") -> int | None:
-    """A ``kB`` field of ``/proc/<pid>/status`` (``VmHWM``, ``VmRSS``) in bytes; None off Linux or once gone."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
-def _maxrss(who: int) -> int:
-    r = resource.getrusage(who).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
-
-
-def peak_rss() -> int:
-    """Peak RSS of this process image in bytes: ``VmHWM`` where Linux has it, else ``ru_maxrss``.
-
-    ``ru_maxrss`` of a process started by ``subprocess`` also counts the *parent's* peak (Linux keeps the
-    larger of the pre-exec image's high-water mark and the new one); ``VmHWM`` is the new image's own.
-    """
-    hwm = _status_bytes("VmHWM")
-    return hwm if hwm is not None else _maxrss(resource.RUSAGE_SELF)
-
-
-def reset_peak_rss() -> bool:
-    """Reset ``VmHWM`` to the current RSS (Linux >= 4.0, ``/proc/self/clear_refs``); True when it worked."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def _torch_threads() -> int:
     """Run on each Dask worker: the torch intra-op threads its forward passes use."""
     import torch
@@ -344,7 +250,7 @@ class ChildWatcher(threading.Thread):
                 if ppid != self.me:
                     continue
                 pid = int(entry.name)
-                hwm = _status_bytes("VmHWM", pid)
+                hwm = status_bytes("VmHWM", pid)
                 rec = self.children.get(pid)
                 if rec is None:
                     cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
@@ -356,7 +262,7 @@ class ChildWatcher(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            rss = _rss_now()
+            rss = rss_now()
             if rss is not None:
                 self.own_rss.append((time.perf_counter() - self.t0, rss))
             self._scan()
@@ -405,7 +311,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     warnings.simplefilter("ignore", FutureWarning)
     logging.basicConfig(level=logging.WARNING)
     import_s = time.perf_counter() - t_imp
-    rss_imports = _rss_now()
+    rss_imports = rss_now()
     # from here on the peak is the extraction's own: the imports' temporaries do not count
     peak_scope = "extract (VmHWM reset after the imports)" if reset_peak_rss() else "process (imports included)"
     n_workers = int(spec["cluster"].partition(":")[2]) if spec["cluster"] else 0
@@ -417,7 +323,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "rss_after_imports": rss_imports,
         "peak_rss_scope": peak_scope,
         "torch_threads": torch.get_num_threads(),
-        "children_maxrss_before": _maxrss(resource.RUSAGE_CHILDREN),
+        "children_maxrss_before": maxrss(resource.RUSAGE_CHILDREN),
     }
     if spec.get("dask_config"):
         dask.config.set(spec["dask_config"])  # read by the nannies that extract's LocalCluster creates here
@@ -442,7 +348,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         return result
     wall = time.perf_counter() - t0
     peak = peak_rss()
-    children_maxrss = _maxrss(resource.RUSAGE_CHILDREN)  # the cluster is closed: its processes are reaped
+    children_maxrss = maxrss(resource.RUSAGE_CHILDREN)  # the cluster is closed: its processes are reaped
     cpu_s = _cpu_s(resource.RUSAGE_SELF) + _cpu_s(resource.RUSAGE_CHILDREN) - cpu0
     watcher.stop()
     tele = dict(store.attrs.get("telemetry") or {})
@@ -465,13 +371,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_worker(spec: dict[str, Any], work: Path, timeout: float | None) -> dict[str, Any]:
     """``worker(spec)`` in a fresh interpreter (its own process group); its result, or why it failed."""
-    fd, spec_path = tempfile.mkstemp(prefix="scale-spec-", suffix=".json", dir=work)
-    os.close(fd)
-    out_path = Path(spec_path).with_suffix(".result.json")
-    Path(spec_path).write_text(json.dumps({**spec, "result_path": str(out_path)}))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", spec_path]
-    commit = _sh(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"])  # what this run imports
-    load0, psi0 = loadavg(), cpu_pressure()
+    spec_path, out_path, cmd = write_spec(spec, work, __file__, "scale-spec-")
+    commit = git_commit(short=10)  # what this run imports
+    load0, psi0 = loadavgs(), cpu_pressure()
     cpu0, busy0 = _cpu_s(resource.RUSAGE_CHILDREN), busy_cpu_s()
     t0 = time.perf_counter()
     failure = None
@@ -493,42 +395,17 @@ def run_worker(spec: dict[str, Any], work: Path, timeout: float | None) -> dict[
     process_cpu_s = _cpu_s(resource.RUSAGE_CHILDREN) - cpu0
     busy1 = busy_cpu_s()
     other = None if busy0 is None or busy1 is None else max(busy1 - busy0 - process_cpu_s, 0.0) / process_s
-    try:
-        result = json.loads(out_path.read_text())
-    except (OSError, ValueError):
-        result = {"spec": spec, "ok": False, "error": failure or "no result written"}
-    finally:
-        for p in (Path(spec_path), out_path):
-            p.unlink(missing_ok=True)
-    if failure and result.get("ok", False):
-        result.update(ok=False, error=failure)
-    if not result.get("ok"):
-        result["stderr_tail"] = (stderr or "")[-3000:]
+    result = read_result(spec, spec_path, out_path, failure, stderr)
     result.update(
         process_s=process_s,
         git_commit=commit,
         process_cpu_s=process_cpu_s,
         other_load_cores=other,
         loadavg_before=load0,
-        loadavg_after=loadavg(),
+        loadavg_after=loadavgs(),
         cpu_pressure=[psi0, cpu_pressure()],
     )
     return result
-
-
-def _worker_main(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    result = worker(spec)
-    Path(spec["result_path"]).write_text(json.dumps(result, default=_json_default))
-    return 0 if result.get("ok") else 1
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -580,10 +457,6 @@ def compare_stores(a: Path, b: Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------- report
-def _mib(x: float | None) -> str:
-    return "–" if x is None else f"{x / 2**20:,.0f}"
-
-
 def _s(x: float | None) -> str:
     if x is None:
         return "–"
@@ -617,14 +490,8 @@ def single_rows(sizes: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r["time_per_cell_ratio"] = _ratio(r["wall_s"] / n, base["wall_s"] / n0)
         r["run_time_per_cell_ratio"] = _ratio((r["run_s"] or 0) / n, (base["run_s"] or 0) / n0)
         r["peak_rss_ratio"] = _ratio(r["peak_rss"], base["peak_rss"])
-        r["peak_growth_ratio"] = _ratio(_growth(r), _growth(base))
+        r["peak_growth_ratio"] = _ratio(growth(r), growth(base))
     return rows
-
-
-def _growth(r: dict[str, Any]) -> int | None:
-    if r.get("peak_rss") is None or r.get("rss_after_imports") is None:
-        return None
-    return r["peak_rss"] - r["rss_after_imports"]
 
 
 def _other(r: dict[str, Any]) -> str:
@@ -655,9 +522,9 @@ def single_table(sizes: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {n:,} | {_s(r['wall_s'])} | {_s(r['setup_s'])} | {_s(r['run_s'])} | {n / r['wall_s']:,.0f} | "
             f"{t.get('tokens_per_s', 0):,.0f} | {_r(r.get('time_per_cell_ratio'))} / "
-            f"{_r(r.get('run_time_per_cell_ratio'))} | {_cpu_per_k(r, n)} | {_mib(r['peak_rss'])} | "
-            f"{_mib(_growth(r))} | {_r(r.get('peak_rss_ratio'))} | {_mib(tl.get('median'))} | "
-            f"{_mib(tenths[0])} / {_mib(tenths[-1])} | {_mib(sb)} | "
+            f"{_r(r.get('run_time_per_cell_ratio'))} | {_cpu_per_k(r, n)} | {mib(r['peak_rss'])} | "
+            f"{mib(growth(r))} | {_r(r.get('peak_rss_ratio'))} | {mib(tl.get('median'))} | "
+            f"{mib(tenths[0])} / {mib(tenths[-1])} | {mib(sb)} | "
             f"{'–' if sb is None else f'{sb / n:,.0f}'} | {_other(r)} | "
             f"{'yes' if r.get('check', {}).get('ok') else 'NO'} |"
         )
@@ -728,10 +595,10 @@ def cluster_memory_table(size: dict[str, Any]) -> str:
         t = r["telemetry"]
         c = t.get("cluster") or {}
         single = label == "single process"
-        wpeak = "–" if single else " / ".join(_mib(p) for p in _worker_peaks(r)) or "–"
-        rch = "–" if single else _mib(r.get("children_maxrss"))
+        wpeak = "–" if single else " / ".join(mib(p) for p in _worker_peaks(r)) or "–"
+        rch = "–" if single else mib(r.get("children_maxrss"))
         lines.append(
-            f"| {label} | {_mib(r['peak_rss'])} | {wpeak} | {rch} | {c.get('shards', '–')} | "
+            f"| {label} | {mib(r['peak_rss'])} | {wpeak} | {rch} | {c.get('shards', '–')} | "
             f"{c.get('worker_processes', '–')} | {c.get('model_loads', '–')} | {_s(t.get('forward_seconds'))} | "
             f"{_s(t.get('input_wait_seconds'))} | {_s(t.get('writer_wait_seconds'))} | "
             f"{t.get('float16_overflows', '–')} |"
@@ -752,7 +619,7 @@ def runs_table(size: dict[str, Any]) -> str:
         if not r.get("ok"):
             lines.append(f"| {r['round']} | {label} | failed: {str(r.get('error', '?'))[:100]} |" + " – |" * 6)
             continue
-        peaks = " / ".join(_mib(p) for p in [r["peak_rss"], *_worker_peaks(r)])
+        peaks = " / ".join(mib(p) for p in [r["peak_rss"], *_worker_peaks(r)])
         cmp = r.get("identical")
         ident = "(reference)" if cmp is None and r["round"] == 1 else ("yes" if cmp and cmp["identical"] else "NO")
         lines.append(
@@ -776,7 +643,7 @@ def input_table(sizes: list[dict[str, Any]]) -> str:
         ck = r.get("check") or {}
         chunks = f"{ck['chunks']} × {ck['chunk_cells']:,}" if "chunks" in ck else "–"
         lines.append(
-            f"| {s['n_cells']:,} | {_mib(i['h5ad_bytes'])} | {_s(i['h5ad_build_s'])} | {g['median']:.0f} "
+            f"| {s['n_cells']:,} | {mib(i['h5ad_bytes'])} | {_s(i['h5ad_build_s'])} | {g['median']:.0f} "
             f"({g['p10']:.0f}–{g['p90']:.0f}, {g['max']:,}) | "
             f"{_r(_ratio(t.get('tokens'), t.get('cells')))} | {t.get('truncated_cells', '–')} | {chunks} | "
             f"{_pct(t.get('padding_fraction'))} |"
@@ -785,45 +652,37 @@ def input_table(sizes: list[dict[str, Any]]) -> str:
 
 
 def _print_run(label: str, r: dict[str, Any]) -> None:
-    if not r.get("ok"):
-        print(f"  [{label}] FAILED: {r.get('error')}")
-        tail = (r.get("traceback") or r.get("stderr_tail") or "").strip().splitlines()[-8:]
-        for line in tail:
-            print(f"      {line}")
+    if print_failure(label, r, tail=8):
         return
     t = r["telemetry"]
     n = t.get("cells") or 0
     extra = ""
     if r.get("workers"):
-        extra = f"; workers' peak RSS {' / '.join(_mib(p) for p in _worker_peaks(r))} MiB"
-        extra += f" (RUSAGE_CHILDREN {_mib(r.get('children_maxrss'))} MiB)"
+        extra = f"; workers' peak RSS {' / '.join(mib(p) for p in _worker_peaks(r))} MiB"
+        extra += f" (RUSAGE_CHILDREN {mib(r.get('children_maxrss'))} MiB)"
     print(
         f"  [{label}] {_s(r['wall_s'])} s (setup {_s(r['setup_s'])} s, run {_s(r['run_s'])} s): "
         f"{n / r['wall_s']:,.0f} cells/s end to end, {t.get('cells_per_s', 0):,.0f} in the run; peak RSS "
-        f"{_mib(r['peak_rss'])} MiB (+{_mib(_growth(r))} over imports){extra}; CPU {_s(r.get('cpu_s'))} s; other "
+        f"{mib(r['peak_rss'])} MiB (+{mib(growth(r))} over imports){extra}; CPU {_s(r.get('cpu_s'))} s; other "
         f"load {_other(r)} cores, load average {r.get('loadavg_before')}"
     )
 
 
 # ---------------------------------------------------------------------------------------------------- driver
-def _ints(text: str) -> list[int]:
-    return [int(float(x)) for x in text.split(",") if x.strip()]
-
-
 def measure_size(
     n: int, with_clusters: bool, work: Path, checkpoint: Path, args: argparse.Namespace, on_result: Any
 ) -> dict[str, Any]:
     print(f"\n== {n:,} cells")
     h5ad, h5ad_s = build_h5ad(n, args.genes_per_cell, work)
     print(
-        f"  {'wrote' if h5ad_s is not None else 'reusing'} {h5ad.name} ({_du(h5ad) / 2**20:,.0f} MiB)"
+        f"  {'wrote' if h5ad_s is not None else 'reusing'} {h5ad.name} ({du(h5ad) / 2**20:,.0f} MiB)"
         + (f" in {h5ad_s:.1f} s" if h5ad_s is not None else "")
     )
     size: dict[str, Any] = {
         "n_cells": n,
         "inputs": {
             "h5ad": str(h5ad),
-            "h5ad_bytes": _du(h5ad),
+            "h5ad_bytes": du(h5ad),
             "h5ad_build_s": h5ad_s,
             "genes_per_cell": tokens_per_cell(h5ad),
         },
@@ -856,7 +715,7 @@ def measure_size(
         r = run_worker(spec, work, timeout)
         r.update(mode=mode, round=i + 1)
         if out.exists():
-            r["store_bytes"] = _du(out)
+            r["store_bytes"] = du(out)
             r["check"] = check_store(out, n)
         _print_run(mode if rounds == 1 else f"{mode}, round {i + 1}", r)
         if r.get("ok") and not r["check"]["ok"]:
@@ -955,22 +814,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        return _worker_main(args.worker)
+        return worker_main(args.worker, worker)
     if args.repeats is None:
         args.repeats = 1 if args.quick else REPEATS
     if args.results is None:  # a smoke run does not overwrite the day's measured results
         args.no_save = args.no_save or args.quick
         args.results = str(RESULTS)
 
-    sizes = sorted(set(_ints(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else SIZES)))
+    sizes = sorted(set(ints(args.sizes) if args.sizes else (QUICK_SIZES if args.quick else SIZES)))
     cluster_size = (
         args.cluster_size if args.cluster_size is not None else (QUICK_CLUSTER_SIZE if args.quick else CLUSTER_SIZE)
     )
     if cluster_size and cluster_size not in sizes:
         sizes = sorted({*sizes, cluster_size})  # the cluster stores are compared with a single-process one
-    info = machine_info()
+    info = machine_info(
+        ("torch", "numpy", "dask", "distributed", "zarr", "numcodecs", "anndata", "h5py", "fsspec"),
+        device=DEVICE,
+        torch_threads=True,
+    )
     t_start = time.perf_counter()
-    load0, psi0 = loadavg(), cpu_pressure()
+    load0, psi0 = loadavgs(), cpu_pressure()
     print(
         f"device: {info['device_name']}, {info['memory_gib']} GiB; torch {info['versions']['torch']} "
         f"({info['torch_threads']} threads), dask {info['versions']['dask']}, zarr {info['versions']['zarr']}"
@@ -1050,7 +913,7 @@ def all_ok(results: list[dict[str, Any]]) -> bool:
 def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str, Any], *, final: bool) -> None:
     """``scale-cpu-<date>.{json,md}`` under ``--results`` (rewritten after every run; ``complete`` once all ran)."""
     info = ctx["info"]
-    load1, psi1 = loadavg(), cpu_pressure()
+    load1, psi1 = loadavgs(), cpu_pressure()
     elapsed = time.perf_counter() - ctx["t_start"]
     stamp = dt.datetime.now(dt.timezone.utc)
     name = f"scale-{DEVICE}-{ctx['date']}"  # the start's date: a run past midnight rewrites the same files
@@ -1100,7 +963,7 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str,
         "sizes": results,
         "all_ok": all_ok(results),
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
     done = ", ".join(f"{r['n_cells']:,}" for r in results)
     load_text = f"{min(loads):.2f}–{max(loads):.2f}" if loads else "–"
     commits = list(dict.fromkeys(str(r.get("git_commit")) for r in runs if r.get("git_commit")))

@@ -58,9 +58,7 @@ import multiprocessing as mp
 import os
 import platform
 import re
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,9 +67,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import RESULTS, git_commit, loadavg, maxrss, meminfo_gib, shell_out
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 VARIANTS = ("forward", "cellstrata", "peers")
 LABELS = {
     "forward": "(a) forward only",
@@ -410,19 +407,7 @@ def _rss_mb() -> float:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
-    return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def _loadavg() -> float | None:
-    """1-minute load average: above the CPU count, other processes were competing for the cores."""
-    with contextlib.suppress(OSError, AttributeError):
-        return round(os.getloadavg()[0], 2)
-    return None
+    return maxrss() / 2**20
 
 
 def _autocast(device: Any) -> Any:
@@ -696,7 +681,7 @@ def worker(spec_path: str) -> None:
         _run(variant, spec, loaded, spec["warmup_h5ad"], int(spec["warmup_cells"]), warm_out)
     warm_s = time.perf_counter() - t1
     rss_before = _rss_mb()
-    load_before = _loadavg()
+    load_before = loadavg()
     device_peak = None
     if spec["device"] != "cpu" and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -712,8 +697,8 @@ def worker(spec_path: str) -> None:
         warmup_seconds=warm_s,
         rss_loaded_mb=rss_loaded,
         rss_before_mb=rss_before,
-        peak_rss_mb=_peak_rss_mb(),
-        loadavg_1min=[load_before, _loadavg()],
+        peak_rss_mb=maxrss() / 2**20,
+        loadavg_1min=[load_before, loadavg()],
         device_peak_mb=device_peak,
         torch_threads=torch.get_num_threads(),
     )
@@ -724,29 +709,14 @@ def worker(spec_path: str) -> None:
 # driver side
 
 
-def _sh(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _meminfo_gib(key: str) -> float | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) / 2**20
-    return None
-
-
 def machine_info(device: str) -> dict[str, Any]:
     import torch
 
     cpu_model = ""
-    for line in _sh(["lscpu"]).splitlines():
+    for line in shell_out(["lscpu"]).splitlines():
         if line.startswith("Model name:"):
             cpu_model = line.split(":", 1)[1].strip()
-    mem = _meminfo_gib("MemTotal")
+    mem = meminfo_gib("MemTotal")
     info: dict[str, Any] = {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -765,7 +735,7 @@ def machine_info(device: str) -> dict[str, Any]:
     import cellstrata
 
     info["cellstrata_version"] = cellstrata.__version__
-    info["git_commit"] = _sh(["git", "-C", str(ROOT), "rev-parse", "HEAD"])
+    info["git_commit"] = git_commit()
     return info
 
 
@@ -1144,14 +1114,14 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="cellstrata-bench-")) if own_tmp else Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
     info = machine_info(device)
-    mem_total = _meminfo_gib("MemTotal") or float("inf")
+    mem_total = meminfo_gib("MemTotal") or float("inf")
     print(
         f"machine: {info['cpu_count']} CPUs ({info['cpu_model'] or info['processor']}), {info['memory_gb']} GiB, "
         f"torch {info['torch_version']} with {args.threads or info['torch_threads']} threads, device "
         f"{info['device_name']}"
     )
     print("random weights: throughput only (speed does not depend on the weights); model loading is not timed")
-    load = _loadavg()
+    load = loadavg()
     if load is not None and info["cpu_count"] and load > info["cpu_count"]:
         print(f"WARNING: load average {load} exceeds the {info['cpu_count']} CPUs: other work competes for the cores")
     t_start = time.perf_counter()
