@@ -32,7 +32,7 @@ from .errors import CellstrataError, ConfigError, StoreConfigMismatchError, Writ
 from .interrupts import Interrupted, graceful_stop
 from .lease import Lease
 from .location import StoreLocation
-from .pipeline import Extraction, ExtractSettings, Telemetry, _progress, record_run
+from .pipeline import Extraction, ExtractSettings, Telemetry, _progress, log_start, record_run
 from .store import Store, create_or_resume, pending_chunks
 
 log = logging.getLogger("cellstrata")
@@ -43,10 +43,12 @@ MAX_SHARD_CHUNKS = 64
 WRITER_THREADS = 2
 TORCH_THREADS_ENV = "CELLSTRATA_TORCH_THREADS"
 
-_CACHE: dict[str, Extraction] = {}  # keyed by repr(settings): option values need not be hashable
+# keyed by repr(settings) (option values need not be hashable); the lock runs one shard at a time per
+# loaded model: a worker with several threads (or threaded workers sharing this process) would otherwise
+# share its buffers and counters
+_CACHE: dict[str, tuple[Extraction, threading.Lock]] = {}
 _CACHE_LOCK = threading.Lock()
 _LOADS = {"count": 0}
-_RUN_LOCKS: dict[int, threading.Lock] = {}
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -65,34 +67,31 @@ def _worker_settings(settings: ExtractSettings) -> ExtractSettings:
     return settings
 
 
-def worker_extraction(settings: ExtractSettings) -> Extraction:
-    """This process's :class:`Extraction` for ``settings``: the model is loaded once and reused."""
+def worker_extraction(settings: ExtractSettings) -> tuple[Extraction, threading.Lock]:
+    """This process's :class:`Extraction` for ``settings`` and its lock: the model is loaded once and reused."""
     key = repr(settings)
     with _CACHE_LOCK:
-        run = _CACHE.get(key)
-        if run is None:
-            for old in _CACHE.values():
-                old.source.close()
+        if key not in _CACHE:
+            for old, _ in _CACHE.values():
+                old.close()
             _CACHE.clear()
             threads = os.environ.get(TORCH_THREADS_ENV)
             if threads:  # set by connect(): torch may have been imported before the worker's math settings
                 import torch
 
                 torch.set_num_threads(int(threads))
-            run = _worker_settings(settings).open(progress=False)
-            _CACHE[key] = run
+            _CACHE[key] = (_worker_settings(settings).open(progress=False), threading.Lock())
             _LOADS["count"] += 1
-        return run
+        return _CACHE[key]
 
 
 def plan_task(settings: ExtractSettings) -> dict[str, Any]:
     """On a worker: check the input's first cells and return the store spec the workers will write."""
-    run = worker_extraction(settings)
+    run, _ = worker_extraction(settings)
     run._preflight()
     return {
         "spec": run.store_spec,
-        "mapping": run.mapping.report(),
-        "gene_fraction": run.mapping.fraction,
+        "mapping": run.mapping,
         "device": str(run.device),
         "overflow_names": run.overflow_names,
     }
@@ -100,10 +99,8 @@ def plan_task(settings: ExtractSettings) -> dict[str, Any]:
 
 def shard_task(settings: ExtractSettings, chunks: Sequence[int], config_hash: str) -> dict[str, Any]:
     """On a worker: extract the chunks of ``chunks`` not yet committed; returns the shard's counters."""
-    run = worker_extraction(settings)
-    # One shard at a time per loaded model: a worker with several threads (or threaded workers sharing
-    # this process) would otherwise share its buffers and counters.
-    with _RUN_LOCKS.setdefault(id(run), threading.Lock()):
+    run, lock = worker_extraction(settings)
+    with lock:
         return _run_shard(run, settings, chunks, config_hash)
 
 
@@ -225,10 +222,6 @@ def shards(pending: np.ndarray, n_workers: int) -> list[list[int]]:
     return [list(map(int, pending[i : i + size])) for i in range(0, len(pending), size)]
 
 
-def _chunk_cells(c: int, chunk_cells: int, n_cells: int) -> int:
-    return min((c + 1) * chunk_cells, n_cells) - c * chunk_cells
-
-
 def _check_inputs(settings: ExtractSettings, cluster: Any) -> ExtractSettings:
     if not isinstance(settings.data, str):
         msg = "--cluster needs the input as a path (or URL) every worker can read, not an in-memory AnnData"
@@ -278,19 +271,14 @@ def run_on_cluster(
             with Lease.acquire(location, break_lock=break_lock):
                 group, resumed = create_or_resume(location, spec, overwrite=overwrite)
                 pending = pending_chunks(group)
-                total = spec.n_chunks
-                if resumed:
-                    log.info("resuming %s: %d of %d chunks already written", location, total - len(pending), total)
-                log.info("%s", plan["mapping"])
+                log_start(location, plan["mapping"], resumed=resumed, n_pending=len(pending), total=spec.n_chunks)
                 work = shards(pending, n_workers)
                 log.info(
                     "%d chunks in %d shards on %d Dask workers (%s)", len(pending), len(work), n_workers, plan["device"]
                 )
                 telemetry = Telemetry(pooling_names=tuple(plan["overflow_names"]))
                 t_start = time.perf_counter()
-                cells_in = {
-                    i: sum(_chunk_cells(c, spec.chunk_cells, spec.n_cells) for c in s) for i, s in enumerate(work)
-                }
+                cells_in = {i: spec.cells_in(shard) for i, shard in enumerate(work)}
                 bar = _progress(spec.n_cells, progress, initial=spec.n_cells - sum(cells_in.values()))
                 token = uuid.uuid4().hex[:8]
                 futures = {

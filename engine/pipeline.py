@@ -291,9 +291,6 @@ class Extraction:
         )
 
     # ------------------------------------------------------------------ input side
-    def _chunk_bounds(self, c: int) -> tuple[int, int]:
-        return c * self.chunk_cells, min((c + 1) * self.chunk_cells, self.n_cells)
-
     def _windows(self, pending: np.ndarray) -> list[list[int]]:
         per = max(1, -(-MIN_WINDOW_CELLS // self.chunk_cells))
         return [list(map(int, pending[i : i + per])) for i in range(0, len(pending), per)]
@@ -302,7 +299,7 @@ class Extraction:
         parts: list[TokenizedBlock] = []
         bounds = []
         for c in chunks:
-            start, stop = self._chunk_bounds(c)
+            start, stop = self.store_spec.chunk_bounds(c)
             block = self.source.read(start, stop)
             check_values(block, require_counts=self.require_counts)
             tokens = self.loaded.tokenizer.tokenize(block, self.mapping)
@@ -416,12 +413,14 @@ class Extraction:
             with Lease.acquire(StoreLocation.of(self.out), break_lock=self.break_lock):
                 self.group, self.resumed = create_or_resume(self.out, self.store_spec, overwrite=self.overwrite)
                 pending = pending_chunks(self.group)
-                self._log_start(len(pending))
+                log_start(
+                    self.out, self.mapping, resumed=self.resumed, n_pending=len(pending), total=self.store_spec.n_chunks
+                )
                 client, own_client = self.client, False
                 if client is None and len(pending):
                     client, own_client = _local_client(), True
                 t_start = time.perf_counter()
-                bar = _progress(self.n_cells, self.progress, initial=self.n_cells - self._cells_in(pending))
+                bar = _progress(self.n_cells, self.progress, initial=self.n_cells - self.store_spec.cells_in(pending))
                 try:
                     self.process(pending, client, bar)
                 finally:
@@ -431,14 +430,6 @@ class Extraction:
                 self.telemetry.seconds = time.perf_counter() - t_start
                 self._finish()
         return Store(self.out)
-
-    def _log_start(self, n_pending: int) -> None:
-        total = self.store_spec.n_chunks
-        if self.resumed:
-            log.info("resuming %s: %d of %d chunks already written", self.out, total - n_pending, total)
-        log.info("%s", self.mapping.report())
-        if self.mapping.fraction < 0.5:
-            log.warning("only %.1f%% of the input genes are in the vocabulary", 100 * self.mapping.fraction)
 
     def process(self, chunks: Sequence[int], executor: Any, bar: Any = None) -> None:
         """Extract ``chunks`` into the existing store, writing through ``executor``.
@@ -478,11 +469,12 @@ class Extraction:
         finally:
             self.telemetry.writer_wait_seconds += writer.wait_seconds
 
-    def _cells_in(self, chunks: np.ndarray) -> int:
-        return sum(stop - start for start, stop in map(self._chunk_bounds, chunks))
-
     def _finish(self) -> None:
         record_run(self.group, self.telemetry, resumed=self.resumed)
+
+    def close(self) -> None:
+        """Release the input's file handles."""
+        self.source.close()
 
     def fresh_telemetry(self) -> Telemetry:
         """Zeroed counters shaped for this run's layers and poolings."""
@@ -490,6 +482,15 @@ class Extraction:
             overflow=np.zeros((self.loaded.n_layers + 1, len(self.overflow_names)), dtype=np.int64),
             pooling_names=self.overflow_names,
         )
+
+
+def log_start(out: Any, mapping: GeneMapping, *, resumed: bool, n_pending: int, total: int) -> None:
+    """Say what a run starts from: chunks already written, and the input's overlap with the vocabulary."""
+    if resumed:
+        log.info("resuming %s: %d of %d chunks already written", out, total - n_pending, total)
+    log.info("%s", mapping.report())
+    if mapping.fraction < 0.5:
+        log.warning("only %.1f%% of the input genes are in the vocabulary", 100 * mapping.fraction)
 
 
 def record_run(group: Any, telemetry: Telemetry, *, resumed: bool, **extra: Any) -> None:
@@ -579,7 +580,9 @@ class ExtractSettings:
             raise ConfigError(msg)
         get_family(self.model)
 
-    def open(self, *, overwrite: bool = False, progress: bool = False, client: Any = None) -> Extraction:
+    def open(
+        self, *, overwrite: bool = False, progress: bool = False, client: Any = None, break_lock: bool = False
+    ) -> Extraction:
         """Load the model, open the input and return the :class:`Extraction` (call ``close()`` after)."""
         family = get_family(self.model)
         dev = resolve_device(self.device)
@@ -609,6 +612,7 @@ class ExtractSettings:
                 overwrite=overwrite,
                 progress=progress,
                 client=client,
+                break_lock=break_lock,
             )
         except BaseException:
             source.close()
@@ -688,12 +692,11 @@ def extract(
         from .cluster import run_on_cluster
 
         return run_on_cluster(settings, cluster, overwrite=overwrite, progress=progress, break_lock=break_lock)
-    run = settings.open(overwrite=overwrite, progress=progress, client=client)
-    run.break_lock = break_lock
+    run = settings.open(overwrite=overwrite, progress=progress, client=client, break_lock=break_lock)
     try:
         return run.run()
     finally:
-        run.source.close()
+        run.close()
 
 
 __all__ = ["ExtractSettings", "Extraction", "Telemetry", "extract", "resolve_device"]

@@ -86,6 +86,14 @@ class StoreSpec:
     def n_chunks(self) -> int:
         return math.ceil(self.n_cells / self.chunk_cells)
 
+    def chunk_bounds(self, c: int) -> tuple[int, int]:
+        """Cells ``[start, stop)`` of chunk ``c``."""
+        return c * self.chunk_cells, min((c + 1) * self.chunk_cells, self.n_cells)
+
+    def cells_in(self, chunks: Sequence[int]) -> int:
+        """Number of cells in ``chunks``."""
+        return sum(stop - start for start, stop in map(self.chunk_bounds, chunks))
+
 
 LAYER_INDEX = "0 = embedding output; k = output of block k (1-based), before any final norm"
 
