@@ -68,13 +68,17 @@ from typing import Any
 
 import numpy as np
 from common import RESULTS, git_commit, loadavg, maxrss, meminfo_gib, shell_out
+from roofline import flop_shape, forward_flops, utilisation
 
-VARIANTS = ("forward", "cellstrata", "peers")
+VARIANTS = ("forward", "cellstrata", "peers", "official")
 LABELS = {
     "forward": "(a) forward only",
     "cellstrata": "(b) cellstrata extract",
     "peers": "(c) peers' approach",
+    "official": "(d) official, one cell at a time",
 }
+# (d) exists for scFoundation only: its get_embedding.py runs one cell per forward pass
+OFFICIAL_FAMILIES = ("scfoundation",)
 FAMILIES = ("scgpt", "tahoe-x1", "scfoundation", "geneformer")
 # how each family's users name genes: scGPT and scFoundation by symbol (var_names), Tahoe-X1 and
 # Geneformer by Ensembl id (the synthetic data's var["ensembl_id"])
@@ -93,6 +97,31 @@ CELLS: dict[str, dict[str, int]] = {
     "geneformer": {"tiny": 2000, "v1-10m": 32, "v2-104m": 8, "v2-316m": 4},
 }
 QUICK_CELLS = 100
+# On CUDA a run must last seconds, not the start-up's fraction of one: cells per shape sized so that every
+# variant of the default GPU run (``--device cuda``, the shapes of CUDA_PRESETS) takes ~2-10 s, the whole
+# suite ~5 min on an H100 (see benchmarks/README.md)
+CUDA_CELLS: dict[str, dict[str, int]] = {
+    "scgpt": {"tiny": 10000, "whole-human": 2000},
+    "tahoe-x1": {"tiny": 10000, "70m": 1500, "1b": 300, "3b": 150},
+    "scfoundation": {"tiny": 10000, "100m": 500},
+    "geneformer": {"tiny": 10000, "v1-10m": 4000, "v2-104m": 600, "v2-316m": 300},
+}
+CUDA_PRESETS: dict[str, list[str]] = {
+    "scgpt": ["tiny", "whole-human"],
+    "tahoe-x1": ["tiny", "70m", "1b"],
+    "scfoundation": ["tiny", "100m"],
+    "geneformer": ["tiny", "v2-104m"],
+}
+# (d), one cell per forward, is launch-bound: it gets the first cells of the shape's input up to this cap
+OFFICIAL_CELLS = {"cpu": 200, "cuda": 2000, "quick": 25}
+# the peers' batch-size sweep: candidates, and the cells of the short subset each is timed on
+PEER_SWEEP = {"cpu": (1, 4, 16, 64), "cuda": (8, 16, 32, 64, 128, 256)}
+PEER_SWEEP_CELLS = {"cpu": 64, "cuda": 1024, "quick": 32}
+PEER_SWEEP_SECONDS = 0.5  # each candidate: batches (the first untimed) until this much time has passed
+# CUDA warm-up: the variant runs untimed on the first cells of the same input (real lengths and batch
+# shapes: clocks ramped, kernels loaded and tuned, the caching allocator filled); this share of the cells
+CUDA_WARMUP_SHARE = 0.25
+CUDA_WARMUP_MIN = 64
 # Synthetic data per size class: genes in the matrix, median expressed genes per cell (lognormal spread
 # ``sigma``). The tiny vocabularies hold the first 2,000 synthetic genes; released vocabularies cover the
 # 20,000 genes of the released-size data (scFoundation's 19,264-gene list: the first 19,264).
@@ -388,6 +417,7 @@ def describe_shape(family: str, preset: str, max_length: int | None) -> dict[str
         [m.out_features for m in model.modules() if isinstance(m, nn.Linear)] + [ld.hidden_size * 3], default=0
     )
     return {
+        "flop_shape": flop_shape(model),
         "n_layers": ld.n_layers,
         "hidden": ld.hidden_size,
         "params": int(sum(p.numel() for p in model.parameters())),
@@ -442,29 +472,70 @@ def load_model(spec: dict[str, Any]) -> Any:
     return build_in_memory(spec["family"], spec["preset"], seed=spec["seed"], device=device)
 
 
-def run_forward_only(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int) -> dict[str, Any]:
-    """(a): cellstrata's reading, tokenizing and batching; forward with a no-op tap; nothing kept."""
+def _batch_kwargs(packed: bool) -> dict[str, Any]:
+    """``iter_batches``'s packed layout where the engine has it (its ``packed`` keyword), else padded."""
+    import inspect
+
+    from cellstrata.engine.batching import iter_batches
+
+    return {"packed": True} if packed and "packed" in inspect.signature(iter_batches).parameters else {}
+
+
+def _slots(batch: Any) -> int:
+    """Token slots a batch computes: ``n_slots`` where the engine has it, else ``B x S`` (padded)."""
+    n = getattr(batch, "n_slots", None)
+    return int(n) if n is not None else int(batch.genes.shape[0] * batch.genes.shape[1])
+
+
+def _extraction(spec: dict[str, Any], loaded: Any, source: Any, n_cells: int, out: str) -> Any:
+    """``extract``'s Extraction for these cells (nothing is written until ``run()``)."""
+    from cellstrata.engine.pipeline import Extraction, resolve_device
+
+    return Extraction(
+        source,
+        loaded,
+        out,
+        poolings=["all"],
+        dtype=spec["dtype"],
+        device=resolve_device(spec["device"]),
+        max_tokens=spec["max_tokens"],
+        chunk_cells=None,
+        n_cells=n_cells,
+        empty_cells="nan",
+        require_counts=_require_counts(loaded),
+        compression="zstd",
+        overwrite=True,
+        progress=False,
+    )
+
+
+def run_forward_only(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int, out: str) -> dict[str, Any]:
+    """(a): cellstrata's reading, tokenizing and batches (its max_tokens and attention layout); no-op tap."""
     import torch
 
     from cellstrata.engine.batching import iter_batches
-    from cellstrata.engine.pipeline import DEFAULT_MAX_TOKENS, _select, resolve_device
+    from cellstrata.engine.pipeline import _select, resolve_device
     from cellstrata.engine.sources import check_values, open_source
-    from cellstrata.engine.store import default_chunk_cells
 
-    t0 = time.perf_counter()
     device = resolve_device(spec["device"])
+    fshape = flop_shape(loaded.model)
+    _sync(device)
+    t0 = time.perf_counter()
     source = open_source(h5ad, gene_column=spec["gene_column"])
     n_cells = min(n_cells, source.n_cells)
+    ext = _extraction(spec, loaded, source, n_cells, out)  # resolves max_tokens, attention and chunking
+    attention = str(getattr(ext, "attention", "padded"))
+    max_tokens, chunk = int(ext.max_tokens), int(ext.chunk_cells)
+    kwargs = _batch_kwargs(attention == "packed")
     tok = loaded.tokenizer
-    mapping = tok.map_genes(list(source.gene_names))
-    max_tokens = int(spec["max_tokens"] or DEFAULT_MAX_TOKENS[device.type])
-    chunk = default_chunk_cells(n_cells, loaded.hidden_size, spec["dtype"])
+    mapping = ext.mapping
     counts = _require_counts(loaded)
 
     def noop(layer: int, hidden: torch.Tensor) -> None:
         pass
 
     tokens = padded = batches = 0
+    flops = 0.0
     t_input = t_forward = 0.0
     for start in range(0, n_cells, chunk):
         t1 = time.perf_counter()
@@ -474,24 +545,27 @@ def run_forward_only(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int)
         if toks.empty.any():
             toks = _select(toks, np.flatnonzero(~toks.empty))
         t_input += time.perf_counter() - t1
-        for batch in iter_batches(toks, max_tokens, tok.pad_id, tok.pad_value):
+        for batch in iter_batches(toks, max_tokens, tok.pad_id, tok.pad_value, **kwargs):
             t2 = time.perf_counter()
             dev = batch.to(device)
             with torch.inference_mode(), _autocast(device):
                 loaded.model.forward(dev, noop)
             _sync(device)
             t_forward += time.perf_counter() - t2
-            b, s = batch.genes.shape
             tokens += int(batch.lengths.sum())
-            padded += b * s
+            padded += _slots(batch)
+            flops += forward_flops(fshape, batch.lengths.numpy())
             batches += 1
     source.close()
+    _sync(device)
     return {
         "cells": n_cells,
         "tokens": tokens,
         "padded_tokens": padded,
         "batches": batches,
         "max_tokens": max_tokens,
+        "attention": attention,
+        "model_flops": flops,
         "seconds": time.perf_counter() - t0,
         "breakdown": {"read_tokenize_s": t_input, "forward_s": t_forward},
         "forward_seconds": t_forward,
@@ -500,39 +574,32 @@ def run_forward_only(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int)
 
 def run_cellstrata(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int, out: str) -> dict[str, Any]:
     """(b): ``extract``'s body after the model load; the store's telemetry says where the time went."""
-    from cellstrata.engine.pipeline import Extraction, resolve_device
+    from cellstrata.engine.pipeline import resolve_device
     from cellstrata.engine.sources import open_source
 
-    t0 = time.perf_counter()
     device = resolve_device(spec["device"])
+    fshape = flop_shape(loaded.model)
+    _sync(device)
+    t0 = time.perf_counter()
     source = open_source(h5ad, gene_column=spec["gene_column"])
     try:
-        store = Extraction(
-            source,
-            loaded,
-            out,
-            poolings=["all"],
-            dtype=spec["dtype"],
-            device=device,
-            max_tokens=spec["max_tokens"],
-            chunk_cells=None,
-            n_cells=min(n_cells, source.n_cells),
-            empty_cells="nan",
-            require_counts=_require_counts(loaded),
-            compression="zstd",
-            overwrite=True,
-            progress=False,
-        ).run()
+        ext = _extraction(spec, loaded, source, min(n_cells, source.n_cells), out)
+        store = ext.run()
     finally:
         source.close()
+    _sync(device)
     seconds = time.perf_counter() - t0
     attrs = store.attrs
     tele = attrs["telemetry"]
+    lengths = np.asarray(store.group["n_tokens"][:], dtype=np.int64)  # real tokens per cell (0: empty)
     return {
         "cells": int(tele["cells"]),
         "tokens": int(tele["tokens"]),
         "padded_tokens": int(tele["padded_tokens"]),
         "batches": int(tele["batches"]),
+        "max_tokens": int(ext.max_tokens),
+        "attention": str(getattr(ext, "attention", "padded")),
+        "model_flops": forward_flops(fshape, lengths),
         "truncated_cells": int(tele["truncated_cells"]),
         "empty_cells": int(tele["empty_cells"]),
         "seconds": seconds,
@@ -568,8 +635,24 @@ def _keep_every_layer(hidden_states: list[Any]) -> Any:
     return tap
 
 
-def run_peers(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int, out: str) -> dict[str, Any]:
-    """(c): the whole input in memory, fixed batches in input order, all hidden states, pool per layer."""
+def run_peers(
+    spec: dict[str, Any],
+    loaded: Any,
+    h5ad: str,
+    n_cells: int,
+    out: str,
+    *,
+    batch_size: int | None = None,
+    one_cell: bool = False,
+    budget_s: float | None = None,
+) -> dict[str, Any]:
+    """(c): the whole input in memory, fixed batches in input order, all hidden states, pool per layer.
+
+    ``one_cell`` is (d), scFoundation's ``get_embedding.py``: the input in memory, then per cell its
+    tokens (expressed genes + T + S) and one forward pass of batch size 1, pooled and copied to the host.
+    ``budget_s`` (the batch-size sweep) stops after the first batch that ends past that many seconds of
+    the loop (at least three batches; the first is not timed) and reports the loop's rate only.
+    """
     import anndata as ad
     import torch
 
@@ -577,30 +660,47 @@ def run_peers(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int, out: s
     from cellstrata.engine.pipeline import _select, resolve_device
     from cellstrata.engine.sources import CellBlock
 
-    t0 = time.perf_counter()
     device = resolve_device(spec["device"])
-    adata = ad.read_h5ad(h5ad)  # embed_data reads the whole file
+    fshape = flop_shape(loaded.model)
+    _sync(device)
+    t0 = time.perf_counter()
+    adata = ad.read_h5ad(h5ad)  # embed_data and get_embedding.py read the whole file
     n_cells = min(n_cells, adata.n_obs)
     tok = loaded.tokenizer
     column = spec["gene_column"]
     names = adata.var[column].astype(str).tolist() if column else list(adata.var_names)
     mapping = tok.map_genes(names)
-    tokens = tok.tokenize(CellBlock(indices=np.arange(n_cells), X=adata.X[:n_cells]), mapping)
-    if tokens.empty.any():
-        tokens = _select(tokens, np.flatnonzero(~tokens.empty))
+    if one_cell:
+        tokens = None
+        n_kept = n_cells
+    else:
+        tokens = tok.tokenize(CellBlock(indices=np.arange(n_cells), X=adata.X[:n_cells]), mapping)
+        if tokens.empty.any():
+            tokens = _select(tokens, np.flatnonzero(~tokens.empty))
+        n_kept = len(tokens)
     t_input = time.perf_counter() - t0
-    n_kept = len(tokens)
     lead, trail = loaded.layout.n_leading, loaded.layout.n_trailing
     picked = peer_token_pooling(loaded)
     names_out = ["mean"] + ([picked[0]] if picked else [])
     from_end = int(picked[1].split(":")[1]) if picked and picked[1].startswith("from_end:") else 0
     n_layers = loaded.n_layers
     pooled: dict[str, list[list[np.ndarray]]] = {n: [[] for _ in range(n_layers + 1)] for n in names_out}
-    batch_size = int(spec["peer_batch"])
-    n_tokens = padded = batches = 0
-    t_forward = t_pool = 0.0
+    batch_size = 1 if one_cell else int(batch_size or spec["peer_batch"])
+    n_tokens = padded = batches = cells_done = 0
+    flops = 0.0
+    t_forward = t_pool = t_tokenize = 0.0
+    t_loop = time.perf_counter()
+    timed_from, timed_cells = None, 0
     for i in range(0, n_kept, batch_size):
-        batch = collate(tokens, np.arange(i, min(i + batch_size, n_kept)), tok.pad_id, tok.pad_value)
+        if one_cell:
+            t1 = time.perf_counter()
+            one = tok.tokenize(CellBlock(indices=np.arange(i, i + 1), X=adata.X[i : i + 1]), mapping)
+            t_tokenize += time.perf_counter() - t1
+            if one.empty.all():
+                continue
+            batch = collate(one, np.arange(1), tok.pad_id, tok.pad_value)
+        else:
+            batch = collate(tokens, np.arange(i, min(i + batch_size, n_kept)), tok.pad_id, tok.pad_value)
         t2 = time.perf_counter()
         dev = batch.to(device)
         hidden_states: list[torch.Tensor] = []  # what output_hidden_states=True returns
@@ -627,37 +727,81 @@ def run_peers(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int, out: s
         del hidden_states
         t_pool += time.perf_counter() - t3
         n_tokens += int(batch.lengths.sum())
+        flops += forward_flops(fshape, batch.lengths.numpy())
         padded += b * s
         batches += 1
+        cells_done += b
+        if budget_s is not None:
+            now = time.perf_counter()
+            if timed_from is None:
+                timed_from = now  # the first batch of a size is its warm-up
+            else:
+                timed_cells += b
+            if batches >= 3 and now - t_loop >= budget_s:
+                break
+    loop_s = time.perf_counter() - (timed_from or t_loop)
     t4 = time.perf_counter()
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, parts in pooled.items():
-        np.save(folder / f"{name}.npy", np.stack([np.concatenate(p) for p in parts]))  # [L+1, N, H] float32
+    if budget_s is None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, parts in pooled.items():
+            np.save(folder / f"{name}.npy", np.stack([np.concatenate(p) for p in parts]))  # [L+1, N, H] float32
     t_write = time.perf_counter() - t4
+    _sync(device)
     return {
-        "cells": n_cells,
+        "cells": n_cells if budget_s is None else cells_done,
         "tokens": n_tokens,
         "padded_tokens": padded,
         "batches": batches,
         "batch_size": batch_size,
+        "model_flops": flops,
         "poolings": names_out,
         "seconds": time.perf_counter() - t0,
         "forward_seconds": t_forward,
-        "breakdown": {"read_tokenize_s": t_input, "forward_s": t_forward, "pool_copy_s": t_pool, "write_s": t_write},
+        "loop_cells_per_s": (timed_cells / loop_s) if budget_s is not None and timed_cells else None,
+        "breakdown": {
+            "read_tokenize_s": t_input + t_tokenize,
+            "forward_s": t_forward,
+            "pool_copy_s": t_pool,
+            "write_s": t_write,
+        },
     }
+
+
+def sweep_peer_batch(
+    spec: dict[str, Any], loaded: Any, h5ad: str, candidates: list[int], n_cells: int, budget_s: float
+) -> dict[str, Any]:
+    """Time the peers' approach at each batch size on the first ``n_cells`` cells; the fastest wins."""
+    rates: dict[int, float] = {}
+    for b in candidates:
+        r = run_peers(spec, loaded, h5ad, n_cells, "", batch_size=b, budget_s=budget_s)
+        rate = r["loop_cells_per_s"]
+        if rate is None:  # fewer than two batches of this size: the whole loop, warm-up included
+            rate = r["cells"] / max(r["breakdown"]["forward_s"] + r["breakdown"]["pool_copy_s"], 1e-9)
+        rates[int(b)] = float(rate)
+    return {"cells": n_cells, "budget_s": budget_s, "cells_per_s": rates, "best": pick_best(rates)}
+
+
+def pick_best(rates: dict[int, float]) -> int:
+    """The batch size with the highest rate; ties go to the smaller batch (less memory)."""
+    if not rates:
+        msg = "no batch size was measured"
+        raise ValueError(msg)
+    return min(rates, key=lambda b: (-rates[b], b))
 
 
 def _run(variant: str, spec: dict[str, Any], loaded: Any, h5ad: str, n: int, out: str) -> dict[str, Any]:
     if variant == "forward":
-        return run_forward_only(spec, loaded, h5ad, n)
+        return run_forward_only(spec, loaded, h5ad, n, out)
     if variant == "cellstrata":
         return run_cellstrata(spec, loaded, h5ad, n, out)
+    if variant == "official":
+        return run_peers(spec, loaded, h5ad, n, out, one_cell=True)
     return run_peers(spec, loaded, h5ad, n, out)
 
 
 def worker(spec_path: str) -> None:
-    """One variant: load the model (untimed), warm up on short cells, then the timed run."""
+    """One variant: load the model (untimed), warm up, (peers) sweep the batch size, then the timed run."""
     spec = json.loads(Path(spec_path).read_text())
     import warnings
 
@@ -672,6 +816,7 @@ def worker(spec_path: str) -> None:
     warm_out = str(work / (f"warmup-{variant}" + (".zarr" if variant == "cellstrata" else "")))
     for old in (Path(warm_out), Path(spec["out"])):  # an existing store would be resumed: start empty
         shutil.rmtree(old, ignore_errors=True)
+    gpu = spec["device"] != "cpu" and torch.cuda.is_available()
     t0 = time.perf_counter()
     loaded = load_model(spec)
     load_s = time.perf_counter() - t0
@@ -679,14 +824,28 @@ def worker(spec_path: str) -> None:
     t1 = time.perf_counter()
     if spec["warmup_cells"]:
         _run(variant, spec, loaded, spec["warmup_h5ad"], int(spec["warmup_cells"]), warm_out)
+        shutil.rmtree(warm_out, ignore_errors=True)
     warm_s = time.perf_counter() - t1
+    sweep = None
+    if variant == "peers" and spec.get("peer_sweep"):
+        sw = spec["peer_sweep"]
+        sweep = sweep_peer_batch(spec, loaded, spec["h5ad"], sw["candidates"], int(sw["cells"]), float(sw["budget_s"]))
+        spec["peer_batch"] = sweep["best"]
+        print(
+            f"  peers' batch sweep on {sw['cells']:,} cells (cells/s): "
+            + ", ".join(f"{b}: {r:,.1f}" for b, r in sweep["cells_per_s"].items())
+            + f" -> {sweep['best']}",
+            flush=True,
+        )
+    n = int(spec["cells"]) if variant != "official" else int(spec["official_cells"])
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mb()
     load_before = loadavg()
     device_peak = None
-    if spec["device"] != "cpu" and torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    res = _run(variant, spec, loaded, spec["h5ad"], int(spec["cells"]), spec["out"])
-    if spec["device"] != "cpu" and torch.cuda.is_available():
+    res = _run(variant, spec, loaded, spec["h5ad"], n, spec["out"])
+    if gpu:
         device_peak = torch.cuda.max_memory_allocated() / 2**20
     res.update(
         variant=variant,
@@ -694,7 +853,9 @@ def worker(spec_path: str) -> None:
         loaded_from=spec["checkpoint"] or "in memory",
         context=loaded.tokenizer.max_length,
         warmup_cells=int(spec["warmup_cells"]),
+        warmup_input=spec["warmup_h5ad"],
         warmup_seconds=warm_s,
+        peer_sweep=sweep,
         rss_loaded_mb=rss_loaded,
         rss_before_mb=rss_before,
         peak_rss_mb=maxrss() / 2**20,
@@ -810,21 +971,50 @@ def run_variant(ctx: Any, variant: str, base: dict[str, Any], work: Path) -> dic
     return res
 
 
+def _compare(ours: np.ndarray, theirs: np.ndarray, gpu: bool) -> dict[str, Any]:
+    """One pooling, [L+1, cells, H]: cellstrata's stored values against a peer's float32 values."""
+    diff = np.abs(ours - theirs)
+    ulp = np.spacing(np.maximum(np.abs(ours), np.abs(theirs)).astype(np.float16)).astype(np.float32)
+    num = (ours.astype(np.float64) * theirs).sum(-1)
+    den = np.sqrt((ours.astype(np.float64) ** 2).sum(-1) * (theirs.astype(np.float64) ** 2).sum(-1))
+    min_cos = float(np.nanmin(num / np.where(den > 0, den, 1.0)))
+    if gpu:
+        close = bool(np.array_equal(np.isnan(ours), np.isnan(theirs)) and min_cos >= CHECK_MIN_COSINE_BF16)
+    else:
+        close = bool(np.all(diff <= CHECK_ULPS * ulp + CHECK_ATOL))
+    big = np.maximum(np.abs(ours), np.abs(theirs)) >= ULP_REPORT_MIN
+    return {
+        "layers": int(ours.shape[0]),
+        "max_abs_diff": float(diff.max()),
+        "max_float16_ulps": float((diff / ulp)[big].max()) if big.any() else 0.0,
+        "max_abs_diff_small_values": float(diff[~big].max()) if (~big).any() else 0.0,
+        "max_abs_value": float(np.abs(theirs).max()),
+        "last_layer_max_abs_diff": float(diff[-1].max()),
+        "min_cosine": min_cos,
+        "close": close,
+    }
+
+
 def check_outputs(results: dict[str, dict[str, Any]], n_cells: int, gpu: bool = False) -> dict[str, Any]:
-    """(a) ran cellstrata's batches; (b) and (c) agree on every pooling (c) made, at every layer, for sampled cells.
+    """(a) ran cellstrata's batches; (b) and (c) (and (d)) agree on every pooling the peer made, at every layer.
 
     CPU (float32 forward): within one float16 step. CUDA (bfloat16 autocast forward): cosine similarity of
     every (layer, cell) vector at least ``CHECK_MIN_COSINE_BF16``; the float16 ULPs are reported either way.
+    The model FLOPs counted from the real token lengths must be the same in (a), (b) and (c).
     """
     import cellstrata as cs
 
-    a, b, c = (results[v] for v in VARIANTS)
+    a, b, c = (results[v] for v in ("forward", "cellstrata", "peers"))
     same_batches = all(a[k] == b[k] for k in ("tokens", "padded_tokens", "batches"))
+    same_flops = bool(np.isclose(a["model_flops"], b["model_flops"], rtol=1e-9)) and bool(
+        np.isclose(b["model_flops"], c["model_flops"], rtol=1e-9)
+    )
     store = cs.open_store(b["out"])
     cells = np.unique(np.linspace(0, n_cells - 1, min(CHECK_CELLS, n_cells)).round().astype(int))
     report: dict[str, Any] = {
         "forward_same_tokens_and_batches_as_cellstrata": bool(same_batches),
         "peers_same_tokens_as_cellstrata": bool(b["tokens"] == c["tokens"]),
+        "same_model_flops": same_flops,
         "cells_compared": [int(i) for i in cells],
         "poolings_compared": list(c["poolings"]),
         "tolerance": f"cosine >= {CHECK_MIN_COSINE_BF16:g} per layer and cell (bfloat16 forward)"
@@ -832,38 +1022,34 @@ def check_outputs(results: dict[str, dict[str, Any]], n_cells: int, gpu: bool = 
         else f"{CHECK_ULPS:g} float16 ULP of the value + {CHECK_ATOL:g}",
         "ulps_reported_for_values_above": ULP_REPORT_MIN,
     }
-    ok = same_batches and report["peers_same_tokens_as_cellstrata"]
+    ok = same_batches and report["peers_same_tokens_as_cellstrata"] and same_flops
     for name in c["poolings"]:
         ours = np.asarray(store.group["pooled"][name][:, cells, :], dtype=np.float32)
         theirs = np.load(Path(c["out"]) / f"{name}.npy", mmap_mode="r")[:, cells, :].astype(np.float32)
-        diff = np.abs(ours - theirs)
-        ulp = np.spacing(np.maximum(np.abs(ours), np.abs(theirs)).astype(np.float16)).astype(np.float32)
-        num = (ours.astype(np.float64) * theirs).sum(-1)
-        den = np.sqrt((ours.astype(np.float64) ** 2).sum(-1) * (theirs.astype(np.float64) ** 2).sum(-1))
-        min_cos = float(np.nanmin(num / np.where(den > 0, den, 1.0)))
-        if gpu:
-            close = bool(np.array_equal(np.isnan(ours), np.isnan(theirs)) and min_cos >= CHECK_MIN_COSINE_BF16)
-        else:
-            close = bool(np.all(diff <= CHECK_ULPS * ulp + CHECK_ATOL))
-        big = np.maximum(np.abs(ours), np.abs(theirs)) >= ULP_REPORT_MIN
-        report[name] = {
-            "layers": int(ours.shape[0]),
-            "max_abs_diff": float(diff.max()),
-            "max_float16_ulps": float((diff / ulp)[big].max()) if big.any() else 0.0,
-            "max_abs_diff_small_values": float(diff[~big].max()) if (~big).any() else 0.0,
-            "max_abs_value": float(np.abs(theirs).max()),
-            "last_layer_max_abs_diff": float(diff[-1].max()),
-            "min_cosine": min_cos,
-            "close": close,
-        }
-        ok = ok and close
+        report[name] = _compare(ours, theirs, gpu)
+        ok = ok and report[name]["close"]
+    d = results.get("official")
+    if d is not None:
+        # (d) covered the first cells (none of them empty in the synthetic data): compare a sample of them
+        n_d = int(d["cells"])
+        cells_d = np.unique(np.linspace(0, n_d - 1, min(CHECK_CELLS, n_d)).round().astype(int))
+        report["official_cells_compared"] = [int(i) for i in cells_d]
+        for name in d["poolings"]:
+            ours = np.asarray(store.group["pooled"][name][:, cells_d, :], dtype=np.float32)
+            theirs = np.load(Path(d["out"]) / f"{name}.npy", mmap_mode="r")[:, cells_d, :].astype(np.float32)
+            report[f"official_{name}"] = _compare(ours, theirs, gpu)
+            ok = ok and report[f"official_{name}"]["close"]
     report["ok"] = bool(ok)
     return report
 
 
-def summarize(shape: dict[str, Any], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def summarize(
+    shape: dict[str, Any], results: dict[str, dict[str, Any]], ceilings: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     rows = []
     for v in VARIANTS:
+        if v not in results:
+            continue
         r = results[v]
         s = max(r["seconds"], 1e-9)
         rows.append(
@@ -871,15 +1057,22 @@ def summarize(shape: dict[str, Any], results: dict[str, dict[str, Any]]) -> list
                 "family": shape["family"],
                 "preset": shape["preset"],
                 "variant": LABELS[v],
+                "key": v,
                 "cells": r["cells"],
                 "tokens": r["tokens"],
                 "padding": 1 - r["tokens"] / max(r["padded_tokens"], 1),
                 "batches": r["batches"],
+                "batch_size": r.get("batch_size"),
+                "max_tokens": r.get("max_tokens"),
+                "attention": r.get("attention"),
                 "seconds": r["seconds"],
                 "forward_seconds": r.get("forward_seconds"),
                 "load_seconds": r["load_seconds"],
+                "warmup_seconds": r.get("warmup_seconds"),
                 "cells_per_s": r["cells"] / s,
                 "tokens_per_s": r["tokens"] / s,
+                "model_flops": r.get("model_flops"),
+                **{f"model_{k}": x for k, x in utilisation(r.get("model_flops") or 0.0, s, ceilings).items()},
                 "peak_rss_mb": r["peak_rss_mb"],
                 "rss_growth_mb": r["peak_rss_mb"] - r["rss_before_mb"],
                 "device_peak_mb": r.get("device_peak_mb"),
@@ -887,6 +1080,23 @@ def summarize(shape: dict[str, Any], results: dict[str, dict[str, Any]]) -> list
             }
         )
     return rows
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """b/a, c/b, b/c, b/d (tokens/s: (d) runs the first cells only), peak RSS and GPU memory c/b."""
+    by = {r["key"]: r for r in rows}
+    a, b, c, d = (by.get(k) for k in ("forward", "cellstrata", "peers", "official"))
+    out: dict[str, float | None] = {
+        "b_over_a": b["tokens_per_s"] / a["tokens_per_s"],
+        "c_over_b": c["tokens_per_s"] / b["tokens_per_s"],
+        "b_over_c": b["tokens_per_s"] / c["tokens_per_s"],
+        "b_over_d": None if d is None else b["tokens_per_s"] / d["tokens_per_s"],
+        "rss_c_over_b": c["peak_rss_mb"] / b["peak_rss_mb"],
+        "device_c_over_b": None,
+    }
+    if b.get("device_peak_mb") and c.get("device_peak_mb"):
+        out["device_c_over_b"] = c["device_peak_mb"] / b["device_peak_mb"]
+    return out
 
 
 def _fmt(x: float, digits: int = 1) -> str:
@@ -900,36 +1110,159 @@ def _context_text(shape: dict[str, Any]) -> str:
     return f"{int(shape['context']):,}"
 
 
+def _opt(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _rate_text(r: dict[str, Any], gpu: bool) -> str:
+    """Model TFLOP/s (GPU) or GFLOP/s (CPU) with the MFU / fraction of the measured matmul rate."""
+    tf = r.get("model_tflops")
+    if not tf:
+        return "–"
+    text = f"{tf:,.1f} TF/s" if gpu else f"{tf * 1e3:,.1f} GF/s"
+    parts = []
+    if r.get("model_mfu") is not None:
+        parts.append(f"MFU {100 * r['model_mfu']:.0f}%")
+    if r.get("model_of_matmul") is not None:
+        parts.append(f"{100 * r['model_of_matmul']:.0f}% of matmul")
+    return text + (f" ({', '.join(parts)})" if parts else "")
+
+
 def summary_table(shapes: list[dict[str, Any]]) -> str:
     """The fixed-format table: one row per shape (skipped shapes say so)."""
+    gpu = any(sh.get("device", "cpu").startswith("cuda") for sh in shapes)
     lines = [
         "| family | preset | layers × hidden | context | cells | real tokens | padding b / c "
-        "| tok/s (a) forward | tok/s (b) cellstrata | tok/s (c) peers | b/a | c/b | peak RSS c/b | check |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+        "| tok/s (a) forward | tok/s (b) cellstrata | tok/s (c) peers | peer batch | b/a | b/c "
+        "| model FLOP/s (b) | peak RSS c/b" + (" | GPU peak MB b / c" if gpu else "") + " | check |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|" + ("--:|" if gpu else "") + "---|",
     ]
     for sh in shapes:
         head = f"| {sh['family']} | {sh['preset']} | {sh['n_layers']} × {sh['hidden']:,} | {_context_text(sh)} |"
         if sh.get("skipped"):
-            lines.append(head + " skipped | | | | | | | | | " + sh["skipped_short"] + " |")
+            lines.append(head + " skipped |" + " |" * (11 if gpu else 10) + " " + sh["skipped_short"] + " |")
             continue
-        a, b, c = sh["rows"]
+        by = {r["key"]: r for r in sh["rows"]}
+        a, b, c = by["forward"], by["cellstrata"], by["peers"]
         q = sh["ratios"]
-        lines.append(
+        sweep = " (swept)" if sh["results"]["peers"].get("peer_sweep") else ""
+        line = (
             head + f" {b['cells']:,} | {b['tokens']:,} | {100 * b['padding']:.1f}% / {100 * c['padding']:.1f}% | "
             f"{_fmt(a['tokens_per_s'], 0)} | {_fmt(b['tokens_per_s'], 0)} | {_fmt(c['tokens_per_s'], 0)} | "
-            f"{q['b_over_a']:.2f} | {q['c_over_b']:.2f} | {q['rss_c_over_b']:.2f} | "
-            f"{'ok' if sh['check']['ok'] else 'MISMATCH'} |"
+            f"{c['batch_size']}{sweep} | {q['b_over_a']:.2f} | {q['b_over_c']:.2f} | {_rate_text(b, gpu)} | "
+            f"{q['rss_c_over_b']:.2f} |"
         )
+        if gpu:
+            line += f" {_fmt(b['device_peak_mb'] or 0, 0)} / {_fmt(c['device_peak_mb'] or 0, 0)} |"
+        lines.append(line + f" {'ok' if sh['check']['ok'] else 'MISMATCH'} |")
+    return "\n".join(lines) + "\n"
+
+
+def official_table(shapes: list[dict[str, Any]]) -> str:
+    """(d), scFoundation's one cell at a time, against cellstrata (b); empty when no shape ran it."""
+    rows = [sh for sh in shapes if not sh.get("skipped") and "official" in sh["results"]]
+    if not rows:
+        return ""
+    gpu = any(sh.get("device", "cpu").startswith("cuda") for sh in rows)
+    lines = [
+        "| family | preset | cells (d) | tok/s (b) cellstrata | tok/s (d) official | cells/s (b) | cells/s (d) | b/d "
+        "| model FLOP/s (d) | peak RSS d/b |",
+        "|---|---|--:|--:|--:|--:|--:|--:|---|--:|",
+    ]
+    for sh in rows:
+        by = {r["key"]: r for r in sh["rows"]}
+        b, d = by["cellstrata"], by["official"]
+        lines.append(
+            f"| {sh['family']} | {sh['preset']} | {d['cells']:,} | {_fmt(b['tokens_per_s'], 0)} | "
+            f"{_fmt(d['tokens_per_s'], 0)} | {_fmt(b['cells_per_s'], 1)} | {_fmt(d['cells_per_s'], 1)} | "
+            f"{sh['ratios']['b_over_d']:.2f} | {_rate_text(d, gpu)} | {d['peak_rss_mb'] / b['peak_rss_mb']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(shapes: list[dict[str, Any]]) -> str:
+    """The peers' batch-size sweep per shape (cells/s on the first cells); empty when none ran."""
+    lines = []
+    for sh in shapes:
+        if sh.get("skipped"):
+            continue
+        sw = sh["results"]["peers"].get("peer_sweep")
+        if not sw:
+            continue
+        rates = ", ".join(f"{b}: {r:,.1f}" for b, r in sw["cells_per_s"].items())
+        lines.append(f"| {sh['family']} | {sh['preset']} | {sw['cells']:,} | {rates} | {sw['best']} |")
+    if not lines:
+        return ""
+    head = ["| family | preset | sweep cells | batch: cells/s | chosen |", "|---|---|--:|---|--:|"]
+    return "\n".join(head + lines) + "\n"
+
+
+# issue 7's targets, checked against the measured values of every shape (never hard-coded results)
+TARGETS = {
+    "overhead": {"cuda": 0.95, "cpu": 0.90},  # b/a: extraction costs at most 5% (GPU) / 10% (CPU) over forward only
+    "peers": {"cuda": 3.0, "cpu": 1.5},  # b/c
+    "mfu_1b": 0.40,  # Tahoe-X1 1b extraction (b) on an H100 / H200
+}
+
+
+def targets(shapes: list[dict[str, Any]], device: str) -> list[dict[str, Any]]:
+    """One entry per target and shape: the measured value and whether it is met (None: not measurable)."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    out = []
+    for sh in shapes:
+        if sh.get("skipped"):
+            continue
+        q = sh["ratios"]
+        name = f"{sh['family']} {sh['preset']}"
+        lim = TARGETS["overhead"][kind]
+        out.append(
+            {
+                "target": f"extraction overhead over forward only ≤ {100 * (1 - lim):.0f}% (b/a ≥ {lim:.2f})",
+                "shape": name,
+                "value": f"b/a {q['b_over_a']:.2f}",
+                "met": q["b_over_a"] >= lim,
+            }
+        )
+        lim = TARGETS["peers"][kind]
+        out.append(
+            {
+                "target": f"cellstrata ≥ {lim:g}× the peers' approach at its best batch (b/c)",
+                "shape": name,
+                "value": f"b/c {q['b_over_c']:.2f}",
+                "met": q["b_over_c"] >= lim,
+            }
+        )
+        if sh["family"] == "tahoe-x1" and sh["preset"] == "1b":
+            b = next(r for r in sh["rows"] if r["key"] == "cellstrata")
+            mfu = b.get("model_mfu")
+            out.append(
+                {
+                    "target": f"Tahoe-X1 1b extraction at ≥ {100 * TARGETS['mfu_1b']:.0f}% MFU on an H100 / H200",
+                    "shape": name,
+                    "value": "not an H100 / H200" if mfu is None else f"MFU {100 * mfu:.1f}%",
+                    "met": None if mfu is None else mfu >= TARGETS["mfu_1b"],
+                }
+            )
+    return out
+
+
+def targets_table(entries: list[dict[str, Any]]) -> str:
+    if not entries:
+        return ""
+    lines = ["| target | shape | measured | met |", "|---|---|--:|---|"]
+    for e in entries:
+        met = "n/a" if e["met"] is None else ("met" if e["met"] else "not met")
+        lines.append(f"| {e['target']} | {e['shape']} | {e['value']} | {met} |")
     return "\n".join(lines) + "\n"
 
 
 def detail_table(shapes: list[dict[str, Any]]) -> str:
     gpu = any(r["device_peak_mb"] is not None for sh in shapes if not sh.get("skipped") for r in sh["rows"])
     head = (
-        "| family | preset | variant | cells | tokens | padding | batches | load s | seconds | in forward (s) "
-        "| cells/s | tokens/s | peak RSS MB (growth) |"
+        "| family | preset | variant | cells | tokens | padding | batches | batch / budget | load s | warm-up s "
+        "| seconds | in forward (s) | cells/s | tokens/s | model FLOP/s | peak RSS MB (growth) |"
     )
-    sep = "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    sep = "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|"
     if gpu:
         head += " GPU peak MB |"
         sep += "--:|"
@@ -939,15 +1272,53 @@ def detail_table(shapes: list[dict[str, Any]]) -> str:
             continue
         for r in sh["rows"]:
             fwd = "" if r["forward_seconds"] is None else _fmt(r["forward_seconds"])
+            if r["key"] in ("forward", "cellstrata"):
+                budget = f"{r['max_tokens']:,} tokens, {r['attention']}" if r.get("max_tokens") else ""
+            else:
+                budget = f"{r['batch_size']} cells"
             line = (
                 f"| {r['family']} | {r['preset']} | {r['variant']} | {r['cells']:,} | {r['tokens']:,} | "
-                f"{100 * r['padding']:.1f}% | {r['batches']} | {_fmt(r['load_seconds'])} | {_fmt(r['seconds'])} | "
-                f"{fwd} | {_fmt(r['cells_per_s'], 2)} | {_fmt(r['tokens_per_s'], 0)} | "
+                f"{100 * r['padding']:.1f}% | {r['batches']} | {budget} | {_fmt(r['load_seconds'])} | "
+                f"{_fmt(r['warmup_seconds'] or 0)} | {_fmt(r['seconds'])} | "
+                f"{fwd} | {_fmt(r['cells_per_s'], 2)} | {_fmt(r['tokens_per_s'], 0)} | {_rate_text(r, gpu)} | "
                 f"{_fmt(r['peak_rss_mb'], 0)} (+{_fmt(r['rss_growth_mb'], 0)}) |"
             )
             if gpu:
                 line += f" {_fmt(r['device_peak_mb'] or 0, 0)} |"
             lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def flops_table(shapes: list[dict[str, Any]], ceilings: dict[str, Any] | None) -> str:
+    """FLOPs per cell (median cell of the data) per shape, and the ceilings measured in this run."""
+    lines = []
+    if ceilings:
+        mm, cp = ceilings["matmul"], ceilings["copy"]
+        gpu = ceilings["device_name"] != "cpu"
+        rate = f"{mm['tflops']:,.1f} TFLOP/s" if gpu else f"{mm['tflops'] * 1e3:,.1f} GFLOP/s"
+        lines.append(
+            f"Measured on this device: matmul {mm['dtype']} {rate} (best of "
+            + ", ".join(f"{r['n']:,}³" for r in mm["runs"])
+            + f"), copy {cp['gb_per_s']:,.0f} GB/s (read + write)"
+            + (
+                f"; data-sheet dense bf16 peak {ceilings['peak_bf16_tflops']:,.1f} TFLOP/s"
+                if ceilings.get("peak_bf16_tflops")
+                else ""
+            )
+            + ".\n"
+        )
+    lines += [
+        "| family | preset | median tokens / cell | GFLOP / cell (median cell) | attention share |",
+        "|---|---|--:|--:|--:|",
+    ]
+    for sh in shapes:
+        f = sh.get("flops")
+        if not f:
+            continue
+        lines.append(
+            f"| {sh['family']} | {sh['preset']} | {f['median_tokens']:,} | {f['gflops_per_cell']:,.4f} | "
+            f"{100 * f['attention_share']:.1f}% |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -986,7 +1357,9 @@ def skipped_text(shapes: list[dict[str, Any]]) -> str:
     return "".join(f"- {sh['family']} {sh['preset']}: {sh['skipped']}\n" for sh in skipped)
 
 
-def parse_presets(values: list[str] | None, families: list[str], quick: bool) -> dict[str, list[str]]:
+def parse_presets(
+    values: list[str] | None, families: list[str], quick: bool, defaults: dict[str, list[str]] | None = None
+) -> dict[str, list[str]]:
     """``scgpt=tiny,whole-human,tahoe-x1=tiny,70m`` (a name with ``=`` starts a family); defaults per family."""
     chosen: dict[str, list[str]] = {}
     current = None
@@ -1007,7 +1380,7 @@ def parse_presets(values: list[str] | None, families: list[str], quick: bool) ->
         if fam in chosen:
             out[fam] = chosen[fam]
         else:
-            out[fam] = ["tiny"] if quick else list(CELLS[fam])
+            out[fam] = ["tiny"] if quick else list((defaults or CELLS)[fam])
     unused = [f for f in chosen if f not in families]
     if unused:
         msg = f"--presets names {', '.join(unused)}, which --models does not include"
@@ -1055,12 +1428,31 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a smoke run under a minute: the tiny shapes, few cells")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--max-tokens", type=int, default=None, help="cellstrata's batch budget (default: its own)")
-    ap.add_argument("--peer-batch", type=int, default=PEER_BATCH, help="peers' cells per batch (embed_data: 64)")
+    ap.add_argument(
+        "--peer-batch",
+        type=int,
+        default=None,
+        help="peers' cells per batch, no sweep (default: the fastest of a sweep, CPU "
+        + ", ".join(map(str, PEER_SWEEP["cpu"]))
+        + "; CUDA "
+        + ", ".join(map(str, PEER_SWEEP["cuda"]))
+        + "; embed_data uses 64)",
+    )
+    ap.add_argument(
+        "--official-cells",
+        type=int,
+        default=None,
+        help="cells of (d), scFoundation's one cell at a time (the first of the input; default "
+        f"{OFFICIAL_CELLS['cpu']} on CPU, {OFFICIAL_CELLS['cuda']:,} on CUDA, at most the shape's cells)",
+    )
+    ap.add_argument("--no-roofline", action="store_true", help="do not measure the matmul rate and copy bandwidth")
     ap.add_argument(
         "--warmup-cells",
         type=int,
         default=None,
-        help=f"short cells of the warm-up run per variant (default {WARMUP_CELLS}, --quick {QUICK_WARMUP_CELLS})",
+        help=f"cells of the untimed warm-up run per variant (CPU: short cells of a separate file, default "
+        f"{WARMUP_CELLS}, --quick {QUICK_WARMUP_CELLS}; CUDA: the first cells of the same input, default "
+        f"{CUDA_WARMUP_SHARE:.0%} of the shape's cells, at least {CUDA_WARMUP_MIN})",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every variant (default: torch's)")
     ap.add_argument(
@@ -1086,12 +1478,15 @@ def main(argv: list[str] | None = None) -> int:
     from cellstrata.engine.models import get_family
     from cellstrata.engine.pipeline import resolve_device
 
+    device = str(resolve_device(args.device))
+    gpu = device.startswith("cuda")
+    kind_dev = "cuda" if gpu else "cpu"
     families = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(FAMILIES)}")
     try:
-        presets = parse_presets(args.presets, families, args.quick)
+        presets = parse_presets(args.presets, families, args.quick, CUDA_PRESETS if gpu else CELLS)
         cells_opt = parse_cells(args.cells)
     except ValueError as exc:
         ap.error(str(exc))
@@ -1102,14 +1497,13 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"{fam} has no preset {preset!r}; choose from {', '.join(get_family(fam).presets)}")
             n = cells_opt.get(f"{fam}:{preset}") or cells_opt.get(preset)
             if n is None:
-                n = QUICK_CELLS if args.quick and preset == "tiny" else CELLS[fam].get(preset)
+                n = QUICK_CELLS if args.quick and preset == "tiny" else (CUDA_CELLS if gpu else CELLS)[fam].get(preset)
             if n is None:
                 ap.error(f"no default cell count for {fam} {preset}: pass --cells {fam}:{preset}=N")
             selection.append((fam, preset, int(n)))
     warmup = (
         args.warmup_cells if args.warmup_cells is not None else (QUICK_WARMUP_CELLS if args.quick else WARMUP_CELLS)
     )
-    device = str(resolve_device(args.device))
     own_tmp = args.workdir is None
     root = Path(tempfile.mkdtemp(prefix="cellstrata-bench-")) if own_tmp else Path(args.workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -1125,6 +1519,28 @@ def main(argv: list[str] | None = None) -> int:
     if load is not None and info["cpu_count"] and load > info["cpu_count"]:
         print(f"WARNING: load average {load} exceeds the {info['cpu_count']} CPUs: other work competes for the cores")
     t_start = time.perf_counter()
+    ceilings = None
+    if not args.no_roofline:
+        from roofline import measure as measure_ceilings
+
+        ceilings = measure_ceilings(device, quick=args.quick)
+        mm = ceilings["matmul"]
+        print(
+            f"ceilings: matmul {mm['dtype']} {mm['tflops'] * (1 if gpu else 1e3):,.1f} "
+            f"{'TFLOP/s' if gpu else 'GFLOP/s'}, "
+            f"copy {ceilings['copy']['gb_per_s']:,.0f} GB/s"
+            + (
+                f", data-sheet bf16 peak {ceilings['peak_bf16_tflops']:,.1f} TFLOP/s"
+                if ceilings["peak_bf16_tflops"]
+                else ""
+            )
+            + f" ({ceilings['seconds']:.1f} s)"
+        )
+    device_total = None
+    if gpu:
+        import torch
+
+        device_total = torch.cuda.get_device_properties(0).total_memory / 2**30
     shapes: list[dict[str, Any]] = []
     builder_checks: list[dict[str, Any]] = []
     data: dict[str, dict[str, Any]] = {}
@@ -1186,74 +1602,117 @@ def main(argv: list[str] | None = None) -> int:
                 "max": int(expressed.max()),
             }
             shape["data"] = {k: v for k, v in d.items() if k != "expressed"}
-            est = memory_estimate(shape, n, args.peer_batch, shape["longest_tokens"])
+            shape["device"] = device
+            median_len = float(np.median(expressed)) + shape["n_special"]
+            if shape["context"] is not None:
+                median_len = min(median_len, float(shape["context"]))
+            per_cell = forward_flops(shape["flop_shape"], [median_len])
+            linear = forward_flops({**shape["flop_shape"], "hidden": 0}, [median_len])
+            shape["flops"] = {
+                "median_tokens": round(median_len),
+                "gflops_per_cell": per_cell / 1e9,
+                "attention_share": 1 - linear / per_cell,
+            }
+            # the peers' batch sizes: forced, or the sweep's candidates that fit the memory
+            limit = args.mem_fraction * mem_total
+            if args.peer_batch:
+                candidates = [int(args.peer_batch)]
+            else:
+                cand = PEER_SWEEP[kind_dev]
+                candidates = sorted({b for b in cand if b < n} | {min(n, max(cand))})
+            fits = []
+            for b in candidates:
+                e = memory_estimate(shape, n, b, shape["longest_tokens"])
+                host_ok = e["total_gib"] <= limit if not gpu else (e["weights_gib"] + 0.6 <= limit)
+                dev_ok = device_total is None or e["weights_gib"] + e["activations_gib"] <= 0.8 * device_total
+                if host_ok and dev_ok:
+                    fits.append(b)
+            est = memory_estimate(shape, n, (fits or candidates)[-1 if fits else 0], shape["longest_tokens"])
             shape["memory_estimate"] = est
             tag = f"[{fam} {preset}]"
-            limit = args.mem_fraction * mem_total
             print(
                 f"{tag} {shape['n_layers']} layers x {shape['hidden']}, {shape['params'] / 1e6:,.1f} M parameters, "
                 f"context {_context_text(shape)}; {n:,} cells, expressed genes per cell median "
                 f"{shape['expressed']['median']:,.0f} (p10 {shape['expressed']['p10']:,.0f}, p90 "
-                f"{shape['expressed']['p90']:,.0f}); needs ~{est['total_gib']:.1f} GiB "
-                f"({est['weights_gib']:.1f} GiB weights)"
+                f"{shape['expressed']['p90']:,.0f}); {shape['flops']['gflops_per_cell']:,.3f} GFLOP per median cell; "
+                f"needs ~{est['total_gib']:.1f} GiB ({est['weights_gib']:.1f} GiB weights)"
             )
-            if est["total_gib"] > limit:
+            if not fits:
                 shape["skipped"] = (
                     f"{shape['params'] / 1e9:.2f} B parameters = {est['weights_gib']:.1f} GiB of float32 weights; "
-                    f"with {min(n, args.peer_batch)} cell(s) of hidden states and the process ~{est['total_gib']:.1f} "
+                    f"with {min(n, candidates[0])} cell(s) of hidden states and the process ~{est['total_gib']:.1f} "
                     f"GiB, above {args.mem_fraction:.0%} of this machine's {mem_total:.1f} GiB (--mem-fraction)"
+                    + (f" or 80% of the device's {device_total:.0f} GiB" if device_total else "")
                 )
                 shape["skipped_short"] = f"skipped: ~{est['total_gib']:.1f} GiB > {limit:.1f} GiB"
                 print(f"{tag} SKIPPED: {shape['skipped']}\n")
                 shapes.append(shape)
                 continue
+            sweep_cells = min(n, PEER_SWEEP_CELLS["quick" if args.quick and not gpu else kind_dev])
+            # few cells (CPU, the billion-parameter shapes): one batch of all of them, no sweep
+            sweep = None
+            if len(fits) > 1 and n >= 8:
+                budget = PEER_SWEEP_SECONDS / (2 if args.quick else 1)
+                sweep = {"candidates": fits, "cells": sweep_cells, "budget_s": budget}
             work = root / f"{fam}-{preset}"
             if work.exists():
                 shutil.rmtree(work)
             work.mkdir(parents=True)
+            if gpu:  # the first cells of the same input: its real lengths and batch shapes
+                warm_h5ad = d["h5ad"]
+                warm_cells = (
+                    args.warmup_cells
+                    if args.warmup_cells is not None
+                    else min(n, max(CUDA_WARMUP_MIN, int(CUDA_WARMUP_SHARE * n)))
+                )
+            else:
+                warm_h5ad, warm_cells = d["warmup_h5ad"], warmup
             base = {
                 "family": fam,
                 "preset": preset,
                 "cells": n,
+                "official_cells": min(
+                    n, args.official_cells or OFFICIAL_CELLS["quick" if args.quick and not gpu else kind_dev]
+                ),
                 "h5ad": d["h5ad"],
-                "warmup_h5ad": d["warmup_h5ad"],
+                "warmup_h5ad": warm_h5ad,
                 "gene_column": GENE_COLUMN[fam],
                 "checkpoint": checkpoints[fam] if preset == "tiny" else None,
                 "device": device,
                 "dtype": "float16",
                 "max_tokens": args.max_tokens,
-                "peer_batch": args.peer_batch,
-                "warmup_cells": warmup,
+                "peer_batch": fits[-1],
+                "peer_sweep": sweep,
+                "warmup_cells": warm_cells,
                 "threads": args.threads,
                 "seed": args.seed,
             }
-            repeats = args.repeats or (1 if args.quick else REPEATS[kind])
+            repeats = args.repeats or (1 if args.quick or gpu else REPEATS[kind])
+            variants = [v for v in VARIANTS if v != "official" or fam in OFFICIAL_FAMILIES]
             results: dict[str, dict[str, Any]] = {}
             for rep in range(repeats):  # round robin, so slow phases of a busy machine hit every variant
-                for v in VARIANTS:
+                for v in variants:
                     r = run_variant(ctx, v, base, work)
                     la = r["loadavg_1min"]
                     print(
-                        f"{tag} {LABELS[v]:<24} {r['seconds']:8.1f} s  {r['cells'] / r['seconds']:9.2f} cells/s  "
-                        f"{r['tokens'] / r['seconds']:9.0f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-                        f"(load {r['load_seconds']:.1f} s, process {r['process_seconds']:.0f} s, load avg "
-                        f"{la[0]} -> {la[1]}" + (f", repeat {rep + 1}/{repeats})" if repeats > 1 else ")")
+                        f"{tag} {LABELS[v]:<32} {r['seconds']:8.1f} s  {r['cells'] / r['seconds']:9.2f} cells/s  "
+                        f"{r['tokens'] / r['seconds']:9.0f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MB"
+                        + (f"  GPU {r['device_peak_mb']:,.0f} MB" if r.get("device_peak_mb") else "")
+                        + f"  (load {r['load_seconds']:.1f} s, warm-up {r['warmup_seconds']:.1f} s, process "
+                        f"{r['process_seconds']:.0f} s, load avg {la[0]} -> {la[1]}"
+                        + (f", repeat {rep + 1}/{repeats})" if repeats > 1 else ")"),
+                        flush=True,
                     )
                     seconds = [*results.get(v, {}).get("all_seconds", []), r["seconds"]]
                     if v not in results or r["seconds"] < results[v]["seconds"]:
                         results[v] = r
                     results[v]["all_seconds"] = seconds
-            rows = summarize(shape, results)
-            a, b, c = rows
-            ck = check_outputs(results, n, gpu=device.startswith("cuda"))
+            rows = summarize(shape, results, ceilings)
+            ck = check_outputs(results, n, gpu=gpu)
             ok = ok and ck["ok"]
             shape.update(
                 rows=rows,
-                ratios={
-                    "b_over_a": b["tokens_per_s"] / a["tokens_per_s"],
-                    "c_over_b": c["tokens_per_s"] / b["tokens_per_s"],
-                    "rss_c_over_b": c["peak_rss_mb"] / b["peak_rss_mb"],
-                },
+                ratios=ratios(rows),
                 check=ck,
                 truncated_cells=results["cellstrata"]["truncated_cells"],
                 model_source="init_checkpoint + load" if preset == "tiny" else "built in memory",
@@ -1262,18 +1721,27 @@ def main(argv: list[str] | None = None) -> int:
                 repeats=repeats,
             )
             ulps = ", ".join(f"{nm} {ck[nm]['max_float16_ulps']:.2f}" for nm in ck["poolings_compared"])
+            d_ok = all(v["close"] for k, v in ck.items() if k.startswith("official_") and isinstance(v, dict))
             print(
                 f"{tag} check: forward ran cellstrata's tokens and batches: "
-                f"{ck['forward_same_tokens_and_batches_as_cellstrata']}; cellstrata vs peers at "
-                f"{len(ck['cells_compared'])} cells x {ck['mean']['layers']} layers, max float16 ULP: {ulps}, "
-                f"min cosine {min(ck[nm]['min_cosine'] for nm in ck['poolings_compared']):.6f}; "
-                f"-> {'OK' if ck['ok'] else 'MISMATCH'}; {shape['truncated_cells']:,} of {n:,} cells cut to the context"
+                f"{ck['forward_same_tokens_and_batches_as_cellstrata']}; same model FLOPs: {ck['same_model_flops']}; "
+                f"cellstrata vs peers at {len(ck['cells_compared'])} cells x {ck['mean']['layers']} layers, "
+                f"max float16 ULP: {ulps}, min cosine {min(ck[nm]['min_cosine'] for nm in ck['poolings_compared']):.6f}"
+                + (("; vs (d) " + ("ok" if d_ok else "DIFFERS")) if "official" in results else "")
+                + f" -> {'OK' if ck['ok'] else 'MISMATCH'}; "
+                f"{shape['truncated_cells']:,} of {n:,} cells cut to the context"
             )
             bt = results["cellstrata"]["breakdown"]
+            q = shape["ratios"]
+            b_row = next(r for r in rows if r["key"] == "cellstrata")
             print(
                 f"{tag} cellstrata telemetry: setup {bt['setup_s']:.1f} s, pipeline {bt['pipeline_s']:.1f} s "
                 f"(forward+pool {bt['forward_and_pool_s']:.1f} s, input wait {bt['input_wait_s']:.1f} s, "
-                f"writer wait {bt['writer_wait_s']:.1f} s)\n"
+                f"writer wait {bt['writer_wait_s']:.1f} s); max_tokens {results['cellstrata']['max_tokens']:,}, "
+                f"attention {results['cellstrata']['attention']}; b/a {q['b_over_a']:.2f}, b/c {q['b_over_c']:.2f} "
+                f"(peer batch {results['peers']['batch_size']})"
+                + (f", b/d {q['b_over_d']:.2f}" if q["b_over_d"] is not None else "")
+                + f"; model {_rate_text(b_row, gpu)}\n"
             )
             shapes.append(shape)
     finally:
@@ -1283,13 +1751,18 @@ def main(argv: list[str] | None = None) -> int:
     total_s = time.perf_counter() - t_start
     table = summary_table(shapes)
     skipped = skipped_text(shapes)
+    goal = targets(shapes, device)
     print(table)
+    if official_table(shapes):
+        print(official_table(shapes))
+    print(targets_table(goal))
     if skipped:
         print("Skipped:\n" + skipped)
     print(f"total {total_s / 60:.1f} min")
     if not args.no_save:
         stamp = dt.datetime.now(dt.timezone.utc)
-        name = f"throughput-{_device_slug(device)}-{stamp.strftime('%Y-%m-%d')}"
+        slug = _device_slug(device)
+        name = f"throughput-{slug}-{stamp.strftime('%Y-%m-%d')}"
         out_dir = Path(args.results)
         out_dir.mkdir(parents=True, exist_ok=True)
         command = " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
@@ -1300,16 +1773,20 @@ def main(argv: list[str] | None = None) -> int:
             "total_seconds": total_s,
             "note": "random weights: throughput only (speed does not depend on the weights); model loading not timed",
             "machine": info,
+            "ceilings": ceilings,
             "settings": {
                 "quick": args.quick,
                 "device": device,
                 "max_tokens": args.max_tokens,
-                "peer_batch": args.peer_batch,
-                "warmup_cells": warmup,
-                "warmup_genes_per_cell": WARMUP_GENES_PER_CELL,
+                "peer_batch": args.peer_batch or "sweep",
+                "peer_sweep": {"candidates": PEER_SWEEP[kind_dev], "cells": PEER_SWEEP_CELLS[kind_dev]},
+                "official_cells": args.official_cells or OFFICIAL_CELLS[kind_dev],
+                "warmup": "first cells of the same input" if gpu else "short cells of a separate file",
+                "warmup_cells": args.warmup_cells if args.warmup_cells is not None else (None if gpu else warmup),
+                "warmup_genes_per_cell": None if gpu else WARMUP_GENES_PER_CELL,
                 "threads": args.threads,
                 "seed": args.seed,
-                "repeats": args.repeats or ("1" if args.quick else REPEATS),
+                "repeats": args.repeats or ("1" if args.quick or gpu else REPEATS),
                 "mem_fraction": args.mem_fraction,
                 "data": DATA,
                 "gene_column": GENE_COLUMN,
@@ -1318,27 +1795,63 @@ def main(argv: list[str] | None = None) -> int:
                 "peers_poolings": "mean + the family's first single-token pooling (cls / s_token), float32",
             },
             "builder_checks": builder_checks,
+            "targets": goal,
             "shapes": shapes,
         }
         (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
         loads = [x for sh in shapes for r in sh.get("rows", []) for x in (r["loadavg_1min"] or []) if x is not None]
         load_text = f"; 1-min load average {min(loads):.2f}-{max(loads):.2f} during the runs" if loads else ""
-        if args.repeats or args.quick:
+        if args.repeats or args.quick or gpu:
             rep_text = f"fastest of {args.repeats or 1} round-robin run(s)"
         else:
             rep_text = f"fastest of {REPEATS['tiny']} round-robin runs (tiny), {REPEATS['released']} (released sizes)"
+        warm_text = (
+            "an untimed warm-up run of the same variant on the first cells of the same input"
+            if gpu
+            else "a warm-up on short cells"
+        )
         header = (
             f"# Throughput ({stamp.strftime('%Y-%m-%d')}, {info['device_name']}, {info['cpu_count']} CPUs, "
             f"{info['memory_gb']} GiB, torch {info['torch_version']}, "
             f"{info['torch_threads'] if not args.threads else args.threads} threads)"
             f"\n\n`{command}` ({total_s / 60:.1f} min)\n\nRandom weights: throughput only. Model loading is not "
-            f"timed. Each variant in its own process after a warm-up on short cells; {rep_text}{load_text}.\n\n"
+            f"timed. Each variant in its own process after {warm_text}; the peers' batch size is the fastest of a "
+            f"sweep on the first cells unless forced; {rep_text}{load_text}. b/a, b/c, b/d: tokens/s ratios. "
+            f"Model FLOP/s: forward FLOPs of the real tokens over the variant's wall time"
+            + (" (MFU: of the card's dense bf16 peak)" if gpu else "")
+            + ".\n\n"
         )
         body = table + ("\nSkipped:\n\n" + skipped if skipped else "")
+        body += "\nTargets:\n\n" + targets_table(goal)
+        if official_table(shapes):
+            body += "\nscFoundation, (d) the official get_embedding.py way (one cell per forward pass):\n\n"
+            body += official_table(shapes)
+        if sweep_table(shapes):
+            body += "\nThe peers' batch-size sweep:\n\n" + sweep_table(shapes)
+        body += "\nModel FLOPs:\n\n" + flops_table(shapes, ceilings)
         body += "\nInputs and output check:\n\n" + inputs_table(shapes)
         body += "\nPer variant:\n\n" + detail_table(shapes)
         (out_dir / f"{name}.md").write_text(header + body)
         print(f"saved {out_dir / name}.json and .md")
+        if ceilings is not None:
+            import roofline
+
+            rname = f"roofline-{slug}-{stamp.strftime('%Y-%m-%d')}"
+            rpay = {
+                "benchmark": "roofline",
+                "created": stamp.isoformat(timespec="seconds"),
+                "command": command,
+                "device": device,
+                "machine": info,
+                "ceilings": ceilings,
+                "shapes": roofline.shape_table({f: [p for ff, p, _ in selection if ff == f] for f in families}),
+                "throughput": str(out_dir / f"{name}.json"),
+                "configurations": roofline.against_throughput(out_dir / f"{name}.json", ceilings),
+                "total_seconds": ceilings["seconds"],
+            }
+            (out_dir / f"{rname}.json").write_text(json.dumps(rpay, indent=2, default=float) + "\n")
+            (out_dir / f"{rname}.md").write_text(roofline.markdown(rpay))
+            print(f"saved {out_dir / rname}.json and .md")
     return 0 if ok else 1
 
 
