@@ -1452,7 +1452,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"cells of the untimed warm-up run per variant (CPU: short cells of a separate file, default "
         f"{WARMUP_CELLS}, --quick {QUICK_WARMUP_CELLS}; CUDA: the first cells of the same input, default "
-        f"{CUDA_WARMUP_SHARE:.0%} of the shape's cells, at least {CUDA_WARMUP_MIN})",
+        f"{100 * CUDA_WARMUP_SHARE:.0f}%% of the shape's cells, at least {CUDA_WARMUP_MIN})",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every variant (default: torch's)")
     ap.add_argument(

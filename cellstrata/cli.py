@@ -1,4 +1,4 @@
-"""The ``cellstrata`` command: extract, info, probe, init-checkpoint, demo.
+"""The ``cellstrata`` command: extract, info, probe, init-checkpoint, demo, bench.
 
 User mistakes end with one line on stderr and a non-zero exit, never a traceback; an interrupted
 extraction keeps every committed chunk and says how to resume.
@@ -306,6 +306,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_SCRIPTS = {"throughput": "throughput.py", "roofline": "roofline.py"}
+
+
+def benchmarks_dir() -> Path:
+    """The source checkout's ``benchmarks/`` folder (next to the ``cellstrata`` package of an editable install)."""
+    import cellstrata
+
+    return Path(cellstrata.__file__).resolve().parents[1] / "benchmarks"
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        add_help=False,  # --help goes to the benchmark script, with every option it takes
+        help="run the benchmark suite (benchmarks/throughput.py; 'bench roofline' runs benchmarks/roofline.py)",
+        description="Run benchmarks/throughput.py with ARGS (e.g. --quick, --device cuda), or benchmarks/roofline.py "
+        "with 'bench roofline ARGS'. Needs a source checkout (editable install): the scripts are not packaged.",
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    rest = list(args.args)
+    name = rest.pop(0) if rest and rest[0] in BENCH_SCRIPTS else "throughput"
+    folder = benchmarks_dir()
+    script = folder / BENCH_SCRIPTS[name]
+    if not script.is_file():
+        print(
+            f"cellstrata: error: the benchmarks are not installed ({script} does not exist); run "
+            "'cellstrata bench' from a source checkout (git clone, then pip install -e .)",
+            file=sys.stderr,
+        )
+        return 2
+    if rest and rest[0] in ("-h", "--help"):
+        print(f"cellstrata bench [roofline] ARGS: runs {script} with ARGS; its options:\n", flush=True)
+    return subprocess.call([sys.executable, str(script), *rest])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellstrata",
@@ -318,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_probe(sub)
     _add_init(sub)
     _add_demo(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -343,7 +385,14 @@ def _setup_logging(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cellstrata`` command; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "bench" in argv and all(a.startswith("-") for a in argv[: argv.index("bench")]):
+        # everything after 'bench' belongs to the benchmark script (argparse would take its --options)
+        i = argv.index("bench")
+        args = build_parser().parse_args([*argv[:i], "bench"])
+        args.args = argv[i + 1 :]
+    else:
+        args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return int(args.func(args))
