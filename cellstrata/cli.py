@@ -47,7 +47,20 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="store dtype")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--max-tokens", type=int, default=None, help="padded tokens per batch (B x S budget)")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="token budget of a batch (padded: B x S; packed: real tokens); default: measured from the free "
+        "device memory on CUDA, 16384 on CPU",
+    )
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "packed", "padded"],
+        help="batch layout: packed cells with varlen attention (no compute on padding; default on CUDA) "
+        "or padded (default on CPU)",
+    )
     p.add_argument("--chunk-cells", type=int, default=None, help="cells per store chunk (default: ~4 MB chunks)")
     p.add_argument("--layer", default=None, help="read layers[NAME] instead of X ('raw' for raw.X)")
     p.add_argument("--gene-column", default=None, help="var column holding gene identifiers (default: var_names)")
@@ -96,6 +109,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=args.device,
         max_tokens=args.max_tokens,
+        attention=args.attention,
         chunk_cells=args.chunk_cells,
         layer=args.layer,
         gene_column=args.gene_column,

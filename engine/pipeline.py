@@ -24,11 +24,13 @@ import torch
 
 from .. import kernels
 from .batching import iter_batches
+from .budget import auto_max_tokens
 from .errors import ConfigError, EmptyCellError
 from .interrupts import StopRequest, graceful_stop
 from .lease import Lease
 from .location import StoreLocation
 from .models import get_family
+from .models.attention import ATTENTION_CHOICES, resolve_attention
 from .models.base import GeneMapping, LoadedModel, TokenizedBlock
 from .sources import CellSource, check_values, open_source
 from .store import (
@@ -50,7 +52,6 @@ EMPTY_POLICIES = ("nan", "error")
 MIN_WINDOW_CELLS = 1024
 PREFLIGHT_CELLS = 256
 INPUT_AHEAD = 2  # windows read and tokenized ahead of the device, on as many threads
-DEFAULT_MAX_TOKENS = {"cpu": 16384, "cuda": 65536}
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Telemetry:
     writer_wait_seconds: float = 0.0
     overflow: np.ndarray | None = None
     pooling_names: tuple[str, ...] = field(default_factory=tuple)
+    attention: str = ""
+    max_tokens: int = 0
+    peak_device_bytes: int = 0
 
     COUNTERS = (
         "cells",
@@ -112,7 +116,11 @@ class Telemetry:
             "cells_per_s": round(self.cells / s, 2),
             "tokens_per_s": round(self.tokens / s, 1),
             "padding_fraction": round(1 - self.tokens / max(self.padded_tokens, 1), 4),
+            "attention": self.attention,
+            "max_tokens": self.max_tokens,
         }
+        if self.peak_device_bytes:
+            d["peak_device_mib"] = round(self.peak_device_bytes / 2**20, 1)
         ovf = self.overflow
         d["float16_overflows"] = int(ovf.sum()) if ovf is not None else 0
         if ovf is not None and ovf.any():
@@ -185,6 +193,7 @@ class Extraction:
         progress: bool,
         client: Any = None,
         break_lock: bool = False,
+        attention: str = "auto",
     ):
         if empty_cells not in EMPTY_POLICIES:
             msg = f"empty_cells must be one of {', '.join(EMPTY_POLICIES)}, got {empty_cells!r}"
@@ -198,7 +207,6 @@ class Extraction:
         self.poolings = _resolve_poolings(loaded, poolings)
         self.dtype = dtype
         self.device = device
-        self.max_tokens = int(max_tokens or DEFAULT_MAX_TOKENS[device.type])
         self.n_cells = n_cells
         self.empty_cells = empty_cells
         self.require_counts = require_counts
@@ -238,6 +246,16 @@ class Extraction:
             *self.custom_poolings,
         )
         self.precision = "float32" if device.type == "cpu" else "bfloat16"
+        try:
+            self.attention, self.varlen = resolve_attention(
+                attention, device, getattr(torch, self.precision), _head_dim(loaded.model)
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if max_tokens is not None and max_tokens < 1:
+            msg = f"max_tokens must be >= 1, got {max_tokens}"
+            raise ConfigError(msg)
+        self.max_tokens = int(max_tokens or self._auto_max_tokens())
         self.pool_backend = kernels.resolve_backend(device)
         self.buffers = PooledBuffers(loaded.n_layers + 1, offset, kernels.OUT_DTYPES[dtype], device)
         self.store_spec = self._store_spec(compression)
@@ -245,6 +263,20 @@ class Extraction:
         self.telemetry = self.fresh_telemetry()
 
     # ------------------------------------------------------------------ configuration
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The forward pass's precision: bfloat16 autocast on CUDA, float32 on CPU.
+
+        Autocast's cache of cast weights is off: it would keep a bfloat16 copy of every layer's weights
+        until the forward pass ends, so device memory would grow with the number of layers; casting each
+        weight when it is used costs a few milliseconds per batch even at 1B parameters.
+        """
+        bf16 = self.device.type == "cuda" and self.precision == "bfloat16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
+
+    def _auto_max_tokens(self) -> int:
+        packed = self.attention == "packed"
+        return auto_max_tokens(self.loaded, self.device, packed=packed, varlen=self.varlen, autocast=self.autocast)
+
     def _store_spec(self, compression: str) -> StoreSpec:
         ld = self.loaded
         fp = self.source.fingerprint()
@@ -331,7 +363,7 @@ class Extraction:
         where = np.flatnonzero(keep)
         overflow = torch.zeros((n_layers + 1, n_pool), dtype=torch.int64, device=self.device)
         tok = ld.tokenizer
-        bf16 = self.device.type == "cuda" and self.precision == "bfloat16"
+        packed = self.attention == "packed"
         in_flight: tuple[Transfer, np.ndarray] | None = None
         customs = [(ld.custom_poolings[name], *self.columns[name]) for name in self.custom_poolings]
 
@@ -340,33 +372,49 @@ class Extraction:
             for name, (lo, hi) in self.columns.items():
                 result[name][:, rows, :] = host_np[:, :, lo:hi]
 
-        for batch in iter_batches(sub, self.max_tokens, tok.pad_id, tok.pad_value):
+        batches = iter_batches(sub, self.max_tokens, tok.pad_id, tok.pad_value, packed=packed, varlen=self.varlen)
+        for batch in batches:
             self.stop.check()
-            b, s = batch.genes.shape
+            b = len(batch.positions)
             t0 = time.perf_counter()
             dev = batch.to(self.device)
             buf = self.buffers.device_view(b)
             # the kernel's poolings as one [L+1, P, B, H] strided view of the buffer's first P*H columns
             kernel_out = buf[:, :, : n_kernel * hidden].unflatten(-1, (n_kernel, hidden)).transpose(1, 2)
-            lengths = dev.lengths
+            lengths, starts = dev.lengths, dev.starts  # starts: None when padded (cell b is row b)
+            max_len = batch.max_len
 
-            def tap(layer: int, hidden_state: torch.Tensor, buf=buf, kernel_out=kernel_out, lengths=lengths) -> None:
+            def tap(
+                layer: int,
+                hidden_state: torch.Tensor,
+                buf=buf,
+                kernel_out=kernel_out,
+                lengths=lengths,
+                starts=starts,
+                max_len=max_len,
+            ) -> None:
+                if starts is not None:
+                    hidden_state = hidden_state[0]  # packed [1, T, H] -> [T, H]
                 if self.spec is not None:
                     kernels.pool_cast(
                         hidden_state,
-                        None,
+                        starts,
                         lengths,
                         self.spec,
                         out_dtype,
                         out=kernel_out[layer],
                         overflow=overflow[layer, :n_kernel],
                         backend=self.pool_backend,
+                        max_len=max_len,
                     )
                 for j, (custom, lo, hi) in enumerate(customs):
                     ovf = overflow[layer, n_kernel + j] if out_dtype == torch.float16 else None
-                    custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend)
+                    if starts is None:
+                        custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend)
+                    else:
+                        custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend, starts=starts)
 
-            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.inference_mode(), self.autocast():
                 ld.model.forward(dev, tap)
             transfer = self.buffers.to_host(buf)
             if in_flight is not None:  # the previous batch lands while the device runs this one
@@ -379,7 +427,7 @@ class Extraction:
             self.telemetry.forward_seconds += time.perf_counter() - t0
             self.telemetry.batches += 1
             self.telemetry.tokens += int(batch.lengths.sum())
-            self.telemetry.padded_tokens += b * s
+            self.telemetry.padded_tokens += batch.n_slots
         if in_flight is not None:
             land(*in_flight)
         assert self.telemetry.overflow is not None
@@ -481,6 +529,8 @@ class Extraction:
         return Telemetry(
             overflow=np.zeros((self.loaded.n_layers + 1, len(self.overflow_names)), dtype=np.int64),
             pooling_names=self.overflow_names,
+            attention=self.attention if self.attention == "padded" else f"packed ({self.varlen})",
+            max_tokens=self.max_tokens,
         )
 
 
@@ -523,6 +573,16 @@ def record_run(group: Any, telemetry: Telemetry, *, resumed: bool, **extra: Any)
         log.warning(
             "%d cells had no expressed vocabulary gene; they are stored as NaN with n_tokens 0", tele["empty_cells"]
         )
+
+
+def _head_dim(model: torch.nn.Module) -> int:
+    """Attention head size of a family's model (every family's attention module has ``n_heads``)."""
+    for module in model.modules():
+        heads = getattr(module, "n_heads", None)
+        if isinstance(heads, int) and heads > 0:
+            return int(model.hidden_size) // heads
+    msg = f"{type(model).__name__} has no attention module with n_heads"
+    raise TypeError(msg)
 
 
 def _select(tokens: TokenizedBlock, idx: np.ndarray) -> TokenizedBlock:
@@ -572,11 +632,15 @@ class ExtractSettings:
     empty_cells: str = "nan"
     allow_noncounts: bool = False
     compression: str = "zstd"
+    attention: str = "auto"
 
     def check(self) -> None:
         """Refuse settings that cannot work, before anything is loaded."""
         if self.limit is not None and self.limit < 1:
             msg = f"--limit must be >= 1, got {self.limit}"
+            raise ConfigError(msg)
+        if self.attention not in ATTENTION_CHOICES:
+            msg = f"unknown attention layout {self.attention!r}; choose from {', '.join(ATTENTION_CHOICES)}"
             raise ConfigError(msg)
         get_family(self.model)
 
@@ -613,6 +677,7 @@ class ExtractSettings:
                 progress=progress,
                 client=client,
                 break_lock=break_lock,
+                attention=self.attention,
             )
         except BaseException:
             source.close()
@@ -644,6 +709,7 @@ def extract(
     client: Any = None,
     cluster: Any = None,
     break_lock: bool = False,
+    attention: str = "auto",
 ) -> Store:
     """Extract every layer of ``model`` for every cell of ``data`` into the store ``out``.
 
@@ -658,7 +724,11 @@ def extract(
     ``cluster`` runs the chunks as Dask distributed tasks: ``"local:N"`` starts N local worker
     processes (one per GPU with dask-cuda), an address such as ``"tcp://host:8786"`` connects to a
     running scheduler, and a ``distributed.Client`` is used as is. ``client`` (without ``cluster``) is
-    the Dask client that runs the writes of a single-process run. Returns the :class:`~.store.Store`.
+    the Dask client that runs the writes of a single-process run.
+
+    ``attention`` is ``auto`` (packed varlen batches on CUDA, padded on CPU), ``packed`` or ``padded``;
+    ``max_tokens`` is the token budget of a batch (default: measured from the free device memory on
+    CUDA, 16384 on CPU). Returns the :class:`~.store.Store`.
     """
     if checkpoint is None:
         get_family(model)
@@ -686,6 +756,7 @@ def extract(
         empty_cells=empty_cells,
         allow_noncounts=allow_noncounts,
         compression=compression,
+        attention=attention,
     )
     settings.check()
     if cluster is not None:

@@ -6,9 +6,10 @@ only talks to these types, never to a family's internals:
 - :class:`GeneMapping` maps the input's gene columns to vocabulary ids (``-1`` = not in vocabulary);
 - a tokenizer turns a :class:`~cellstrata.engine.sources.CellBlock` into a :class:`TokenizedBlock`
   (one variable-length token sequence per cell, special tokens included);
-- :class:`TokenBatch` is a right-padded batch of such sequences;
+- :class:`TokenBatch` is a batch of such sequences, right-padded ``[B, S]`` or packed ``[1, T]``;
 - the model's ``forward(batch, tap)`` calls ``tap(layer, hidden)`` for layer = 0..L with
-  ``hidden`` of shape ``[B, S, H]`` and frees each activation after the tap returns.
+  ``hidden`` of shape ``[B, S, H]`` (padded) or ``[1, T, H]`` (packed) and frees each activation after
+  the tap returns; its attention follows ``batch.attention_layout()`` (:mod:`.attention`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import scipy.sparse as sp
 import torch
+
+from .attention import AttentionLayout, make_layout
 
 if TYPE_CHECKING:
     from ..sources import CellBlock
@@ -96,22 +99,73 @@ class TokenizedBlock:
 
 @dataclass
 class TokenBatch:
-    """A right-padded batch: ``genes``/``values`` ``[B, S]``, ``lengths`` ``[B]`` real tokens per row.
+    """A batch of token sequences, right-padded ``[B, S]`` or packed back to back in one ``[1, T]`` row.
 
-    ``positions`` holds the index of each row inside the window it came from (so pooled rows can be
-    put back in cell order).
+    ``genes``/``values`` hold the tokens, ``lengths`` ``[B]`` the real tokens per cell, ``positions`` the
+    index of each cell inside the window it came from (so pooled rows can be put back in cell order).
+    ``host_lengths`` repeats ``lengths`` on the host (filled by :func:`~cellstrata.engine.batching.collate`,
+    so building the attention layout never waits for the device). ``packed`` batches carry the name of
+    their varlen attention kernel in ``varlen`` (see :mod:`.attention`).
     """
 
     genes: torch.Tensor
     values: torch.Tensor
     lengths: torch.Tensor
     positions: np.ndarray
+    host_lengths: tuple[int, ...] = ()
+    packed: bool = False
+    varlen: str = "reference"
+    _layout: AttentionLayout | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def padding_mask(self) -> torch.Tensor:
-        """``[B, S]`` bool, True at padded positions (torch's key-padding convention)."""
+        """``[B, S]`` bool, True at padded positions (torch's key-padding convention); padded batches only."""
+        if self.packed:
+            msg = "a packed batch has no padding"
+            raise ValueError(msg)
         s = self.genes.shape[1]
         return torch.arange(s, device=self.lengths.device)[None, :] >= self.lengths[:, None]
+
+    @property
+    def n_slots(self) -> int:
+        """Token positions the model computes: ``B x S`` padded, ``T`` packed."""
+        return int(self.genes.numel())
+
+    @property
+    def max_len(self) -> int:
+        """The longest cell (``S`` when the host lengths are unknown)."""
+        return max(self.host_lengths) if self.host_lengths else int(self.genes.shape[1])
+
+    def attention_layout(self) -> AttentionLayout:
+        """The layout attention needs (built once per batch, on the batch's device)."""
+        if self._layout is None:
+            if self.packed:
+                self._layout = make_layout(self.lengths, self.host_lengths, self.varlen)
+            elif self.host_lengths and min(self.host_lengths) == self.genes.shape[1]:
+                self._layout = AttentionLayout()  # no row is padded: no mask
+            else:
+                pad = self.padding_mask
+                self._layout = AttentionLayout(mask=None if not bool(pad.any()) else (~pad)[:, None, None, :])
+        return self._layout
+
+    @property
+    def starts(self) -> torch.Tensor | None:
+        """First token of each cell in the packed row (None when padded: cell ``b`` is row ``b``)."""
+        if not self.packed:
+            return None
+        cu = self.attention_layout().cu_seqlens
+        assert cu is not None
+        return cu[:-1]
+
+    def position_ids(self) -> torch.Tensor:
+        """``[1, T]`` (packed) or ``[1, S]`` (padded) index of each token inside its own cell."""
+        n = self.genes.shape[1]
+        idx = torch.arange(n, device=self.genes.device)
+        if not self.packed:
+            return idx[None, :]
+        starts = self.starts
+        assert starts is not None
+        return (idx - starts.repeat_interleave(self.lengths, output_size=n))[None, :]
 
     def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(
@@ -119,6 +173,9 @@ class TokenBatch:
             self.values.to(device, non_blocking=True),
             self.lengths.to(device, non_blocking=True),
             self.positions,
+            self.host_lengths,
+            self.packed,
+            self.varlen,
         )
 
 
@@ -186,10 +243,11 @@ class CellModel(Protocol):
 class CustomPooling(Protocol):
     """A pooling the fused kernel cannot express alone, e.g. a model's final norm applied before pooling.
 
-    Called once per layer with that layer's ``hidden [B, S, H]`` and ``lengths [B]``; writes
-    ``out [B, width]`` (the store dtype, any strides) and adds the number of values that became inf
-    in float16 to ``overflow`` (a 0-d int64 tensor) when it is given. ``backend`` is passed on to
-    :func:`~cellstrata.kernels.pool_cast` when the pooling uses it.
+    Called once per layer with that layer's ``hidden`` and ``lengths [B]``: padded ``hidden [B, S, H]``
+    with ``starts=None``, or packed ``hidden [T, H]`` with ``starts [B]`` (each cell's first token, the
+    layout of :func:`~cellstrata.kernels.pool_cast`). Writes ``out [B, width]`` (the store dtype, any
+    strides) and adds the number of values that became inf in float16 to ``overflow`` (a 0-d int64
+    tensor) when it is given. ``backend`` is passed on to :func:`~cellstrata.kernels.pool_cast`.
     """
 
     width: int
@@ -201,6 +259,8 @@ class CustomPooling(Protocol):
         out: torch.Tensor,
         overflow: torch.Tensor | None,
         backend: str | None,
+        *,
+        starts: torch.Tensor | None = None,
     ) -> None: ...
 
 

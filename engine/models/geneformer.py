@@ -33,6 +33,7 @@ from torch import nn
 
 from ..datasets import gene_ensembl_ids
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
+from .attention import AttentionLayout, attend
 from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
 from .checkpoints import (
     check_state_dict,
@@ -676,10 +677,16 @@ class _Embeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """``LayerNorm(word[ids] + token_type[0] + position[0..S-1])`` (BertEmbeddings' order of sums)."""
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``LayerNorm(word[ids] + token_type[0] + position[pos])`` (BertEmbeddings' order of sums).
+
+        ``pos`` is ``0..S-1`` for every row, or ``position_ids`` (each token's index in its own cell, packed).
+        """
         h = self.word_embeddings(ids) + self.token_type_embeddings.weight[0]
-        h = h + self.position_embeddings.weight[: ids.shape[1]]
+        if position_ids is None:
+            h = h + self.position_embeddings.weight[: ids.shape[1]]
+        else:
+            h = h + self.position_embeddings(position_ids)
         return self.LayerNorm(h)
 
 
@@ -691,14 +698,11 @@ class _SelfAttention(nn.Module):
         self.key = nn.Linear(c.hidden_size, c.hidden_size)
         self.value = nn.Linear(c.hidden_size, c.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         b, s, d = x.shape
         shape = (b, s, self.n_heads, d // self.n_heads)
-        q = self.query(x).view(shape).transpose(1, 2)
-        k = self.key(x).view(shape).transpose(1, 2)
-        v = self.value(x).view(shape).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # scale 1/sqrt(head_dim)
-        return out.transpose(1, 2).reshape(b, s, d)
+        q, k, v = self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)
+        return attend(q, k, v, layout).reshape(b, s, d)  # scale 1/sqrt(head_dim)
 
 
 class _DenseNorm(nn.Module):
@@ -719,8 +723,8 @@ class _Attention(nn.Module):
         self.self = _SelfAttention(c)
         self.output = _DenseNorm(c.hidden_size, c.hidden_size, c.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.self(x, mask), x)
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        return self.output(self.self(x, layout), x)
 
 
 class _Intermediate(nn.Module):
@@ -742,8 +746,8 @@ class _Layer(nn.Module):
         self.intermediate = _Intermediate(c)
         self.output = _DenseNorm(c.intermediate_size, c.hidden_size, c.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.attention(x, mask)
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        x = self.attention(x, layout)
         return self.output(self.intermediate(x), x)
 
 
@@ -765,19 +769,16 @@ class GeneformerModel(nn.Module):
         self.encoder = _Encoder(config)
 
     def forward(self, batch: TokenBatch, tap: Tap) -> None:
-        if batch.genes.shape[1] > self.config.max_position_embeddings:
+        if batch.max_len > self.config.max_position_embeddings:
             msg = (
-                f"a batch of {batch.genes.shape[1]} tokens exceeds Geneformer's "
-                f"{self.config.max_position_embeddings} positions"
+                f"a cell of {batch.max_len} tokens exceeds Geneformer's {self.config.max_position_embeddings} positions"
             )
             raise ValueError(msg)
-        pad = batch.padding_mask
-        mask = None if not bool(pad.any()) else (~pad)[:, None, None, :]  # True = attend
-        del pad
-        h = self.embeddings(batch.genes)
+        layout = batch.attention_layout()
+        h = self.embeddings(batch.genes, batch.position_ids() if batch.packed else None)
         tap(0, h)
         for i, layer in enumerate(self.encoder.layer, start=1):
-            h = layer(h, mask)
+            h = layer(h, layout)
             tap(i, h)
         del h
 

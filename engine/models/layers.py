@@ -8,11 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import AttentionLayout, attend
+
 
 class PackedSelfAttention(nn.Module):
     """Multi-head self-attention with ``nn.MultiheadAttention``'s packed ``in_proj`` layout, computed by SDPA.
 
-    ``attn_mask`` is a boolean ``[B, 1, 1, S]`` (True = attend) or None.
+    ``layout`` says how the batch is laid out (padded with a key mask, or packed); see :mod:`.attention`.
     """
 
     def __init__(self, d: int, n_heads: int) -> None:
@@ -23,12 +25,11 @@ class PackedSelfAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         b, s, d = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        q, k, v = qkv.view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.out_proj(out.transpose(1, 2).reshape(b, s, d))
+        q, k, v = qkv.view(b, s, 3, self.n_heads, d // self.n_heads).unbind(2)
+        return self.out_proj(attend(q, k, v, layout).reshape(b, s, d))
 
 
 class TorchEncoderLayer(nn.Module):
@@ -47,13 +48,13 @@ class TorchEncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=eps)
         self.pre_norm = pre_norm
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         if self.pre_norm:
             x = self.norm1(x)
-            x = x + self.self_attn(x, attn_mask)
+            x = x + self.self_attn(x, layout)
             x = self.norm2(x)
             return x + self.linear2(F.relu(self.linear1(x)))
-        x = self.norm1(x + self.self_attn(x, attn_mask))
+        x = self.norm1(x + self.self_attn(x, layout))
         return self.norm2(x + self.linear2(F.relu(self.linear1(x))))
 
 

@@ -646,13 +646,11 @@ class ScFoundationModel(nn.Module):
         return self.token_emb(batch.values.to(torch.float32)) + self.pos_emb(batch.genes)
 
     def forward(self, batch: TokenBatch, tap: Tap) -> None:
-        pad = batch.padding_mask
-        attn_mask = None if not bool(pad.any()) else (~pad)[:, None, None, :]
-        del pad
+        layout = batch.attention_layout()
         h = self.embed(batch)
         tap(0, h)
         for i, layer in enumerate(self.encoder.transformer_encoder, start=1):
-            h = layer(h, attn_mask)
+            h = layer(h, layout)
             tap(i, h)
         del h
 
@@ -683,11 +681,13 @@ class OfficialPooling:
         out: torch.Tensor,
         overflow: torch.Tensor | None,
         backend: str | None,
+        *,
+        starts: torch.Tensor | None = None,
     ) -> None:
         normed = self.norm(hidden)
         view = out.unflatten(-1, (4, hidden.shape[-1])).transpose(0, 1)  # [4, B, H] view of [B, 4H]
         ovf = torch.zeros(4, dtype=torch.int64, device=hidden.device) if overflow is not None else None
-        kernels.pool_cast(normed, None, lengths, OFFICIAL_SPEC, out.dtype, view, ovf, backend=backend)
+        kernels.pool_cast(normed, starts, lengths, OFFICIAL_SPEC, out.dtype, view, ovf, backend=backend)
         del normed
         if overflow is not None and ovf is not None:
             overflow += ovf.sum()

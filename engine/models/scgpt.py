@@ -507,13 +507,11 @@ class ScGPTModel(nn.Module):
         )
 
     def forward(self, batch: TokenBatch, tap: Tap) -> None:
-        pad = batch.padding_mask
-        attn_mask = None if not bool(pad.any()) else (~pad)[:, None, None, :]
-        del pad
+        layout = batch.attention_layout()
         h = self.encoder(batch.genes) + self.value_encoder(batch.values.to(torch.float32))
         tap(0, h)
         for i, layer in enumerate(self.transformer_encoder.layers, start=1):
-            h = layer(h, attn_mask)
+            h = layer(h, layout)
             tap(i, h)
         del h
 

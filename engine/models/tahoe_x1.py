@@ -32,6 +32,7 @@ from torch import nn
 from ...kernels import PoolSpec, pool_cast
 from ..datasets import gene_ensembl_ids
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
+from .attention import AttentionLayout, attend
 from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
 from .checkpoints import (
     check_state_dict,
@@ -643,12 +644,11 @@ class _Attention(nn.Module):
         self.Wqkv = nn.Linear(d, 3 * d)
         self.out_proj = nn.Linear(d, d)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
         b, s, d = x.shape
         h = self.n_heads
-        q, k, v = (t.view(b, s, h, d // h).transpose(1, 2) for t in self.Wqkv(x).split(d, dim=-1))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # scale 1/sqrt(d/h)
-        return self.out_proj(out.transpose(1, 2).reshape(b, s, d))
+        q, k, v = (t.view(b, s, h, d // h) for t in self.Wqkv(x).split(d, dim=-1))
+        return self.out_proj(attend(q, k, v, layout).reshape(b, s, d))  # scale 1/sqrt(d/h)
 
 
 class _Block(nn.Module):
@@ -663,8 +663,8 @@ class _Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=eps)
         self.activation = ACTIVATIONS[activation]
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.norm1(x), attn_mask)
+    def forward(self, x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x), layout)
         return x + self.down_proj(self.activation(self.up_proj(self.norm2(x))))
 
 
@@ -710,13 +710,11 @@ class TahoeX1Model(nn.Module):
         return self.transformer_encoder.norm
 
     def forward(self, batch: TokenBatch, tap: Tap) -> None:
-        pad = batch.padding_mask
-        attn_mask = None if not bool(pad.any()) else (~pad)[:, None, None, :]
-        del pad
+        layout = batch.attention_layout()
         h = self.gene_encoder(batch.genes) + self.expression_encoder(batch.values.to(torch.float32))
         tap(0, h)
         for i, layer in enumerate(self.transformer_encoder.layers, start=1):
-            h = layer(h, attn_mask)
+            h = layer(h, layout)
             tap(i, h)
         del h
 
@@ -739,9 +737,12 @@ class OfficialPooling:
         out: torch.Tensor,
         overflow: torch.Tensor | None,
         backend: str | None,
+        *,
+        starts: torch.Tensor | None = None,
     ) -> None:
         n = self.norm
-        cls = F.layer_norm(hidden[:, 0, :].float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
+        first = hidden[:, 0, :] if starts is None else hidden[starts]
+        cls = F.layer_norm(first.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
         ones = torch.ones(cls.shape[0], dtype=lengths.dtype, device=cls.device)
         ovf = torch.zeros(1, dtype=torch.int64, device=cls.device)
         spec = PoolSpec(("first_l2",))

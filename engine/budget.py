@@ -1,0 +1,114 @@
+"""The token budget of a batch: the largest that fits in the device's free memory.
+
+On CUDA the budget is measured, not guessed: two forward passes of synthetic batches (``PROBE_TOKENS``
+and twice that, in the run's own layout and precision, with a tap that allocates what the largest
+pooling allocates) give the device bytes per token (the slope) and the fixed part (workspaces); the
+budget is what fits in ``FREE_FRACTION`` of the memory free at that moment. Activations are freed layer
+by layer (each layer's hidden state is released once its tap returns), so the budget does not depend
+on the number of layers. On CPU the budget is a fixed :data:`DEFAULT_MAX_TOKENS` (no memory limit to
+fill; larger batches only add latency). ``--max-tokens`` overrides both.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import numpy as np
+import torch
+
+from .batching import collate, collate_packed
+from .models.base import LoadedModel, TokenBatch, TokenizedBlock
+
+log = logging.getLogger("cellstrata")
+
+DEFAULT_MAX_TOKENS = {"cpu": 16384, "cuda": 65536}
+PROBE_TOKENS = 8192
+PROBE_CELL_TOKENS = 512
+FREE_FRACTION = 0.7
+MIN_TOKENS = 2048
+MAX_TOKENS = 1 << 20
+ROUND = 1024
+
+
+def probe_batch(loaded: LoadedModel, n_tokens: int, *, packed: bool, varlen: str) -> TokenBatch:
+    """Synthetic cells of ``PROBE_CELL_TOKENS`` tokens (the last one shorter, so padded batches are masked)."""
+    n_cells = max(1, n_tokens // PROBE_CELL_TOKENS)
+    lengths = [PROBE_CELL_TOKENS] * n_cells
+    lengths[-1] = max(1, PROBE_CELL_TOKENS - 7)
+    tok = loaded.tokenizer
+    block = TokenizedBlock(
+        indices=np.arange(n_cells),
+        genes=[np.full(n, 0, dtype=np.int64) for n in lengths],  # id 0 exists in every vocabulary / position table
+        values=[np.ones(n, dtype=np.float32) for n in lengths],
+        truncated=np.zeros(n_cells, dtype=bool),
+        empty=np.zeros(n_cells, dtype=bool),
+    )
+    positions = np.arange(n_cells)
+    if packed:
+        return collate_packed(block, positions, varlen)
+    return collate(block, positions, tok.pad_id, tok.pad_value)
+
+
+def _peak_bytes(
+    loaded: LoadedModel, batch: TokenBatch, device: torch.device, autocast: Callable[[], AbstractContextManager]
+) -> int:
+    """Peak device memory above the current allocation during one forward of ``batch``."""
+
+    def tap(layer: int, hidden: torch.Tensor) -> None:
+        # the largest pooling allocates about one float32 copy of the layer (a norm before pooling)
+        del layer
+        scratch = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        del scratch
+
+    dev = batch.to(device)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), autocast():
+        loaded.model.forward(dev, tap)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def fit_budget(p1: float, t1: int, p2: float, t2: int, free: float) -> tuple[int, float, float]:
+    """``(budget, bytes per token, fixed bytes)`` from peaks ``p1``/``p2`` at ``t1``/``t2`` tokens and ``free`` bytes.
+
+    The budget fills ``FREE_FRACTION`` of ``free``, rounded down to a multiple of ``ROUND`` and kept
+    within ``[MIN_TOKENS, MAX_TOKENS]``.
+    """
+    per_token = max((p2 - p1) / max(t2 - t1, 1), 1.0)
+    fixed = max(p1 - per_token * t1, 0.0)
+    budget = (FREE_FRACTION * free - fixed) / per_token
+    return int(min(max(budget // ROUND * ROUND, MIN_TOKENS), MAX_TOKENS)), per_token, fixed
+
+
+def auto_max_tokens(
+    loaded: LoadedModel,
+    device: torch.device,
+    *,
+    packed: bool,
+    varlen: str,
+    autocast: Callable[[], AbstractContextManager],
+) -> int:
+    """The token budget for ``loaded`` on ``device`` (see the module docstring)."""
+    if device.type != "cuda":
+        return DEFAULT_MAX_TOKENS["cpu"]
+    small = probe_batch(loaded, PROBE_TOKENS, packed=packed, varlen=varlen)
+    large = probe_batch(loaded, 2 * PROBE_TOKENS, packed=packed, varlen=varlen)
+    _peak_bytes(loaded, small, device, autocast)  # warm-up: kernels, workspaces, allocator
+    p1 = _peak_bytes(loaded, small, device, autocast)
+    p2 = _peak_bytes(loaded, large, device, autocast)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    chosen, per_token, fixed = fit_budget(p1, small.n_slots, p2, large.n_slots, free)
+    log.info(
+        "token budget %d: %.1f KiB of device memory per token, %.0f MiB fixed, %.1f of %.1f GiB free",
+        chosen,
+        per_token / 1024,
+        fixed / 2**20,
+        free / 2**30,
+        total / 2**30,
+    )
+    return chosen
