@@ -10,7 +10,10 @@ single cell and a many-cells batch) it times, side by side in one run, one layer
   ``x.masked_fill(~mask, -inf).amax(1)``, ``x[:, 0]``, its L2 normalisation, each cast separately),
   with ``x.float()`` first so it accumulates in float32 like cellstrata;
 - ``compiled``: ``torch.compile(eager, dynamic=True)`` (failures are reported, not fatal);
-- ``cellstrata-triton``: ``pool_cast(..., backend="triton")``, the fused kernel (CUDA only).
+- ``cellstrata-triton-1seg``: the fused kernel forced to one program per cell span (``n_seg=1``, the
+  single pass it had before the token axis was split; CUDA only);
+- ``cellstrata-triton``: ``pool_cast(..., backend="triton")``, the fused kernel with its automatic split of
+  each cell's span over ``n_seg`` programs (CUDA only; the chosen ``n_seg`` is reported per shape).
 
 Each variant's output is checked against ``cellstrata-torch`` before it is timed. Reported per shape: ms per
 layer, GB/s (hidden bytes of the real tokens read + pooled bytes written, over the time), the fraction of
@@ -56,7 +59,8 @@ from cellstrata.kernels.pool_cast import PoolSpec, pool_cast, resolve_backend
 POOLINGS = ("mean", "max", "cls", "official")
 SPEC = PoolSpec(ops=("mean", "max", "first", "first_l2"), n_leading=1, n_trailing=0)
 OUT_DTYPE = torch.float16
-VARIANTS = ("cellstrata-torch", "eager", "compiled", "cellstrata-triton")
+VARIANTS = ("cellstrata-torch", "eager", "compiled", "cellstrata-triton-1seg", "cellstrata-triton")
+TRITON_VARIANTS = ("cellstrata-triton-1seg", "cellstrata-triton")
 HIDDENS = (512, 768, 2048, 2560)
 TOKENS = (64, 256, 1024, 4096)
 QUICK_HIDDENS = (512, 2048)
@@ -72,6 +76,7 @@ COPY_BYTES = {"cpu": 256 * 2**20, "cuda": 2**30}
 RTOL, ATOL = 1e-3, 1e-4
 FORWARD_SECONDS = 90.0  # CPU: about this long per model for the timed forwards (at least 3 per tap)
 FORWARD_CELL_TOKENS = {"tiny": 150, "whole-human": 1200}  # nominal tokens per cell of the forward section
+SEGMENT_SWEEP = (1, 2, 4, 8, 16, 32, 64)  # --sweep-segments: forced n_seg values
 TILE_CONFIGS = [(bt, bh, w) for bt in (16, 32, 64) for bh in (64, 128, 256) for w in (4, 8)]
 TARGETS = {"gpu_copy_fraction": 0.70, "gpu_speedup_vs_eager": 3.0, "cpu_pool_pct_of_forward": 5.0}
 
@@ -178,10 +183,18 @@ def variant_fns(
         v = "cellstrata-triton"
         return pool_cast(x, None, lengths, SPEC, OUT_DTYPE, out=bufs[v], overflow=ovf[v], backend="triton")
 
+    def triton_1seg() -> torch.Tensor:
+        from cellstrata.kernels.pool_cast_triton import pool_cast_triton
+
+        v = "cellstrata-triton-1seg"
+        out, o = bufs[v][None], ovf[v][None]
+        return pool_cast_triton(x[None], None, lengths, SPEC, OUT_DTYPE, out=out, overflow=o, n_seg=1)[0]
+
     fns: dict[str, Callable[[], Any]] = {"cellstrata-torch": torch_path, "eager": lambda: eager_pool(x, lengths)}
     if compiled is not None:
         fns["compiled"] = lambda: compiled(x, lengths)
     if with_triton:
+        fns["cellstrata-triton-1seg"] = triton_1seg
         fns["cellstrata-triton"] = triton_path
     return fns
 
@@ -279,6 +292,17 @@ def _time_cuda(fn: Callable[[], Any], device: torch.device, repeats: int) -> dic
     return {"ms": float(med), "q20_ms": float(q20), "q80_ms": float(q80), "timer": "triton.testing.do_bench"}
 
 
+def graph_ms(fn: Callable[[], Any]) -> float | None:
+    """GPU time of ``fn`` replayed from a CUDA graph (no host launch overhead); ``None`` where capture fails."""
+    try:
+        from triton.testing import do_bench_cudagraph
+
+        res = do_bench_cudagraph(fn, rep=50, quantiles=[0.5])  # one quantile: a float (a list in some versions)
+        return float(res[0] if isinstance(res, (list, tuple)) else res)
+    except Exception:  # reported as missing, the run goes on
+        return None
+
+
 def _time_cuda_events(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[str, float]:
     for _ in range(3):
         fn()
@@ -313,6 +337,7 @@ def run_case(
     copy_gb_s: float,
     per_op: bool,
     sweep_tiles: bool,
+    sweep_segments: bool = False,
 ) -> dict[str, Any]:
     """Check every variant against ``cellstrata-torch``, then time it; optional per-op and tile sweeps."""
     fns = variant_fns(case, compiled, with_triton)
@@ -342,6 +367,10 @@ def run_case(
             t["gb_s"] = moved / (t["ms"] * 1e-3) / 1e9
             t["gb_s_padded"] = (case.bytes_padded + case.bytes_written) / (t["ms"] * 1e-3) / 1e9
             t["copy_fraction"] = t["gb_s"] / copy_gb_s
+            if name in TRITON_VARIANTS and (g := graph_ms(fns[name])) is not None:
+                t["graph_ms"] = g  # kernels only: the launches' host time is what splitting adds
+                t["graph_gb_s"] = moved / (g * 1e-3) / 1e9
+                t["graph_copy_fraction"] = t["graph_gb_s"] / copy_gb_s
         timings[name] = t
     timings = {v: timings[v] for v in VARIANTS if v in timings}
     res: dict[str, Any] = {
@@ -364,8 +393,15 @@ def run_case(
     }
     if per_op:
         res["per_op_torch_ms"] = per_op_times(case, device, repeats)
+    if with_triton:
+        from cellstrata.kernels.pool_cast_triton import auto_segments, block_sizes
+
+        bt, bh, _ = block_sizes(case.shape.hidden, case.x.element_size())
+        res["n_seg_auto"] = auto_segments(case.x[None], case.n_cells, SPEC, bt, bh)
     if sweep_tiles and with_triton:
         res["tile_sweep"] = tile_sweep(case, device, repeats, moved, copy_gb_s)
+    if sweep_segments and with_triton:
+        res["segment_sweep"] = segment_sweep(case, device, repeats, moved, copy_gb_s)
     return res
 
 
@@ -379,6 +415,7 @@ def speedups(t: dict[str, Any]) -> dict[str, float]:
         ("cellstrata-triton", "eager"),
         ("cellstrata-triton", "cellstrata-torch"),
         ("cellstrata-triton", "compiled"),
+        ("cellstrata-triton", "cellstrata-triton-1seg"),
     ]
     return {f"{a}_vs_{b}": ms[b] / ms[a] for a, b in pairs if a in ms and b in ms}
 
@@ -433,6 +470,37 @@ def tile_sweep(case: Case, device: torch.device, repeats: int, moved: int, copy_
     return {
         "default": {"block_t": default[0], "block_h": default[1], "num_warps": default[2]},
         "best": best,
+        "all": rows,
+    }
+
+
+def segment_sweep(case: Case, device: torch.device, repeats: int, moved: int, copy_gb_s: float) -> dict[str, Any]:
+    """Forced ``n_seg`` values (default tiles): ms (``do_bench``, and replayed from a CUDA graph) and the best."""
+    from cellstrata.kernels.pool_cast_triton import pool_cast_triton
+
+    x, lengths = case.x[None], case.lengths
+    out = torch.empty((1, len(SPEC.ops), case.n_cells, case.shape.hidden), dtype=OUT_DTYPE, device=x.device)
+    ovf = torch.zeros((1, len(SPEC.ops)), dtype=torch.int64, device=x.device)
+    rows = []
+    for n in SEGMENT_SWEEP:
+        if n > 1 and n * 16 > case.seq_len:
+            continue
+
+        def fn(n: int = n) -> torch.Tensor:
+            return pool_cast_triton(x, None, lengths, SPEC, OUT_DTYPE, out=out, overflow=ovf, n_seg=n)
+
+        try:
+            ms = time_fn(fn, device, repeats)["ms"]
+        except Exception as exc:
+            rows.append({"n_seg": n, "error": str(exc).splitlines()[0][:200]})
+            continue
+        gb = moved / (ms * 1e-3) / 1e9
+        rows.append({"n_seg": n, "ms": ms, "gb_s": gb, "copy_fraction": gb / copy_gb_s, "graph_ms": graph_ms(fn)})
+    ok = [r for r in rows if "ms" in r]
+    graphed = [r for r in ok if r["graph_ms"] is not None]
+    return {
+        "best": min(ok, key=lambda r: r["ms"]) if ok else None,
+        "best_graph": min(graphed, key=lambda r: r["graph_ms"]) if graphed else None,
         "all": rows,
     }
 
@@ -652,12 +720,16 @@ def _x(r: dict[str, Any], key: str) -> str:
 
 def markdown(rows: list[dict[str, Any]], gpu: bool, copy: dict[str, float]) -> str:
     """The side-by-side table, the per-op table (when measured) and a checks column."""
-    shown = [v for v in VARIANTS if gpu or v != "cellstrata-triton"]
+    shown = [v for v in VARIANTS if gpu or v not in TRITON_VARIANTS]
     head = "| shape | hidden | tokens/cell | cells | real tokens | padding | " + " | ".join(
         f"{v} ms (GB/s)" for v in shown
     )
     if gpu:
-        head += " | triton vs eager | triton vs torch | triton vs compiled | triton % of copy"
+        head += (
+            " | n_seg | triton vs eager | triton vs torch | triton vs compiled | split vs 1 seg"
+            " | 1 seg % of copy | triton % of copy | graph: 1 seg ms | graph: triton ms | graph: split vs 1 seg"
+            " | graph: 1 seg % of copy | graph: triton % of copy"
+        )
     else:
         head += " | torch vs eager | torch vs compiled | compiled vs eager | torch % of copy"
     head += " | outputs match |"
@@ -666,12 +738,20 @@ def markdown(rows: list[dict[str, Any]], gpu: bool, copy: dict[str, float]) -> s
     for r in rows:
         t = r["variants"]
         if gpu:
-            tr = t.get("cellstrata-triton", {})
+            tr, t1 = t.get("cellstrata-triton", {}), t.get("cellstrata-triton-1seg", {})
             ratio = [
+                str(r.get("n_seg_auto", "–")),
                 _x(r, "cellstrata-triton_vs_eager"),
                 _x(r, "cellstrata-triton_vs_cellstrata-torch"),
                 _x(r, "cellstrata-triton_vs_compiled"),
+                _x(r, "cellstrata-triton_vs_cellstrata-triton-1seg"),
+                f"{100 * t1['copy_fraction']:.0f}%" if "copy_fraction" in t1 else "–",
                 f"{100 * tr['copy_fraction']:.0f}%" if "copy_fraction" in tr else "–",
+                f"{t1['graph_ms']:.3g}" if "graph_ms" in t1 else "–",
+                f"{tr['graph_ms']:.3g}" if "graph_ms" in tr else "–",
+                f"{t1['graph_ms'] / tr['graph_ms']:.2f}×" if "graph_ms" in t1 and "graph_ms" in tr else "–",
+                f"{100 * t1['graph_copy_fraction']:.0f}%" if "graph_copy_fraction" in t1 else "–",
+                f"{100 * tr['graph_copy_fraction']:.0f}%" if "graph_copy_fraction" in tr else "–",
             ]
         else:
             tt = t.get("cellstrata-torch", {})
@@ -694,6 +774,12 @@ def markdown(rows: list[dict[str, Any]], gpu: bool, copy: dict[str, float]) -> s
         f"Measured copy bandwidth (`y.copy_(x)`, {copy['bytes'] / 2**20:.0f} MiB, read + write): "
         f"{copy['gb_s']:.1f} GB/s. `a vs b` = time of b / time of a."
     )
+    if gpu:
+        lines.append(
+            "\n`graph:` columns time the Triton variants replayed from a CUDA graph (`do_bench_cudagraph`): GPU time "
+            "of the kernels alone, without the host's launch overhead, which `do_bench` includes where it exceeds "
+            "the GPU time (small batches; the split launches two kernels)."
+        )
     if any("per_op_torch_ms" in r for r in rows):
         lines += [
             "",
@@ -709,6 +795,26 @@ def markdown(rows: list[dict[str, Any]], gpu: bool, copy: dict[str, float]) -> s
             if p:
                 vals = " | ".join(f"{p[k]:.3g}" for k in (*POOLINGS, "all", "all_starts_tensor"))
                 lines.append(f"| {r['label']} | {r['hidden']} | {r['tokens_nominal']} | {r['cells']:,} | {vals} |")
+    if any("segment_sweep" in r for r in rows):
+        lines += ["", "Forced n_seg (default tiles), ms per value (`do_bench` / CUDA graph) and the best:", ""]
+        lines += [
+            "| shape | hidden | tokens/cell | cells | auto n_seg | " + " | ".join(f"n_seg={n}" for n in SEGMENT_SWEEP)
+        ]
+        lines[-1] += " | best (do_bench / graph) | its % of copy (do_bench / graph) |"
+        lines += ["|---|--:|--:|--:|--:|" + "--:|" * len(SEGMENT_SWEEP) + "--:|--:|"]
+        for r in rows:
+            sw = r.get("segment_sweep")
+            if sw and sw["best"]:
+                by_n = {row["n_seg"]: row for row in sw["all"] if "ms" in row}
+                vals = " | ".join(_pair(by_n.get(n)) for n in SEGMENT_SWEEP)
+                b, bg = sw["best"], sw.get("best_graph")
+                graph = f" / {bg['n_seg']}" if bg else ""
+                graph_pct = f"{100 * bg['copy_fraction'] * bg['ms'] / bg['graph_ms']:.0f}%" if bg else "–"
+                lines.append(
+                    f"| {r['label']} | {r['hidden']} | {r['tokens_nominal']} | {r['cells']:,} | "
+                    f"{r.get('n_seg_auto', '–')} | {vals} | {b['n_seg']}{graph} | "
+                    f"{100 * b['copy_fraction']:.0f}% / {graph_pct} |"
+                )
     if any("tile_sweep" in r for r in rows):
         lines += ["", "Triton tile sweep, best (block_t, block_h, num_warps) per shape:", ""]
         lines += ["| shape | hidden | tokens/cell | default | best | best ms | best GB/s | best % of copy |"]
@@ -723,6 +829,13 @@ def markdown(rows: list[dict[str, Any]], gpu: bool, copy: dict[str, float]) -> s
                     f"{b['num_warps']} | {b['ms']:.3g} | {b['gb_s']:.0f} | {100 * b['copy_fraction']:.0f}% |"
                 )
     return "\n".join(lines) + "\n"
+
+
+def _pair(row: dict[str, Any] | None) -> str:
+    if not row:
+        return "–"
+    g = row.get("graph_ms")
+    return f"{row['ms']:.3g} / {g:.3g}" if g is not None else f"{row['ms']:.3g} / –"
 
 
 def markdown_overhead(rows: list[dict[str, Any]]) -> str:
@@ -755,6 +868,14 @@ def targets(rows: list[dict[str, Any]], overhead: list[dict[str, Any]], gpu: boo
             "of": len(frac),
             "min": min(frac, default=None),
             "median": _median(frac),
+        }
+        one = [r["variants"]["cellstrata-triton-1seg"].get("copy_fraction") for r in tr if r["hidden"] >= 512]
+        one = [f for f in one if f is not None]
+        res["gpu_copy_fraction_1seg"] = {
+            "met": sum(f >= TARGETS["gpu_copy_fraction"] for f in one),
+            "of": len(one),
+            "min": min(one, default=None),
+            "median": _median(one),
         }
         res["gpu_speedup_vs_eager"] = {
             "met": sum(s >= TARGETS["gpu_speedup_vs_eager"] for s in spd),
@@ -791,6 +912,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-forward", action="store_true", help="skip the forward-pass overhead section")
     ap.add_argument("--no-per-op", action="store_true", help="skip the per-op timings of the torch path (CPU only)")
     ap.add_argument("--sweep-tiles", action="store_true", help="CUDA: also time Triton tile overrides per shape")
+    ap.add_argument("--sweep-segments", action="store_true", help="CUDA: also time forced n_seg values per shape")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON and Markdown go")
@@ -864,6 +986,7 @@ def main(argv: list[str] | None = None) -> int:
                 copy["gb_s"],
                 per_op=not args.no_per_op and not gpu,
                 sweep_tiles=args.sweep_tiles,
+                sweep_segments=args.sweep_segments,
             )
         del case
         if gpu:
@@ -937,7 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
                 "out_dtype": "float16",
                 "poolings": dict(zip(POOLINGS, SPEC.ops)),
                 "n_leading": SPEC.n_leading,
-                "variants": [v for v in VARIANTS if v != "cellstrata-triton" or with_triton],
+                "variants": [v for v in VARIANTS if v not in TRITON_VARIANTS or with_triton],
                 "gb_s": "(real tokens x hidden x input bytes + P x cells x hidden x 2) / time",
                 "seed": args.seed,
             },

@@ -298,12 +298,16 @@ def pool_cast_layers(
     overflow: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    max_len: int | None = None,
 ) -> torch.Tensor:
-    """Pool ``L`` stacked layers into ``out[L, P, B, H]`` (one launch on the Triton backend)."""
+    """Pool ``L`` stacked layers into ``out[L, P, B, H]`` (one launch on the Triton backend).
+
+    ``max_len`` (optional host bound on ``lengths``) lets the Triton backend split long cells; ignored by torch.
+    """
     if resolve_backend(hidden.device, backend) == "triton":
         from .pool_cast_triton import pool_cast_triton
 
-        return pool_cast_triton(hidden, starts, lengths, spec, out_dtype, out=out, overflow=overflow)
+        return pool_cast_triton(hidden, starts, lengths, spec, out_dtype, out=out, overflow=overflow, max_len=max_len)
     return pool_cast_layers_torch(hidden, starts, lengths, spec, out_dtype, out=out, overflow=overflow)
 
 
@@ -317,8 +321,14 @@ def pool_cast(
     overflow: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    max_len: int | None = None,
 ) -> torch.Tensor:
-    """Pool one layer into ``out[P, B, H]`` (see the module docstring); returns ``out``."""
+    """Pool one layer into ``out[P, B, H]`` (see the module docstring); returns ``out``.
+
+    ``max_len``: an optional host-side bound on ``lengths`` (the longest cell) that lets the Triton
+    backend split long cells over several programs (default: ``S`` when padded; packed: no split);
+    the torch backend ignores it.
+    """
     if resolve_backend(hidden.device, backend) == "triton":
         from .pool_cast_triton import pool_cast_triton
 
@@ -326,6 +336,8 @@ def pool_cast(
         if out is None:
             out = torch.empty(shape, dtype=out_dtype, device=hidden.device)
         ovf = overflow.unsqueeze(0) if overflow is not None else None
-        pool_cast_triton(hidden.unsqueeze(0), starts, lengths, spec, out_dtype, out=out.unsqueeze(0), overflow=ovf)
+        pool_cast_triton(
+            hidden.unsqueeze(0), starts, lengths, spec, out_dtype, out=out.unsqueeze(0), overflow=ovf, max_len=max_len
+        )
         return out
     return pool_cast_torch(hidden, starts, lengths, spec, out_dtype, out=out, overflow=overflow)

@@ -309,3 +309,131 @@ def test_offsets_beyond_int32_on_cuda():
     ref = reference(x[-8192:], torch.tensor([0, 3000, 5000]), lengths[:3].cpu(), spec)
     check(out[:, :3], ref, torch.float32)
     assert (out[:, 3] == 7.0).all()
+
+
+# ---------------------------------------------------------------------------------------------- split token axis
+SPLIT_LENGTHS = [0, 1, 2, 3, 70, 33, 129, 17, 8]  # empty, specials only, shorter than a segment, ragged tiles
+
+
+def split_inputs(
+    layout: str, in_dtype: torch.dtype = torch.float32, seed: int = 21, hidden: int = 40, width: int | None = None
+):
+    """Two stacked layers of ``SPLIT_LENGTHS`` cells as ``(hidden, starts, lengths, ref_x, ref_starts)``."""
+    xs = [padded_batch(SPLIT_LENGTHS, hidden, in_dtype, seed=seed + layer, width=width)[0] for layer in range(2)]
+    lens = torch.tensor(SPLIT_LENGTHS, dtype=torch.int64)
+    s = xs[0].shape[1]
+    padded_starts = torch.arange(len(lens)) * s
+    if layout == "padded":
+        return torch.stack(xs), None, lens.to(DEVICE), xs, padded_starts
+    if layout == "padded_starts":
+        return torch.stack(xs), padded_starts.to(DEVICE), lens.to(DEVICE), xs, padded_starts
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    keep = (torch.arange(s)[None, :] < lens[:, None]).flatten().to(DEVICE)
+    packed = [x.flatten(0, 1)[keep] for x in xs]  # only the real tokens, cell after cell
+    return torch.stack(packed), cu[:-1].to(DEVICE, torch.int32), lens.to(DEVICE, torch.int32), packed, cu[:-1]
+
+
+def pipeline_out(n_layers: int, n_ops: int, n_cells: int, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    """The pipeline's ``[L, B, P*H]`` batch buffer (here wider, and with spare rows) seen as ``[L, P, B, H]``."""
+    buf = poisoned((n_layers, n_cells + 3, n_ops * hidden + 8), dtype)
+    return buf[:, :n_cells, : n_ops * hidden].unflatten(-1, (n_ops, hidden)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("n_seg", [1, 2, 3, 5])
+@pytest.mark.parametrize("layout", ["padded", "padded_starts", "packed"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_split_segments_match_reference(n_seg, layout, out_dtype):
+    """Forced splits (odd, ending mid-tile, more segments than a cell has tiles) into the pipeline's strided view."""
+    from cellstrata.kernels.pool_cast_triton import pool_cast_triton
+
+    stack, starts, lens, xs, ref_starts = split_inputs(layout)
+    spec = PoolSpec(ALL_OPS, n_leading=1, n_trailing=1)
+    out = pipeline_out(2, len(ALL_OPS), len(SPLIT_LENGTHS), 40, out_dtype)
+    overflow = torch.zeros(2, len(ALL_OPS), dtype=torch.int64, device=DEVICE)
+    pool_cast_triton(stack, starts, lens, spec, out_dtype, out=out, overflow=overflow, n_seg=n_seg, block_t=8)
+    for layer in range(2):
+        check(out[layer], reference(xs[layer], ref_starts, lens.cpu(), spec), out_dtype)
+    assert torch.isnan(out[:, :, 0]).all()  # the empty cell
+    assert torch.isnan(out[:, :3, 1:3]).all()  # one and two tokens: no gene span (mean, max, sum)
+    assert torch.isfinite(out[:, :3, 3]).all()  # three tokens: one gene
+    assert overflow.sum() == 0
+    assert (out.transpose(1, 2).flatten(2).isfinite() | out.transpose(1, 2).flatten(2).isnan()).all()
+
+
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+def test_split_keeps_max_and_picks_bit_identical(in_dtype):
+    """Max and the single-token ops do not depend on the split; sum/mean only by float32 summation order."""
+    from cellstrata.kernels.pool_cast_triton import pool_cast_triton
+
+    stack, starts, lens, _, _ = split_inputs("padded", in_dtype, seed=31, hidden=40)
+    spec = PoolSpec(("sum", "max", "mean", "first", "first_l2", "from_end:2"), n_leading=1)
+    res = {n: pool_cast_triton(stack, starts, lens, spec, torch.float32, n_seg=n, block_t=16) for n in (1, 3, 5)}
+    exact = [1, 3, 4, 5]  # max and the picks
+    for n in (3, 5):
+        torch.testing.assert_close(res[n][:, exact], res[1][:, exact], rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(res[n], res[1], rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_max_len_only_changes_the_split(layout, monkeypatch):
+    """``max_len`` given or not (padded: S; packed: no split) gives the same numbers, through ``pool_cast``."""
+    from cellstrata.kernels import pool_cast_triton as m
+
+    monkeypatch.setattr(m, "MIN_SEGMENT_TILES", 1)  # split these short cells as the GPU splits long ones
+    stack, starts, lens, _, _ = split_inputs(layout, seed=41, width=300)
+    x = stack[0]
+    spec = PoolSpec(ALL_OPS, n_leading=1)
+    bt, bh, _ = m.block_sizes(x.shape[-1], x.element_size())
+    n_max = max(SPLIT_LENGTHS)
+    auto = (m.auto_segments(stack, 9, spec, bt, bh), m.auto_segments(stack, 9, spec, bt, bh, max_len=n_max))
+    assert auto == ((299 // bt, 128 // bt) if layout == "padded" else (1, 128 // bt))
+    plain = pool_cast(x, starts, lens, spec, torch.float32, backend="triton")
+    bounded = poisoned(plain.shape, torch.float32)
+    pool_cast(x, starts, lens, spec, torch.float32, out=bounded, backend="triton", max_len=n_max)
+    on_torch = pool_cast(x, starts, lens, spec, torch.float32, backend="torch", max_len=3)  # ignored
+    exact = [1, 3, 4, 5, 6]  # max and the picks
+    torch.testing.assert_close(bounded[exact], plain[exact], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(bounded, plain, rtol=2e-5, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(on_torch, plain, rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+def test_segment_count_rule():
+    """Enough programs for the GPU, segments of at least MIN_SEGMENT_TILES tiles, one when the length is unknown."""
+    from cellstrata.kernels.pool_cast_triton import MIN_SEGMENT_TILES, segment_count
+
+    floor = MIN_SEGMENT_TILES * 32  # tokens per segment at least, with 32-token tiles
+    assert segment_count(programs=13 * 4, max_gene=None, block_t=32) == 1
+    assert segment_count(programs=10_000, max_gene=100 * floor, block_t=32) == 1  # the grid is full already
+    assert segment_count(programs=13 * 4, max_gene=floor - 1, block_t=32) == 1  # too short to split
+    assert segment_count(programs=13 * 4, max_gene=100 * floor, block_t=32, n_sm=132) == 11  # 4 x 132 / 52
+    assert segment_count(programs=13 * 4, max_gene=3 * floor + 5, block_t=32, n_sm=132) == 3  # length-bound
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's cast
+@pytest.mark.parametrize("n_seg", [1, 3, 5])
+def test_split_counts_float16_overflow_of_combined_partials(n_seg):
+    """A sum that overflows float16 only once the segments' partials are added is still counted once."""
+    from cellstrata.kernels.pool_cast_triton import pool_cast_triton
+
+    x, lens = padded_batch([42, 42, 42], 16, torch.float32, seed=5)
+    x[0, 2, 3] = 40000.0  # two halves in different segments: each partial finite, the sum overflows
+    x[0, 38, 3] = 40000.0
+    x[1, 20, 7] = 65519.0  # rounds to 65504: not an overflow (and the cell's sum stays below it)
+    x[1, 30, 7] = -1000.0
+    x[2, 30, 9] = 65520.0  # the smallest overflow: max overflows, and the sum with the 10000
+    x[2, 5, 9] = 10000.0
+    spec = PoolSpec(("max", "mean", "sum", "first"), n_leading=1)
+    overflow = torch.zeros(1, 4, dtype=torch.int64, device=DEVICE)
+    out = pool_cast_triton(x[None], None, lens, spec, torch.float16, overflow=overflow, n_seg=n_seg, block_t=8)
+    ref = reference(x, torch.arange(3) * x.shape[1], lens.cpu(), spec)
+    assert overflow[0].tolist() == ((np.abs(ref) >= 65520) & np.isfinite(ref)).sum(axis=(1, 2)).tolist()
+    assert overflow[0].tolist() == [1, 0, 2, 0]
+    assert torch.isinf(out[0, 2, 0, 3]) and out[0, 0, 1, 7] == 65504.0
+
+
+def test_split_bad_n_seg():
+    from cellstrata.kernels.pool_cast_triton import pool_cast_triton
+
+    x, lens = padded_batch([3, 4], 8, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="n_seg must be >= 1"):
+        pool_cast_triton(x[None], None, lens, PoolSpec(("mean",)), torch.float32, n_seg=0)

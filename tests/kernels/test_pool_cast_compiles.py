@@ -1,10 +1,10 @@
-"""The fused kernel stays valid GPU Triton: compile it ahead of time for NVIDIA GPUs, without one.
+"""The fused kernels stay valid GPU Triton: compile them ahead of time for NVIDIA GPUs, without one.
 
-The interpreter runs the kernel's logic in the other tests; it does not check that the kernel lowers
-to a GPU program. Triton compiles for a named target with no device present, down to a cubin with its
+The interpreter runs the kernels' logic in the other tests; it does not check that they lower to a
+GPU program. Triton compiles for a named target with no device present, down to a cubin with its
 bundled ``ptxas``, so every specialisation the launcher can produce is compiled here for Ampere (sm_80)
-and Hopper (sm_90). This runs in a fresh interpreter, because this test process imported triton in
-interpreter mode.
+and Hopper (sm_90): the single pass and both stages of the split (partial sums/maxima, finalize). This
+runs in a fresh interpreter, because this test process imported triton in interpreter mode.
 """
 
 from __future__ import annotations
@@ -21,14 +21,18 @@ from triton.backends.compiler import GPUTarget
 from cellstrata.kernels import pool_cast_triton as m
 
 assert not m.INTERPRETING
-kernel = m._pool_cast_kernel
+KERNELS = {"single": m._pool_cast_kernel, "partial": m._pool_partial_kernel, "finalize": m._pool_finalize_kernel}
 TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 cases = json.loads(sys.argv[1])
 done = []
 for c in cases:
+    kernel = KERNELS[c["kernel"]]
     block_t, block_h, warps = m.block_sizes(c["hidden"], {"float32": 4}.get(c["in"], 2))
-    consts = dict(SLOT_MEAN=c["slots"][0], SLOT_SUM=c["slots"][1], SLOT_MAX=c["slots"][2], N_PICKS=c["picks"],
-                  PADDED=c["padded"], COUNT_OVERFLOW=c["count"], BLOCK_T=block_t, BLOCK_H=block_h)
+    mean, total, peak = c["slots"]
+    every = dict(SLOT_MEAN=mean, SLOT_SUM=total, SLOT_MAX=peak, N_PICKS=c["picks"], PADDED=c["padded"],
+                 COUNT_OVERFLOW=c["count"], BLOCK_T=block_t, BLOCK_H=block_h, DO_SUM=mean >= 0 or total >= 0,
+                 DO_MAX=peak >= 0)
+    consts = {p.name: every[p.name] for p in kernel.params if p.is_constexpr}
     sig = {}
     for p in kernel.params:
         if p.is_constexpr:
@@ -37,6 +41,8 @@ for c in cases:
             sig[p.name] = "*" + TYPES[c["out"]]
         elif p.name == "hidden_ptr":
             sig[p.name] = "*" + TYPES[c["in"]]
+        elif p.name.startswith("ws_"):
+            sig[p.name] = "*fp32"
         elif p.name == "overflow_ptr":
             sig[p.name] = "*i64"
         elif p.name == "picks_ptr":
@@ -64,11 +70,18 @@ CASES = [
     # mean only; picks only; tiny hidden
     {"arch": 90, "in": "float16", "out": "float16", "hidden": 8, "slots": [0, -1, -1], "picks": 0, "padded": True},
     {"arch": 90, "in": "float16", "out": "float32", "hidden": 2048, "slots": [-1, -1, -1], "picks": 1, "padded": False},
+    # max only (the split's sum plane unused), odd hidden
+    {"arch": 80, "in": "float32", "out": "float16", "hidden": 33, "slots": [-1, -1, 0], "picks": 0, "padded": False},
 ]
 
 
+STAGES = ("partial", "finalize")
+SPLIT = (0, 1, 2, 3, 5)  # CASES that can split (a span op requested): their two stages are compiled too
+
+
 def test_kernel_compiles_for_nvidia_targets(tmp_path):
-    cases = [{**c, "count": c["out"] == "float16"} for c in CASES]
+    cases = [{**c, "count": c["out"] == "float16", "kernel": "single"} for c in CASES]
+    cases += [{**CASES[i], "count": CASES[i]["out"] == "float16", "kernel": k} for i in SPLIT for k in STAGES]
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, json.dumps(cases)],
         capture_output=True,
