@@ -1003,7 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
 
     overhead: list[dict[str, Any]] = []
     if not args.no_forward:
-        from cellstrata.engine.pipeline import DEFAULT_MAX_TOKENS
+        from cellstrata.engine.budget import DEFAULT_MAX_TOKENS
 
         max_tokens = QUICK_BUDGET // 2 if args.quick else DEFAULT_MAX_TOKENS[device.type]
         with tempfile.TemporaryDirectory(prefix="cellstrata-kernels-") as work:
