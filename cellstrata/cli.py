@@ -61,6 +61,13 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         help="batch layout: packed cells with varlen attention (no compute on padding; default on CUDA) "
         "or padded (default on CPU)",
     )
+    p.add_argument(
+        "--input-workers",
+        type=int,
+        default=None,
+        help="processes that read and tokenize ahead of the device (0: two threads; default: one per core "
+        "beyond two on CUDA for long runs)",
+    )
     p.add_argument("--chunk-cells", type=int, default=None, help="cells per store chunk (default: ~4 MB chunks)")
     p.add_argument("--layer", default=None, help="read layers[NAME] instead of X ('raw' for raw.X)")
     p.add_argument("--gene-column", default=None, help="var column holding gene identifiers (default: var_names)")
@@ -110,6 +117,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         device=args.device,
         max_tokens=args.max_tokens,
         attention=args.attention,
+        input_workers=args.input_workers,
         chunk_cells=args.chunk_cells,
         layer=args.layer,
         gene_column=args.gene_column,

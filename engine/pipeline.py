@@ -1,10 +1,12 @@
 """Extraction: source -> tokenizer -> batches -> one forward pass with per-layer pooling -> writer.
 
-For each window of pending cell chunks: read and tokenize the rows (on helper threads, up to two
-windows ahead), cut length-sorted token-budget batches, run the model once per batch while the tap pools every
-layer into one device buffer ``[L+1, P, B, H]``, copy that buffer to the host once per batch, put rows
-back in cell order, and hand each completed chunk to the :class:`~.writer.ChunkWriter` (Dask threads,
-two chunks in flight). The same :meth:`Extraction.process` runs inside Dask workers (:mod:`.cluster`).
+For each window of pending cell chunks: read and tokenize the rows ahead of the device (:mod:`.prepare`:
+two threads, or worker processes on CUDA hosts), cut length-sorted token-budget batches (packed for
+varlen attention on CUDA), run the model once per batch while the tap pools every layer into one device
+buffer ``[L+1, P, B, H]``, copy that buffer to the host once per batch, put rows back in cell order while
+the device runs the next batch (chunk boundaries included), and hand each completed chunk to the
+:class:`~.writer.ChunkWriter` (Dask threads, two chunks in flight). The same :meth:`Extraction.process`
+runs inside Dask workers (:mod:`.cluster`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ import torch
 from .. import kernels
 from .batching import iter_batches
 from .budget import auto_max_tokens
-from .errors import ConfigError, EmptyCellError
+from .errors import ConfigError
 from .interrupts import StopRequest, graceful_stop
 from .lease import Lease
 from .location import StoreLocation
 from .models import get_family
 from .models.attention import ATTENTION_CHOICES, resolve_attention
-from .models.base import GeneMapping, LoadedModel, TokenizedBlock
+from .models.base import GeneMapping, LoadedModel, TokenBatch, TokenizedBlock
+from .prepare import InputPool, InputSpec, Window, input_processes, prepare_window
 from .sources import CellSource, check_values, open_source
 from .store import (
     Store,
@@ -51,7 +53,6 @@ ENGINE_VERSION = "0.1.0"
 EMPTY_POLICIES = ("nan", "error")
 MIN_WINDOW_CELLS = 1024
 PREFLIGHT_CELLS = 256
-INPUT_AHEAD = 2  # windows read and tokenized ahead of the device, on as many threads
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Telemetry:
     pooling_names: tuple[str, ...] = field(default_factory=tuple)
     attention: str = ""
     max_tokens: int = 0
+    input_processes: int = 0
     peak_device_bytes: int = 0
 
     COUNTERS = (
@@ -118,6 +120,7 @@ class Telemetry:
             "padding_fraction": round(1 - self.tokens / max(self.padded_tokens, 1), 4),
             "attention": self.attention,
             "max_tokens": self.max_tokens,
+            "input_processes": self.input_processes,
         }
         if self.peak_device_bytes:
             d["peak_device_mib"] = round(self.peak_device_bytes / 2**20, 1)
@@ -159,12 +162,15 @@ def _resolve_poolings(loaded: LoadedModel, poolings: Sequence[str] | None) -> tu
 
 
 @dataclass
-class Window:
-    """Pending chunks processed together: ``parts[i]`` holds the tokens of cells ``bounds[i]``."""
+class _ChunkJob:
+    """A chunk on the device side: its host arrays fill as its batches land (``outstanding`` not yet landed)."""
 
-    chunks: list[int]
-    bounds: list[tuple[int, int]]
-    parts: list[TokenizedBlock]
+    index: int
+    bounds: tuple[int, int]
+    tokens: TokenizedBlock
+    result: dict[str, np.ndarray]
+    outstanding: int = 0
+    enqueued: bool = False  # every batch of the chunk has been run
 
 
 class Extraction:
@@ -194,6 +200,7 @@ class Extraction:
         client: Any = None,
         break_lock: bool = False,
         attention: str = "auto",
+        input_workers: int | None = None,
     ):
         if empty_cells not in EMPTY_POLICIES:
             msg = f"empty_cells must be one of {', '.join(EMPTY_POLICIES)}, got {empty_cells!r}"
@@ -207,6 +214,7 @@ class Extraction:
         self.poolings = _resolve_poolings(loaded, poolings)
         self.dtype = dtype
         self.device = device
+        self.input_workers = input_workers
         self.n_cells = n_cells
         self.empty_cells = empty_cells
         self.require_counts = require_counts
@@ -327,124 +335,132 @@ class Extraction:
         per = max(1, -(-MIN_WINDOW_CELLS // self.chunk_cells))
         return [list(map(int, pending[i : i + per])) for i in range(0, len(pending), per)]
 
+    def _input_spec(self) -> InputSpec:
+        return InputSpec(self.loaded.tokenizer, self.mapping, self.require_counts, self.empty_cells)
+
     def _prepare(self, chunks: list[int]) -> Window:
-        parts: list[TokenizedBlock] = []
-        bounds = []
-        for c in chunks:
-            start, stop = self.store_spec.chunk_bounds(c)
-            block = self.source.read(start, stop)
-            check_values(block, require_counts=self.require_counts)
-            tokens = self.loaded.tokenizer.tokenize(block, self.mapping)
-            if self.empty_cells == "error" and tokens.empty.any():
-                first = int(tokens.indices[np.argmax(tokens.empty)])
-                msg = (
-                    f"cell {first} ({self.source.obs_names[first]}) has no expressed gene in the model's "
-                    f"vocabulary ({int(tokens.empty.sum())} such cells in cells {start}-{stop - 1}); "
-                    "filter them out or pass --empty-cells nan to store them as NaN"
-                )
-                raise EmptyCellError(msg)
-            parts.append(tokens)
-            bounds.append((start, stop))
-        return Window(chunks, bounds, parts)
+        """Read and tokenize the cells of ``chunks`` in this process (the threads' path)."""
+        bounds = [self.store_spec.chunk_bounds(c) for c in chunks]
+        return prepare_window(self.source, self._input_spec(), chunks, bounds)
 
     # ------------------------------------------------------------------ device side
-    def _run_chunk(self, tokens: TokenizedBlock) -> dict[str, np.ndarray]:
-        """Pooled ``[L+1, n, H]`` per pooling for the cells of one chunk (NaN rows for empty cells)."""
-        ld = self.loaded
+    def _start_chunk(self, c: int, bounds: tuple[int, int], tokens: TokenizedBlock) -> _ChunkJob:
+        """A chunk's host arrays: NaN rows for its empty cells, every other row written when its batch lands."""
         n = len(tokens)
-        n_layers, n_pool = ld.n_layers, len(self.overflow_names)
+        np_dtype = np.dtype(self.dtype)
+        n_rows = self.loaded.n_layers + 1
+        result = {name: np.empty((n_rows, n, self.widths[name]), dtype=np_dtype) for name in self.poolings}
+        if tokens.empty.any():
+            for arr in result.values():
+                arr[:, tokens.empty, :] = np.nan
+        return _ChunkJob(c, bounds, tokens, result)
+
+    def _forward(self, batch: TokenBatch, overflow: torch.Tensor) -> Transfer:
+        """Run one batch through the model, pooling every layer into the device buffer; start its copy to the host."""
+        ld = self.loaded
         n_kernel = len(self.spec.ops) if self.spec is not None else 0
         hidden = ld.hidden_size
         out_dtype = kernels.OUT_DTYPES[self.dtype]
-        np_dtype = np.dtype(self.dtype)
-        result = {name: np.full((n_layers + 1, n, self.widths[name]), np.nan, dtype=np_dtype) for name in self.poolings}
-        keep = ~tokens.empty
-        sub = _select(tokens, np.flatnonzero(keep)) if not keep.all() else tokens
-        where = np.flatnonzero(keep)
-        overflow = torch.zeros((n_layers + 1, n_pool), dtype=torch.int64, device=self.device)
-        tok = ld.tokenizer
-        packed = self.attention == "packed"
-        in_flight: tuple[Transfer, np.ndarray] | None = None
         customs = [(ld.custom_poolings[name], *self.columns[name]) for name in self.custom_poolings]
+        dev = batch.to(self.device)
+        buf = self.buffers.device_view(len(batch.positions))
+        # the kernel's poolings as one [L+1, P, B, H] strided view of the buffer's first P*H columns
+        kernel_out = buf[:, :, : n_kernel * hidden].unflatten(-1, (n_kernel, hidden)).transpose(1, 2)
+        lengths, starts = dev.lengths, dev.starts  # starts: None when padded (cell b is row b)
+        max_len = batch.max_len
 
-        def land(transfer: Transfer, rows: np.ndarray) -> None:
-            host_np = transfer.wait()
-            for name, (lo, hi) in self.columns.items():
-                result[name][:, rows, :] = host_np[:, :, lo:hi]
+        def tap(layer: int, hidden_state: torch.Tensor) -> None:
+            if starts is not None:
+                hidden_state = hidden_state[0]  # packed [1, T, H] -> [T, H]
+            if self.spec is not None:
+                kernels.pool_cast(
+                    hidden_state,
+                    starts,
+                    lengths,
+                    self.spec,
+                    out_dtype,
+                    out=kernel_out[layer],
+                    overflow=overflow[layer, :n_kernel],
+                    backend=self.pool_backend,
+                    max_len=max_len,
+                )
+            for j, (custom, lo, hi) in enumerate(customs):
+                ovf = overflow[layer, n_kernel + j] if out_dtype == torch.float16 else None
+                if starts is None:
+                    custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend)
+                else:
+                    custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend, starts=starts)
 
-        batches = iter_batches(sub, self.max_tokens, tok.pad_id, tok.pad_value, packed=packed, varlen=self.varlen)
-        for batch in batches:
-            self.stop.check()
-            b = len(batch.positions)
-            t0 = time.perf_counter()
-            dev = batch.to(self.device)
-            buf = self.buffers.device_view(b)
-            # the kernel's poolings as one [L+1, P, B, H] strided view of the buffer's first P*H columns
-            kernel_out = buf[:, :, : n_kernel * hidden].unflatten(-1, (n_kernel, hidden)).transpose(1, 2)
-            lengths, starts = dev.lengths, dev.starts  # starts: None when padded (cell b is row b)
-            max_len = batch.max_len
+        with torch.inference_mode(), self.autocast():
+            ld.model.forward(dev, tap)
+        return self.buffers.to_host(buf)
 
-            def tap(
-                layer: int,
-                hidden_state: torch.Tensor,
-                buf=buf,
-                kernel_out=kernel_out,
-                lengths=lengths,
-                starts=starts,
-                max_len=max_len,
-            ) -> None:
-                if starts is not None:
-                    hidden_state = hidden_state[0]  # packed [1, T, H] -> [T, H]
-                if self.spec is not None:
-                    kernels.pool_cast(
-                        hidden_state,
-                        starts,
-                        lengths,
-                        self.spec,
-                        out_dtype,
-                        out=kernel_out[layer],
-                        overflow=overflow[layer, :n_kernel],
-                        backend=self.pool_backend,
-                        max_len=max_len,
-                    )
-                for j, (custom, lo, hi) in enumerate(customs):
-                    ovf = overflow[layer, n_kernel + j] if out_dtype == torch.float16 else None
-                    if starts is None:
-                        custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend)
-                    else:
-                        custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend, starts=starts)
+    def _land(self, transfer: Transfer, job: _ChunkJob, rows: np.ndarray, writer: ChunkWriter, bar: Any) -> None:
+        """Put a batch's pooled rows in place; hand its chunk to the writer once the chunk's last batch landed."""
+        host_np = transfer.wait()
+        for name, (lo, hi) in self.columns.items():
+            job.result[name][:, rows, :] = host_np[:, :, lo:hi]
+        job.outstanding -= 1
+        if job.enqueued and job.outstanding == 0:
+            self._submit(job, writer, bar)
 
-            with torch.inference_mode(), self.autocast():
-                ld.model.forward(dev, tap)
-            transfer = self.buffers.to_host(buf)
-            if in_flight is not None:  # the previous batch lands while the device runs this one
-                land(*in_flight)
-                in_flight = None
-            if self.buffers.on_host:  # CPU: the buffer is reused by the next batch, land it now
-                land(transfer, where[batch.positions])
-            else:
-                in_flight = (transfer, where[batch.positions])
-            self.telemetry.forward_seconds += time.perf_counter() - t0
-            self.telemetry.batches += 1
-            self.telemetry.tokens += int(batch.lengths.sum())
-            self.telemetry.padded_tokens += batch.n_slots
-        if in_flight is not None:
-            land(*in_flight)
-        assert self.telemetry.overflow is not None
-        self.telemetry.overflow += overflow.cpu().numpy()
-        return result
-
-    def _chunk_data(self, c: int, bounds: tuple[int, int], tokens: TokenizedBlock) -> ChunkData:
-        start, stop = bounds
-        return ChunkData(
-            index=c,
-            start=start,
-            stop=stop,
-            pooled=self._run_chunk(tokens),
-            obs_names=np.asarray(self.source.obs_names[start:stop]).astype(str),
-            n_tokens=np.where(tokens.empty, 0, tokens.lengths).astype(np.int32),
-            truncated=np.asarray(tokens.truncated, dtype=bool),
+    def _submit(self, job: _ChunkJob, writer: ChunkWriter, bar: Any) -> None:
+        start, stop = job.bounds
+        tokens = job.tokens
+        writer.submit(
+            ChunkData(
+                index=job.index,
+                start=start,
+                stop=stop,
+                pooled=job.result,
+                obs_names=np.asarray(self.source.obs_names[start:stop]).astype(str),
+                n_tokens=np.where(tokens.empty, 0, tokens.lengths).astype(np.int32),
+                truncated=np.asarray(tokens.truncated, dtype=bool),
+            )
         )
+        self.telemetry.cells += len(tokens)
+        self.telemetry.empty_cells += int(tokens.empty.sum())
+        self.telemetry.truncated_cells += int(tokens.truncated.sum())
+        if bar is not None:
+            bar.update(len(tokens))
+
+    def _run_window(
+        self, window: Window, writer: ChunkWriter, overflow: torch.Tensor, in_flight: list, bar: Any
+    ) -> None:
+        """Every batch of every chunk of ``window``, each landing while the device runs the next one.
+
+        On CUDA a batch's pooled rows land (and a finished chunk goes to the writer) only after the next
+        batch, of the same chunk or the next, has been queued: the device never waits for the host at a
+        chunk boundary. ``in_flight`` holds the batch still to land ``(transfer, job, rows)`` across calls.
+        On CPU each batch lands at once (the device buffer is the host buffer).
+        """
+        tok = self.loaded.tokenizer
+        packed = self.attention == "packed"
+        for c, bounds, tokens in zip(window.chunks, window.bounds, window.parts):
+            job = self._start_chunk(c, bounds, tokens)
+            keep = ~tokens.empty
+            where = np.flatnonzero(keep)
+            sub = _select(tokens, where) if not keep.all() else tokens
+            batches = iter_batches(sub, self.max_tokens, tok.pad_id, tok.pad_value, packed=packed, varlen=self.varlen)
+            for batch in batches:
+                self.stop.check()
+                t0 = time.perf_counter()
+                transfer = self._forward(batch, overflow)
+                job.outstanding += 1
+                rows = where[batch.positions]
+                if in_flight:  # the previous batch lands while the device runs this one
+                    self._land(*in_flight.pop(), writer, bar)
+                if self.buffers.on_host:  # CPU: the buffer is reused by the next batch, land it now
+                    self._land(transfer, job, rows, writer, bar)
+                else:
+                    in_flight.append((transfer, job, rows))
+                self.telemetry.forward_seconds += time.perf_counter() - t0
+                self.telemetry.batches += 1
+                self.telemetry.tokens += int(batch.lengths.sum())
+                self.telemetry.padded_tokens += batch.n_slots
+            job.enqueued = True
+            if job.outstanding == 0:  # every batch landed already (CPU, or a chunk of empty cells)
+                self._submit(job, writer, bar)
 
     # ------------------------------------------------------------------ driver
     def _preflight(self) -> None:
@@ -483,29 +499,38 @@ class Extraction:
         """Extract ``chunks`` into the existing store, writing through ``executor``.
 
         ``executor`` is a Dask client or a ``concurrent.futures`` executor. Reading and tokenizing run
-        up to :data:`INPUT_AHEAD` windows ahead on helper threads, the forward pass here, encoding and
-        writing on the executor's threads with at most two chunks in flight: bounded queues on both sides.
+        windows ahead on an :class:`~.prepare.InputPool` (two threads, or one window per worker process),
+        the forward pass here, encoding and writing on the executor's threads with at most two chunks in
+        flight: bounded queues on both sides.
         """
         windows = self._windows(np.asarray(chunks, dtype=np.int64))
         if not windows:
             return
         writer = ChunkWriter(self.out, executor, max_pending=2)
+        # float16 overflow counters of the whole call, read once at the end (reading them per chunk would
+        # make the host wait for the device)
+        overflow = torch.zeros(
+            (self.loaded.n_layers + 1, len(self.overflow_names)), dtype=torch.int64, device=self.device
+        )
+        in_flight: list = []
+        n_proc = input_processes(self.input_workers, self.device.type, self.source, len(windows))
+        self.telemetry.input_processes = n_proc
+
+        def submit(pool: InputPool, w: list[int]) -> Any:
+            return pool.submit(w, [self.store_spec.chunk_bounds(c) for c in w])
+
         try:
-            with ThreadPoolExecutor(max_workers=INPUT_AHEAD, thread_name_prefix="cellstrata-input") as pool:
-                queue = collections.deque(pool.submit(self._prepare, w) for w in windows[:INPUT_AHEAD])
+            with InputPool(self._prepare, self.source, self._input_spec(), n_proc) as pool:
+                queue = collections.deque(submit(pool, w) for w in windows[: pool.ahead])
                 for i in range(len(windows)):
                     t0 = time.perf_counter()
                     window = queue.popleft().result()
                     self.telemetry.input_wait_seconds += time.perf_counter() - t0
-                    if i + INPUT_AHEAD < len(windows):
-                        queue.append(pool.submit(self._prepare, windows[i + INPUT_AHEAD]))
-                    for c, bounds, tokens in zip(window.chunks, window.bounds, window.parts):
-                        writer.submit(self._chunk_data(c, bounds, tokens))
-                        self.telemetry.cells += len(tokens)
-                        self.telemetry.empty_cells += int(tokens.empty.sum())
-                        self.telemetry.truncated_cells += int(tokens.truncated.sum())
-                        if bar is not None:
-                            bar.update(len(tokens))
+                    if i + pool.ahead < len(windows):
+                        queue.append(submit(pool, windows[i + pool.ahead]))
+                    self._run_window(window, writer, overflow, in_flight, bar)
+            if in_flight:
+                self._land(*in_flight.pop(), writer, bar)
             writer.flush()
         except BaseException:
             # Chunks already handed to the writer are complete: let them commit before leaving.
@@ -516,6 +541,8 @@ class Extraction:
             raise
         finally:
             self.telemetry.writer_wait_seconds += writer.wait_seconds
+            assert self.telemetry.overflow is not None
+            self.telemetry.overflow += overflow.cpu().numpy()
 
     def _finish(self) -> None:
         record_run(self.group, self.telemetry, resumed=self.resumed)
@@ -633,6 +660,7 @@ class ExtractSettings:
     allow_noncounts: bool = False
     compression: str = "zstd"
     attention: str = "auto"
+    input_workers: int | None = None
 
     def check(self) -> None:
         """Refuse settings that cannot work, before anything is loaded."""
@@ -678,6 +706,7 @@ class ExtractSettings:
                 client=client,
                 break_lock=break_lock,
                 attention=self.attention,
+                input_workers=self.input_workers,
             )
         except BaseException:
             source.close()
@@ -710,6 +739,7 @@ def extract(
     cluster: Any = None,
     break_lock: bool = False,
     attention: str = "auto",
+    input_workers: int | None = None,
 ) -> Store:
     """Extract every layer of ``model`` for every cell of ``data`` into the store ``out``.
 
@@ -728,7 +758,9 @@ def extract(
 
     ``attention`` is ``auto`` (packed varlen batches on CUDA, padded on CPU), ``packed`` or ``padded``;
     ``max_tokens`` is the token budget of a batch (default: measured from the free device memory on
-    CUDA, 16384 on CPU). Returns the :class:`~.store.Store`.
+    CUDA, 16384 on CPU). ``input_workers`` is the number of processes that read and tokenize ahead of the
+    device (0: two threads; default: one per core beyond two on CUDA for long runs, threads otherwise).
+    Returns the :class:`~.store.Store`.
     """
     if checkpoint is None:
         get_family(model)
@@ -757,6 +789,7 @@ def extract(
         allow_noncounts=allow_noncounts,
         compression=compression,
         attention=attention,
+        input_workers=input_workers,
     )
     settings.check()
     if cluster is not None:

@@ -63,3 +63,80 @@ def test_info_prints_the_pipeline_telemetry(case, tmp_path, capsys):
     assert main(["info", str(store.path)]) == 0
     out = capsys.readouterr().out
     assert "cells/s" in out and "waited" in out and "for the writer" in out
+
+
+def test_batches_land_after_the_next_one_is_queued_across_chunks(case, tmp_path, monkeypatch):
+    """The CUDA order on CPU: each batch lands after the next is queued, chunk boundaries included.
+
+    Transfers are made deferred (as pinned-memory copies are on CUDA), with budgets small enough that
+    chunks hold several batches; the store must equal the one written batch by batch, and no chunk
+    may reach the writer before its last batch landed.
+    """
+    import numpy as np
+
+    from cellstrata.engine import transfer as transfer_mod
+
+    data, ckpt = case
+    ref = cs.extract(
+        data,
+        model="scgpt",
+        checkpoint=ckpt,
+        out=tmp_path / "ref.zarr",
+        chunk_cells=16,
+        max_tokens=700,
+        poolings=["all"],
+        progress=False,
+    )
+    events: list[tuple[str, int]] = []
+    real_land, real_submit = Extraction._land, Extraction._submit
+
+    def land(self, transfer, job, rows, writer, bar):
+        events.append(("land", job.index))
+        return real_land(self, transfer, job, rows, writer, bar)
+
+    def submit(self, job, writer, bar):
+        assert job.outstanding == 0 and job.enqueued
+        events.append(("submit", job.index))
+        return real_submit(self, job, writer, bar)
+
+    def deferred(self, view):
+        return transfer_mod.Transfer(view.clone(), None)
+
+    real_start = Extraction._start_chunk
+
+    def start(self, c, bounds, tokens):
+        events.append(("start", c))
+        return real_start(self, c, bounds, tokens)
+
+    monkeypatch.setattr(Extraction, "_start_chunk", start)
+    monkeypatch.setattr(Extraction, "_land", land)
+    monkeypatch.setattr(Extraction, "_submit", submit)
+    monkeypatch.setattr(transfer_mod.PooledBuffers, "to_host", deferred)
+    real_init = transfer_mod.PooledBuffers.__init__
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self.on_host = False  # as on CUDA: land later
+
+    monkeypatch.setattr(transfer_mod.PooledBuffers, "__init__", init)
+    got = cs.extract(
+        data,
+        model="scgpt",
+        checkpoint=ckpt,
+        out=tmp_path / "got.zarr",
+        chunk_cells=16,
+        max_tokens=700,
+        poolings=["all"],
+        progress=False,
+    )
+    assert got.is_complete
+    for name in ref.poolings:
+        np.testing.assert_array_equal(got.layers(name).compute(), ref.layers(name).compute())
+    submitted = [c for kind, c in events if kind == "submit"]
+    assert sorted(submitted) == list(range(7))  # 100 cells in chunks of 16, each written once
+    lands = [c for kind, c in events if kind == "land"]
+    assert len(lands) > len(submitted)  # several batches per chunk
+    # every chunk but the last lands its last batch only after the next chunk was started on the device
+    for c in range(6):
+        last_land = max(i for i, e in enumerate(events) if e == ("land", c))
+        assert events.index(("start", c + 1)) < last_land < events.index(("submit", c)) + 1
