@@ -232,4 +232,5 @@ def test_budget_fit_from_two_probes(checkpoints):
     huge, *_ = fit_budget(8192, 8192, 16384, 16384, 2**40)
     assert huge == 1 << 20  # never above the cap
     loaded = get_family("scgpt").load(checkpoints["scgpt"])
-    assert auto_max_tokens(loaded, torch.device("cpu"), packed=False, varlen="reference", autocast=None) == 16384
+    cpu = torch.device("cpu")
+    assert auto_max_tokens(loaded, cpu, packed=False, varlen="reference", autocast=None) == DEFAULT_MAX_TOKENS["cpu"]
