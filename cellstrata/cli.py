@@ -52,7 +52,7 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="token budget of a batch (padded: B x S; packed: real tokens); default: measured from the free "
-        "device memory on CUDA, 2048 on CPU",
+        "device memory on CUDA; on CPU 2048 (released sizes) to 16384 (tiny models)",
     )
     p.add_argument(
         "--attention",

@@ -5,9 +5,10 @@ and twice that, in the run's own layout and precision, with a tap that allocates
 pooling allocates) give the device bytes per token (the slope) and the fixed part (workspaces); the
 budget is what fits in ``FREE_FRACTION`` of the memory free at that moment. Activations are freed layer
 by layer (each layer's hidden state is released once its tap returns), so the budget does not depend
-on the number of layers. On CPU the budget is a fixed :data:`DEFAULT_MAX_TOKENS`: small batches are faster
-there (less padding, whose attention cost is quadratic, and activations that stay in the caches).
-``--max-tokens`` overrides both.
+on the number of layers. On CPU the budget follows the model's size (:func:`cpu_max_tokens`): about one
+cell per batch at released sizes, where small batches are faster (less padding, whose attention cost is
+quadratic, and activations that stay in the caches), 16,384 tokens for tiny models, where per-batch costs
+count. ``--max-tokens`` overrides both.
 """
 
 from __future__ import annotations
@@ -24,10 +25,13 @@ from .models.base import LoadedModel, TokenBatch, TokenizedBlock
 
 log = logging.getLogger("cellstrata")
 
-# CPU: about one released-size cell per batch. Measured on 2 cores (Tahoe-X1 70m, 16 cells of up to 2,048
-# tokens): 0.41 cells/s at 16,384 tokens per batch, 0.48 at 4,096, 0.66 at 2,048 (padding 20% / 6% / 0%, and
-# large batches spill the caches); tiny models run as fast at 2,048 as at 16,384.
-DEFAULT_MAX_TOKENS = {"cpu": 2048, "cuda": 65536}
+DEFAULT_MAX_TOKENS = {"cpu": 16384, "cuda": 65536}
+# CPU: a batch of about CPU_BATCH_FLOPS, within [MIN_TOKENS, DEFAULT_MAX_TOKENS["cpu"]]: released sizes get
+# about one cell per batch, tiny models 16,384 tokens. Measured on 2 cores: Tahoe-X1 70m (16 cells of up to
+# 2,048 tokens) ran 0.41 cells/s at 16,384 tokens per batch, 0.48 at 4,096 and 0.66 at 2,048 (padding 20% /
+# 6% / 0%, whose attention cost is quadratic, and large batches spill the caches), while the full extraction
+# of tiny models lost 25-40% at 2,048 (per-batch costs).
+CPU_BATCH_FLOPS = 2e10
 PROBE_TOKENS = 8192
 PROBE_CELL_TOKENS = 512
 FREE_FRACTION = 0.7
@@ -88,6 +92,13 @@ def fit_budget(p1: float, t1: int, p2: float, t2: int, free: float) -> tuple[int
     return int(min(max(budget // ROUND * ROUND, MIN_TOKENS), MAX_TOKENS)), per_token, fixed
 
 
+def cpu_max_tokens(model: torch.nn.Module) -> int:
+    """The CPU budget: ``CPU_BATCH_FLOPS / (2 x parameters)`` tokens, a power of two in ``[MIN_TOKENS, 16384]``."""
+    params = sum(p.numel() for p in model.parameters())
+    tokens = CPU_BATCH_FLOPS / max(2 * params, 1)
+    return int(min(max(2 ** int(np.log2(max(tokens, 1))), MIN_TOKENS), DEFAULT_MAX_TOKENS["cpu"]))
+
+
 def auto_max_tokens(
     loaded: LoadedModel,
     device: torch.device,
@@ -98,7 +109,7 @@ def auto_max_tokens(
 ) -> int:
     """The token budget for ``loaded`` on ``device`` (see the module docstring)."""
     if device.type != "cuda":
-        return DEFAULT_MAX_TOKENS["cpu"]
+        return cpu_max_tokens(loaded.model)
     small = probe_batch(loaded, PROBE_TOKENS, packed=packed, varlen=varlen)
     large = probe_batch(loaded, 2 * PROBE_TOKENS, packed=packed, varlen=varlen)
     _peak_bytes(loaded, small, device, autocast)  # warm-up: kernels, workspaces, allocator

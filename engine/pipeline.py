@@ -758,8 +758,9 @@ def extract(
 
     ``attention`` is ``auto`` (packed varlen batches on CUDA, padded on CPU), ``packed`` or ``padded``;
     ``max_tokens`` is the token budget of a batch (default: measured from the free device memory on
-    CUDA, 2048 on CPU). ``input_workers`` is the number of processes that read and tokenize ahead of the
-    device (0: two threads; default: one per core beyond two on CUDA for long runs, threads otherwise).
+    CUDA; on CPU from the model's size, 2,048 to 16,384). ``input_workers`` is the number of processes
+    that read and tokenize ahead of the device (0: two threads; default: one per core beyond two on CUDA
+    for long runs, threads otherwise).
     Returns the :class:`~.store.Store`.
     """
     if checkpoint is None:

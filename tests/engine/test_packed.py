@@ -9,6 +9,7 @@ comparison with the real kernels where a GPU is present.
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,12 @@ import cellstrata as cs
 from cellstrata.cli import main
 from cellstrata.demo import GENE_COLUMN
 from cellstrata.engine.batching import collate, collate_packed, iter_batches, plan_batches
-from cellstrata.engine.budget import DEFAULT_MAX_TOKENS, auto_max_tokens, fit_budget
+from cellstrata.engine.budget import DEFAULT_MAX_TOKENS, MIN_TOKENS, auto_max_tokens, cpu_max_tokens, fit_budget
 from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import ConfigError
 from cellstrata.engine.models import get_family
 from cellstrata.engine.models.attention import AttentionLayout, attend, make_layout, resolve_attention
+from cellstrata.engine.models.tahoe_x1 import PRESETS, TahoeX1Model
 from cellstrata.engine.sources import open_source
 
 FAMILIES = ("scgpt", "tahoe-x1", "scfoundation", "geneformer")
@@ -234,3 +236,9 @@ def test_budget_fit_from_two_probes(checkpoints):
     loaded = get_family("scgpt").load(checkpoints["scgpt"])
     cpu = torch.device("cpu")
     assert auto_max_tokens(loaded, cpu, packed=False, varlen="reference", autocast=None) == DEFAULT_MAX_TOKENS["cpu"]
+    # released sizes: about one cell per batch (counted on the meta device, no weights allocated)
+    with torch.device("meta"):
+        big = TahoeX1Model(replace(PRESETS["70m"], vocab_size=60000), pad_id=0)
+        mid = TahoeX1Model(replace(PRESETS["tiny"], d_model=128, n_heads=4), pad_id=0)
+    assert cpu_max_tokens(big) == MIN_TOKENS
+    assert MIN_TOKENS < cpu_max_tokens(mid) <= DEFAULT_MAX_TOKENS["cpu"]
