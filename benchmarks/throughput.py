@@ -472,19 +472,6 @@ def load_model(spec: dict[str, Any]) -> Any:
     return build_in_memory(spec["family"], spec["preset"], seed=spec["seed"], device=device)
 
 
-def _batch_kwargs(ext: Any) -> dict[str, Any]:
-    """``iter_batches``'s keywords for the extraction's layout: packed with its varlen kernel, or padded."""
-    if getattr(ext, "attention", "padded") == "packed":
-        return {"packed": True, "varlen": ext.varlen}
-    return {}
-
-
-def _slots(batch: Any) -> int:
-    """Token slots a batch computes: ``n_slots`` where the engine has it, else ``B x S`` (padded)."""
-    n = getattr(batch, "n_slots", None)
-    return int(n) if n is not None else int(batch.genes.shape[0] * batch.genes.shape[1])
-
-
 def _extraction(spec: dict[str, Any], loaded: Any, source: Any, n_cells: int, out: str) -> Any:
     """``extract``'s Extraction for these cells (nothing is written until ``run()``)."""
     from cellstrata.engine.pipeline import Extraction, resolve_device
@@ -527,9 +514,9 @@ def run_forward_only(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int,
     source = open_source(h5ad, gene_column=spec["gene_column"])
     n_cells = min(n_cells, source.n_cells)
     ext = _extraction(spec, loaded, source, n_cells, out)  # resolves max_tokens, attention and chunking
-    attention = str(getattr(ext, "attention", "padded"))
+    attention = ext.attention
+    packed = attention == "packed"
     max_tokens, chunk = int(ext.max_tokens), int(ext.chunk_cells)
-    kwargs = _batch_kwargs(ext)
     tok = loaded.tokenizer
     mapping = ext.mapping
     counts = _require_counts(loaded)
@@ -546,10 +533,10 @@ def run_forward_only(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int,
         toks = tok.tokenize(block, mapping)
         if toks.empty.any():
             toks = _select(toks, np.flatnonzero(~toks.empty))
-        for batch in iter_batches(toks, max_tokens, tok.pad_id, tok.pad_value, **kwargs):
+        for batch in iter_batches(toks, max_tokens, tok.pad_id, tok.pad_value, packed=packed, varlen=ext.varlen):
             all_batches.append(batch)
             tokens += int(batch.lengths.sum())
-            padded += _slots(batch)
+            padded += batch.n_slots
             flops += forward_flops(fshape, batch.lengths.numpy())
     source.close()
     t_input = time.perf_counter() - t0
@@ -601,7 +588,7 @@ def run_cellstrata(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int, o
         "padded_tokens": int(tele["padded_tokens"]),
         "batches": int(tele["batches"]),
         "max_tokens": int(ext.max_tokens),
-        "attention": str(getattr(ext, "attention", "padded")),
+        "attention": ext.attention,
         "model_flops": forward_flops(fshape, lengths),
         "truncated_cells": int(tele["truncated_cells"]),
         "empty_cells": int(tele["empty_cells"]),

@@ -74,7 +74,6 @@ class Telemetry:
     attention: str = ""
     max_tokens: int = 0
     input_processes: int = 0
-    peak_device_bytes: int = 0
 
     COUNTERS = (
         "cells",
@@ -122,8 +121,6 @@ class Telemetry:
             "max_tokens": self.max_tokens,
             "input_processes": self.input_processes,
         }
-        if self.peak_device_bytes:
-            d["peak_device_mib"] = round(self.peak_device_bytes / 2**20, 1)
         ovf = self.overflow
         d["float16_overflows"] = int(ovf.sum()) if ovf is not None else 0
         if ovf is not None and ovf.any():
@@ -386,10 +383,7 @@ class Extraction:
                 )
             for j, (custom, lo, hi) in enumerate(customs):
                 ovf = overflow[layer, n_kernel + j] if out_dtype == torch.float16 else None
-                if starts is None:
-                    custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend)
-                else:
-                    custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend, starts=starts)
+                custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend, starts=starts)
 
         with torch.inference_mode(), self.autocast():
             ld.model.forward(dev, tap)

@@ -179,12 +179,12 @@ def test_custom_pooling_of_its_own_width(h5ad, ckpt, tmp_path, monkeypatch):
     class MeanMax:
         width = 128  # 2 x hidden of the tiny preset
 
-        def __call__(self, hidden, lengths, out, overflow, backend):
+        def __call__(self, hidden, lengths, out, overflow, backend, *, starts=None):
             h = hidden.shape[-1]
             view = out.unflatten(-1, (2, h)).transpose(0, 1)  # [2, B, H] strided view of [B, 2H]
             ovf = torch.zeros(2, dtype=torch.int64, device=hidden.device)
             pool_cast(
-                hidden, None, lengths, PoolSpec(("mean", "max"), n_leading=1), out.dtype, view, ovf, backend=backend
+                hidden, starts, lengths, PoolSpec(("mean", "max"), n_leading=1), out.dtype, view, ovf, backend=backend
             )
             if overflow is not None:
                 overflow += ovf.sum()
