@@ -74,11 +74,13 @@ def collate_packed(tokens: TokenizedBlock, positions: np.ndarray, varlen: str = 
     if (lengths < 1).any():
         msg = "a packed batch cannot hold a cell without tokens"
         raise ValueError(msg)
-    genes = np.concatenate([np.asarray(tokens.genes[p], dtype=np.int64) for p in positions] or [np.zeros(0)])
-    values = np.concatenate([np.asarray(tokens.values[p], dtype=np.float32) for p in positions] or [np.zeros(0)])
+    genes = np.concatenate([np.asarray(tokens.genes[p], dtype=np.int64) for p in positions] or [np.zeros(0, np.int64)])
+    values = np.concatenate(
+        [np.asarray(tokens.values[p], dtype=np.float32) for p in positions] or [np.zeros(0, np.float32)]
+    )
     return TokenBatch(
-        genes=torch.from_numpy(genes.astype(np.int64, copy=False))[None, :],
-        values=torch.from_numpy(values.astype(np.float32, copy=False))[None, :],
+        genes=torch.from_numpy(genes)[None, :],
+        values=torch.from_numpy(values)[None, :],
         lengths=torch.from_numpy(lengths),
         positions=np.asarray(positions),
         host_lengths=tuple(lengths.tolist()),
