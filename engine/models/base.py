@@ -68,6 +68,12 @@ class GeneMapping:
         )
 
 
+# How a tokenizer fits a cell with more expressed genes than its context (its ``truncation_rule``).
+RANDOM_SUBSAMPLE = "random subsample, seeded per cell"
+TOP_RANKED = "top-ranked genes kept"
+NO_TRUNCATION = "no truncation"
+
+
 @dataclass
 class TokenizedBlock:
     """Token sequences of a block of cells, in the block's cell order.
@@ -75,6 +81,8 @@ class TokenizedBlock:
     ``genes[i]``/``values[i]`` include the special tokens (e.g. a leading ``<cls>``);
     ``truncated[i]`` is true when the cell had more tokens than the model's context and was cut or
     subsampled to fit; ``empty[i]`` is true when the cell had no expressed vocabulary gene.
+    ``n_expressed[i]``, when the tokenizer gives it, is the number of expressed vocabulary genes the
+    cell had before truncation (what the run's truncation report summarises).
     """
 
     indices: np.ndarray
@@ -82,11 +90,15 @@ class TokenizedBlock:
     values: list[np.ndarray]
     truncated: np.ndarray
     empty: np.ndarray
+    n_expressed: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.indices)
         if not (len(self.genes) == len(self.values) == len(self.truncated) == len(self.empty) == n):
             msg = "TokenizedBlock fields must all have one entry per cell"
+            raise ValueError(msg)
+        if self.n_expressed is not None and len(self.n_expressed) != n:
+            msg = "TokenizedBlock.n_expressed must have one entry per cell"
             raise ValueError(msg)
 
     @property
@@ -213,10 +225,17 @@ def canonical_rows(block: CellBlock, mapping: GeneMapping) -> tuple[sp.csr_matri
 
 
 class Tokenizer(Protocol):
-    """Official preprocessing of one family (see each family's module for the exact rules)."""
+    """Official preprocessing of one family (see each family's module for the exact rules).
+
+    ``max_length`` is the context in tokens, special tokens included (``None``: unlimited);
+    ``truncation_rule`` says how a longer cell is fitted to it (:data:`RANDOM_SUBSAMPLE`,
+    :data:`TOP_RANKED` or :data:`NO_TRUNCATION`).
+    """
 
     pad_id: int
     pad_value: float
+    max_length: int | None
+    truncation_rule: str
 
     def settings(self) -> dict[str, Any]:
         """Every setting that changes the tokens (goes into the store's attributes and config hash)."""

@@ -34,7 +34,7 @@ from torch import nn
 from ..datasets import gene_ensembl_ids
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
 from .attention import AttentionLayout, attend
-from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
+from .base import TOP_RANKED, GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
 from .checkpoints import (
     check_state_dict,
     describe_files,
@@ -475,6 +475,7 @@ class GeneformerTokenizer:
     """
 
     pad_value = 0.0
+    truncation_rule = TOP_RANKED
 
     def __init__(
         self,
@@ -654,6 +655,7 @@ class GeneformerTokenizer:
             values=np.split(np.zeros(len(genes), dtype=np.float32), cuts),
             truncated=counts > self.n_keep,
             empty=counts == 0,
+            n_expressed=counts,
         )
 
 

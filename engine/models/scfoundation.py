@@ -41,7 +41,17 @@ from torch import nn
 from ... import kernels
 from ..datasets import gene_symbols
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
-from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
+from .base import (
+    NO_TRUNCATION,
+    RANDOM_SUBSAMPLE,
+    GeneMapping,
+    LoadedModel,
+    SpecialLayout,
+    Tap,
+    TokenBatch,
+    TokenizedBlock,
+    canonical_rows,
+)
 from .checkpoints import check_state_dict, describe_files, load_torch_weights, refuse_unknown_options
 from .layers import TorchEncoderLayer
 
@@ -555,8 +565,18 @@ class ScFoundationTokenizer:
         value_list = np.split(out_values, starts[1:])
         truncated = self._truncate(gene_list, value_list, counts, indices)
         return TokenizedBlock(
-            indices=indices.copy(), genes=gene_list, values=value_list, truncated=truncated, empty=empty
+            indices=indices.copy(),
+            genes=gene_list,
+            values=value_list,
+            truncated=truncated,
+            empty=empty,
+            n_expressed=counts,
         )
+
+    @property
+    def truncation_rule(self) -> str:
+        """None by default (the official code never truncates); a seeded random subset with ``max_length``."""
+        return NO_TRUNCATION if self.max_length is None else RANDOM_SUBSAMPLE
 
     def _truncate(
         self, gene_list: list[np.ndarray], value_list: list[np.ndarray], counts: np.ndarray, indices: np.ndarray

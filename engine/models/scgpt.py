@@ -27,7 +27,16 @@ from torch import nn
 
 from ..datasets import gene_symbols
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
-from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
+from .base import (
+    RANDOM_SUBSAMPLE,
+    GeneMapping,
+    LoadedModel,
+    SpecialLayout,
+    Tap,
+    TokenBatch,
+    TokenizedBlock,
+    canonical_rows,
+)
 from .checkpoints import (
     checkpoint_folder,
     load_state_dict,
@@ -164,7 +173,8 @@ def _json_number(x: float) -> int | float:
 PRESETS: dict[str, ScGPTConfig] = {
     # the released whole-human model (and its organ-specific siblings): 60697 tokens incl. specials
     "whole-human": ScGPTConfig(embsize=512, nheads=8, d_hid=512, nlayers=12, vocab_size=60697),
-    # random test model over the synthetic genes of engine/datasets.gene_symbols
+    # random test model over the synthetic genes of engine/datasets.gene_symbols; its context is 256 tokens
+    # (<cls> + 255 genes; the released model's is 1,200): longer cells keep a seeded random subset
     "tiny": ScGPTConfig(
         embsize=64, nheads=4, d_hid=128, nlayers=4, vocab_size=2000 + len(SPECIAL_TOKENS), max_length=256
     ),
@@ -333,6 +343,8 @@ class ScGPTTokenizer:
     ``pad_value``; cells longer than ``max_length`` keep ``<cls>`` plus a random subset in random order.
     """
 
+    truncation_rule = RANDOM_SUBSAMPLE
+
     def __init__(
         self,
         vocab: Mapping[str, int],
@@ -471,6 +483,7 @@ class ScGPTTokenizer:
             values=value_list,
             truncated=truncated,
             empty=counts == 0,
+            n_expressed=counts,
         )
 
 
