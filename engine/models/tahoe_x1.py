@@ -33,7 +33,16 @@ from ...kernels import PoolSpec, pool_cast
 from ..datasets import gene_ensembl_ids
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
 from .attention import AttentionLayout, attend
-from .base import GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
+from .base import (
+    RANDOM_SUBSAMPLE,
+    GeneMapping,
+    LoadedModel,
+    SpecialLayout,
+    Tap,
+    TokenBatch,
+    TokenizedBlock,
+    canonical_rows,
+)
 from .checkpoints import (
     check_state_dict,
     checkpoint_folder,
@@ -301,7 +310,8 @@ PRESETS: dict[str, TahoeX1Config] = {
         keep_first_n_tokens=2,
         train_max_length=2048,
     ),
-    # random test model over the synthetic Ensembl ids of engine/datasets.gene_ensembl_ids
+    # random test model over the synthetic Ensembl ids of engine/datasets.gene_ensembl_ids; its context is
+    # 256 tokens (<cls> + 255 genes; the released models' is 2,048): longer cells keep a seeded random subset
     "tiny": TahoeX1Config(
         d_model=64, n_layers=4, n_heads=4, vocab_size=2000 + len(SPECIAL_TOKENS), train_max_length=256, max_length=256
     ),
@@ -477,6 +487,8 @@ class TahoeX1Tokenizer:
     plus a random subset of the rest in random order (``_sample``).
     """
 
+    truncation_rule = RANDOM_SUBSAMPLE
+
     def __init__(
         self,
         vocab: Mapping[str, int],
@@ -615,6 +627,7 @@ class TahoeX1Tokenizer:
             values=value_list,
             truncated=truncated,
             empty=counts == 0,
+            n_expressed=counts,
         )
 
 
