@@ -12,6 +12,15 @@ official run). The chemical (drug) token of the 3b model is not used: ``Composer
 Checkpoint folder (as published on Hugging Face, ``tahoebio/Tahoe-x1/{70m,1b,3b}-model/``):
 ``model.safetensors`` (a ``ComposerTX`` state dict, every key prefixed ``model.``), ``model_config.yml``,
 ``collator_config.yml`` and ``vocab.json`` (Ensembl gene id -> index).
+
+Stored zeros: ``CountDataset`` takes every entry a CSR row stores (``row.indices``, ``row.data``), so an
+explicit zero is a gene token like any other: it lengthens the cell, can be drawn when an over-long cell
+is subsampled, and ``binning`` gives it bin 1 (the quantile edges come from the cell's non-zero values
+only, so the other genes' bins do not change). cellstrata does the same, on in-memory and on-disk
+(h5ad, zarr) matrices alike; a dense matrix stores no zero. Two cases where the official code raises
+instead of giving a number: a cell storing only zeros is stored as empty (NaN, as a cell with no
+vocabulary gene), and with ``keep_first_n_tokens=2`` a cell whose genes after the first are all zero
+gets bin 1 for each of them. Duplicate entries of one gene in a row are summed (canonical CSR).
 """
 
 from __future__ import annotations
@@ -72,7 +81,7 @@ KEY_PREFIX = "model."  # ComposerTX wraps TXModel as ``self.model``
 # heads and the drug encoder: in the released files, never used for embeddings (skip_decoders, use_chem_inf=False)
 IGNORED_PREFIXES = ("expression_decoder.", "mvc_decoder.", "chem_encoder.")
 INFERENCE_MAX_LENGTH = 2048  # scripts/inference/configs/predict.yaml: predict.seq_len_dataset
-TOKENIZER_VERSION = "tahoe-x1-binning-1"
+TOKENIZER_VERSION = "tahoe-x1-binning-2"  # 2: explicit stored zeros are tokens in bin 1 (were dropped)
 PRESET_FIELD = "cellstrata_preset"  # model_config.yml field written by init_checkpoint
 # torch.nn.functional names the official ``resolve_ffn_act_fn({"name": ...})`` resolves (default arguments)
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -480,11 +489,12 @@ def _is_special(token: str) -> bool:
 class TahoeX1Tokenizer:
     """Official Tahoe-X1 input preparation (see the module docstring), seeded per cell.
 
-    Per cell (``CountDataset.__getitem__`` + ``DataCollator.__call__``): the expressed vocabulary genes
-    in column order with their raw counts, ``<cls>`` first with value ``pad_value``; every value after
-    the first ``keep_first_n_tokens`` tokens binned against the quantiles of those values
-    (``binning``); cells longer than ``max_length`` keep their first ``keep_first_n_tokens`` tokens
-    plus a random subset of the rest in random order (``_sample``).
+    Per cell (``CountDataset.__getitem__`` + ``DataCollator.__call__``): the stored vocabulary entries
+    (explicit zeros included) in column order with their raw counts, ``<cls>`` first with value
+    ``pad_value``; every value after the first ``keep_first_n_tokens`` tokens binned against the
+    quantiles of the non-zero ones, a zero in bin 1 (``binning``); cells longer than ``max_length`` keep
+    their first ``keep_first_n_tokens`` tokens plus a random subset of the rest in random order
+    (``_sample``). A cell with no non-zero vocabulary value is empty.
     """
 
     truncation_rule = RANDOM_SUBSAMPLE
@@ -540,6 +550,7 @@ class TahoeX1Tokenizer:
             "version": TOKENIZER_VERSION,
             "num_bins": self.num_bins,
             "binning": "torch.quantile(values, linspace(0, 1, num_bins - 1)); bucketize(right=False) + 1",
+            "stored_zeros": "tokens in bin 1; edges from the non-zero values",
             "keep_first_n_tokens": self.keep_first_n_tokens,
             "max_length": self.max_length,
             "seed": self.seed,
@@ -587,21 +598,28 @@ class TahoeX1Tokenizer:
         token_ids = np.asarray(mapping.token_ids, dtype=np.int64)
         tok = token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch.tensor(dtype=torch.float)
-        keep = (tok >= 0) & (data != 0)
+        keep = tok >= 0  # every stored entry, explicit zeros included (CountDataset: row.indices, row.data)
         rows_all = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
         genes, values, rows = tok[keep], data[keep], rows_all[keep]
         _check_counts(values, rows, indices)
+        empty = np.bincount(rows[values != 0], minlength=n_cells) == 0
+        if empty[rows].any():  # cells storing only zeros: the official binning raises; stored as empty
+            full = ~empty[rows]
+            genes, values, rows = genes[full], values[full], rows[full]
         counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
         offsets = np.concatenate(([0], np.cumsum(counts)))
 
-        # binned: every gene at position >= keep_first_n_tokens of [<cls>, genes...]
+        # binned: every gene at position >= keep_first_n_tokens of [<cls>, genes...]; a zero goes to bin 1,
+        # the others to their bucket among the quantiles of the cell's non-zero binned values
         skip = self.keep_first_n_tokens - 1
         pos_in_cell = np.arange(len(values)) - offsets[rows]
         binned = pos_in_cell >= skip
         out_values = values.copy()
-        if binned.any():
-            n_binned = np.maximum(counts - skip, 0)
-            out_values[binned] = bin_values(values[binned], n_binned[n_binned > 0], self.num_bins).astype(np.float32)
+        out_values[binned & (values == 0)] = 1.0
+        nonzero = binned & (values != 0)
+        if nonzero.any():
+            n_binned = np.bincount(rows[nonzero], minlength=n_cells)
+            out_values[nonzero] = bin_values(values[nonzero], n_binned[n_binned > 0], self.num_bins).astype(np.float32)
 
         total = len(values) + n_cells
         seq_genes = np.empty(total, dtype=np.int64)
@@ -626,7 +644,7 @@ class TahoeX1Tokenizer:
             genes=gene_list,
             values=value_list,
             truncated=truncated,
-            empty=counts == 0,
+            empty=empty,
             n_expressed=counts,
         )
 

@@ -18,7 +18,13 @@ from safetensors.torch import load_file, save_file
 import cellstrata as cs
 from cellstrata.cli import main
 from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols, synthetic_dataset
-from cellstrata.engine.errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
+from cellstrata.engine.errors import (
+    CheckpointError,
+    ConfigError,
+    GeneOverlapError,
+    InvalidValuesError,
+    StoreConfigMismatchError,
+)
 from cellstrata.engine.models import family_names, get_family
 from cellstrata.engine.models.base import SpecialLayout, TokenBatch
 from cellstrata.engine.models.tahoe_x1 import (
@@ -393,15 +399,92 @@ def test_matrix_variants_give_same_tokens():
     shuffled = sp.csr_matrix((X.data[order], (X.row[order], X.col[order])), shape=X.shape)
     shuffled.has_sorted_indices = False
     variants = [block.X.toarray(), block.X.astype(np.float64), block.X.astype(np.int32), shuffled]
-    explicit = block.X.copy()
-    explicit.data[::7] = 0  # stored zeros are not expressed genes
     for X2 in variants:
         got = tok.tokenize(CellBlock(block.indices, X2), tok.map_genes(gene_ensembl_ids(200)))
         assert all(np.array_equal(a, b) for a, b in zip(got.genes, ref.genes))
         assert all(np.array_equal(a, b) for a, b in zip(got.values, ref.values))
-    got = tok.tokenize(CellBlock(block.indices, explicit), tok.map_genes(gene_ensembl_ids(200)))
-    dense = _tokens(tok, CellBlock(block.indices, sp.csr_matrix(explicit.toarray())), gene_ensembl_ids(200))
-    assert all(np.array_equal(a, b) for a, b in zip(got.values, dense.values))
+
+
+def test_stored_zeros_by_hand():
+    """A stored zero is a token in bin 1; the other genes keep the bins of the cell without it."""
+    vocab = _vocab(6)
+    tok = TahoeX1Tokenizer(vocab, max_length=50)
+    cls = vocab["<cls>"]
+    # cell 0: 5, (0), 1, 9 with the zero stored in the middle; cell 1: only a stored zero; cell 2: 7, (0)
+    X = sp.csr_matrix(
+        (np.array([5, 0, 1, 9, 0, 7, 0], np.float32), np.array([1, 2, 3, 4, 5, 0, 5]), np.array([0, 4, 5, 7])),
+        shape=(3, 6),
+    )
+    assert X.nnz == 7
+    tb = _tokens(tok, CellBlock(np.array([3, 4, 5]), X), gene_ensembl_ids(6))
+    without = _tokens(tok, CellBlock(np.array([3, 4, 5]), sp.csr_matrix(X.toarray())), gene_ensembl_ids(6))
+    assert tb.genes[0].tolist() == [cls, 1, 2, 3, 4] and tb.values[0][2] == 1
+    assert np.delete(tb.values[0], 2).tolist() == without.values[0].tolist() == [-2, 26, 1, 50]
+    assert tb.genes[1].tolist() == [cls] and tb.empty.tolist() == [False, True, False]
+    assert tb.genes[2].tolist() == [cls, 0, 5] and tb.values[2].tolist() == [-2, 1, 1]
+    assert tb.lengths.tolist() == [5, 1, 3]
+    # keep_first_n_tokens=2: a zero in first place stays raw; the rest is binned as before
+    tb2 = _tokens(
+        TahoeX1Tokenizer(vocab, max_length=50, keep_first_n_tokens=2),
+        CellBlock(np.arange(2), X[[2, 0]]),
+        gene_ensembl_ids(6),
+    )
+    assert tb2.values[0].tolist() == [-2, 7, 1] and tb2.values[1].tolist() == [-2, 5, 1, 1, 50]
+
+
+def test_stored_zeros_count_for_length_and_can_be_sampled():
+    vocab = _vocab(400)
+    names = gene_ensembl_ids(400)
+    rng = np.random.default_rng(12)
+    n, cols = 7, [np.sort(rng.choice(400, 90, replace=False)) for _ in range(7)]
+    data = [np.where(rng.random(90) < 0.6, 0, rng.integers(1, 30, 90)).astype(np.float32) for _ in range(n)]
+    X = sp.csr_matrix((np.concatenate(data), np.concatenate(cols), np.arange(n + 1) * 90), shape=(n, 400))
+    tok = TahoeX1Tokenizer(vocab, max_length=64, seed=2)
+    tb = _tokens(tok, CellBlock(np.arange(n), X), names)
+    assert tb.truncated.all() and (tb.lengths == 64).all()  # 90 stored entries, ~36 non-zero each
+    zero_genes = [set(c[d == 0].tolist()) for c, d in zip(cols, data)]
+    kept_zeros = [sum(g in zero_genes[i] for g in tb.genes[i][1:].tolist()) for i in range(n)]
+    assert min(kept_zeros) > 10
+    for i in range(n):
+        is_zero = np.array([g in zero_genes[i] for g in tb.genes[i][1:].tolist()])
+        assert np.all(tb.values[i][1:][is_zero] == 1) and np.all(tb.values[i][1:][~is_zero] >= 1)
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr", "memory"])
+def test_stored_zeros_survive_every_reader(fmt, tmp_path):
+    """The h5ad / zarr readers and in-memory AnnData hand the stored zeros to the tokenizer unchanged."""
+    import anndata as ad
+
+    from cellstrata.engine.sources import open_source
+
+    rng = np.random.default_rng(31)
+    n_cells, n_genes = 29, 150
+    X = sp.random(n_cells, n_genes, density=0.25, format="csr", random_state=rng, dtype=np.float64)
+    X.data = np.ceil(X.data * 20).astype(np.float32)
+    X = sp.csr_matrix((X.data.astype(np.float32), X.indices, X.indptr), shape=X.shape)
+    X.data[rng.random(X.nnz) < 0.3] = 0
+    adata = ad.AnnData(X, var={"ensembl_id": gene_ensembl_ids(n_genes)})
+    adata.var_names = [f"g{j}" for j in range(n_genes)]
+    if fmt == "h5ad":
+        adata.write_h5ad(tmp_path / "c.h5ad")
+        source = open_source(tmp_path / "c.h5ad", gene_column="ensembl_id")
+    elif fmt == "zarr":
+        adata.write_zarr(tmp_path / "c.zarr")
+        source = open_source(tmp_path / "c.zarr", gene_column="ensembl_id")
+    else:
+        source = open_source(adata, gene_column="ensembl_id")
+    tok = TahoeX1Tokenizer(_vocab(n_genes), max_length=1000)
+    mapping = tok.map_genes(list(source.gene_names))
+    ref = tok.tokenize(CellBlock(np.arange(n_cells), X), mapping)
+    assert sum(len(g) - 1 for g in ref.genes) == X.nnz  # every stored entry is a token
+    seen, n_stored_zeros = 0, 0
+    for block in source.iter_blocks(6):
+        n_stored_zeros += int((block.X.data == 0).sum())
+        got = tok.tokenize(block, mapping)
+        for j, i in enumerate(block.indices):
+            assert np.array_equal(got.genes[j], ref.genes[i]) and np.array_equal(got.values[j], ref.values[i])
+        seen += len(block)
+    assert seen == n_cells and n_stored_zeros == int((X.data == 0).sum()) > 100
 
 
 def test_bad_values_are_refused():
@@ -418,6 +501,8 @@ def test_settings_describe_tokens():
     assert s["num_bins"] == 51 and s["max_length"] == 300 and s["seed"] == 3 and s["keep_first_n_tokens"] == 2
     assert s["pad_id"] == vocab["<pad>"] and s["pad_value"] == -2 and s["cls_id"] == vocab["<cls>"]
     assert s["vocab_size"] == 23 and len(s["vocab_sha256"]) == 64 and s["chem_token"] is False
+    # stored zeros became tokens in version 2: a store written by version 1 has another config hash
+    assert s["version"] == "tahoe-x1-binning-2" and "bin 1" in s["stored_zeros"]
     assert TahoeX1Tokenizer(_vocab(21)).settings()["vocab_sha256"] != s["vocab_sha256"]
     json.dumps(s)
 
@@ -513,6 +598,23 @@ def test_extract_end_to_end_on_ensembl_ids(tiny, cells, tmp_path):
             np.testing.assert_allclose(data["cls"][layer, i], h[0].numpy(), rtol=1e-4, atol=1e-5)
             emb = norm(h[0]).numpy()
             np.testing.assert_allclose(data["official"][layer, i], emb / np.linalg.norm(emb), atol=1e-5)
+
+
+def test_a_store_from_the_tokenizer_that_dropped_stored_zeros_is_not_resumed(tiny, cells, tmp_path, monkeypatch):
+    """Stored zeros changed the tokens: the tokenizer version is in the config hash, so resuming refuses."""
+    kwargs = {"model": "tahoe-x1", "checkpoint": tiny, "out": tmp_path / "s.zarr", "poolings": ["cls"]}
+    current = TahoeX1Tokenizer.settings
+
+    def version_one(self):
+        s = current(self)
+        del s["stored_zeros"]
+        return {**s, "version": "tahoe-x1-binning-1"}
+
+    monkeypatch.setattr(TahoeX1Tokenizer, "settings", version_one)
+    cs.extract(cells[:8].copy(), gene_column="ensembl_id", progress=False, **kwargs)
+    monkeypatch.setattr(TahoeX1Tokenizer, "settings", current)
+    with pytest.raises(StoreConfigMismatchError, match="--overwrite"):
+        cs.extract(cells[:8].copy(), gene_column="ensembl_id", progress=False, **kwargs)
 
 
 def test_cli_refuses_symbol_named_genes(tiny, cells, tmp_path, capsys):

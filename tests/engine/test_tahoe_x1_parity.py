@@ -83,6 +83,58 @@ def _counts(n_cells: int, n_genes: int, seed: int, kind: str, max_density: float
     return sp.csr_matrix(dense)
 
 
+def _with_stored_zeros(n_cells: int, n_genes: int, seed: int, zero_fraction: float = 0.3) -> sp.csr_matrix:
+    """Counts whose CSR arrays also store explicit zeros, built from (data, indices, indptr) so they stay stored.
+
+    Cell 0 stores nothing, cell 1 stores only zeros, cell 2 stores a zero as its first entry; the other
+    cells mix counts with stored zeros anywhere in the row (any column order of the entries is kept sorted).
+    """
+    rng = np.random.default_rng(seed)
+    data, indices, indptr = [], [], [0]
+    for i in range(n_cells):
+        n = 0 if i == 0 else int(rng.integers(2, min(n_genes, 40 + 7 * i)))
+        cols = np.sort(rng.choice(n_genes, n, replace=False))
+        vals = (np.floor(rng.lognormal(1, 1.5, n)) + 1).astype(np.float32)
+        vals[rng.random(n) < zero_fraction] = 0
+        if i == 1:
+            vals[:] = 0
+        elif n:
+            vals[0], vals[-1] = 0, max(vals[-1], 1)  # a leading zero, and at least one count
+        data.append(vals)
+        indices.append(cols)
+        indptr.append(indptr[-1] + n)
+    X = sp.csr_matrix(
+        (np.concatenate(data), np.concatenate(indices).astype(np.int32), np.array(indptr)), shape=(n_cells, n_genes)
+    )
+    assert (X.data == 0).sum() > n_cells and X.has_canonical_format  # the zeros are stored
+    return X
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_stored_zeros_are_tokens_in_bin_one_as_official(keep):
+    """``CountDataset`` takes every stored entry (``row.indices``/``row.data``), zeros included, and
+    ``binning`` puts a zero in bin 1 while the quantile edges come from the non-zero values only."""
+    n_genes, n_cells = 300, 23
+    X = _with_stored_zeros(n_cells, n_genes, seed=10 + keep)
+    vocab = _vocab(n_genes)
+    tok = TahoeX1Tokenizer(vocab, max_length=10_000, keep_first_n_tokens=keep)
+    got = tok.tokenize(CellBlock(np.arange(n_cells), X), tok.map_genes(gene_ensembl_ids(n_genes)))
+    # cells 0 (nothing stored) and 1 (only zeros): the official binning raises on them; stored as empty
+    assert got.empty.tolist() == [True, True] + [False] * (n_cells - 2)
+    assert got.genes[0].tolist() == got.genes[1].tolist() == [vocab["<cls>"]]
+    n_zero_tokens = 0
+    for i in range(2, n_cells):
+        genes, values = _official_cell(X, i, np.arange(n_genes), vocab["<cls>"], keep, 51)
+        np.testing.assert_array_equal(got.genes[i], genes, err_msg=f"cell {i}")
+        np.testing.assert_array_equal(got.values[i], values, err_msg=f"cell {i}")
+        zero = X.getrow(i).data[keep - 1 :] == 0
+        assert np.all(values[keep:][zero] == 1)
+        n_zero_tokens += int(zero.sum())
+    assert n_zero_tokens > 50
+    # keep_first_n_tokens=2: a stored zero in first place stays a raw 0, as the official collator leaves it
+    assert keep == 1 or all(got.values[i][1] == 0 for i in range(2, n_cells))
+
+
 @pytest.mark.parametrize(("kind", "keep"), [("poisson", 1), ("heavy", 1), ("float", 1), ("heavy", 2)])
 def test_tokens_match_official_collator(kind, keep):
     n_genes = 600
@@ -290,6 +342,28 @@ def test_every_layer_matches_official_equations(checkpoint):
         out = torch.empty(1, cfg.d_model)
         official(ours[cfg.n_layers][j : j + 1], batch.lengths[j : j + 1], out, None, "torch")
         np.testing.assert_allclose(out[0].numpy(), published_cell_embedding(state, ref[-1]), atol=2e-6)
+
+
+def test_cells_with_stored_zeros_match_official_at_every_layer(checkpoint):
+    """End to end on a CSR input with stored zeros: the official tokens (every stored entry, zeros in
+    bin 1) through the official equations, against our tokenizer and model."""
+    loaded = FAMILY.load(checkpoint)
+    state = load_file(str(checkpoint / "model.safetensors"))
+    cfg, tok = loaded.model.config, loaded.tokenizer
+    n_cells = 9
+    X = _with_stored_zeros(n_cells, 2000, seed=5)
+    tb = tok.tokenize(CellBlock(np.arange(n_cells), X), tok.map_genes(gene_ensembl_ids(2000)))
+    rows = list(range(2, n_cells))  # cells 0 and 1 store no count: empty
+    assert not tb.truncated.any() and tb.empty[:2].all() and not tb.empty[2:].any()
+    ours = _run(loaded.model, _batch(tb, rows, tok.pad_id, tok.pad_value))
+    for j, i in enumerate(rows):
+        genes, values = _official_cell(X, i, np.arange(2000), tok.cls_id, cfg.keep_first_n_tokens, cfg.num_bins)
+        ref = official_states(state, genes, values, cfg.n_heads, cfg.transformer_activation, cfg.expression_activation)
+        n = len(genes)
+        assert len(tb.genes[i]) == n
+        for layer, r in enumerate(ref):
+            rel = float((ours[layer][j, :n].double() - r).abs().max() / r.abs().max())
+            assert rel <= REL_TOL, (i, layer, rel)
 
 
 def test_padded_batch_equals_each_cell_alone(checkpoint):
