@@ -9,6 +9,12 @@ do_mlm=False, keep_first_n_tokens=1, sampling=True)`` -> ``preprocess.binning(n_
 
 Checkpoint folder (as released): ``best_model.pt`` (a plain state dict, flash-attn ``Wqkv`` layout or
 torch ``in_proj_`` layout), ``args.json`` (model settings) and ``vocab.json`` (token -> id).
+
+Stored zeros: ``get_batch_cell_embeddings`` densifies ``adata.X`` (``toarray()``, which also sums
+duplicate entries) and keeps ``np.nonzero(row)`` of each row, so an explicit zero stored in a sparse
+matrix is no token and takes no part in the binning (``tokenize_and_pad_batch`` with its default
+``include_zero_gene=False`` uses the same ``np.nonzero`` rule). cellstrata drops stored zeros too, on
+in-memory and on-disk (h5ad, zarr) matrices alike; a cell storing only zeros is empty (NaN).
 """
 
 from __future__ import annotations
@@ -338,9 +344,10 @@ def _bin_edges_digits(
 class ScGPTTokenizer:
     """Official scGPT input preparation (see the module docstring), seeded per cell.
 
-    Per cell: the expressed vocabulary genes in column order, each value binned against quantiles of
-    the cell's own expressed values (``n_bins - 1`` edges, random tie-break), ``<cls>`` first with value
-    ``pad_value``; cells longer than ``max_length`` keep ``<cls>`` plus a random subset in random order.
+    Per cell: the expressed (non-zero; stored zeros dropped) vocabulary genes in column order, each
+    value binned against quantiles of the cell's own expressed values (``n_bins - 1`` edges, random
+    tie-break), ``<cls>`` first with value ``pad_value``; cells longer than ``max_length`` keep ``<cls>``
+    plus a random subset in random order.
     """
 
     truncation_rule = RANDOM_SUBSAMPLE
@@ -433,7 +440,7 @@ class ScGPTTokenizer:
         token_ids = np.asarray(mapping.token_ids, dtype=np.int64)
         tok = token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch .float()
-        keep = (tok >= 0) & (data != 0)
+        keep = (tok >= 0) & (data != 0)  # np.nonzero of the dense row: stored zeros are no tokens
         rows_all = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
         genes, values, rows = tok[keep], data[keep], rows_all[keep]
         if not np.isfinite(values).all():

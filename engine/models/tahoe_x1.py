@@ -645,7 +645,7 @@ class TahoeX1Tokenizer:
             values=value_list,
             truncated=truncated,
             empty=empty,
-            n_expressed=counts,
+            n_expressed=counts,  # gene tokens before sampling: stored zeros included, they take context too
         )
 
 

@@ -196,6 +196,51 @@ def test_tokens_match_official_collator(official_collator_module, monkeypatch, s
     assert not ours.truncated.any()
 
 
+def test_stored_zeros_are_not_tokens_as_official(official_collator_module, monkeypatch):
+    """A CSR input that stores explicit zeros: ``get_batch_cell_embeddings`` densifies ``adata.X``
+    (``toarray()``) and takes ``np.nonzero(row)``, so a stored zero is no token and changes no bin."""
+    vocab = _vocab(400)
+    names = _input_genes(400, 60)
+    rng = np.random.default_rng(21)
+    n_cells, data, indices, indptr = 23, [], [], [0]
+    for i in range(n_cells):
+        cols = np.sort(rng.choice(len(names), int(rng.integers(3, 160)), replace=False))
+        vals = (rng.poisson(rng.choice([0.5, 3, 30]), len(cols)) + 1).astype(np.float32)
+        vals[rng.random(len(cols)) < (1.0 if i == 4 else 0.35)] = 0  # cell 4 stores only zeros
+        vals[0] = 0  # a stored zero at the start of every row
+        data.append(vals)
+        indices.append(cols)
+        indptr.append(indptr[-1] + len(cols))
+    X = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.array(indptr)), shape=(n_cells, len(names)))
+    in_vocab = np.array([g in vocab for g in names])[X.indices]
+    assert X.has_canonical_format and int(((X.data == 0) & in_vocab).sum()) > 200
+    cell_index = np.arange(500, 500 + n_cells)
+    tok = ScGPTTokenizer(vocab, max_length=10_000, seed=3)
+    ours = tok.tokenize(CellBlock(cell_index, X), tok.map_genes(names))
+
+    examples = _official_examples(X.toarray(), names, vocab, tok.pad_value)
+    nonempty = [i for i in range(n_cells) if len(examples[i]["genes"]) > 1]
+    assert ours.empty.tolist() == [i not in nonempty for i in range(n_cells)] and ours.empty[4]
+    draws = iter([np.random.default_rng((3, int(cell_index[i]))) for i in nonempty])
+    monkeypatch.setattr(np.random, "rand", lambda n: next(draws).random(n))
+    collator = official_collator_module.DataCollator(
+        do_padding=True,
+        pad_token_id=vocab["<pad>"],
+        pad_value=-2,
+        do_mlm=False,
+        do_binning=True,
+        max_length=10_000,
+        sampling=True,
+        keep_first_n_tokens=1,
+    )
+    ref = collator([examples[i] for i in nonempty])
+    for b, i in enumerate(nonempty):
+        n = len(ours.genes[i])
+        np.testing.assert_array_equal(ours.genes[i], ref["gene"][b, :n].numpy())
+        np.testing.assert_array_equal(ours.values[i], ref["expr"][b, :n].numpy())
+        assert (ref["gene"][b, n:] == vocab["<pad>"]).all() and ours.values[i][1:].min() >= 1
+
+
 def test_truncation_is_a_subset_of_the_official_full_sequence(official_collator_module, monkeypatch):
     """Over-long cells: <cls> first, then max_length - 1 of the official (binned) tokens, shuffled."""
     vocab = _vocab(600)
