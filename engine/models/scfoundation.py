@@ -20,6 +20,12 @@ Departures from the official script (each documented where it is implemented):
   would shift the official S/T pooling onto a gene token;
 - ``max_length`` (off by default, as the official code never truncates) keeps a random subset of a
   cell's genes drawn from ``np.random.default_rng((seed, cell_index))``.
+
+Stored zeros: the script densifies the input (``adata.X.toarray()`` into a DataFrame, which also sums
+duplicate entries) and ``gatherData`` keeps the positions whose value is > 0, so an explicit zero stored
+in a sparse matrix is no token and adds nothing to the total count. cellstrata drops stored zeros too
+(``value > 0`` after normalisation), on in-memory and on-disk (h5ad, zarr) matrices alike; a cell storing
+only zeros is empty (NaN).
 """
 
 from __future__ import annotations
@@ -540,7 +546,7 @@ class ScFoundationTokenizer:
                 values64 = np.log1p(data / total[rows] * 1e4)
         else:
             values64 = data
-        expressed = values64 > 0  # gatherData keeps value > 0 (of the float64 input tensor)
+        expressed = values64 > 0  # gatherData keeps value > 0 (of the float64 input tensor): no stored zero
         genes, rows = genes[expressed], rows[expressed]
         values = values64[expressed].astype(np.float32)  # token_emb(x.float())
         order = np.lexsort((genes, rows))  # gene-list order within each cell

@@ -110,6 +110,42 @@ def test_tokens_match_official_script(pre_normalized, tgthighres):
     assert n_compared >= 25
 
 
+@pytest.mark.parametrize("pre_normalized", ["F", "T"])
+def test_stored_zeros_are_not_tokens_as_official(pre_normalized):
+    """A CSR input that stores explicit zeros: the script densifies ``adata.X`` (``toarray()``) and
+    ``gatherData`` keeps value > 0, so a stored zero is no token and adds nothing to the total."""
+    gene_list, names = _input_names(300, 20)
+    rng = np.random.default_rng(17)
+    n_cells, data, indices, indptr = 21, [], [], [0]
+    for i in range(n_cells):
+        cols = np.sort(rng.choice(len(names), int(rng.integers(2, 120)), replace=False))
+        vals = (rng.poisson(rng.choice([1, 4, 30]), len(cols)) + 1).astype(np.float32)
+        if pre_normalized == "T":
+            vals = np.log1p(vals / vals.sum() * 1e4).astype(np.float32)
+        vals[rng.random(len(cols)) < (1.0 if i == 6 else 0.4)] = 0  # cell 6 stores only zeros
+        vals[-1] = 0  # a stored zero at the end of every row
+        data.append(vals)
+        indices.append(cols)
+        indptr.append(indptr[-1] + len(cols))
+    X = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.array(indptr)), shape=(n_cells, len(names)))
+    in_list = np.isin(np.array(names)[X.indices], gene_list)
+    assert X.has_canonical_format and int(((X.data == 0) & in_list).sum()) > 150
+    tok = ScFoundationTokenizer(gene_list, pre_normalized=pre_normalized, tgthighres="t4")
+    ours = tok.tokenize(CellBlock(np.arange(n_cells), X), tok.map_genes(names))
+    table = _official_table(X.toarray().astype(np.float64), names, gene_list)
+    n_compared = 0
+    for i in range(n_cells):
+        row = table.iloc[i, :]
+        if row.sum() == 0:
+            assert ours.empty[i] and ours.genes[i].size == 0
+            continue
+        values, ids = _official_cell(row, pre_normalized, "t4")
+        np.testing.assert_array_equal(ours.genes[i], ids.numpy())
+        np.testing.assert_array_equal(ours.values[i], values.numpy())
+        n_compared += 1
+    assert ours.empty[6] and n_compared >= 18
+
+
 def test_one_count_cell_keeps_s_where_the_official_script_drops_it():
     """Documented departure: S = log10(1) = 0 would be dropped by gatherData (value > 0)."""
     gene_list = gene_symbols(20)
