@@ -292,6 +292,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     from .engine.models import get_family
+    from .engine.weights import mark_random_init
 
     family = get_family(args.model)
     genes = None
@@ -301,6 +302,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         with open_source(args.genes_from, gene_column=args.gene_column) as src:
             genes = [str(g) for g in src.gene_names]
     out = family.init_checkpoint(args.preset, args.out, seed=args.seed, genes=genes)
+    mark_random_init(out, family=family.name, preset=args.preset, seed=args.seed)
     print(f"wrote a {args.model} '{args.preset}' checkpoint with RANDOM weights to {out}")
     return 0
 

@@ -11,6 +11,7 @@ from .engine.errors import ProbeError
 from .engine.models import get_family
 from .engine.pipeline import extract
 from .engine.store import Store
+from .engine.weights import mark_random_init
 
 # the var column holding the identifiers each model's users have (symbols are the var_names)
 GENE_COLUMN = {"scgpt": None, "scfoundation": None, "tahoe-x1": "ensembl_id", "geneformer": "ensembl_id"}
@@ -53,6 +54,7 @@ def run_demo(
         print(f"wrote {n_cells} synthetic cells (cell types, a trajectory, perturbations in 2 states) to {data}")
     if not (ckpt.is_dir() and any(ckpt.iterdir())):
         family.init_checkpoint("tiny", ckpt, seed=0)
+        mark_random_init(ckpt, family=model, preset="tiny", seed=0)
         print(f"wrote a tiny {model} checkpoint with random weights to {ckpt}")
     store = extract(
         data,

@@ -32,7 +32,11 @@ import zarr
 
 from ..engine.errors import CellstrataError, ProbeError
 from ..engine.store import Store, open_store
-from .base import ContextPlan, LayerRows, Metric, Task
+from ..engine.weights import weights_provenance
+from . import constant
+from .base import ContextPlan, Metric, Task
+from .chance import add_chance, class_counts_of
+from .confidence import gain_basis, reported_gain
 
 log = logging.getLogger("cellstrata.probes")
 
@@ -40,7 +44,7 @@ CACHE_GROUP = "probes"
 BASELINE_POOLING = "hvg_pca50"
 COUNTS_BLOCK = 8192
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
-CACHE_VERSION = 2  # bump when a metric's definition changes, so cached results of the old one are not reused
+CACHE_VERSION = 3  # bump when a metric's definition changes, so cached results of the old one are not reused
 
 
 @dataclass
@@ -316,7 +320,8 @@ def _evaluate_layer(
     """Evaluate each (task, plan) of ``work`` on one layer.
 
     In-memory tasks share one read of the union of their rows; streaming tasks read their rows one store
-    chunk at a time through :class:`LayerRows`.
+    chunk at a time through :class:`.base.LayerRows`. Features equal for every cell give NaN metrics
+    (:mod:`.constant`).
     """
     array = st.group["pooled"][pooling]
 
@@ -331,11 +336,11 @@ def _evaluate_layer(
         union = np.unique(np.concatenate([p.rows for _, p in in_memory]))
         X = read(union)
         for task, p in in_memory:
-            out[(task.name, p.context)] = task.evaluate(p, X[np.searchsorted(union, p.rows)])
+            out[(task.name, p.context)] = constant.evaluate(task, p, X[np.searchsorted(union, p.rows)])
         del X
     for task, p in work:
         if task.streaming:
-            out[(task.name, p.context)] = task.evaluate_stream(p, LayerRows(read, p.rows, st.chunk_cells))
+            out[(task.name, p.context)] = constant.evaluate_stream(task, p, read, st.chunk_cells)
     return out
 
 
@@ -484,6 +489,7 @@ def _assemble(
             for m in base.values():
                 rows.append(_row(task.name, BASELINE_POOLING, None, L, m, None))
     table = pd.DataFrame(rows)
+    table = add_chance(table, {(t.name, p.context): class_counts_of(t, p.obs) for t in tasks for p in plans[t.name]})
     table = _add_final(table, L)
     reps = {}
     for k, v in replicates.items():
@@ -506,13 +512,15 @@ def _assemble(
             "n_layers": L,
             "official_layer": st.attrs.get("official_layer"),
             "n_cells": st.n_cells,
+            "weights": weights_provenance(st.attrs),
         },
     )
 
 
 TABLE_COLUMNS = [
     "task", "context", "pooling", "layer", "depth", "metric", "value", "ci_low", "ci_high", "n_cells",
-    "features", "higher_is_better", "baseline", "final_value", "gain_vs_final",
+    "features", "higher_is_better", "baseline", "chance", "final_value", "diff_vs_final", "gain_vs_final",
+    "gain_basis", "constant_features",
 ]  # fmt: skip
 
 
@@ -537,7 +545,8 @@ def _row(task: str, pooling: str, layer: int | None, L: int, m: Metric, base: Me
 
 
 def _add_final(table: pd.DataFrame, L: int) -> pd.DataFrame:
-    """Columns ``final_value`` (the last layer's value of the same series) and ``gain_vs_final``."""
+    """Columns ``final_value`` (the last layer's value of the same series), ``diff_vs_final`` and
+    ``gain_vs_final`` (relative, only where ``gain_basis`` is ``relative``: see :func:`.confidence.gain_basis`)."""
     if table.empty:
         return pd.DataFrame(columns=TABLE_COLUMNS)
     layer_rows = table["layer"].notna()
@@ -545,9 +554,13 @@ def _add_final(table: pd.DataFrame, L: int) -> pd.DataFrame:
     idx = pd.MultiIndex.from_frame(table[["task", "context", "pooling", "metric"]])
     table["final_value"] = finals.reindex(idx).to_numpy()
     table.loc[~layer_rows, "final_value"] = np.nan
-    with np.errstate(divide="ignore", invalid="ignore"):
-        gain = (table["value"] - table["final_value"]) / table["final_value"].abs()
-    table["gain_vs_final"] = gain.where(table["final_value"] != 0)
+    value, final = table["value"].to_numpy(np.float64), table["final_value"].to_numpy(np.float64)
+    table["diff_vs_final"] = value - final
+    table["gain_vs_final"] = reported_gain(value, final)  # NaN where only the difference is meaningful
+    basis = pd.Series(np.atleast_1d(gain_basis(value, final)), index=table.index, dtype=object)
+    table["gain_basis"] = basis.where(np.isfinite(value - final))
+    if "constant_features" not in table:
+        table["constant_features"] = np.nan
     table["layer"] = table["layer"].astype("Int64")
     extra = [c for c in table.columns if c not in TABLE_COLUMNS]
     return table[TABLE_COLUMNS + extra]

@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import scipy.sparse as sp
+from scipy.stats import norm
 from sklearn.metrics import (
     accuracy_score,
     adjusted_rand_score,
@@ -23,9 +24,12 @@ from cellstrata.probes.confidence import (
     bootstrap,
     bootstrap_indices,
     fdr_bh,
+    gain_basis,
     percentile_ci,
     permutation_test,
     relative_gain,
+    reported_gain,
+    selection_adjusted,
     tied_with_best,
 )
 from cellstrata.probes.features import (
@@ -212,7 +216,7 @@ def test_bootstrap_indices_and_bootstrap():
     np.testing.assert_allclose(reps2, [(x[i] * (x[i] + 1)).sum() for i in idx[:3]])
 
 
-def test_percentile_ci_plain_and_bias_centred():
+def test_percentile_ci_plain_and_bias_corrected():
     reps = np.arange(1.0, 101.0)  # 1..100
     lo, hi = percentile_ci(reps)
     # numpy's linear quantile: position q*(n-1) -> 0.025*99 = 2.475 -> 3.475; 0.975*99 = 96.525 -> 97.525
@@ -221,21 +225,43 @@ def test_percentile_ci_plain_and_bias_centred():
     # non-finite replicates are ignored
     with_nan = np.concatenate([reps, [np.nan, np.inf]])
     assert percentile_ci(with_nan) == pytest.approx((lo, hi))
-    # bias-centred: replicates shifted by mean(reps) - center = 50.5 - 40 = 10.5
+    # bias-corrected percentile (Efron's BC): 39 replicates below 40 and one equal -> share 0.395,
+    # z0 = Phi^-1(0.395), quantile levels Phi(2 z0 -+ 1.96)
+    z0 = norm.ppf(0.395)
+    levels = norm.cdf([2 * z0 - norm.ppf(0.975), 2 * z0 + norm.ppf(0.975)])
     lo_c, hi_c = percentile_ci(reps, center=40.0)
-    assert (lo_c, hi_c) == pytest.approx((lo - 10.5, hi - 10.5))
-    assert lo_c <= 40.0 <= hi_c
+    assert (lo_c, hi_c) == pytest.approx(tuple(np.quantile(reps, levels)))
+    assert lo_c < lo and hi_c < hi and lo_c <= 40.0 <= hi_c
+    # the interval is made of replicate values, so it never leaves their range ...
+    assert reps.min() <= lo_c and hi_c <= reps.max()
+    # ... except to reach the estimate when every replicate lies on one side of it
+    assert percentile_ci(reps, center=150.0)[1] == 150.0
+    assert percentile_ci(reps, center=-3.0)[0] == -3.0
     # a non-finite center leaves the replicates alone; no finite replicate -> NaN
     assert percentile_ci(reps, center=float("nan")) == pytest.approx((lo, hi))
     assert all(np.isnan(percentile_ci(np.array([np.nan, np.nan]))))
     assert all(np.isnan(percentile_ci(np.array([]), center=1.0)))
 
 
-def test_metric_ci_is_the_bias_centred_interval_of_its_replicates():
+@pytest.mark.parametrize("pred", ["aaabbbcca", "aabbbbccc"])
+def test_bounded_metric_cis_stay_in_range_in_a_9_cell_context(pred):
+    # one error in nine cells: the resamples' mean is below the estimate, and shifting them by that bias
+    # (the former interval) put macro-F1 at 1.02 and accuracy at 1.004
+    y, y_pred = np.array(list("aaabbbccc")), np.array(list(pred))
+    values = label_metrics(y, y_pred)
+    reps = label_metrics(y, y_pred, bootstrap_indices(9, 200, 0))
+    for name in ("macro_f1", "balanced_accuracy", "accuracy"):
+        assert reps[name].mean() < values[name][0]  # the case that broke the shifted interval
+        m = Metric(context="all", metric=name, value=float(values[name][0]), n_cells=9, replicates=reps[name])
+        assert 0.0 <= m.ci_low <= m.value <= m.ci_high <= 1.0, name
+
+
+def test_metric_ci_is_the_bias_corrected_interval_of_its_replicates():
     reps = np.linspace(0.7, 0.9, 51)  # mean 0.8
     m = Metric(context="all", metric="macro_f1", value=0.75, n_cells=10, replicates=reps)
-    assert (m.ci_low, m.ci_high) == pytest.approx(tuple(np.quantile(reps - 0.05, [0.025, 0.975])))
+    assert (m.ci_low, m.ci_high) == pytest.approx(percentile_ci(reps, center=0.75))
     assert m.ci_low <= m.value <= m.ci_high
+    assert m.ci_low >= 0.7  # the shifted interval reached 0.655, below every replicate
     # explicit CIs are kept; the JSON round trip keeps everything
     m2 = Metric(context="c", metric="m", value=1.0, n_cells=3, replicates=reps, ci_low=0.1, ci_high=0.2)
     assert (m2.ci_low, m2.ci_high) == (0.1, 0.2)
@@ -326,6 +352,63 @@ def test_relative_gain():
     assert isinstance(relative_gain(1.0, 2.0), float)
     out = relative_gain(np.array([1.0, 2.0, 3.0]), np.array([2.0, 0.0, -3.0]))
     np.testing.assert_allclose(out, [-0.5, np.nan, 2.0])
+
+
+def test_gain_basis_relative_only_for_a_final_away_from_zero_and_of_the_same_sign():
+    # +310% from 0.031 over 0.010 is what the old rule printed; now the difference is what counts
+    assert relative_gain(0.041, 0.010) == pytest.approx(3.1)
+    assert gain_basis(0.041, 0.010) == "absolute" and np.isnan(reported_gain(0.041, 0.010))
+    assert gain_basis(0.9, 0.6) == "relative" and reported_gain(0.9, 0.6) == pytest.approx(0.5)
+    assert gain_basis(0.2, -0.3) == "absolute"  # a sign change has no relative reading
+    assert gain_basis(-0.2, -0.4) == "relative" and reported_gain(-0.2, -0.4) == pytest.approx(0.5)
+    assert gain_basis(0.3, 0.1) == "relative" and gain_basis(0.3, 0.0999) == "absolute"  # |final| >= 0.1
+    assert gain_basis(0.0, 0.5) == "absolute"
+    out = gain_basis(np.array([0.9, 0.041, 0.2]), np.array([0.6, 0.01, -0.3]))
+    assert out.tolist() == ["relative", "absolute", "absolute"]
+    np.testing.assert_allclose(reported_gain(np.array([0.9, 0.041]), np.array([0.6, 0.01])), [0.5, np.nan])
+
+
+def test_nan_layers_are_neither_tied_nor_winners():
+    rng = np.random.default_rng(0)
+    B = 300
+    reps = 0.6 + 0.05 * rng.standard_normal((4, B))
+    reps[2] += 0.3  # layer 2 is clearly best
+    reps[0] = np.nan  # layer 0: constant features, NaN everywhere
+    assert tied_with_best(reps, 2).tolist() == [2]
+    winners = best_index_distribution(reps)
+    assert winners.shape == (B,) and (winners == 2).all()  # the NaN row does not drop every column
+
+
+def test_selection_adjusted_reselects_the_best_layer_in_each_replicate_and_scores_it_in_the_next():
+    rng = np.random.default_rng(1)
+    B = 400
+    shared = 0.02 * rng.standard_normal(B)
+    # eight layers of equal true value: the naive best wins by noise alone
+    equal = 0.7 + shared + 0.03 * rng.standard_normal((8, B))
+    out = selection_adjusted(equal, final=7)
+    pick = np.argmax(equal, axis=0)
+    nxt = np.roll(equal, -1, axis=1)
+    chosen = nxt[pick, np.arange(B)]
+    assert out["n_candidates"] == 8
+    assert (out["value_ci_low"], out["value_ci_high"]) == pytest.approx(percentile_ci(chosen))
+    assert (out["diff_ci_low"], out["diff_ci_high"]) == pytest.approx(percentile_ci(chosen - nxt[7]))
+    # the naive paired difference of the observed winner is optimistic; the adjusted one covers 0
+    values = equal.mean(axis=1)
+    best = int(np.argmax(values))
+    naive_lo, _ = percentile_ci(equal[best] - equal[7])
+    assert out["diff_ci_low"] < 0 < out["diff_ci_high"]
+    assert out["diff_ci_low"] < naive_lo
+    # a clearly better layer keeps a positive adjusted difference
+    clear = equal.copy()
+    clear[3] += 0.2
+    out = selection_adjusted(clear, final=7)
+    assert out["diff_ci_low"] > 0.1
+    # lower is better; NaN rows are not candidates; too few replicates -> NaN
+    out = selection_adjusted(-clear, final=7, higher_is_better=False)
+    assert out["diff_ci_high"] < -0.1
+    with_nan = np.vstack([np.full(B, np.nan), clear])
+    assert selection_adjusted(with_nan, final=8)["n_candidates"] == 8
+    assert np.isnan(selection_adjusted(clear[:, :1], final=7)["value_ci_low"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from threadpoolctl import threadpool_limits
 
 from cellstrata.probes.celltype import CellTypeTask
 from cellstrata.probes.clustering import ClusteringTask
-from cellstrata.probes.confidence import percentile_ci
+from cellstrata.probes.confidence import percentile_ci, selection_adjusted
 from cellstrata.probes.report import best_layers, summary_markdown, write_report
 from cellstrata.probes.runner import BASELINE_POOLING, TABLE_COLUMNS, ProbeResults, probe
 from cellstrata.probes.summary import SUMMARY_COLUMNS, answer, format_layers, summarize
@@ -103,9 +103,15 @@ def test_summarize_hand_case_higher_is_better():
     assert r["tied_layers"] == "2" and r["best_support"] == 1.0
     assert r["depth_ci_low"] == pytest.approx(2 / 3) and r["depth_ci_high"] == pytest.approx(2 / 3)
     assert r["baseline"] == 0.55 and r["n_cells"] == 100
+    assert r["gain_basis"] == "relative" and r["n_candidates"] == 4
+    sel = selection_adjusted(reps, 3)
+    assert (r["sel_ci_low"], r["sel_ci_high"]) == pytest.approx((sel["value_ci_low"], sel["value_ci_high"]))
+    assert (r["sel_diff_ci_low"], r["sel_diff_ci_high"]) == pytest.approx((sel["diff_ci_low"], sel["diff_ci_high"]))
     assert r["answer"] == (
-        f"layer 2 of 3 (67% depth): m 0.900 [{r['ci_low']:.3f}, {r['ci_high']:.3f}]; +0.300 (+50%) over the final "
-        f"layer (0.600), CI [{dlo:+.3f}, {dhi:+.3f}]; HVG-PCA baseline 0.550"
+        f"layer 2 of 3 (67% depth), best of 4 layers: m 0.900 [{r['ci_low']:.3f}, {r['ci_high']:.3f}] "
+        f"(selection-adjusted [{r['sel_ci_low']:.3f}, {r['sel_ci_high']:.3f}]); +0.300 (+50%) over the final "
+        f"layer (0.600), CI [{dlo:+.3f}, {dhi:+.3f}], selection-adjusted [{r['sel_diff_ci_low']:+.3f}, "
+        f"{r['sel_diff_ci_high']:+.3f}]; HVG-PCA baseline 0.550"
     )
     assert best_layers(s) == {("t", "all", "p"): 2}
 
@@ -180,6 +186,22 @@ def test_answer_hand_case():
         "layer 15 of 24 (62% depth): macro_f1 0.760 [0.720, 0.790]; +0.175 (+30%) over the final layer (0.585), "
         "CI [n/a, +0.230]"
     )
+    row.update(
+        n_candidates=25, sel_ci_low=0.70, sel_ci_high=0.78, sel_diff_ci_low=-0.01, sel_diff_ci_high=0.2, chance=0.125,
+        constant_layers="0", diff_ci_low=0.11,
+    )  # fmt: skip
+    assert answer(row) == (
+        "layer 15 of 24 (62% depth), best of 25 layers: macro_f1 0.760 [0.720, 0.790] (selection-adjusted "
+        "[0.700, 0.780]); +0.175 (+30%) over the final layer (0.585), CI [+0.110, +0.230], selection-adjusted "
+        "[-0.010, +0.200]; chance 0.125; NaN at layer(s) 0: constant features"
+    )
+    # a final value near 0: the absolute difference, no percentage
+    row.update(final_value=0.01, diff_vs_final=0.031, gain_vs_final=float("nan"), gain_basis="absolute")
+    text = answer(row)
+    assert "+0.031 (absolute; final value near 0) over the final layer (0.010)" in text
+    assert "%" not in text.replace("62% depth", "")
+    row.update(final_value=-0.2, diff_vs_final=0.96)
+    assert "+0.960 (absolute; best and final of opposite signs)" in answer(row)
 
 
 # --------------------------------------------------------------------------------------------------
