@@ -600,6 +600,54 @@ def test_extract_end_to_end_on_ensembl_ids(tiny, cells, tmp_path):
             np.testing.assert_allclose(data["official"][layer, i], emb / np.linalg.norm(emb), atol=1e-5)
 
 
+def test_extract_from_an_h5ad_storing_zeros_uses_them(tiny, tmp_path):
+    """Through the whole pipeline from a file: a stored zero is a token (the store's <cls> states equal
+    the model on every stored entry, and differ from the model on the counts alone)."""
+    import anndata as ad
+
+    rng = np.random.default_rng(8)
+    n_cells, n_genes = 11, 2000
+    X = sp.random(n_cells, n_genes, density=0.03, format="csr", random_state=rng, dtype=np.float64)
+    X = sp.csr_matrix((np.ceil(X.data * 9).astype(np.float32), X.indices, X.indptr), shape=X.shape)
+    X.data[rng.random(X.nnz) < 0.4] = 0
+    adata = ad.AnnData(X, var={"ensembl_id": gene_ensembl_ids(n_genes)})
+    adata.var_names = [f"g{j}" for j in range(n_genes)]
+    adata.write_h5ad(tmp_path / "z.h5ad")
+    store = cs.extract(
+        tmp_path / "z.h5ad",
+        model="tahoe-x1",
+        checkpoint=tiny,
+        out=tmp_path / "z.zarr",
+        poolings=["cls"],
+        dtype="float32",
+        progress=False,
+        gene_column="ensembl_id",
+        chunk_cells=4,
+    )
+    cls = store.layers("cls").compute()
+    loaded = FAMILY.load(tiny)
+    tok = loaded.tokenizer
+    mapping = tok.map_genes(gene_ensembl_ids(n_genes))
+    for i in (0, 5, 10):
+        expected = []
+        for matrix in (X[i], sp.csr_matrix(X[i].toarray())):  # every stored entry; the counts alone
+            tb = tok.tokenize(CellBlock(np.array([i]), matrix), mapping)
+            batch = TokenBatch(
+                torch.from_numpy(tb.genes[0])[None],
+                torch.from_numpy(tb.values[0])[None],
+                torch.tensor([tb.lengths[0]]),
+                np.arange(1),
+            )
+            states: dict[int, torch.Tensor] = {}
+            with torch.inference_mode():
+                loaded.model(batch, lambda layer, h, states=states: states.__setitem__(layer, h[0, 0].clone()))
+            expected.append(states)
+        assert len(tb.genes[0]) < X[i].nnz + 1  # the cell stores zeros
+        for layer in range(5):
+            np.testing.assert_allclose(cls[layer, i], expected[0][layer].numpy(), rtol=1e-4, atol=1e-5)
+        assert np.abs(cls[4, i] - expected[1][4].numpy()).max() > 1e-3
+
+
 def test_a_store_from_the_tokenizer_that_dropped_stored_zeros_is_not_resumed(tiny, cells, tmp_path, monkeypatch):
     """Stored zeros changed the tokens: the tokenizer version is in the config hash, so resuming refuses."""
     kwargs = {"model": "tahoe-x1", "checkpoint": tiny, "out": tmp_path / "s.zarr", "poolings": ["cls"]}
