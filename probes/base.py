@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,6 +22,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..engine.errors import ProbeError
+
+log = logging.getLogger("cellstrata.probes")
 
 ALL_CONTEXT = "all"
 DEFAULT_BOOTSTRAP = 200
@@ -209,3 +212,78 @@ def contexts_of(obs: pd.DataFrame, context_key: str | None) -> list[tuple[str, n
     for i, u in enumerate(uniques):
         out.append((str(u), np.flatnonzero(codes == i).astype(np.int64)))
     return out
+
+
+class SmallContextError(ProbeError):
+    """A context has too few cells, classes, perturbations, controls or time points for a task.
+
+    Raised by a task's per-context planning; :func:`plan_contexts` skips that context (with a warning)
+    and probes the others. ``reason`` says what is missing (it names the context); ``setting``
+    (``"task.field"``) is the threshold to lower and ``value`` the largest value that would keep the
+    context (``None`` when lowering cannot help); ``otherwise`` is the other way out.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        reason: str,
+        *,
+        setting: str | None = None,
+        value: int | None = None,
+        otherwise: str = "merge or drop this context",
+    ):
+        self.task, self.reason, self.setting, self.value, self.otherwise = task, reason, setting, value, otherwise
+        super().__init__(f"task {task}: {reason}. {self.hint(value)}")
+
+    def hint(self, value: int | None) -> str:
+        """What to do: the ``--set`` option (and Python keyword) with ``value``, or ``otherwise``."""
+        if self.setting is None or value is None:
+            return self.otherwise[:1].upper() + self.otherwise[1:]
+        field = self.setting.partition(".")[2]
+        return f"Lower the threshold (`--set {self.setting}={value}`, in Python `{field}={value}`) or {self.otherwise}"
+
+
+class ContextPlans(list):
+    """The plans of one task (a ``list[ContextPlan]``) and ``skipped``: ``{context: reason}``."""
+
+    def __init__(self, plans: Sequence[ContextPlan] = (), skipped: dict[str, str] | None = None):
+        super().__init__(plans)
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+
+def plan_contexts(
+    task: str,
+    obs: pd.DataFrame,
+    context_key: str | None,
+    plan_one: Callable[[str, np.ndarray], ContextPlan],
+) -> ContextPlans:
+    """``plan_one(context, rows)`` for every context of ``context_key``, skipping the too-small ones.
+
+    A context whose planning raises :class:`SmallContextError` is left out with a warning (logged on
+    ``cellstrata.probes``) and recorded in ``skipped`` and in every kept plan's
+    ``caps['skipped_contexts']`` (so in the report); the run goes on with the others. When every
+    context is too small the task cannot run: one :class:`ProbeError` lists why for each (without
+    ``context_key`` the single context's own error).
+    """
+    plans = ContextPlans()
+    errors: list[SmallContextError] = []
+    for context, rows in contexts_of(obs, context_key):
+        try:
+            plans.append(plan_one(context, rows))
+        except SmallContextError as err:
+            plans.skipped[context] = str(err)
+            errors.append(err)
+    if not plans:
+        if len(errors) == 1:
+            raise ProbeError(str(errors[0]))
+        values = [e.value for e in errors if e.value is not None]
+        hint = errors[0].hint(max(values) if values else None)
+        reasons = "; ".join(e.reason for e in errors)
+        msg = f"task {task}: every context of {context_key!r} is too small to probe: {reasons}. {hint}"
+        raise ProbeError(msg)
+    for reason in plans.skipped.values():
+        log.warning("%s; this context is skipped, the other contexts are probed", reason)
+    if plans.skipped:  # the report prints every plan's caps: the skipped contexts appear with the kept ones
+        for p in plans:
+            p.caps["skipped_contexts"] = dict(plans.skipped)
+    return plans

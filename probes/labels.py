@@ -10,8 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from ..engine.errors import ProbeError
-from .base import ContextPlan, Task, contexts_of, require_columns
+from .base import ContextPlan, ContextPlans, SmallContextError, Task, plan_contexts, require_columns
 from .confidence import bootstrap_indices
 from .features import hvg_pca
 from .sampling import stratified_cap
@@ -29,11 +28,15 @@ def plan_labels(
     max_cells: int | None,
     seed: int,
     n_folds: int,
-) -> list[ContextPlan]:
-    """One plan per context: cells with a label, classes with ``>= min_cells_per_class`` cells, capped."""
+) -> ContextPlans:
+    """One plan per context: cells with a label, classes with ``>= min_cells_per_class`` cells, capped.
+
+    A context with fewer than two such classes (or, with ``group_key``, a single group) is skipped with a
+    warning naming the setting to change (:func:`plan_contexts`); the others are probed.
+    """
     require_columns(obs, [c for c in (label_key, context_key, group_key) if c], task)
-    plans = []
-    for context, rows in contexts_of(obs, context_key):
+
+    def plan_one(context: str, rows: np.ndarray) -> ContextPlan:
         labels = obs[label_key].iloc[rows]
         has = labels.notna().to_numpy()
         rows, labels = rows[has], labels[has].astype(str)
@@ -42,12 +45,19 @@ def plan_labels(
         dropped = counts[counts < min_cells_per_class]
         where = f" in context {context!r}" if context_key else ""
         if len(kept) < 2:
-            msg = (
-                f"task {task}: column {label_key!r}{where} has {len(kept)} class(es) with at least "
-                f"{min_cells_per_class} cells (class sizes: {_sizes(counts)}); a probe needs two. Lower "
-                "min_cells_per_class, pick another column or drop the context"
+            reason = (
+                f"column {label_key!r}{where} has {len(kept)} class(es) with at least {min_cells_per_class} "
+                f"cells (class sizes: {_sizes(counts)}); a probe needs two"
             )
-            raise ProbeError(msg)
+            # the largest threshold that keeps two classes (a class of one cell cannot be split into folds)
+            value = int(counts.iloc[1]) if len(counts) >= 2 and counts.iloc[1] >= 2 else None
+            raise SmallContextError(
+                task,
+                reason,
+                setting=f"{task}.min_cells_per_class",
+                value=value,
+                otherwise="pick another column or drop the context",
+            )
         keep = labels.isin(kept.index).to_numpy()
         rows, labels = rows[keep], labels[keep]
         pos, caps = stratified_cap(
@@ -64,18 +74,19 @@ def plan_labels(
             groups = sub[group_key].astype(str).to_numpy()
             n_groups = len(np.unique(groups))
             if n_groups < 2:
-                msg = (
-                    f"task {task}: group column {group_key!r}{where} has {n_groups} value; grouped folds need "
-                    "at least two donors/batches. Drop --group-key or choose another column"
+                reason = (
+                    f"group column {group_key!r}{where} has {n_groups} value; grouped folds need at least two "
+                    "donors/batches"
                 )
-                raise ProbeError(msg)
+                raise SmallContextError(task, reason, otherwise="drop --group-key or choose another column")
             caps["n_groups"] = n_groups
             caps["n_folds"] = int(min(n_folds, n_groups))
         else:
             smallest = int(sub[label_key].astype(str).value_counts().min())
             caps["n_folds"] = int(max(2, min(n_folds, smallest)))
-        plans.append(ContextPlan(task=task, context=context, rows=rows, obs=sub, caps=caps))
-    return plans
+        return ContextPlan(task=task, context=context, rows=rows, obs=sub, caps=caps)
+
+    return plan_contexts(task, obs, context_key, plan_one)
 
 
 def _sizes(counts: pd.Series) -> str:

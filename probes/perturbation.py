@@ -1,7 +1,8 @@
 """Perturbation response per layer and cell state (protocol §1.5, §1.7, §2.3): similarity, detection, E-tests.
 
-Per context (e.g. Rest / Stim8hr / Stim48hr) the task keeps the perturbations with at least
-``min_cells`` cells and the control cells, capped, and reports for every layer:
+Per context (e.g. Rest / Stim8hr / Stim48hr) the task keeps, as the paper did, every cell of every
+perturbation with at least ``min_cells`` (5) cells and every control cell (caps are options, reported when
+set), and reports for every layer:
 
 - ``semantic_similarity``: the paper's number (v1), Spearman between the upper triangles of the cosine
   similarities of raw layer centroids and of raw-count DE profiles (rank cosine of Welch-t top genes).
@@ -15,10 +16,13 @@ Per context (e.g. Rest / Stim8hr / Stim48hr) the task keeps the perturbations wi
   regression (standardised, 5-fold out-of-fold scores) ROC AUC, summarised over perturbations.
 - ``energy_fraction_significant`` / ``energy_distance_ratio``: scPerturb E-distance (squared Euclidean,
   ``N(N-1)`` within-group terms) on pca50 features, with a permutation E-test per perturbation against
-  the controls (BH FDR 0.05); and the median ``E(P, C)`` over the controls' mean within-group squared
-  distance ``2 tr(Cov_ctrl)``, i.e. about ``||mu_P - mu_C||^2 / tr(Cov_ctrl)``, a scale-free squared
-  signal-to-noise. (The E-distance between two halves of the controls is no usable denominator: with the
-  ``N(N-1)`` correction it is an unbiased estimate of 0; it is reported as ``extra['control_halves_ratio']``.)
+  the controls (BH FDR 0.05), on a fixed random subsample of at most ``energy_max_cells_per_perturbation``
+  cells per perturbation and ``energy_max_control_cells`` controls (the E-tests cost ``O(n)`` per
+  permutation and perturbation; the subsample is stated in the report); and the median ``E(P, C)`` over
+  the controls' mean within-group squared distance ``2 tr(Cov_ctrl)``, i.e. about
+  ``||mu_P - mu_C||^2 / tr(Cov_ctrl)``, a scale-free squared signal-to-noise. (The E-distance between
+  two halves of the controls is no usable denominator: with the ``N(N-1)`` correction it is an unbiased
+  estimate of 0; it is reported as ``extra['control_halves_ratio']``.)
 
 Every metric is higher-is-better and has bootstrap-over-perturbations replicates (the same resamples for
 every layer). Both similarity metrics also get a label-permutation null (``p_perm``, ``z_perm``);
@@ -39,7 +43,16 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..engine.errors import ProbeError
-from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, Metric, Task, contexts_of, require_columns
+from .base import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_SEED,
+    ContextPlan,
+    Metric,
+    SmallContextError,
+    Task,
+    plan_contexts,
+    require_columns,
+)
 from .confidence import bootstrap_indices, percentile_ci, permutation_test
 from .features import as_float32, hvg_pca, log1p_cpm, pca_recipe
 from .perturbation_metrics import (
@@ -60,9 +73,16 @@ from .perturbation_metrics import (
 from .sampling import random_cap, stratified_cap
 
 MIN_PERTURBATIONS = 3  # a similarity matrix needs 3 perturbations for more than one pair
+MIN_CELLS = 4  # each half of a group needs 2 cells (the delta metric's disjoint halves)
 AUROC_FOLDS = 5
 AUROC_THRESHOLD = 0.6
 FDR_ALPHA = 0.05
+CELL_CAPS = (
+    "max_cells_per_perturbation",
+    "max_control_cells",
+    "energy_max_cells_per_perturbation",
+    "energy_max_control_cells",
+)
 
 
 @dataclass(frozen=True)
@@ -75,10 +95,14 @@ class PerturbationTask(Task):
     delta version compares control-subtracted shifts with a reference from disjoint cells.
 
     Settings: perturbations with fewer than ``min_cells`` cells in a context are dropped (reported in
-    ``plan.caps``); at most ``max_perturbations`` are kept (random, reported), at most
-    ``max_cells_per_perturbation`` cells each and ``max_control_cells`` controls. ``n_top_genes`` is the
-    per-perturbation DE gene count of both references. AUROC uses perturbations with at least
-    ``auroc_min_cells`` cells and at most ``auroc_max_cells`` cells per class. ``n_boot`` bootstrap
+    ``plan.caps``); by default every other cell is used, as the paper did (perturbations with >= 5 cells,
+    all controls). Optional caps: at most ``max_perturbations`` perturbations (random), at most
+    ``max_cells_per_perturbation`` cells each and ``max_control_cells`` controls; the caps set are listed
+    in ``plan.caps['caps']`` (and so in the report). ``n_top_genes`` is the per-perturbation DE gene
+    count of both references. AUROC uses perturbations with at least ``auroc_min_cells`` cells and a
+    balanced sample of at most ``auroc_max_cells`` cells per class; the E-tests at most
+    ``energy_max_cells_per_perturbation`` cells per perturbation and ``energy_max_control_cells``
+    controls (these metric subsamples are listed in ``plan.caps['metric_subsamples']``). ``n_boot`` bootstrap
     resamples of perturbations, ``n_permutations`` label permutations (similarity nulls and every E-test).
     The smallest E-test p-value is ``1 / (n_permutations + 1)``, so BH at 0.05 can call perturbations only
     when at least ``P / (0.05 (n_permutations + 1))`` of them reach it: use ``n_permutations >= 20 P`` when
@@ -90,25 +114,27 @@ class PerturbationTask(Task):
     perturbation_key: str = "perturbation"
     control: str = "control"
     context_key: str | None = None
-    min_cells: int = 10
-    max_perturbations: int | None = 300
-    max_cells_per_perturbation: int = 500
-    max_control_cells: int = 2000
+    min_cells: int = 5
+    max_perturbations: int | None = None
+    max_cells_per_perturbation: int | None = None
+    max_control_cells: int | None = None
     n_top_genes: int = 500
     n_boot: int = DEFAULT_BOOTSTRAP
     n_permutations: int = 200
     auroc_min_cells: int = 20
     auroc_max_cells: int = 200
+    energy_max_cells_per_perturbation: int | None = 500
+    energy_max_control_cells: int | None = 2000
     seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
         problems = []
-        if self.min_cells < 4:
-            problems.append(f"min_cells={self.min_cells} (need >= 4: each half of a group needs 2 cells)")
+        if self.min_cells < MIN_CELLS:
+            problems.append(f"min_cells={self.min_cells} (need >= {MIN_CELLS}: each half of a group needs 2 cells)")
         if self.max_perturbations is not None and self.max_perturbations < MIN_PERTURBATIONS:
             problems.append(f"max_perturbations={self.max_perturbations} (need >= {MIN_PERTURBATIONS} or None)")
-        for field in ("max_cells_per_perturbation", "max_control_cells"):
-            if getattr(self, field) < self.min_cells:
+        for field in CELL_CAPS:
+            if getattr(self, field) is not None and getattr(self, field) < self.min_cells:
                 problems.append(f"{field}={getattr(self, field)} (need >= min_cells={self.min_cells})")
         if self.auroc_min_cells < 2 * AUROC_FOLDS:
             problems.append(f"auroc_min_cells={self.auroc_min_cells} (need >= {2 * AUROC_FOLDS} for 5-fold CV)")
@@ -132,40 +158,45 @@ class PerturbationTask(Task):
     # -- plan ------------------------------------------------------------------------------------
 
     def plan(self, obs: pd.DataFrame, *, chunk_cells: int) -> list[ContextPlan]:
-        """Per context: the control and every perturbation with ``>= min_cells`` cells, capped.
+        """Per context: every control and every perturbation with ``>= min_cells`` cells (caps if set).
 
-        ``chunk_cells`` is not needed: the caps are stratified by perturbation, not by store chunk.
+        A context with too few controls or perturbations is skipped with a warning (:func:`plan_contexts`);
+        a control label found in no context at all is an error. ``chunk_cells`` is not needed: the caps
+        are stratified by perturbation, not by store chunk.
         """
         require_columns(obs, self.required_columns(), self.name)
-        plans = []
-        for context, rows in contexts_of(obs, self.context_key):
-            labels = obs[self.perturbation_key].iloc[rows]
-            has = labels.notna().to_numpy()
-            plans.append(self._plan_context(obs, context, rows[has], labels[has].astype(str).to_numpy()))
-        return plans
+        labels = obs[self.perturbation_key]
+        has = labels.notna().to_numpy()
+        labels = labels.astype(str).to_numpy()
+        if not (labels[has] == self.control).any():
+            raise ProbeError(self._no_control_message(labels[has]))
+
+        def plan_one(context: str, rows: np.ndarray) -> ContextPlan:
+            return self._plan_context(obs, context, rows[has[rows]], labels[rows[has[rows]]])
+
+        return plan_contexts(self.name, obs, self.context_key, plan_one)
 
     def _plan_context(self, obs: pd.DataFrame, context: str, rows: np.ndarray, labels: np.ndarray) -> ContextPlan:
         where = f" in context {context!r}" if self.context_key else ""
         is_control = labels == self.control
         n_control = int(is_control.sum())
         if n_control == 0:
-            raise ProbeError(self._no_control_message(labels, where))
-        if n_control < self.min_cells:
-            msg = (
-                f"task {self.name}: only {n_control} control cells ({self.perturbation_key}={self.control!r}){where}; "
-                f"need at least min_cells={self.min_cells}. Lower min_cells or merge contexts"
-            )
-            raise ProbeError(msg)
+            raise SmallContextError(self.name, self._no_control_reason(labels, where))
         sizes = pd.Series(labels[~is_control]).value_counts()
         kept, dropped = sizes[sizes >= self.min_cells], sizes[sizes < self.min_cells]
+        if n_control < self.min_cells:
+            reason = (
+                f"only {n_control} control cells ({self.perturbation_key}={self.control!r}){where}; need at least "
+                f"min_cells={self.min_cells}"
+            )
+            raise self._small(reason, n_control, sizes)
         if len(kept) < MIN_PERTURBATIONS:
             largest = ", ".join(f"{k}: {v}" for k, v in sizes.head(6).items()) or "none"
-            msg = (
-                f"task {self.name}: only {len(kept)} of {len(sizes)} perturbations{where} have at least "
-                f"min_cells={self.min_cells} cells (largest: {largest}); the similarity metrics need "
-                f"{MIN_PERTURBATIONS}. Lower min_cells, or drop or merge this context"
+            reason = (
+                f"only {len(kept)} of {len(sizes)} perturbations{where} have at least min_cells={self.min_cells} "
+                f"cells (largest: {largest}); the similarity metrics need {MIN_PERTURBATIONS}"
             )
-            raise ProbeError(msg)
+            raise self._small(reason, n_control, sizes)
         names = np.sort(kept.index.to_numpy().astype(str))
         unselected = 0
         if self.max_perturbations is not None and len(names) > self.max_perturbations:
@@ -185,10 +216,15 @@ class PerturbationTask(Task):
             seed=_seed(self.seed, self.name, context, "cap"),
         )
         chosen_rows = np.sort(np.concatenate([control_rows, rows[in_set][pos]]))
+        sizes_used = sizes[names]
+        if self.max_cells_per_perturbation is not None:
+            after_caps = sizes_used.clip(upper=self.max_cells_per_perturbation)
+        else:
+            after_caps = sizes_used
         caps = {
             "n_available": len(labels),
             "n_used": len(chosen_rows),
-            "subsampled": bool(len(chosen_rows) < len(labels)),
+            "subsampled": bool(unselected or len(control_rows) < n_control or report["n_used"] < in_set.sum()),
             "n_perturbations": len(names),
             "perturbations": [str(x) for x in names],
             "dropped_perturbations": {str(k): int(v) for k, v in dropped.items()},
@@ -198,20 +234,77 @@ class PerturbationTask(Task):
             "n_perturbed_available": int(in_set.sum()),
             "n_perturbed_used": int(report["n_used"]),
             "min_cells": self.min_cells,
+            "max_perturbations": self.max_perturbations,
             "max_cells_per_perturbation": self.max_cells_per_perturbation,
             "max_control_cells": self.max_control_cells,
+            "caps": self._caps_in_use(len(kept), unselected, n_control, len(control_rows), sizes_used),
+            "metric_subsamples": self._metric_subsamples(len(control_rows), after_caps),
         }
         return ContextPlan(task=self.name, context=context, rows=chosen_rows, obs=obs.iloc[chosen_rows], caps=caps)
 
-    def _no_control_message(self, labels: np.ndarray, where: str) -> str:
+    def _small(self, reason: str, n_control: int, sizes: pd.Series) -> SmallContextError:
+        """The too-small error, with the largest ``min_cells`` that keeps the context (if any is allowed)."""
+        third = int(sizes.iloc[MIN_PERTURBATIONS - 1]) if len(sizes) >= MIN_PERTURBATIONS else 0
+        value = min(n_control, third)
+        return SmallContextError(
+            self.name,
+            reason,
+            setting=f"{self.name}.min_cells",
+            value=value if value >= MIN_CELLS else None,
+            otherwise=f"merge or drop this context (min_cells cannot go below {MIN_CELLS})",
+        )
+
+    def _caps_in_use(
+        self, n_kept: int, unselected: int, n_control: int, n_control_used: int, sizes: pd.Series
+    ) -> list[str]:
+        """The caps that are set, each with what it did in this context (empty: every cell, as the paper)."""
+        out = []
+        if self.max_perturbations is not None:
+            out.append(
+                f"max_perturbations={self.max_perturbations}: {n_kept - unselected} of {n_kept} perturbations (random)"
+            )
+        if self.max_cells_per_perturbation is not None:
+            n_capped = int((sizes > self.max_cells_per_perturbation).sum())
+            out.append(
+                f"max_cells_per_perturbation={self.max_cells_per_perturbation}: {n_capped} of {len(sizes)} "
+                "perturbations subsampled"
+            )
+        if self.max_control_cells is not None:
+            out.append(f"max_control_cells={self.max_control_cells}: {n_control_used} of {n_control} control cells")
+        return out
+
+    def _metric_subsamples(self, n_control: int, sizes: pd.Series) -> list[str]:
+        """The fixed per-metric subsamples of the AUROC and E-tests (the similarity metrics use every cell)."""
+        n_auroc = int((np.minimum(sizes, n_control) >= self.auroc_min_cells).sum())
+        out = [
+            f"auroc: {n_auroc} of {len(sizes)} perturbations (>= auroc_min_cells={self.auroc_min_cells} cells), "
+            f"each a balanced sample of at most auroc_max_cells={self.auroc_max_cells} perturbed and as many "
+            "control cells"
+        ]
+        cap_p, cap_c = self.energy_max_cells_per_perturbation, self.energy_max_control_cells
+        n_capped = 0 if cap_p is None else int((sizes > cap_p).sum())
+        used_c = n_control if cap_c is None else min(n_control, cap_c)
+        out.append(
+            f"energy: {n_capped} of {len(sizes)} perturbations subsampled to energy_max_cells_per_perturbation="
+            f"{cap_p}, {used_c} of {n_control} controls (energy_max_control_cells={cap_c})"
+        )
+        return out
+
+    def _no_control_message(self, labels: np.ndarray) -> str:
+        return (
+            f"task {self.name}: {self._no_control_reason(labels, '')}. Set `control` to the label of the control "
+            "(non-targeting) cells"
+        )
+
+    def _no_control_reason(self, labels: np.ndarray, where: str) -> str:
         values = pd.Series(labels).value_counts()
         target = self.control.lower()
         order = sorted(values.index, key=lambda v: -difflib.SequenceMatcher(None, target, str(v).lower()).ratio())
         shown = ", ".join(f"{v!r} ({values[v]} cells)" for v in order[:10]) or "none"
         more = f" and {len(order) - 10} more" if len(order) > 10 else ""
         return (
-            f"task {self.name}: no cell has {self.perturbation_key}={self.control!r}{where}; the labels there are "
-            f"(closest first): {shown}{more}. Set `control` to the label of the control (non-targeting) cells"
+            f"no cell has {self.perturbation_key}={self.control!r}{where}; the labels there are (closest first): "
+            f"{shown}{more}"
         )
 
     # -- prepare ---------------------------------------------------------------------------------
@@ -242,8 +335,9 @@ class PerturbationTask(Task):
             for m in ("semantic_similarity", "semantic_similarity_delta")
         }
         ref["energy_seed"] = plan.seed_for(self.seed, "energy").generate_state(4)
+        ref["energy_rows"] = self._energy_rows(plan, codes, P)
         ref["auroc"] = self._auroc_sets(plan, codes, names)
-        controls = np.flatnonzero(codes < 0)
+        controls = np.flatnonzero(codes[ref["energy_rows"]] < 0)  # positions among the E-test cells
         half = np.random.default_rng(plan.seed_for(self.seed, "control-halves")).permutation(controls)
         ref["control_halves"] = (np.sort(half[: len(half) // 2]), np.sort(half[len(half) // 2 :]))
 
@@ -267,6 +361,20 @@ class PerturbationTask(Task):
             )
             raise ProbeError(msg)
         return counts
+
+    def _energy_rows(self, plan: ContextPlan, codes: np.ndarray, P: int) -> np.ndarray:
+        """Sorted positions (into the plan) of the E-test cells: a fixed random subsample of at most
+        ``energy_max_cells_per_perturbation`` cells per perturbation and ``energy_max_control_cells``
+        controls (all cells when the caps are ``None`` or not reached)."""
+        rng = np.random.default_rng(plan.seed_for(self.seed, "energy-cells"))
+        parts = []
+        for g in range(-1, P):
+            members = np.flatnonzero(codes == g)
+            cap = self.energy_max_control_cells if g < 0 else self.energy_max_cells_per_perturbation
+            if cap is not None and len(members) > cap:
+                members = rng.choice(members, cap, replace=False)
+            parts.append(members)
+        return np.sort(np.concatenate(parts)).astype(np.int64)
 
     def _auroc_sets(self, plan: ContextPlan, codes: np.ndarray, names: list[str]) -> list[dict[str, Any]]:
         """Balanced perturbed/control samples and stratified fold ids, per eligible perturbation."""
@@ -385,8 +493,10 @@ class PerturbationTask(Task):
 
     def _energy(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
         """E-tests of every perturbation against the controls, and the median E-distance over control spread."""
-        codes, names = plan.reference["codes"], plan.reference["perturbations"]
-        Z = pca_recipe(X, seed=self.seed)
+        names = plan.reference["perturbations"]
+        rows = plan.reference["energy_rows"]
+        Z = pca_recipe(X[rows], seed=self.seed)
+        codes = plan.reference["codes"][rows]
         control = Z[codes < 0]
         energy, p_values = np.empty(len(names)), np.full(len(names), np.nan)
         root = np.random.SeedSequence(plan.reference["energy_seed"])
@@ -407,7 +517,7 @@ class PerturbationTask(Task):
             "control_spread": float(scale),
             "control_halves_ratio": float(energy_test(Z[half_a], Z[half_b], 0, 0)[0] / scale),
         }
-        common = {"n_cells": plan.n_cells, "features": "pca50"}
+        common = {"n_cells": len(rows), "features": "pca50"}
         return [
             _metric(
                 plan,

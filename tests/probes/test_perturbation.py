@@ -390,6 +390,7 @@ def test_plan_keeps_perturbations_with_enough_cells_and_caps_them():
         perturbation_key="guide",
         control="ctrl",
         context_key="state",
+        min_cells=10,
         max_cells_per_perturbation=20,
         max_control_cells=30,
     )
@@ -402,15 +403,37 @@ def test_plan_keeps_perturbations_with_enough_cells_and_caps_them():
         assert plan.caps["perturbations"] == ["A", "B", "C"]
         assert plan.caps["dropped_perturbations"] == {"D": 9, "E": 3}
         assert plan.caps["n_control_used"] == 30 and plan.caps["n_perturbed_used"] == 43
+        assert plan.caps["caps"][0] == "max_cells_per_perturbation=20: 1 of 3 perturbations subsampled"
+    assert [p.caps["caps"][1] for p in plans] == [
+        "max_control_cells=30: 30 of 45 control cells",
+        "max_control_cells=30: 30 of 50 control cells",
+    ]
     assert [p.caps["n_control_available"] for p in plans] == [45, 50]
     again = task.plan(obs, chunk_cells=64)
     assert all(np.array_equal(a.rows, b.rows) for a, b in zip(plans, again, strict=True))
+
+
+def test_plan_uses_every_cell_by_default_as_the_paper():
+    """Perturbations with >= 5 cells, every control and every perturbed cell; no cap is reported."""
+    sizes = {"ctrl": 3000, "A": 700, "B": 5, "C": 6, "D": 4}
+    obs = pd.DataFrame({"perturbation": np.concatenate([[k] * v for k, v in sizes.items()])})
+    [plan] = PerturbationTask(control="ctrl").plan(obs, chunk_cells=64)
+    assert plan.obs["perturbation"].value_counts().to_dict() == {"ctrl": 3000, "A": 700, "C": 6, "B": 5}
+    assert plan.caps["dropped_perturbations"] == {"D": 4}
+    assert plan.caps["caps"] == [] and not plan.caps["subsampled"]
+    assert plan.caps["metric_subsamples"] == [
+        "auroc: 1 of 3 perturbations (>= auroc_min_cells=20 cells), each a balanced sample of at most "
+        "auroc_max_cells=200 perturbed and as many control cells",
+        "energy: 1 of 3 perturbations subsampled to energy_max_cells_per_perturbation=500, 2000 of 3000 "
+        "controls (energy_max_control_cells=2000)",
+    ]
 
 
 def test_plan_max_perturbations_is_a_reported_random_subset():
     obs = pd.DataFrame({"perturbation": ["control"] * 20 + [f"g{i}" for i in range(8) for _ in range(10)]})
     [plan] = PerturbationTask(max_perturbations=5).plan(obs, chunk_cells=64)
     assert plan.caps["n_perturbations"] == 5 and plan.caps["n_unselected_perturbations"] == 3
+    assert plan.caps["caps"] == ["max_perturbations=5: 5 of 8 perturbations (random)"]
     assert plan.n_cells == 20 + 5 * 10
 
 
@@ -521,18 +544,15 @@ def test_missing_control_lists_the_closest_labels_first():
     assert "Set `control`" in message
 
 
-def test_missing_control_in_one_context_names_the_context():
-    obs = pd.concat([_obs({"control": 20, "a": 20, "b": 20, "c": 20}), _obs({"a": 20, "b": 20, "c": 20})])
-    obs["state"] = ["s1"] * 80 + ["s2"] * 60  # s2 has no control cells
-    with pytest.raises(ProbeError, match=r"no cell has perturbation='control' in context 's2'"):
-        PerturbationTask(context_key="state").plan(obs, chunk_cells=64)
-
-
 def test_too_few_perturbations_or_controls_are_refused():
-    with pytest.raises(ProbeError, match=r"only 2 of 4 perturbations have at least min_cells=10 cells.*need 3"):
-        PerturbationTask().plan(_obs({"control": 30, "a": 12, "b": 10, "c": 9, "d": 2}), chunk_cells=64)
-    with pytest.raises(ProbeError, match=r"only 5 control cells.*min_cells=10"):
-        PerturbationTask().plan(_obs({"control": 5, "a": 12, "b": 10, "c": 19}), chunk_cells=64)
+    with pytest.raises(ProbeError, match=r"only 2 of 4 perturbations have at least min_cells=5 cells.*need 3"):
+        PerturbationTask().plan(_obs({"control": 30, "a": 12, "b": 10, "c": 4, "d": 2}), chunk_cells=64)
+    with pytest.raises(ProbeError, match=r"only 4 control cells.*min_cells=5.*`--set perturbation.min_cells=4`"):
+        PerturbationTask().plan(_obs({"control": 4, "a": 12, "b": 10, "c": 19}), chunk_cells=64)
+    with pytest.raises(
+        ProbeError, match=r"c: 3\); the similarity .* Merge or drop this context \(min_cells cannot go below 4\)$"
+    ):
+        PerturbationTask().plan(_obs({"control": 30, "a": 12, "b": 10, "c": 3}), chunk_cells=64)
 
 
 @pytest.mark.parametrize(
@@ -540,7 +560,8 @@ def test_too_few_perturbations_or_controls_are_refused():
     [
         ({"min_cells": 2}, "min_cells=2"),
         ({"auroc_min_cells": 4}, "auroc_min_cells=4"),
-        ({"max_control_cells": 5}, "max_control_cells=5"),
+        ({"max_control_cells": 3}, "max_control_cells=3"),
+        ({"energy_max_control_cells": 4}, "energy_max_control_cells=4"),
         ({"n_boot": -1}, "n_boot=-1"),
         ({"max_perturbations": 2}, "max_perturbations=2"),
     ],
