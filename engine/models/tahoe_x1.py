@@ -20,7 +20,9 @@ only, so the other genes' bins do not change). cellstrata does the same, on in-m
 (h5ad, zarr) matrices alike; a dense matrix stores no zero. Two cases where the official code raises
 instead of giving a number: a cell storing only zeros is stored as empty (NaN, as a cell with no
 vocabulary gene), and with ``keep_first_n_tokens=2`` a cell whose genes after the first are all zero
-gets bin 1 for each of them. Duplicate entries of one gene in a row are summed (canonical CSR).
+gets bin 1 for each of them. Duplicate entries of one gene in a row are summed (canonical CSR). The
+loading option ``stored_zeros="drop"`` (``--model-option stored_zeros=drop``) departs on purpose: it
+reads only the non-zero entries, as if the matrix had been densified.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ KEY_PREFIX = "model."  # ComposerTX wraps TXModel as ``self.model``
 # heads and the drug encoder: in the released files, never used for embeddings (skip_decoders, use_chem_inf=False)
 IGNORED_PREFIXES = ("expression_decoder.", "mvc_decoder.", "chem_encoder.")
 INFERENCE_MAX_LENGTH = 2048  # scripts/inference/configs/predict.yaml: predict.seq_len_dataset
+STORED_ZEROS = ("keep", "drop")  # keep: official CountDataset (every stored entry); drop: non-zero entries only
 TOKENIZER_VERSION = "tahoe-x1-binning-2"  # 2: explicit stored zeros are tokens in bin 1 (were dropped)
 PRESET_FIELD = "cellstrata_preset"  # model_config.yml field written by init_checkpoint
 # torch.nn.functional names the official ``resolve_ffn_act_fn({"name": ...})`` resolves (default arguments)
@@ -494,7 +497,8 @@ class TahoeX1Tokenizer:
     ``pad_value``; every value after the first ``keep_first_n_tokens`` tokens binned against the
     quantiles of the non-zero ones, a zero in bin 1 (``binning``); cells longer than ``max_length`` keep
     their first ``keep_first_n_tokens`` tokens plus a random subset of the rest in random order
-    (``_sample``). A cell with no non-zero vocabulary value is empty.
+    (``_sample``). A cell with no non-zero vocabulary value is empty. ``stored_zeros="drop"`` reads only
+    the non-zero entries (a departure, off by default).
     """
 
     truncation_rule = RANDOM_SUBSAMPLE
@@ -509,7 +513,11 @@ class TahoeX1Tokenizer:
         keep_first_n_tokens: int = 1,
         pad_token_id: int | None = None,
         pad_value: float = -2.0,
+        stored_zeros: str = "keep",
     ) -> None:
+        if stored_zeros not in STORED_ZEROS:
+            msg = f"stored_zeros must be one of {', '.join(STORED_ZEROS)}, got {stored_zeros!r}"
+            raise ConfigError(msg)
         if int(keep_first_n_tokens) < 1:
             msg = f"keep_first_n_tokens must be >= 1, got {keep_first_n_tokens}"
             raise ConfigError(msg)
@@ -537,6 +545,7 @@ class TahoeX1Tokenizer:
         self.pad_id = int(vocab[PAD_TOKEN] if pad_token_id is None else pad_token_id)
         self.cls_id = int(vocab[CLS_TOKEN])
         self.pad_value = float(pad_value)
+        self.stored_zeros = stored_zeros
         self._n_genes = sum(not _is_special(t) for t in self.vocab)
         self.vocab_sha256 = _vocab_sha256(self.vocab)
 
@@ -550,7 +559,7 @@ class TahoeX1Tokenizer:
             "version": TOKENIZER_VERSION,
             "num_bins": self.num_bins,
             "binning": "torch.quantile(values, linspace(0, 1, num_bins - 1)); bucketize(right=False) + 1",
-            "stored_zeros": "tokens in bin 1; edges from the non-zero values",
+            "stored_zeros": self.stored_zeros,  # keep: tokens in bin 1, edges from the non-zero values
             "keep_first_n_tokens": self.keep_first_n_tokens,
             "max_length": self.max_length,
             "seed": self.seed,
@@ -599,6 +608,8 @@ class TahoeX1Tokenizer:
         tok = token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch.tensor(dtype=torch.float)
         keep = tok >= 0  # every stored entry, explicit zeros included (CountDataset: row.indices, row.data)
+        if self.stored_zeros == "drop":
+            keep &= data != 0
         rows_all = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
         genes, values, rows = tok[keep], data[keep], rows_all[keep]
         _check_counts(values, rows, indices)
@@ -845,10 +856,15 @@ class TahoeX1Family:
         device: torch.device | str = "cpu",
         max_length: int | None = None,
         seed: int = 0,
+        stored_zeros: str = "keep",
         **unknown: Any,
     ) -> LoadedModel:
-        """Load a published Tahoe-X1 folder (``model.safetensors``, the two YAML configs, ``vocab.json``)."""
-        refuse_unknown_options("tahoe-x1", unknown, ("max_length", "seed"))
+        """Load a published Tahoe-X1 folder (``model.safetensors``, the two YAML configs, ``vocab.json``).
+
+        ``stored_zeros``: ``keep`` (official: explicit zeros of a sparse input are tokens in bin 1) or
+        ``drop`` (only the non-zero entries).
+        """
+        refuse_unknown_options("tahoe-x1", unknown, ("max_length", "seed", "stored_zeros"))
         folder = checkpoint_folder(
             checkpoint, REQUIRED_FILES, model="Tahoe-X1", origin="as tahoebio/Tahoe-x1/<size>-model on Hugging Face"
         )
@@ -894,6 +910,7 @@ class TahoeX1Family:
             keep_first_n_tokens=config.keep_first_n_tokens,
             pad_token_id=pad_id,
             pad_value=config.pad_value,
+            stored_zeros=stored_zeros,
         )
         files = describe_files(folder, list(REQUIRED_FILES))
         cfg_out = {k: v for k, v in model_cfg.items() if k != "chemical_encoder"}

@@ -302,6 +302,10 @@ def test_unknown_options(tiny):
         FAMILY.load(tiny, n_bins=3)
     with pytest.raises(ConfigError, match="max_length"):
         FAMILY.load(tiny, max_length=1)
+    with pytest.raises(ConfigError, match="stored_zeros must be one of keep, drop"):
+        FAMILY.load(tiny, stored_zeros="zero")
+    assert FAMILY.load(tiny, stored_zeros="drop").tokenizer.stored_zeros == "drop"
+    assert FAMILY.load(tiny).tokenizer.stored_zeros == "keep"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,6 +427,13 @@ def test_stored_zeros_by_hand():
     assert tb.genes[1].tolist() == [cls] and tb.empty.tolist() == [False, True, False]
     assert tb.genes[2].tolist() == [cls, 0, 5] and tb.values[2].tolist() == [-2, 1, 1]
     assert tb.lengths.tolist() == [5, 1, 3]
+    # the option stored_zeros="drop" (a departure) reads the counts alone, as a dense matrix
+    dropped = _tokens(
+        TahoeX1Tokenizer(vocab, max_length=50, stored_zeros="drop"), CellBlock(np.arange(3), X), gene_ensembl_ids(6)
+    )
+    for a, b in ((dropped.genes, without.genes), (dropped.values, without.values)):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert dropped.empty.tolist() == [False, True, False]
     # keep_first_n_tokens=2: a zero in first place stays raw; the rest is binned as before
     tb2 = _tokens(
         TahoeX1Tokenizer(vocab, max_length=50, keep_first_n_tokens=2),
@@ -502,7 +513,11 @@ def test_settings_describe_tokens():
     assert s["pad_id"] == vocab["<pad>"] and s["pad_value"] == -2 and s["cls_id"] == vocab["<cls>"]
     assert s["vocab_size"] == 23 and len(s["vocab_sha256"]) == 64 and s["chem_token"] is False
     # stored zeros became tokens in version 2: a store written by version 1 has another config hash
-    assert s["version"] == "tahoe-x1-binning-2" and "bin 1" in s["stored_zeros"]
+    assert s["version"] == "tahoe-x1-binning-2" and s["stored_zeros"] == "keep"
+    assert TahoeX1Tokenizer(vocab, max_length=300, seed=3, keep_first_n_tokens=2, stored_zeros="drop").settings() == {
+        **s,
+        "stored_zeros": "drop",
+    }
     assert TahoeX1Tokenizer(_vocab(21)).settings()["vocab_sha256"] != s["vocab_sha256"]
     json.dumps(s)
 
