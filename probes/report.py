@@ -116,7 +116,7 @@ def reading_notes(results: ProbeResults, summary: pd.DataFrame) -> list[str]:
         f"- **Selection.** Each best layer is picked from the layers evaluated ({n_layers} here: layer 0, the "
         "embedding output, and every block), so its own CI (`ci_low`/`ci_high`) is optimistic. `sel_ci_*` and "
         "`sel_diff_ci_*` are selection-adjusted: in every bootstrap replicate the best layer is chosen again and "
-        "scored in the next replicate (another resample of the cells), a held-out split inside the bootstrap. "
+        "scored in the next replicate (another resample of the cells), as a held-out split would score it. "
         "When the winner changes from resample to resample these intervals widen and the gain over the final "
         "layer shrinks towards 0.",
         f"- **Gains.** `diff_vs_final` = best - final is always given; the relative gain (best - final) / |final| "
@@ -190,6 +190,7 @@ def plot_layers(results: ProbeResults, summary: pd.DataFrame, path: str | Path) 
                     continue
                 c = "grey" if same else colors[contexts.index(ch["context"]) % len(colors)]
                 name = "chance" if same or ch["context"] == "all" else f"chance · {ch['context']}"
+                name += f" ({float(ch['chance']):.3g})"
                 ax.axhline(float(ch["chance"]), ls="-.", lw=1.0, color=c, alpha=0.8, label=name)
                 if same:
                     break
