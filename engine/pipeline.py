@@ -36,10 +36,12 @@ from .models.base import GeneMapping, LoadedModel, TokenBatch, TokenizedBlock
 from .prepare import InputPool, InputSpec, Window, input_processes, prepare_window
 from .sources import CellSource, check_values, open_source
 from .store import (
+    ATTR_KEY,
     Store,
     StoreSpec,
     create_or_resume,
     default_chunk_cells,
+    describe_truncation,
     pending_chunks,
     store_attributes,
     update_attrs,
@@ -70,6 +72,8 @@ class Telemetry:
     input_wait_seconds: float = 0.0
     writer_wait_seconds: float = 0.0
     overflow: np.ndarray | None = None
+    # expressed genes before truncation -> number of truncated cells that had that many
+    truncated_genes: dict[int, int] = field(default_factory=dict)
     pooling_names: tuple[str, ...] = field(default_factory=tuple)
     attention: str = ""
     max_tokens: int = 0
@@ -91,6 +95,7 @@ class Telemetry:
         """The raw counters (what a Dask worker sends back to the driver)."""
         d: dict[str, Any] = {k: getattr(self, k) for k in self.COUNTERS}
         d["overflow"] = None if self.overflow is None else self.overflow.tolist()
+        d["truncated_genes"] = dict(self.truncated_genes)
         return d
 
     def add(self, counters: Mapping[str, Any]) -> None:
@@ -100,6 +105,23 @@ class Telemetry:
         if counters.get("overflow") is not None:
             ovf = np.asarray(counters["overflow"], dtype=np.int64)
             self.overflow = ovf if self.overflow is None else self.overflow + ovf
+        self.count_truncated(counters.get("truncated_genes", {}))
+
+    def count_truncated(self, histogram: Mapping[int, int]) -> None:
+        """Add truncated cells by the number of expressed genes they had (``{genes: cells}``)."""
+        for genes, cells in histogram.items():
+            self.truncated_genes[int(genes)] = self.truncated_genes.get(int(genes), 0) + int(cells)
+
+    def truncated_genes_stats(self) -> tuple[float, int] | None:
+        """Median and max expressed genes of the truncated cells (None when no tokenizer counted them)."""
+        if not self.truncated_genes:
+            return None
+        genes = np.array(sorted(self.truncated_genes), dtype=np.int64)
+        cum = np.cumsum([self.truncated_genes[g] for g in genes])
+        n = int(cum[-1])
+        lo = genes[np.searchsorted(cum, (n + 1) // 2)]  # the ((n+1)//2)-th and (n//2+1)-th smallest values
+        hi = genes[np.searchsorted(cum, n // 2 + 1)]
+        return float((lo + hi) / 2), int(genes[-1])
 
     def as_dict(self) -> dict[str, Any]:
         s = max(self.seconds, 1e-9)
@@ -121,6 +143,9 @@ class Telemetry:
             "max_tokens": self.max_tokens,
             "input_processes": self.input_processes,
         }
+        stats = self.truncated_genes_stats()
+        if stats is not None:
+            d["truncated_genes_median"], d["truncated_genes_max"] = stats
         ovf = self.overflow
         d["float16_overflows"] = int(ovf.sum()) if ovf is not None else 0
         if ovf is not None and ovf.any():
@@ -315,6 +340,7 @@ class Extraction:
                 "n_vocab_genes": self.mapping.n_vocab_genes,
             },
             engine_version=ENGINE_VERSION,
+            truncation={"max_length": ld.tokenizer.max_length, "rule": ld.tokenizer.truncation_rule},
         )
         return StoreSpec(
             n_cells=self.n_cells,
@@ -415,6 +441,9 @@ class Extraction:
         self.telemetry.cells += len(tokens)
         self.telemetry.empty_cells += int(tokens.empty.sum())
         self.telemetry.truncated_cells += int(tokens.truncated.sum())
+        if tokens.n_expressed is not None and tokens.truncated.any():
+            genes, cells = np.unique(tokens.n_expressed[tokens.truncated], return_counts=True)
+            self.telemetry.count_truncated(dict(zip(genes.tolist(), cells.tolist())))
         if bar is not None:
             bar.update(len(tokens))
 
@@ -571,6 +600,9 @@ def record_run(group: Any, telemetry: Telemetry, *, resumed: bool, **extra: Any)
         update_attrs(group, complete=bool(done.all()))
         return
     tele = {**telemetry.as_dict(), **extra}
+    truncation = dict(group.attrs[ATTR_KEY]).get("truncation") or {}
+    tele["truncated_to_tokens"] = truncation.get("max_length")
+    tele["truncation_rule"] = truncation.get("rule")
     update_attrs(group, complete=bool(done.all()), telemetry=tele)
     log.info(
         "%d cells in %.1f s: %.1f cells/s, %.0f tokens/s, padding %.1f%%; device waited %.1f s for input "
@@ -589,6 +621,18 @@ def record_run(group: Any, telemetry: Telemetry, *, resumed: bool, **extra: Any)
             "re-run with --dtype float32 to keep them",
             tele["float16_overflows"],
             ", ".join(tele["overflow_layers"]),
+        )
+    if tele["truncated_cells"] or truncation.get("max_length") is not None:
+        log.info(
+            "this run: %s",
+            describe_truncation(
+                tele["truncated_cells"],
+                tele["cells"],
+                truncation.get("max_length"),
+                truncation.get("rule"),
+                genes_median=tele.get("truncated_genes_median"),
+                genes_max=tele.get("truncated_genes_max"),
+            ),
         )
     if tele["empty_cells"]:
         log.warning(
@@ -613,6 +657,7 @@ def _select(tokens: TokenizedBlock, idx: np.ndarray) -> TokenizedBlock:
         values=[tokens.values[i] for i in idx],
         truncated=tokens.truncated[idx],
         empty=tokens.empty[idx],
+        n_expressed=None if tokens.n_expressed is None else tokens.n_expressed[idx],
     )
 
 

@@ -6,7 +6,8 @@ A store is a zarr v3 group:
 - ``obs_names`` ``[N]`` strings, ``n_tokens`` ``[N]`` int32, ``truncated`` ``[N]`` bool, chunks ``(C,)``;
 - ``done`` ``[ceil(N/C)]`` uint8, chunks ``(1,)``: 1 once every array's chunk of that cell block is written;
 - group attribute ``cellstrata``: format version, model, tokenizer, poolings, dtype, chunking, source,
-  ``config_hash`` and, once finished, ``complete`` and the run's telemetry.
+  ``truncation`` (the context in tokens and how a longer cell is fitted to it), ``config_hash`` and,
+  once finished, ``complete`` and the run's telemetry.
 
 Only :mod:`engine.writer` writes data chunks; this module creates stores and reads them back.
 """
@@ -155,6 +156,26 @@ def store_attributes(
         "layer_index": LAYER_INDEX,
         **extra,
     }
+
+
+def describe_truncation(
+    n_truncated: int,
+    n_cells: int,
+    max_length: int | None,
+    rule: str | None,
+    *,
+    genes_median: float | None = None,
+    genes_max: int | None = None,
+) -> str:
+    """One line on the cells longer than the model's context, e.g. ``37 of 500 cells truncated to 256 tokens
+    (random subsample, seeded per cell)``, with the expressed genes those cells had when known."""
+    if max_length is None:
+        return f"{n_truncated} of {n_cells} cells truncated (no context limit: every expressed gene is a token)"
+    how = f"({rule})" if rule else "(rule not recorded in this store)"
+    line = f"{n_truncated} of {n_cells} cells truncated to {max_length} tokens {how}"
+    if n_truncated and genes_median is not None and genes_max is not None:
+        line += f"; expressed genes of those cells: median {genes_median:g}, max {genes_max}"
+    return line
 
 
 def _is_store(location: StoreLocation) -> bool:
@@ -320,6 +341,33 @@ class Store:
     def obs_names(self) -> np.ndarray:
         return np.asarray(self.group["obs_names"][:]).astype(object).astype(str)
 
+    def truncation(self) -> dict[str, Any]:
+        """Cells longer than the model's context, counted over the committed chunks of the ``truncated`` array.
+
+        Returns ``truncated`` and ``cells`` (committed cells), ``max_length`` and ``rule`` (from the
+        store's ``truncation`` attribute, or the context from the tokenizer settings of a store written
+        before it existed; ``rule`` is then None) and, when the last run's telemetry covers every truncated
+        cell, ``genes_median``/``genes_max``: the expressed genes those cells had before truncation.
+        """
+        done = self.done.astype(bool)
+        committed = np.repeat(done, self.chunk_cells)[: self.n_cells]
+        flags = np.asarray(self.group["truncated"][:], dtype=bool)
+        n_truncated = int((flags & committed).sum())
+        recorded = self.attrs.get("truncation") or {}
+        out: dict[str, Any] = {
+            "truncated": n_truncated,
+            "cells": int(committed.sum()),
+            "max_length": recorded.get("max_length", self.attrs.get("tokenizer", {}).get("max_length")),
+            "rule": recorded.get("rule"),
+            "genes_median": None,
+            "genes_max": None,
+        }
+        t = self.attrs.get("telemetry") or {}
+        if t.get("truncated_cells") == n_truncated and t.get("truncated_genes_max") is not None:
+            out["genes_median"] = t.get("truncated_genes_median")
+            out["genes_max"] = t.get("truncated_genes_max")
+        return out
+
     def to_xarray(self) -> Any:
         """One ``xarray.Dataset`` with every pooling plus the per-cell arrays, lazily backed by dask."""
         import xarray as xr
@@ -354,6 +402,18 @@ class Store:
             f"status      {'complete' if done.all() else 'INCOMPLETE: re-run the same extract command to resume'}",
             f"checksums   {'per cell chunk (check: cellstrata info --verify)' if CHECKSUM in self.group else 'none'}",
         ]
+        tr = self.truncation()
+        lines.append(
+            "truncation  "
+            + describe_truncation(
+                tr["truncated"],
+                tr["cells"],
+                tr["max_length"],
+                tr["rule"],
+                genes_median=tr["genes_median"],
+                genes_max=tr["genes_max"],
+            )
+        )
         t = a.get("telemetry")
         if t:
             lines.append(

@@ -109,7 +109,14 @@ def test_local_cluster_store_is_bit_identical_to_one_process(case, tmp_path, cap
     # each worker process loaded the model once and reused it for every shard it ran
     assert 1 <= info["model_loads"] == info["worker_processes"] <= 2 < info["shards"]
     assert tele["cells"] == 600 and tele["tokens"] == int(np.asarray(store.group["n_tokens"][:]).sum())
-    assert "last run" in capsys.readouterr().out
+    # the shards' truncation counts add up to the one-process run's
+    ref = case["ref"].attrs["telemetry"]
+    assert tele["truncated_cells"] == int(np.asarray(store.group["truncated"][:]).sum()) > 0
+    for key in ("truncated_cells", "truncated_genes_median", "truncated_genes_max", "truncation_rule"):
+        assert tele[key] == ref[key]
+    printed = capsys.readouterr().out
+    assert "last run" in printed
+    assert f"truncation  {tele['truncated_cells']} of 600 cells truncated to 256 tokens" in printed
 
 
 def test_killed_worker_is_rescheduled_and_the_store_is_identical(case, tmp_path, process_cluster):
