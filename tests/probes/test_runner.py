@@ -119,9 +119,15 @@ def test_planted_best_layer_is_recovered_with_confidence(results, task):
     t = results.table
     final = t[(t["task"] == task) & (t["pooling"] == "x") & (t["metric"] == PRIMARY[task]) & (t["layer"] == N_LAYERS)]
     assert r["final_value"] == pytest.approx(float(final["value"].iloc[0]))
-    assert r["gain_vs_final"] == pytest.approx((r["value"] - r["final_value"]) / abs(r["final_value"]))
-    assert r["gain_vs_final"] > 0 and r["gain_ci_low"] > 0
-    assert r["gain_ci_low"] <= r["gain_vs_final"] <= r["gain_ci_high"]
+    assert r["diff_vs_final"] > 0 and r["diff_ci_low"] > 0 and r["sel_diff_ci_low"] > 0
+    assert r["diff_ci_low"] <= r["diff_vs_final"] <= r["diff_ci_high"]
+    if abs(r["final_value"]) >= 0.1:  # a relative gain only for a final value away from 0
+        assert r["gain_basis"] == "relative"
+        assert r["gain_vs_final"] == pytest.approx((r["value"] - r["final_value"]) / abs(r["final_value"]))
+        assert r["gain_vs_final"] > 0 and r["gain_ci_low"] > 0
+        assert r["gain_ci_low"] <= r["gain_vs_final"] <= r["gain_ci_high"]
+    else:
+        assert r["gain_basis"] == "absolute" and np.isnan(r["gain_vs_final"]) and "absolute" in r["answer"]
     assert f"layer {BEST} of {N_LAYERS}" in r["answer"]
     # the series follows the planted strength: it rises to the planted layer and falls after it
     series = t[(t["task"] == task) & (t["pooling"] == "x") & (t["metric"] == PRIMARY[task])].sort_values("layer")
