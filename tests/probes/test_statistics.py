@@ -213,3 +213,19 @@ def test_report_says_random_weights(flat_store, tmp_path):
         assert paths["plot"].stat().st_size > 5000
     finally:
         update_attrs(group, model=model)
+
+
+def test_a_store_extracted_from_an_init_checkpoint_folder_reports_random_weights(tmp_path, capsys):
+    # scFoundation keeps its config inside models.ckpt, so only init-checkpoint's marker tells
+    from cellstrata.cli import main
+    from cellstrata.engine.datasets import write_synthetic_h5ad
+    from cellstrata.engine.pipeline import extract
+
+    data = tmp_path / "cells.h5ad"
+    write_synthetic_h5ad(data, n_cells=240, seed=0, genes_per_cell=60)
+    ckpt = tmp_path / "scf"
+    assert main(["init-checkpoint", "--model", "scfoundation", "--preset", "tiny", "--out", str(ckpt)]) == 0
+    store = extract(data, model="scfoundation", checkpoint=ckpt, out=tmp_path / "s.zarr", progress=False)
+    res = probe(store.path, data, CellTypeTask(n_boot=10, n_folds=3), layers=[0, -1], baseline=False)
+    assert res.store["weights"] == {"weights": "random", "seed": 0, "evidence": MARKER}
+    assert "random weights" in summary_markdown(res, summarize(res))
