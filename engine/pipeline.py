@@ -47,6 +47,7 @@ from .store import (
     update_attrs,
 )
 from .transfer import PooledBuffers, Transfer
+from .weights import random_init_of
 from .writer import ChunkData, ChunkWriter
 
 log = logging.getLogger("cellstrata")
@@ -341,6 +342,7 @@ class Extraction:
             },
             engine_version=ENGINE_VERSION,
             truncation={"max_length": ld.tokenizer.max_length, "rule": ld.tokenizer.truncation_rule},
+            weights=random_init_of(ld.checkpoint.get("path")) or {"weights": "as given"},
         )
         return StoreSpec(
             n_cells=self.n_cells,

@@ -226,6 +226,9 @@ def test_a_store_extracted_from_an_init_checkpoint_folder_reports_random_weights
     ckpt = tmp_path / "scf"
     assert main(["init-checkpoint", "--model", "scfoundation", "--preset", "tiny", "--out", str(ckpt)]) == 0
     store = extract(data, model="scfoundation", checkpoint=ckpt, out=tmp_path / "s.zarr", progress=False)
+    # the extraction records the weights in the store, so the report does not need the folder any more
+    assert store.attrs["weights"] == {"weights": "random", "seed": 0, "evidence": MARKER}
+    (ckpt / MARKER).unlink()
     res = probe(store.path, data, CellTypeTask(n_boot=10, n_folds=3), layers=[0, -1], baseline=False)
     assert res.store["weights"] == {"weights": "random", "seed": 0, "evidence": MARKER}
     assert "random weights" in summary_markdown(res, summarize(res))
