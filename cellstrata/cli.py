@@ -287,6 +287,13 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--genes-from", default=None, help="use the genes of this .h5ad/.zarr as the vocabulary")
     p.add_argument("--gene-column", default=None, help="var column of --genes-from holding gene identifiers")
+    p.add_argument(
+        "--dedupe",
+        default=None,
+        choices=["first"],
+        help="when --genes-from lists a gene identifier more than once, keep its first occurrence "
+        "(default: refuse, naming the repeated identifiers)",
+    )
     p.set_defaults(func=_cmd_init)
 
 
@@ -301,10 +308,41 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
         with open_source(args.genes_from, gene_column=args.gene_column) as src:
             genes = [str(g) for g in src.gene_names]
+        where = f"{args.genes_from}" + (f" (var column {args.gene_column!r})" if args.gene_column else "")
+        genes = vocabulary_genes(genes, dedupe=args.dedupe, where=where)
     out = family.init_checkpoint(args.preset, args.out, seed=args.seed, genes=genes)
     mark_random_init(out, family=family.name, preset=args.preset, seed=args.seed)
     print(f"wrote a {args.model} '{args.preset}' checkpoint with RANDOM weights to {out}")
     return 0
+
+
+def vocabulary_genes(genes: Sequence[str], *, dedupe: str | None, where: str) -> list[str]:
+    """``genes`` for a vocabulary, each identifier once.
+
+    A repeated identifier is refused with a message naming the first five (and how many there are)
+    unless ``dedupe="first"``, which keeps each identifier at its first occurrence, in input order.
+    """
+    from collections import Counter
+
+    from .engine.errors import InputError
+
+    counts = Counter(genes)
+    repeated = [g for g in dict.fromkeys(genes) if counts[g] > 1]
+    if not repeated:
+        return list(genes)
+    extra = sum(counts[g] - 1 for g in repeated)
+    n = f"{len(repeated)} gene identifier{'s' if len(repeated) > 1 else ''}"
+    if dedupe == "first":
+        log.info("%s: kept the first occurrence of %s listed more than once (%d dropped)", where, n, extra)
+        return list(dict.fromkeys(genes))
+    shown = ", ".join(f"{g} ({counts[g]} times)" for g in repeated[:5])
+    more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+    msg = (
+        f"{where} lists {n} more than once ({extra} extra column{'s' if extra > 1 else ''}): {shown}{more}; "
+        "a vocabulary holds each gene once: pass --dedupe first to keep each identifier's first occurrence, "
+        "or choose a column of unique identifiers with --gene-column"
+    )
+    raise InputError(msg)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
