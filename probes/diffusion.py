@@ -1,10 +1,15 @@
-"""Diffusion pseudotime as scanpy computes it, without scanpy: kNN graph, Gaussian kernel, diffusion map, DPT.
+"""Diffusion pseudotime as scanpy computes it, without scanpy: kNN graph, connectivities, diffusion map, DPT.
 
-The chain reproduces ``sc.pp.neighbors(method="gauss", knn=True)`` -> ``sc.tl.diffmap`` -> ``sc.tl.dpt``
-of scanpy 1.11 (Haghverdi et al. 2016; Wolf et al. 2019), with exact Euclidean neighbours:
+The chain reproduces ``sc.pp.neighbors(n_neighbors)`` -> ``sc.tl.diffmap`` -> ``sc.tl.dpt`` of scanpy 1.11
+(Haghverdi et al. 2016; Wolf et al. 2019) with exact Euclidean neighbours, which is what scanpy itself uses
+below 8,192 cells (a brute-force ``KNeighborsTransformer``); from 8,192 cells on scanpy switches to
+pynndescent's approximate neighbours, and this module stays exact.
 
 - ``n_neighbors`` counts the cell itself, so every cell has ``n_neighbors - 1`` other neighbours;
-- kernel widths are adaptive, ``sigma_i^2`` = median squared distance to those neighbours, and the kernel
+- connectivities (``kernel``): ``"umap"``, scanpy's default ``method="umap"``, is UMAP's
+  ``fuzzy_simplicial_set`` as scanpy calls it (:func:`umap_connectivities`); ``"gauss"`` is
+  ``method="gauss"`` (:func:`gauss_connectivities`);
+- Gaussian kernel widths are adaptive, ``sigma_i^2`` = median squared distance to those neighbours, and the kernel
   ``sqrt(2 s_i s_j / (s_i^2 + s_j^2)) exp(-d_ij^2 / (s_i^2 + s_j^2))`` is made symmetric over the union
   of both cells' neighbour lists (the kernel itself is symmetric, so the union is the only choice);
 - the diffusion map is the top ``n_comps`` eigenpairs (largest magnitude, as ``eigsh(which="LM")``) of
@@ -31,6 +36,7 @@ from sklearn.neighbors import NearestNeighbors
 N_NEIGHBORS = 30
 N_COMPS = 15
 N_DCS = 10
+KERNELS = ("umap", "gauss")
 STATIONARY_EVAL = 0.9994  # scanpy: eigenvalues at or above this count as stationary (float32 precision)
 
 
@@ -52,19 +58,43 @@ class DiffusionMap:
         return int(self.components.max()) + 1 if self.components.size else 0
 
 
-def knn_graph(X: np.ndarray, n_neighbors: int = N_NEIGHBORS) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Euclidean nearest neighbours of every row of ``X [n_cells, n_features]``.
+def knn_search(X: np.ndarray, n_neighbors: int = N_NEIGHBORS) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Euclidean nearest neighbours of every row of ``X``, the row itself included, as scanpy finds them.
 
-    ``n_neighbors`` counts the cell itself (scanpy's convention). Returns ``(indices, distances)``, both
-    ``[n_cells, n_neighbors - 1]``, the cell itself excluded, nearest first.
+    ``sc.pp.neighbors`` (below 8,192 cells) runs ``KNeighborsTransformer(n_neighbors, algorithm="brute")``,
+    which queries ``n_neighbors + 1`` neighbours of every row with the row itself among them, and keeps the
+    first ``n_neighbors``: that is restated here, ties at the cut included, so duplicated cells get scanpy's
+    lists. Returns ``(indices, distances)``, both ``[n_cells, n_neighbors]``, nearest first; the row itself
+    has distance 0 (scanpy zeroes it) and is usually, not always (duplicates), in the first column.
     """
     n = X.shape[0]
     if not 2 <= n_neighbors <= n:
         msg = f"n_neighbors must be between 2 and the number of cells ({n}), got {n_neighbors}"
         raise ValueError(msg)
-    nn = NearestNeighbors(n_neighbors=n_neighbors - 1, algorithm="brute").fit(X)
-    distances, indices = nn.kneighbors()  # query = the fitted rows; a row is never its own neighbour
-    return indices.astype(np.int64), distances.astype(np.float64)
+    nn = NearestNeighbors(n_neighbors=min(n_neighbors + 1, n), algorithm="brute").fit(X)
+    distances, indices = nn.kneighbors(X)
+    indices, distances = indices[:, :n_neighbors].astype(np.int64), distances[:, :n_neighbors].astype(np.float64)
+    distances[indices == np.arange(n)[:, None]] = 0.0
+    return indices, distances
+
+
+def without_self(indices: np.ndarray, distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn_search` lists less the cell itself (less the farthest neighbour where the cell is absent)."""
+    n, k = indices.shape
+    is_self = indices == np.arange(n)[:, None]
+    drop = np.where(is_self.any(axis=1), np.argmax(is_self, axis=1), k - 1)
+    keep = np.ones((n, k), dtype=bool)
+    keep[np.arange(n), drop] = False
+    return indices[keep].reshape(n, k - 1), distances[keep].reshape(n, k - 1)
+
+
+def knn_graph(X: np.ndarray, n_neighbors: int = N_NEIGHBORS) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Euclidean nearest neighbours of every row of ``X [n_cells, n_features]``, the row itself left out.
+
+    ``n_neighbors`` counts the cell itself (scanpy's convention). Returns ``(indices, distances)``, both
+    ``[n_cells, n_neighbors - 1]``, nearest first (:func:`knn_search` less the cell itself).
+    """
+    return without_self(*knn_search(X, n_neighbors))
 
 
 def gauss_connectivities(indices: np.ndarray, distances: np.ndarray) -> sp.csr_matrix:
@@ -86,6 +116,105 @@ def gauss_connectivities(indices: np.ndarray, distances: np.ndarray) -> sp.csr_m
     w = np.sqrt(2.0 * sigmas[rows] * sigmas[cols] / den) * np.exp(-d_sq.ravel() / den)
     W = sp.csr_matrix((w, (rows, cols)), shape=(n, n))
     return sp.csr_matrix(W.maximum(W.T))
+
+
+SMOOTH_K_TOLERANCE = 1e-5  # umap-learn's constants
+MIN_K_DIST_SCALE = 1e-3
+SMOOTH_K_ITERATIONS = 64
+FLOAT32_MAX = np.float32(np.finfo(np.float32).max)
+
+
+def _exp32(x: np.ndarray) -> np.ndarray:
+    """``exp`` of float32 values, evaluated in float64 and rounded to float32.
+
+    umap-learn's compiled float32 ``exp`` (the C library's ``expf``) is accurate to the last bit;
+    numpy's vectorised float32 ``exp`` is not always, and rounding the float64 result agrees with ``expf``
+    on all but a handful of arguments (a last-bit difference, ~1e-7).
+    """
+    return np.exp(np.asarray(x, dtype=np.float64)).astype(np.float32)
+
+
+def smooth_knn_dist(distances: np.ndarray, k: float) -> tuple[np.ndarray, np.ndarray]:
+    """UMAP's ``smooth_knn_dist`` (``local_connectivity=1``, ``bandwidth=1``): per-cell ``(sigma, rho)``.
+
+    ``distances [n, k]`` (float32) include the cell itself in column 0 (distance 0), nearest first.
+    ``rho`` is the distance to the nearest neighbour at a positive distance (0 when there is none).
+    ``sigma`` is found by bisection so that ``sum_{j >= 1} exp(-max(d_ij - rho_i, 0) / sigma_i) = log2(k)``,
+    in float32 as umap-learn does, stopping when within ``1e-5`` or after 64 steps; it is then floored at
+    ``1e-3`` times the mean distance of the row (of all rows when ``rho`` is 0). Vectorised over cells,
+    sequential over neighbours (umap-learn's summation order).
+    """
+    d = np.ascontiguousarray(distances, dtype=np.float32)
+    n = d.shape[0]
+    target = np.log2(k)
+    positive = d > 0
+    has = positive.any(axis=1)
+    rho = np.where(has, d[np.arange(n), np.argmax(positive, axis=1)], 0.0).astype(np.float32)
+    lo = np.zeros(n, np.float32)
+    hi = np.full(n, FLOAT32_MAX, np.float32)
+    mid = np.ones(n, np.float32)
+    active = np.ones(n, dtype=bool)
+    excess = d - rho[:, None]  # float32, as umap-learn's ``distances[i, j] - rho[i]``
+    one = np.float32(1.0)
+    for _ in range(SMOOTH_K_ITERATIONS):
+        rows = np.flatnonzero(active)
+        if rows.size == 0:
+            break
+        ex, m = excess[rows], mid[rows]
+        psum = np.zeros(rows.size, np.float32)
+        with np.errstate(over="ignore", under="ignore"):
+            for j in range(1, d.shape[1]):
+                e = ex[:, j]
+                psum += np.where(e > 0, _exp32(-(e / m)), one)
+        done = np.abs(psum.astype(np.float64) - target) < SMOOTH_K_TOLERANCE
+        go = rows[~done]
+        above = psum[~done] > target
+        up, down = go[above], go[~above]
+        hi[up] = mid[up]
+        mid[up] = (lo[up] + hi[up]) / np.float32(2.0)
+        lo[down] = mid[down]
+        unbounded = hi[down] >= FLOAT32_MAX
+        mid[down] = np.where(unbounded, mid[down] * np.float32(2.0), (lo[down] + hi[down]) / np.float32(2.0))
+        active[rows[done]] = False
+    floor = np.where(rho > 0, MIN_K_DIST_SCALE * d.mean(axis=1, dtype=np.float64), MIN_K_DIST_SCALE * d.mean())
+    sigma = np.where(mid < floor, floor, mid).astype(np.float32)
+    return sigma, rho
+
+
+def umap_connectivities(indices: np.ndarray, distances: np.ndarray, n_neighbors: int) -> sp.csr_matrix:
+    """UMAP connectivities ``[n, n]`` (float32), scanpy's default ``sc.pp.neighbors(method="umap")``.
+
+    scanpy 1.11 calls ``umap.fuzzy_simplicial_set`` with the ``n_neighbors`` nearest neighbours *including
+    the cell itself* (:func:`knn_search`), ``n_neighbors`` as ``k``, ``set_op_mix_ratio=1`` and
+    ``local_connectivity=1``. Restated here: :func:`smooth_knn_dist` (which skips the first column), then
+    membership strengths ``a_ij = exp(-(d_ij - rho_i) / sigma_i)`` (1 when ``d_ij <= rho_i``, 0 for the
+    cell itself), then the fuzzy union ``A + A^T - A * A^T`` (elementwise product), in float32.
+    """
+    n, k = indices.shape
+    idx = np.asarray(indices, dtype=np.int64)
+    dist = np.ascontiguousarray(distances, dtype=np.float32)
+    sigma, rho = smooth_knn_dist(dist, float(n_neighbors))
+    excess = dist - rho[:, None]
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        vals = _exp32(-(excess / sigma[:, None]))
+    vals = np.where((excess <= 0) | (sigma[:, None] == 0), np.float32(1.0), vals).astype(np.float32)
+    vals[idx == np.arange(n)[:, None]] = 0.0  # the cell itself
+    A = sp.coo_matrix((vals.ravel(), (np.repeat(np.arange(n), k), idx.ravel())), shape=(n, n))
+    A.eliminate_zeros()
+    At = A.transpose()
+    union = sp.csr_matrix(A + At - A.multiply(At), dtype=np.float32)
+    union.eliminate_zeros()
+    return union
+
+
+def connectivities(indices: np.ndarray, distances: np.ndarray, n_neighbors: int, kernel: str = "umap") -> sp.csr_matrix:
+    """Connectivities from :func:`knn_search` lists with ``kernel`` ``"umap"`` (scanpy's default) or ``"gauss"``."""
+    if kernel == "umap":
+        return umap_connectivities(indices, distances, n_neighbors)
+    if kernel == "gauss":
+        return gauss_connectivities(*without_self(indices, distances))
+    msg = f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}"
+    raise ValueError(msg)
 
 
 def diffusion_map(connectivities: sp.spmatrix, n_comps: int = N_COMPS, seed: int = 0) -> DiffusionMap:
@@ -149,12 +278,13 @@ def diffusion_pseudotime(
     n_neighbors: int = N_NEIGHBORS,
     n_comps: int = N_COMPS,
     n_dcs: int = N_DCS,
+    kernel: str = "umap",
     seed: int = 0,
 ) -> tuple[np.ndarray, DiffusionMap]:
-    """``X [n_cells, n_features]`` -> kNN -> Gaussian kernel -> diffusion map -> DPT pseudotime from ``roots``.
+    """``X [n_cells, n_features]`` -> kNN -> connectivities (``kernel``) -> diffusion map -> DPT from ``roots``.
 
-    Returns the pseudotime ``[n_cells]`` (:func:`dpt_pseudotime`) and the diffusion map.
+    With the defaults this is ``sc.pp.neighbors(use_rep=..., n_neighbors=30)`` -> ``sc.tl.diffmap`` ->
+    ``sc.tl.dpt``. Returns the pseudotime ``[n_cells]`` (:func:`dpt_pseudotime`) and the diffusion map.
     """
-    indices, distances = knn_graph(X, n_neighbors)
-    dm = diffusion_map(gauss_connectivities(indices, distances), n_comps, seed)
+    dm = diffusion_map(connectivities(*knn_search(X, n_neighbors), n_neighbors, kernel), n_comps, seed)
     return dpt_pseudotime(dm, roots, n_dcs), dm

@@ -1,9 +1,10 @@
 """Trajectory / time probe (protocol §1.4, §2.2): how well each layer orders cells in real time.
 
-Per context (cell state) and layer, on the layer's ``pca50`` features:
+Per context (cell state) and layer, on a kNN graph of the layer (``features``: the raw layer activations by
+default, as the paper's ``sc.pp.neighbors(use_rep=layer)``; ``pca50`` to standardise and reduce first):
 
 - ``dpt_spearman_time`` (primary): Spearman of the layer's diffusion pseudotime against real time;
-- ``dpt_spearman_reference``: Spearman against the DPT of the HVG-PCA(50) baseline, the paper's number;
+- ``dpt_spearman_reference``: Spearman against the DPT of the HVG-PCA(50) reference, the paper's number;
 - ``time_smoothness``: mean |t_i - t_j| over each cell's kNN over the mean over all pairs (lower is better;
   about 1 when the neighbourhoods ignore time);
 
@@ -11,14 +12,27 @@ and on the layer's ``std`` features (standardised inside each training fold):
 
 - ``ridge_r2`` / ``ridge_spearman``: out-of-fold predictions of ``RidgeCV(alphas=logspace(-2, 4, 13))``.
 
-Pseudotime follows scanpy (:mod:`.diffusion`): kNN graph with k = ``n_neighbors`` (self included),
-Gaussian kernel, diffusion map of ``n_comps`` components, DPT over the first ``n_dcs`` of them, the
-defaults of ``sc.pp.neighbors(n_neighbors=30)``, ``sc.tl.diffmap`` and ``sc.tl.dpt`` the paper ran.
-The reference DPT, and the baseline row's graph, use the HVG-PCA(50) coordinates as they are (the
-paper's ``use_rep="X_pca"``): re-standardising 50 PCs would weight noise PCs like the leading ones.
+The defaults are the paper's method (protocol §1.4), restated without scanpy (:mod:`.diffusion`,
+:mod:`.features`):
+
+- reference: ``normalize_total(1e4)`` -> ``log1p`` -> ``highly_variable_genes(n_top_genes=2500,
+  subset=True)`` (scanpy's default ``seurat`` flavour) -> ``pca(n_comps=50)`` (centred, not scaled), and its
+  DPT on those PCs as they are (``use_rep="X_pca"``); ``hvg_genes`` changes the 2,500;
+- every graph: ``sc.pp.neighbors(n_neighbors=30)`` with its default UMAP connectivities (``kernel="umap"``;
+  ``"gauss"`` for the Gaussian kernel of Haghverdi et al. 2016), exact Euclidean neighbours (scanpy uses
+  pynndescent's approximate ones from 8,192 cells on), then ``sc.tl.diffmap`` (15 components) and
+  ``sc.tl.dpt`` (10 components);
+- root (``root="first"``): the first cell, in the AnnData's order, at the earliest time of the context.
+  Subsampling (``max_cells``) keeps the planned cells in the AnnData's order and always keeps that cell, so
+  the root is the paper's cell. ``root="robust"`` (protocol §2.2) averages the pseudotime over ``n_roots``
+  earliest-time cells drawn at random.
+
 Bootstrap replicates resample cells of the per-cell quantities (pseudotime, out-of-fold predictions,
 neighbour time gaps) with the same indices for every layer; graphs and fits are not rebuilt per replicate,
-so the intervals reflect which cells were sampled, not the variance of graph construction.
+so the intervals reflect which cells were sampled, not the variance of graph construction. With
+``root="robust"`` each replicate of the two DPT metrics also draws its own ``n_roots`` roots among the same
+candidates (the same draws for every layer, and for the layer and the reference DPT), so their intervals
+cover the root choice as well.
 """
 
 from __future__ import annotations
@@ -34,15 +48,17 @@ from scipy.stats import rankdata
 from sklearn.model_selection import KFold
 
 from ..engine.errors import ConfigError, ProbeError
-from .base import ContextPlan, Metric, Task, contexts_of, require_columns
+from .base import ContextPlan, Metric, SmallContextError, Task, plan_contexts, require_columns
 from .confidence import bootstrap_indices
-from .diffusion import diffusion_map, diffusion_pseudotime, dpt_pseudotime, gauss_connectivities, knn_graph
+from .diffusion import KERNELS, DiffusionMap, connectivities, diffusion_map, dpt_pseudotime, knn_graph
 from .features import as_float32, hvg_pca, pca_recipe
 from .sampling import stratified_cap
 
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
 METRICS = ("dpt_spearman_time", "dpt_spearman_reference", "ridge_r2", "ridge_spearman", "time_smoothness")
-ROOT_RULES = ("first", "auto")
+ROOT_RULES = ("first", "robust")
+GRAPH_FEATURES = ("raw", "pca50")
+REFERENCE_HVG_GENES = 2500  # the paper's highly_variable_genes(n_top_genes=2500)
 MAX_TIME_LEVELS = 50  # more distinct time values than this are strata of quantile bins when capping
 TIME_BINS = 20
 
@@ -87,20 +103,41 @@ def time_strata(t: np.ndarray) -> np.ndarray:
     return pd.qcut(t, q=TIME_BINS, labels=False, duplicates="drop").astype(np.int64)
 
 
+def root_candidates(t: np.ndarray, n_roots: int) -> np.ndarray:
+    """Positions ``root="robust"`` draws its roots from: the cells at the minimum time, or the ``n_roots``
+    earliest cells (stable order) when fewer share it (continuous time)."""
+    earliest = np.flatnonzero(t == np.min(t))
+    if len(earliest) < n_roots:
+        earliest = np.argsort(t, kind="stable")[:n_roots]
+    return earliest.astype(np.int64)
+
+
 def choose_roots(t: np.ndarray, rule: str, n_roots: int, seed: int | np.random.SeedSequence) -> np.ndarray:
     """Root positions (sorted) for DPT from time ``t [n]``.
 
-    ``"first"`` (the paper): the first cell, in row order, at the minimum time. ``"auto"``: ``n_roots``
-    cells drawn at random (``seed``) from those at the minimum time, or the ``n_roots`` earliest cells
-    when fewer share it (continuous time); the pseudotime is then averaged over them.
+    ``"first"`` (the paper): the first cell, in row order, at the minimum time. ``"robust"``: ``n_roots``
+    cells drawn at random (``seed``) from :func:`root_candidates`; the pseudotime is then averaged over them.
     """
-    earliest = np.flatnonzero(t == np.min(t))
     if rule == "first":
-        return earliest[:1].astype(np.int64)
-    if len(earliest) < n_roots:
-        earliest = np.argsort(t, kind="stable")[:n_roots]
+        return np.flatnonzero(t == np.min(t))[:1].astype(np.int64)
+    if rule != "robust":
+        msg = f"root must be one of {', '.join(ROOT_RULES)}, got {rule!r}"
+        raise ValueError(msg)
+    candidates = root_candidates(t, n_roots)
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(earliest, size=min(n_roots, len(earliest)), replace=False)).astype(np.int64)
+    return np.sort(rng.choice(candidates, size=min(n_roots, len(candidates)), replace=False)).astype(np.int64)
+
+
+def bootstrap_roots(t: np.ndarray, n_roots: int, n_boot: int, seed: int | np.random.SeedSequence) -> np.ndarray:
+    """``[n_boot, min(n_roots, candidates)]``: the roots every bootstrap replicate of ``root="robust"`` draws
+    (sorted per replicate), from the same :func:`root_candidates` as the point estimate."""
+    candidates = root_candidates(t, n_roots)
+    k = min(n_roots, len(candidates))
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_boot, k), dtype=np.int64)
+    for b in range(n_boot):
+        out[b] = np.sort(rng.choice(candidates, size=k, replace=False))
+    return out
 
 
 # ---------------------------------------------------------------- metric functions (last axis = cells)
@@ -231,6 +268,34 @@ def bootstrap_replicates(
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in out.items()}
 
 
+def dpt_root_replicates(
+    dm: DiffusionMap,
+    reference: DiffusionMap | None,
+    t: np.ndarray,
+    boot: np.ndarray,
+    boot_roots: np.ndarray,
+    n_dcs: int,
+) -> dict[str, np.ndarray]:
+    """Replicates ``[B]`` of the DPT metrics when every replicate also draws its roots (``root="robust"``).
+
+    Replicate ``b`` is the Spearman, over the cells ``boot[b]``, of the pseudotime averaged over the roots
+    ``boot_roots[b]`` against time (``dpt_spearman_time``) and against the reference DPT from the same roots
+    (``dpt_spearman_reference``, when ``reference`` is given).
+    """
+    n = dm.eigenvectors.shape[0]
+    out = {"dpt_spearman_time": np.empty(boot.shape[0])}
+    if reference is not None:
+        out["dpt_spearman_reference"] = np.empty(boot.shape[0])
+    for b in range(boot.shape[0]):
+        counts = boot_counts(boot[b : b + 1], n)
+        pt = dpt_pseudotime(dm, boot_roots[b], n_dcs)
+        out["dpt_spearman_time"][b] = spearman_boot(pt, t, counts)[0]
+        if reference is not None:
+            ref = dpt_pseudotime(reference, boot_roots[b], n_dcs)
+            out["dpt_spearman_reference"][b] = spearman_boot(pt, ref, counts)[0]
+    return out
+
+
 def ridge_cv_predict(
     X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], alphas: Sequence[float]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -286,11 +351,20 @@ class TrajectoryTask(Task):
     """Trajectory probe: DPT pseudotime and ridge regression of time, per context and layer.
 
     ``time_key`` holds real time (numeric, or an ordered categorical whose codes are used); cells
-    without a time are dropped. ``root``: ``"first"`` is the paper's root (the first cell at the
-    earliest time; kept even when ``max_cells`` subsamples), ``"auto"`` averages the pseudotime over
-    ``n_roots`` random earliest cells (protocol §2.2's robust option; layer-independent, so every layer
-    uses the same roots). ``max_cells`` caps each context, stratified by time (DPT needs an
-    eigendecomposition over all its cells); ``ridge_max_cells`` caps the ridge fits again, likewise.
+    without a time are dropped. The defaults are the paper's method (module docstring):
+
+    - ``root``: ``"first"``, the first cell in the AnnData's order at the earliest time (kept even when
+      ``max_cells`` subsamples); ``"robust"`` averages the pseudotime over ``n_roots`` random earliest
+      cells (protocol §2.2; layer-independent, so every layer uses the same roots, and the bootstrap
+      redraws them per replicate);
+    - ``kernel``: ``"umap"`` (scanpy's default connectivities) or ``"gauss"``;
+    - ``features``: the layer's graph on its ``"raw"`` activations (the paper) or on ``"pca50"``
+      (StandardScaler -> PCA(50), so a few huge residual-stream dimensions cannot dominate distances);
+    - ``hvg_genes``: highly variable genes of the HVG-PCA(50) reference (2,500; the other tasks' baselines
+      use 2,000).
+
+    ``max_cells`` caps each context, stratified by time (DPT needs an eigendecomposition over all its
+    cells); ``ridge_max_cells`` caps the ridge fits again, likewise.
     """
 
     name: ClassVar[str] = "trajectory"
@@ -300,8 +374,11 @@ class TrajectoryTask(Task):
     n_neighbors: int = 30
     n_comps: int = 15
     n_dcs: int = 10
-    root: str = "auto"
+    root: str = "first"
     n_roots: int = 5
+    kernel: str = "umap"
+    features: str = "raw"
+    hvg_genes: int = REFERENCE_HVG_GENES
     max_cells: int | None = 50_000
     ridge_max_cells: int | None = 20_000
     n_boot: int = 200
@@ -312,15 +389,16 @@ class TrajectoryTask(Task):
     def __post_init__(self) -> None:
         """Refuse impossible settings, all at once, with a :class:`ConfigError`."""
         problems = []
-        if self.root not in ROOT_RULES:
-            problems.append(f"root must be one of {', '.join(ROOT_RULES)}, got {self.root!r}")
+        for name, allowed in (("root", ROOT_RULES), ("kernel", KERNELS), ("features", GRAPH_FEATURES)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.n_neighbors < 2:
             problems.append(f"n_neighbors must be at least 2, got {self.n_neighbors}")
         if self.n_comps < 3:
             problems.append(f"n_comps must be at least 3 (as sc.tl.diffmap), got {self.n_comps}")
         if not 2 <= self.n_dcs <= self.n_comps:
             problems.append(f"n_dcs must be between 2 and n_comps ({self.n_comps}), got {self.n_dcs}")
-        for name in ("n_roots", "smoothness_k"):
+        for name in ("n_roots", "smoothness_k", "hvg_genes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.ridge_folds < 2:
@@ -352,8 +430,8 @@ class TrajectoryTask(Task):
         """One plan per context: cells with a time, capped at ``max_cells`` stratified by time."""
         require_columns(obs, self.required_columns(), self.name)
         time = time_values(obs[self.time_key], self.time_key)
-        plans = []
-        for context, rows in contexts_of(obs, self.context_key):
+
+        def plan_one(context: str, rows: np.ndarray) -> ContextPlan:  # too small: skipped (plan_contexts)
             t = time[rows]
             has_time = ~np.isnan(t)
             self._check_context(context, t[has_time], len(rows))
@@ -365,42 +443,43 @@ class TrajectoryTask(Task):
                 keep = np.union1d(keep, choose_roots(t, "first", 1, 0))
             report.update(n_used=len(keep), n_in_context=len(has_time), n_missing_time=int((~has_time).sum()))
             sel = rows[keep]
-            plans.append(ContextPlan(self.name, context, sel, obs.iloc[sel][self.required_columns()], caps=report))
-        return plans
+            return ContextPlan(self.name, context, sel, obs.iloc[sel][self.required_columns()], caps=report)
+
+        return plan_contexts(self.name, obs, self.context_key, plan_one)
 
     def prepare(self, plan: ContextPlan, counts: sp.csr_matrix | None, var_names: Sequence[str]) -> None:
-        """Baseline HVG-PCA(50), reference DPT on it, and the layer-independent draws (:meth:`draws`).
+        """HVG-PCA(50) reference (``hvg_genes`` genes), its DPT, and the layer-independent draws (:meth:`draws`).
 
-        The reference DPT is built on the baseline PCs as they are (the paper's ``use_rep="X_pca"``), from
-        the same roots and with the same graph settings as every layer.
+        The reference DPT is built on the reference PCs as they are (the paper's ``use_rep="X_pca"``), from
+        the same roots and with the same graph settings (``n_neighbors``, ``kernel``) as every layer.
         """
+        where = f"task trajectory, context {plan.context!r}"
         if counts is None:
-            msg = f"task trajectory, context {plan.context!r}: needs the counts for its HVG-PCA reference"
-            raise ProbeError(msg)
+            raise ProbeError(f"{where}: needs the counts for its HVG-PCA reference")
         if counts.shape[0] != plan.n_cells:
             msg = f"counts have {counts.shape[0]} rows for a plan of {plan.n_cells} cells"
             raise ValueError(msg)
         draws = self.draws(plan)
-        baseline = hvg_pca(counts, seed=self.seed)
-        reference, _ = diffusion_pseudotime(
-            baseline,
-            draws["roots"],
-            n_neighbors=self.n_neighbors,
-            n_comps=self.n_comps,
-            n_dcs=self.n_dcs,
-            seed=self.seed,
-        )
+        try:
+            baseline = hvg_pca(counts, n_top=self.hvg_genes, seed=self.seed)
+        except ProbeError as err:
+            raise ProbeError(f"{where}: the HVG-PCA reference pseudotime cannot be built: {err}") from None
+        dm = self._diffusion_map(baseline)
+        reference = dpt_pseudotime(dm, draws["roots"], self.n_dcs)
         plan.reference.update(draws, baseline=baseline, reference_dpt=reference)
+        if "boot_roots" in draws:
+            plan.reference["reference_dm"] = dm
 
     def draws(self, plan: ContextPlan) -> dict[str, np.ndarray]:
         """What every layer of a context shares, drawn from the task seed and the context only.
 
         ``roots`` (positions, :func:`choose_roots`), ``boot`` ``[n_boot, n_cells]`` bootstrap indices,
-        ``ridge_rows`` (positions the ridge fits use: all, or ``ridge_max_cells`` stratified by time) and
-        ``ridge_boot`` (bootstrap indices into ``ridge_rows``). Taken from ``plan.reference`` when
-        :meth:`prepare` has stored them.
+        ``ridge_rows`` (positions the ridge fits use: all, or ``ridge_max_cells`` stratified by time),
+        ``ridge_boot`` (bootstrap indices into ``ridge_rows``) and, with ``root="robust"``, ``boot_roots``
+        ``[n_boot, n_roots]`` (:func:`bootstrap_roots`). Taken from ``plan.reference`` when :meth:`prepare`
+        has stored them.
         """
-        keys = ("roots", "boot", "ridge_rows", "ridge_boot")
+        keys = ("roots", "boot", "ridge_rows", "ridge_boot") + (("boot_roots",) if self.root == "robust" else ())
         if all(k in plan.reference for k in keys):
             return {k: plan.reference[k] for k in keys}
         t = time_values(plan.obs[self.time_key], self.time_key)
@@ -414,25 +493,38 @@ class TrajectoryTask(Task):
                 time_strata(t), max_per_class=None, max_total=self.ridge_max_cells, seed=seed
             )
             ridge_boot = bootstrap_indices(len(ridge_rows), self.n_boot, plan.seed_for(self.seed, "ridge-boot"))
-        return {"roots": roots, "boot": boot, "ridge_rows": ridge_rows, "ridge_boot": ridge_boot}
+        out = {"roots": roots, "boot": boot, "ridge_rows": ridge_rows, "ridge_boot": ridge_boot}
+        if self.root == "robust":
+            out["boot_roots"] = bootstrap_roots(t, self.n_roots, self.n_boot, plan.seed_for(self.seed, "boot-roots"))
+        return out
 
     def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
         """The metrics of one layer from its raw features ``X [plan.n_cells, W]``.
 
-        Graph metrics use the ``pca50`` recipe of ``X``, ridge metrics standardise ``X`` per training fold.
-        ``dpt_spearman_reference`` is left out when :meth:`prepare` has not stored a reference.
+        The graph metrics use ``X`` itself (``features="raw"``, recorded as ``raw``) or its ``pca50`` recipe;
+        ridge metrics standardise ``X`` per training fold. ``dpt_spearman_reference`` is left out when
+        :meth:`prepare` has not stored a reference.
         """
         X = as_float32(X)
-        return self._evaluate(plan, X, pca_recipe(X, seed=self.seed), "pca50")
+        F = X if self.features == "raw" else pca_recipe(X, seed=self.seed)
+        return self._evaluate(plan, X, F, self.features)
 
     def evaluate_baseline(self, plan: ContextPlan) -> list[Metric]:
-        """The metrics of the HVG-PCA(50) baseline, its graph built on the PCs as they are (recipe ``none``).
+        """The metrics of the HVG-PCA(50) reference, its graph built on the PCs as they are (recipe ``none``).
 
         That is the reference DPT's own graph (so ``dpt_spearman_reference`` is 1): the ``pca50`` recipe
         would standardise the 50 PCs and give the noise PCs the weight of the leading ones.
         """
         baseline = as_float32(plan.reference["baseline"])
         return self._evaluate(plan, baseline, baseline, "none")
+
+    def _diffusion_map(
+        self, F: np.ndarray, indices: np.ndarray | None = None, distances: np.ndarray | None = None
+    ) -> DiffusionMap:
+        """The diffusion map of the ``n_neighbors`` graph of ``F`` with the task's kernel."""
+        if indices is None or distances is None:
+            indices, distances = knn_graph(F, self.n_neighbors)
+        return diffusion_map(connectivities(indices, distances, self.n_neighbors, self.kernel), self.n_comps, self.seed)
 
     def _evaluate(self, plan: ContextPlan, X: np.ndarray, F: np.ndarray, graph_recipe: str) -> list[Metric]:
         """Metrics from raw features ``X`` (ridge) and graph features ``F`` (DPT, smoothness)."""
@@ -443,7 +535,7 @@ class TrajectoryTask(Task):
         d = self.draws(plan)
 
         indices, distances = knn_graph(F, self.n_neighbors)
-        dm = diffusion_map(gauss_connectivities(indices, distances), self.n_comps, self.seed)
+        dm = self._diffusion_map(F, indices, distances)
         pt = dpt_pseudotime(dm, d["roots"], self.n_dcs)
         k = self.smoothness_k
         gaps = neighbour_gaps(t, indices[:, :k] if k < self.n_neighbors else knn_graph(F, k + 1)[0])
@@ -456,7 +548,13 @@ class TrajectoryTask(Task):
             r = plan.reference["reference_dpt"]
             values["dpt_spearman_reference"] = spearman(pt, r)
             stats["dpt_spearman_reference"] = lambda c: spearman_boot(pt, r, c)
+        if "boot_roots" in d:  # root="robust": every replicate draws its roots too
+            for name in ("dpt_spearman_time", "dpt_spearman_reference"):
+                stats.pop(name, None)
         reps = bootstrap_replicates(stats, d["boot"], plan.n_cells)
+        if "boot_roots" in d:
+            ref_dm = plan.reference.get("reference_dm") if "reference_dpt" in plan.reference else None
+            reps.update(dpt_root_replicates(dm, ref_dm, t, d["boot"], d["boot_roots"], self.n_dcs))
 
         rows, tr = d["ridge_rows"], t[d["ridge_rows"]]
         folds = list(KFold(self.ridge_folds, shuffle=True, random_state=self.seed).split(rows))
@@ -499,17 +597,18 @@ class TrajectoryTask(Task):
         return ContextPlan(self.name, context, np.zeros(0, np.int64), pd.DataFrame()).seed_for(self.seed, *salt)
 
     def _check_context(self, context: str, t: np.ndarray, n_total: int) -> None:
-        """Refuse a context without enough timed cells or with a single time point."""
-        where = f"task trajectory, context {context!r}"
+        """Refuse (:class:`SmallContextError`: skipped) a context without enough timed cells or time points."""
+        where = f"context {context!r}"
         if len(t) == 0:
-            msg = f"{where}: none of its {n_total} cells has a time in {self.time_key!r} (all NaN)"
-            raise ProbeError(msg)
+            reason = f"{where}: none of its {n_total} cells has a time in {self.time_key!r} (all NaN)"
+            raise SmallContextError(self.name, reason)
         if len(t) < self.min_cells:
-            msg = (
+            reason = (
                 f"{where}: {len(t)} cells with a time ({n_total} in all); DPT on a {self.n_neighbors}-neighbour "
-                f"graph needs at least {self.min_cells}. Lower n_neighbors or merge contexts"
+                f"graph needs at least {self.min_cells}"
             )
-            raise ProbeError(msg)
+            value = len(t) // 3 if len(t) >= 6 else None  # min_cells = 3 * n_neighbors, n_neighbors >= 2
+            raise SmallContextError(self.name, reason, setting=f"{self.name}.n_neighbors", value=value)
         if len(np.unique(t)) < 2:
-            msg = f"{where}: all {len(t)} cells have the same time ({t[0]:g}) in {self.time_key!r}; need two or more"
-            raise ProbeError(msg)
+            reason = f"{where}: all {len(t)} cells have the same time ({t[0]:g}) in {self.time_key!r}; need two or more"
+            raise SmallContextError(self.name, reason)

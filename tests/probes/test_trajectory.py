@@ -21,6 +21,7 @@ from cellstrata.probes.trajectory import (
     TrajectoryTask,
     boot_counts,
     bootstrap_replicates,
+    bootstrap_roots,
     choose_roots,
     mean_pair_gap,
     neighbour_gaps,
@@ -167,11 +168,23 @@ def test_time_values_refuses_unordered_time(values: pd.Series, words: list[str])
 def test_choose_roots() -> None:
     t = np.array([2.0, 1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     np.testing.assert_array_equal(choose_roots(t, "first", 5, 0), [2])  # the paper's cell
-    auto = choose_roots(t, "auto", 5, 0)
-    assert len(auto) == 5 and set(auto) <= {2, 4, 5, 6, 7, 8} and np.all(np.diff(auto) > 0)
-    np.testing.assert_array_equal(auto, choose_roots(t, "auto", 5, 0))
+    robust = choose_roots(t, "robust", 5, 0)
+    assert len(robust) == 5 and set(robust) <= {2, 4, 5, 6, 7, 8} and np.all(np.diff(robust) > 0)
+    np.testing.assert_array_equal(robust, choose_roots(t, "robust", 5, 0))
     continuous = np.array([0.5, 0.1, 0.9, 0.3, 0.2, 0.7])  # fewer than n_roots at the minimum: earliest cells
-    np.testing.assert_array_equal(choose_roots(continuous, "auto", 3, 0), [1, 3, 4])
+    np.testing.assert_array_equal(choose_roots(continuous, "robust", 3, 0), [1, 3, 4])
+    with pytest.raises(ValueError, match="root must be one of first, robust, got 'auto'"):
+        choose_roots(t, "auto", 5, 0)
+
+
+def test_bootstrap_roots_redraw_among_the_same_candidates() -> None:
+    t = np.r_[np.zeros(40), np.ones(60)]
+    boot = bootstrap_roots(t, 5, 50, 0)
+    assert boot.shape == (50, 5) and boot.max() < 40 and np.all(np.diff(boot, axis=1) > 0)
+    assert len({tuple(r) for r in boot}) > 45  # fresh draws per replicate
+    np.testing.assert_array_equal(boot, bootstrap_roots(t, 5, 50, 0))
+    continuous = np.array([0.5, 0.1, 0.9, 0.3, 0.2, 0.7])  # no randomness left: every replicate the same
+    np.testing.assert_array_equal(bootstrap_roots(continuous, 3, 4, 0), np.tile([1, 3, 4], (4, 1)))
 
 
 # ---------------------------------------------------------------- plans and refusals
@@ -211,10 +224,11 @@ def test_plan_refuses_text_time() -> None:
         TrajectoryTask(time_key="day").plan(pd.DataFrame({"day": ["early", "late"] * 60}), chunk_cells=64)
 
 
-def test_plan_refuses_a_context_without_time() -> None:
+def test_plan_skips_a_context_without_time() -> None:
     obs = pd.DataFrame({"day": np.r_[np.arange(100.0) % 3, np.full(100, np.nan)], "state": np.repeat(["a", "b"], 100)})
-    with pytest.raises(ProbeError, match=r"context 'b': none of its 100 cells has a time in 'day' \(all NaN\)"):
-        TrajectoryTask(time_key="day", context_key="state").plan(obs, chunk_cells=64)
+    plans = TrajectoryTask(time_key="day", context_key="state").plan(obs, chunk_cells=64)
+    assert [p.context for p in plans] == ["a"]
+    assert "context 'b': none of its 100 cells has a time in 'day' (all NaN)" in plans.skipped["b"]
 
 
 def test_plan_refuses_too_few_cells() -> None:
@@ -229,8 +243,12 @@ def test_plan_refuses_a_single_time_point() -> None:
 
 
 def test_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match=r"root must be one of first, auto.*n_dcs must be between"):
+    with pytest.raises(ConfigError, match=r"root must be one of first, robust, got 'paper'.*n_dcs must be between"):
         TrajectoryTask(time_key="day", root="paper", n_dcs=20)
+    with pytest.raises(ConfigError, match=r"kernel must be one of umap, gauss, got 'cos'; features must be one of"):
+        TrajectoryTask(time_key="day", kernel="cos", features="pca")
+    with pytest.raises(ConfigError, match=r"hvg_genes must be at least 1, got 0"):
+        TrajectoryTask(time_key="day", hvg_genes=0)
     with pytest.raises(ConfigError, match=r"max_cells must be at least 3 \* n_neighbors = 90"):
         TrajectoryTask(time_key="day", max_cells=50)
     assert TrajectoryTask(time_key="day").settings()["n_neighbors"] == 30
@@ -259,7 +277,7 @@ def test_planted_signal_scores_high_and_noise_does_not(big: tuple) -> None:
     for m in (*signal.values(), *noise.values()):
         assert m.ci_low <= m.value <= m.ci_high, m.metric
         assert m.n_cells == 600 and len(m.replicates) == task.n_boot
-        assert m.features == ("std" if m.metric.startswith("ridge") else "pca50")
+        assert m.features == ("std" if m.metric.startswith("ridge") else "raw")
     assert not signal["time_smoothness"].higher_is_better and signal["dpt_spearman_time"].higher_is_better
     assert signal["dpt_spearman_time"].extra == {"n_graph_components": 1.0, "frac_unreachable": 0.0}
 
