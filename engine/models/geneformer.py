@@ -1,15 +1,35 @@
 """Geneformer (Theodoris et al. 2023; V2: Chen et al. 2024): tokenizer, per-layer model, checkpoint reader/writer.
 
 The model is ``transformers.BertForMaskedLM`` (post-LN BERT) run on rank-value-encoded cells. This module
-reproduces the official ``geneformer`` package (Hugging Face ``ctheodoris/Geneformer``):
+reproduces the official ``geneformer`` package (Hugging Face ``ctheodoris/Geneformer``, 2025-06 code):
 
 - tokenization = ``tokenizer.TranscriptomeTokenizer.tokenize_anndata`` (+ ``sum_ensembl_ids`` with
   ``collapse_gene_ids=True``, ``rank_genes`` and ``create_dataset``'s ``format_cell_features``);
 - the layers are those of ``BertForMaskedLM(output_hidden_states=True)``: layer 0 is
   ``hidden_states[0]`` (the embedding output), layer k is ``hidden_states[k]``;
-- the published cell embedding (``emb_extractor.get_embs``, ``emb_mode="cell"``, default ``emb_layer=-1``)
-  is the mean over the gene tokens of ``hidden_states[N - 1]`` (``quant_layers(model) + emb_layer``):
-  stored as ``official`` (the same numbers as ``mean``) with ``official_layer = N - 1``.
+- the published cell embedding is ``EmbExtractor``'s default, read at ``hidden_states[N - 1]``
+  (``quant_layers(model) + emb_layer``, ``emb_layer=-1``), stored as ``official`` with
+  ``official_layer = N - 1``. Since October 2024 ``EmbExtractor`` defaults to ``emb_mode="cls"`` and
+  ``model_version="V2"``: for V2 (a dictionary with ``<cls>``/``<eos>``) ``official`` is the ``<cls>``
+  token as it is (pool op ``first``, the same numbers as ``cls``); ``model_version="V1"`` switches
+  ``"cls"`` to ``"cell"``, so for V1 ``official`` is the mean over the gene tokens (the same numbers as
+  ``mean``). The V2 gene-token mean (``emb_mode="cell"``, the default before October 2024) is ``mean``.
+
+Input rules, as ``tokenize_anndata`` (each restated in tests/engine/test_geneformer_parity.py):
+
+- stored zeros: every stored entry of a vocabulary gene is ranked, so an explicitly stored zero
+  (``data == 0`` in the CSR) is a token, ranked after every expressed gene (ties in ``np.argsort(-x)``
+  order). A summed duplicate whose sum is zero holds no entry. ``tokenize_loom``'s ``tokenize_cell``
+  drops zeros (``np.nonzero``): option ``stored_zeros="drop"``. A cell whose stored values are all zero
+  (``n_counts`` 0, where the official code ranks ``0 / 0``) is an empty cell.
+- duplicate genes: ``sum_ensembl_ids`` sums columns only when its Ensembl mapping merges different input
+  ids (then every duplicate, identical ids too, is summed into one column appended after the others);
+  otherwise every column is its own token, so an id given twice is two tokens (adjacent when their values
+  tie). Option ``duplicate_genes="sum"`` always sums. Either way a warning names the duplicates.
+- case: input ids are matched upper-cased, as ``ensembl_id.str.upper().map(...)``; the vocabulary (and the
+  symbol dictionary) is compared upper-cased too, an exact match first, so identifiers with lower-case
+  letters in a custom vocabulary (``C20orf96``) are found. Identifiers that differ only by case map by exact
+  match only.
 
 Checkpoint folder (as published): ``config.json`` (``BertConfig`` fields), ``model.safetensors`` or
 ``pytorch_model.bin`` and the gene dictionaries of the model's generation, found by :func:`find_dictionaries`.
@@ -21,6 +41,7 @@ import hashlib
 import json
 import math
 import pickle
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,7 +75,9 @@ WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")  # first present wins
 PAD_TOKEN, MASK_TOKEN, CLS_TOKEN, EOS_TOKEN = "<pad>", "<mask>", "<cls>", "<eos>"
 SPECIAL_TOKENS = (PAD_TOKEN, MASK_TOKEN, CLS_TOKEN, EOS_TOKEN)
 TARGET_SUM = 10_000  # tokenize_anndata(target_sum=10_000)
-TOKENIZER_VERSION = "geneformer-rank-value-1"
+TOKENIZER_VERSION = "geneformer-rank-value-2"  # 2: duplicate columns, stored zeros and case as tokenize_anndata
+DUPLICATE_GENES = ("official", "sum")  # the duplicate_genes= option; official = sum_ensembl_ids' rule
+STORED_ZEROS = ("keep", "drop")  # the stored_zeros= option; keep = tokenize_anndata, drop = tokenize_loom
 PRESET_KEY = "cellstrata_preset"  # config.json key written by init_checkpoint
 SUPPORTED_ACTS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
@@ -430,23 +453,29 @@ def _dict_sha256(d: Mapping[str, Any] | None) -> str | None:
 class _Layout:
     """Where each input column lands after ``sum_ensembl_ids``: its slot, and the slot's token.
 
-    Official column order (``collapse_gene_ids=True``, h5ad path): the columns whose Ensembl id occurs
-    once keep their input order; ids occurring several times are summed into one column each, appended
-    after them in order of first occurrence. The order only matters for ties in the ranking.
+    Without collapsing, every column in the vocabulary is its own slot, in input order (an id given twice
+    is two slots). Collapsing (``collapse_gene_ids=True`` when the mapping merges ids, h5ad path): the
+    columns whose id occurs once keep their input order; ids occurring several times are summed into one
+    slot each (slots ``n_single`` and up), appended in order of first occurrence. The order only matters
+    for ties in the ranking.
     """
 
     col_slot: np.ndarray  # [n_input] slot of each input column, -1 = not in the vocabulary
     slot_token: np.ndarray  # [n_slots] token id of each slot
-    has_duplicates: bool
+    has_duplicates: bool  # slots fed by several columns (summed)
+    n_single: int  # slots below this hold one column each
 
 
-def _layout(token_ids: np.ndarray) -> _Layout:
+def _layout(token_ids: np.ndarray, *, collapse: bool) -> _Layout:
     ids = np.asarray(token_ids, dtype=np.int64)
     valid = np.flatnonzero(ids >= 0)
     toks = ids[valid]
+    col_slot = np.full(len(ids), -1, dtype=np.int64)
+    if not collapse:
+        col_slot[valid] = np.arange(len(valid))
+        return _Layout(col_slot, toks.copy(), False, len(valid))
     uniq, first, inverse, counts = np.unique(toks, return_index=True, return_inverse=True, return_counts=True)
     dup = counts[inverse] > 1
-    col_slot = np.full(len(ids), -1, dtype=np.int64)
     n_single = int((~dup).sum())
     col_slot[valid[~dup]] = np.arange(n_single)
     dup_tokens = np.flatnonzero(counts > 1)
@@ -456,22 +485,46 @@ def _layout(token_ids: np.ndarray) -> _Layout:
     col_slot[valid[dup]] = n_single + rank[inverse[dup]]
     slot_token = np.empty(n_single + len(dup_tokens), dtype=np.int64)
     slot_token[col_slot[valid]] = toks
-    return _Layout(col_slot, slot_token, bool(dup.any()))
+    return _Layout(col_slot, slot_token, bool(dup.any()), n_single)
+
+
+def _case_folded(table: Mapping[str, Any]) -> dict[str, Any]:
+    """``table`` keyed by upper-cased keys; a key whose upper-case form is shared by entries with
+    different values is left out (those identifiers match exactly only)."""
+    folded: dict[str, Any] = {}
+    clash: set[str] = set()
+    for key, value in table.items():
+        up = key.upper()
+        if up in folded and folded[up] != value:
+            clash.add(up)
+        folded.setdefault(up, value)
+    for up in clash:
+        del folded[up]
+    return folded
+
+
+class DuplicateGenesWarning(UserWarning):
+    """Several input columns resolve to one Geneformer gene (kept as separate tokens or summed)."""
 
 
 class GeneformerTokenizer:
-    """Rank value encoding as ``TranscriptomeTokenizer`` (see the module docstring).
+    """Rank value encoding as ``TranscriptomeTokenizer.tokenize_anndata`` (see the module docstring).
 
-    Per cell: ``x = counts / n_counts * 10_000 / median[gene]`` over the vocabulary genes (float64),
-    nonzero genes ranked by ``np.argsort(-x)`` (the call of ``rank_genes``, so ties order as there),
+    Per cell: ``x = counts / n_counts * 10_000 / median[gene]`` over the stored entries of the vocabulary
+    genes (float64), ranked by ``np.argsort(-x)`` (the call of ``rank_genes``, so ties order as there),
     truncated to ``max_length`` tokens; with ``<cls>``/``<eos>`` in the dictionary (V2) the ranking is cut
     to ``max_length - 2`` and wrapped as ``<cls> genes <eos>``.
 
+    ``duplicate_genes``: ``"official"`` (``sum_ensembl_ids``: columns resolving to one id are separate
+    tokens unless the Ensembl mapping merges different input ids, then every duplicate is summed) or
+    ``"sum"`` (always summed). ``stored_zeros``: ``"keep"`` (``tokenize_anndata``: a stored zero is a
+    token, ranked last) or ``"drop"`` (``tokenize_loom``'s nonzero mask).
+
     Differences from the official pipeline, all documented in :meth:`settings`: ``n_counts`` is the
     cell's total of raw counts over all input genes (the official code reads ``obs["n_counts"]``, which
-    conventionally holds exactly that); identical Ensembl ids given twice are always summed (the
-    official code keeps both columns when no other id needs collapsing). ``values`` of the tokenized
-    cells are zeros: Geneformer's input is the token order alone. No randomness is involved.
+    conventionally holds exactly that); a cell whose ``n_counts`` is 0 is empty (the official code ranks
+    ``0 / 0``). ``values`` of the tokenized cells are zeros: Geneformer's input is the token order alone.
+    No randomness is involved.
     """
 
     pad_value = 0.0
@@ -483,7 +536,23 @@ class GeneformerTokenizer:
         *,
         max_length: int,
         pad_token_id: int = 0,
+        duplicate_genes: str = "official",
+        stored_zeros: str = "keep",
     ) -> None:
+        if duplicate_genes not in DUPLICATE_GENES:
+            msg = (
+                f"Geneformer duplicate_genes must be one of {', '.join(DUPLICATE_GENES)}, got {duplicate_genes!r} "
+                "(official: as Geneformer's tokenizer; sum: sum every column of one gene)"
+            )
+            raise ConfigError(msg)
+        if stored_zeros not in STORED_ZEROS:
+            msg = (
+                f"Geneformer stored_zeros must be one of {', '.join(STORED_ZEROS)}, got {stored_zeros!r} "
+                "(keep: a stored zero is a token, as tokenize_anndata; drop: as tokenize_loom)"
+            )
+            raise ConfigError(msg)
+        self.duplicate_genes = duplicate_genes
+        self.stored_zeros = stored_zeros
         token = dictionaries.token
         self.special = CLS_TOKEN in token and EOS_TOKEN in token
         self.n_special = 2 if self.special else 0
@@ -512,12 +581,14 @@ class GeneformerTokenizer:
             raise CheckpointError(msg)
         self._medians = medians
         self.n_without_median = sum(1 for g in token if g not in SPECIAL_TOKENS and g not in dictionaries.median)
-        # input id (upper-cased, as sum_ensembl_ids) -> token id, through the Ensembl mapping when present
+        # input id -> token id, through the Ensembl mapping when present (sum_ensembl_ids' gene_mapping_dict)
         if dictionaries.ensembl_mapping is not None:
             self._resolve = {k: genes[v] for k, v in dictionaries.ensembl_mapping.items() if v in genes}
         else:
-            self._resolve = genes
+            self._resolve = dict(genes)
+        self._resolve_folded = _case_folded(self._resolve)
         self._symbols = dictionaries.symbol_to_id
+        self._symbols_folded = _case_folded(self._symbols) if self._symbols is not None else None
         self._n_genes = len(genes)
         self._example_ids = [g for g, _ in sorted(genes.items(), key=lambda kv: kv[1])[:3]]
         self._hashes = {
@@ -526,6 +597,9 @@ class GeneformerTokenizer:
             "ensembl_mapping_sha256": _dict_sha256(dictionaries.ensembl_mapping),
             "gene_name_id_sha256": _dict_sha256(dictionaries.symbol_to_id),
         }
+        # layout per mapping, keyed by the mapping's token ids (the collapse decision needs the input
+        # names, so it is taken in map_genes; the key survives pickling to input workers)
+        self._collapse: dict[bytes, bool] = {}
         self._cached: tuple[GeneMapping, _Layout] | None = None
 
     @property
@@ -533,6 +607,15 @@ class GeneformerTokenizer:
         return self._n_genes
 
     def settings(self) -> dict[str, Any]:
+        collapse = {
+            "official": "columns of one (mapped) Ensembl id summed only when the mapping merges different input "
+            "ids (sum_ensembl_ids), otherwise one token per column",
+            "sum": "columns of one (mapped) Ensembl id always summed",
+        }
+        zeros = {
+            "keep": "a stored zero of a vocabulary gene is a token, ranked last (tokenize_anndata)",
+            "drop": "stored zeros dropped (tokenize_loom)",
+        }
         return {
             "family": FAMILY_NAME,
             "version": TOKENIZER_VERSION,
@@ -542,30 +625,86 @@ class GeneformerTokenizer:
             "eos_id": self.eos_id,
             "pad_id": self.pad_id,
             "target_sum": TARGET_SUM,
-            "n_counts": "per cell, the sum of its raw counts over all input genes",
-            "collapse_gene_ids": "identical (mapped) Ensembl ids summed",
+            "n_counts": "per cell, the sum of its raw counts over all input genes; a cell with 0 is empty",
+            "collapse_gene_ids": collapse[self.duplicate_genes],
+            "duplicate_genes": self.duplicate_genes,
+            "stored_zeros": self.stored_zeros,
+            "stored_zeros_rule": zeros[self.stored_zeros],
+            "gene_id_case": "input ids upper-cased, vocabulary compared upper-cased, exact match first",
             "ranking": "np.argsort(-x), x = counts / n_counts * 10000 / median, float64",
             "vocab_size": self.vocab_size,
             **self._hashes,
         }
 
-    def _token_of(self, name: str) -> int:
-        tok = self._resolve.get(name.upper(), -1)
-        if tok < 0 and self._symbols is not None:
-            ens = self._symbols.get(name)
-            if ens is not None:
-                tok = self._resolve.get(ens.upper(), -1)
-        return tok
+    def _key_of(self, name: str) -> tuple[str | None, int]:
+        """``(id as matched exactly or None, token id or -1)`` of one input identifier.
+
+        Exact match first, then the upper-cased identifier against the upper-cased vocabulary; symbols
+        (with a gene name dictionary) the same way, then their Ensembl id.
+        """
+        if name in self._resolve:
+            return name, self._resolve[name]
+        tok = self._resolve_folded.get(name.upper(), -1)
+        if tok >= 0 or self._symbols is None or self._symbols_folded is None:
+            return None, tok
+        ens = self._symbols.get(name)
+        if ens is None:
+            ens = self._symbols_folded.get(name.upper())
+        if ens is None:
+            return None, -1
+        if ens in self._resolve:
+            return ens, self._resolve[ens]
+        return None, self._resolve_folded.get(ens.upper(), -1)
 
     def map_genes(self, gene_names: Sequence[str]) -> GeneMapping:
         names = list(gene_names)
-        ids = np.fromiter(
-            (self._token_of(g) if isinstance(g, str) else -1 for g in names), dtype=np.int64, count=len(names)
-        )
+        keys: list[str | None] = []
+        ids = np.full(len(names), -1, dtype=np.int64)
+        for j, g in enumerate(names):
+            key, tok = self._key_of(g) if isinstance(g, str) else (None, -1)
+            keys.append(key)
+            ids[j] = tok
         mapping = GeneMapping.from_ids(ids, names, self._n_genes)
         if mapping.n_matched == 0:
             raise GeneOverlapError(self._no_overlap_message(names, mapping))
+        # sum_ensembl_ids collapses when the ids found as given in the mapping map onto fewer ids
+        exact = {k for k in keys if k is not None}
+        merges = len(exact) != len({self._resolve[k] for k in exact})
+        collapse = merges or self.duplicate_genes == "sum"
+        self._collapse[ids.tobytes()] = collapse
+        self._cached = (mapping, _layout(ids, collapse=collapse))
+        self._warn_duplicates(names, ids, collapse, merges)
         return mapping
+
+    def _warn_duplicates(self, names: list[Any], ids: np.ndarray, collapse: bool, merges: bool) -> None:
+        valid = np.flatnonzero(ids >= 0)
+        toks, first, counts = np.unique(ids[valid], return_index=True, return_counts=True)
+        dup = toks[counts > 1][np.argsort(first[counts > 1], kind="stable")]
+        if not len(dup):
+            return
+        shown = []
+        for t in dup[:5]:
+            cols = valid[ids[valid] == t]
+            shown.append(" = ".join(dict.fromkeys(str(names[j]) for j in cols)) + f" ({len(cols)} columns)")
+        more = f" and {len(dup) - 5} more" if len(dup) > 5 else ""
+        if not collapse:
+            what = (
+                "each column is its own token, as Geneformer's tokenizer does when its Ensembl mapping merges "
+                "no two input ids; --model-option duplicate_genes=sum sums them (Python: "
+                "model_options={'duplicate_genes': 'sum'})"
+            )
+        elif merges:
+            what = (
+                "their counts are summed into one token, as Geneformer's tokenizer does when its Ensembl mapping "
+                "merges different input ids"
+            )
+        else:
+            what = (
+                "their counts are summed into one token (duplicate_genes=sum; Geneformer's tokenizer keeps one "
+                "token per column unless its Ensembl mapping merges different input ids)"
+            )
+        msg = f"{len(dup)} genes are given by several input columns: {'; '.join(shown)}{more}; {what}"
+        warnings.warn(msg, DuplicateGenesWarning, stacklevel=3)
 
     def _no_overlap_message(self, names: list[Any], mapping: GeneMapping) -> str:
         ex_in = ", ".join(str(g) for g in names[:5]) or "(none)"
@@ -588,7 +727,11 @@ class GeneformerTokenizer:
 
     def _layout_of(self, mapping: GeneMapping) -> _Layout:
         if self._cached is None or self._cached[0] is not mapping:
-            self._cached = (mapping, _layout(mapping.token_ids))
+            collapse = self._collapse.get(mapping.token_ids.tobytes())
+            if collapse is None:
+                msg = "map the genes with this tokenizer's map_genes before tokenizing with its mapping"
+                raise ValueError(msg)
+            self._cached = (mapping, _layout(mapping.token_ids, collapse=collapse))
         return self._cached[1]
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
@@ -603,7 +746,9 @@ class GeneformerTokenizer:
             raise InvalidValuesError(msg)
         n_counts = np.bincount(rows_all, weights=data, minlength=n_cells)
         slot = layout.col_slot[X.indices]
-        keep = (slot >= 0) & (data != 0)
+        keep = (slot >= 0) & (n_counts[rows_all] != 0)  # stored zeros stay (tokenize_anndata ranks them)
+        if self.stored_zeros == "drop":
+            keep &= data != 0
         rows, slot, vals = rows_all[keep], slot[keep], data[keep]
         if layout.has_duplicates:  # sum_ensembl_ids: one column per id, duplicates appended
             n_slots = len(layout.slot_token)
@@ -613,6 +758,8 @@ class GeneformerTokenizer:
             key, start = np.unique(key, return_index=True)
             vals = np.add.reduceat(vals, start) if len(vals) else vals
             rows, slot = key // n_slots, key % n_slots
+            nonzero = (vals != 0) | (slot < layout.n_single)  # a summed column comes from a dense frame
+            rows, slot, vals = rows[nonzero], slot[nonzero], vals[nonzero]
         tok = layout.slot_token[slot]
         # tokenize_anndata: X_view / n_counts * target_sum / norm_factor_vector, in this order
         x = vals / n_counts[rows] * TARGET_SUM / self._medians[tok]
@@ -844,12 +991,16 @@ class GeneformerFamily:
         gene_median_dictionary: str | Path | None = None,
         gene_name_id_dictionary: str | Path | None = None,
         ensembl_mapping_dictionary: str | Path | None = None,
+        duplicate_genes: str = "official",
+        stored_zeros: str = "keep",
         **unknown: Any,
     ) -> LoadedModel:
         """Load an official Geneformer folder (``config.json``, weights, dictionaries; see :func:`find_dictionaries`).
 
         ``max_length`` is the model input size (default: ``max_position_embeddings``, as the official
         tokenizer's ``model_input_size``); ``seed`` is accepted for the common interface (no randomness).
+        ``duplicate_genes`` (``official`` or ``sum``) and ``stored_zeros`` (``keep`` or ``drop``) are the
+        tokenizer's options (see :class:`GeneformerTokenizer`).
         """
         refuse_unknown_options(
             "geneformer",
@@ -860,6 +1011,8 @@ class GeneformerFamily:
                 "gene_median_dictionary",
                 "gene_name_id_dictionary",
                 "ensembl_mapping_dictionary",
+                "duplicate_genes",
+                "stored_zeros",
             ),
         )
         del seed
@@ -908,7 +1061,13 @@ class GeneformerFamily:
                 f"{config.vocab_size - 1} ({CONFIG_FILE} vocab_size); use the dictionary of this model's generation"
             )
             raise CheckpointError(msg)
-        tokenizer = GeneformerTokenizer(dictionaries, max_length=int(max_length), pad_token_id=config.pad_token_id)
+        tokenizer = GeneformerTokenizer(
+            dictionaries,
+            max_length=int(max_length),
+            pad_token_id=config.pad_token_id,
+            duplicate_genes=str(duplicate_genes),
+            stored_zeros=str(stored_zeros),
+        )
 
         model = GeneformerModel(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -923,9 +1082,12 @@ class GeneformerFamily:
         layout = (
             SpecialLayout(n_leading=1, n_trailing=1, has_cls=True) if tokenizer.special else SpecialLayout(0, 0, False)
         )
-        # official: Geneformer's published cell embedding is the mean over gene tokens (an alias of mean)
+        # official: EmbExtractor's default, emb_mode="cls" for V2 (the <cls> token, an alias of cls) and "cell"
+        # for V1 (model_version="V1" switches cls to cell: the mean over gene tokens, an alias of mean)
         pool_ops = (
-            {"mean": "mean", "max": "max"} | ({"cls": "first"} if tokenizer.special else {}) | {"official": "mean"}
+            {"mean": "mean", "max": "max"}
+            | ({"cls": "first"} if tokenizer.special else {})
+            | {"official": "first" if tokenizer.special else "mean"}
         )
         files = describe_files(folder, [CONFIG_FILE, weights.name])
         for role, p in paths.items():
@@ -949,7 +1111,7 @@ class GeneformerFamily:
                 "ignored_keys": ignored,
                 "genes_without_median": tokenizer.n_without_median,
             },
-            official_layer=config.num_hidden_layers - 1,  # get_embs: hidden_states[quant_layers + emb_layer(-1)]
+            official_layer=config.num_hidden_layers - 1,  # hidden_states[quant_layers + emb_layer(-1)], V1 and V2
         )
 
     def init_checkpoint(
@@ -1025,6 +1187,7 @@ __all__ = [
     "FAMILY",
     "PRESETS",
     "SPECIAL_TOKENS",
+    "DuplicateGenesWarning",
     "GeneDictionaries",
     "GeneformerConfig",
     "GeneformerFamily",

@@ -19,12 +19,19 @@ import torch
 import cellstrata as cs
 from cellstrata.cli import main
 from cellstrata.engine.datasets import ensembl_id_of, gene_ensembl_ids, gene_symbols, synthetic_dataset
-from cellstrata.engine.errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
+from cellstrata.engine.errors import (
+    CheckpointError,
+    ConfigError,
+    GeneOverlapError,
+    InvalidValuesError,
+    StoreConfigMismatchError,
+)
 from cellstrata.engine.models import family_names, get_family
 from cellstrata.engine.models.base import SpecialLayout, TokenBatch
 from cellstrata.engine.models.geneformer import (
     FAMILY,
     PRESETS,
+    DuplicateGenesWarning,
     GeneDictionaries,
     GeneformerConfig,
     GeneformerModel,
@@ -165,7 +172,7 @@ def test_init_checkpoint_round_trip(tiny):
     assert loaded.family == "geneformer" and loaded.preset == "tiny"
     assert (loaded.n_layers, loaded.hidden_size, loaded.official_layer) == (4, 64, 3)
     assert loaded.layout == SpecialLayout(1, 1, True)
-    assert dict(loaded.pool_ops) == {"mean": "mean", "max": "max", "cls": "first", "official": "mean"}
+    assert dict(loaded.pool_ops) == {"mean": "mean", "max": "max", "cls": "first", "official": "first"}
     assert loaded.pooling_names == ("mean", "max", "cls", "official") and loaded.default_poolings == ("mean", "cls")
     assert not loaded.custom_poolings
     ck = loaded.checkpoint
@@ -369,15 +376,31 @@ def test_tokens_hand_computed():
 
 
 def test_duplicates_symbols_mapping_and_case():
-    """Duplicate ids are summed; ids are matched upper-cased; symbols need the symbol dictionary."""
+    """Duplicate ids are separate tokens (summed with duplicate_genes=sum); ids are matched upper-cased;
+    symbols need the symbol dictionary."""
     d = _hand_dicts()
     ids = gene_ensembl_ids(5)
-    X = sp.csr_matrix(np.array([[1, 0, 0, 0, 0, 2, 3]], dtype=np.float32))
+    X = sp.csr_matrix(np.array([[1, 0, 0, 0, 0, 2, 3], [0, 0, 4, 1, 0, 4, 1]], dtype=np.float32))
     tok = GeneformerTokenizer(d, max_length=100)
-    m = tok.map_genes([ids[0], ids[1], ids[2], ids[3], ids[4], ids[2].lower(), ids[3]])
+    names = [ids[0], ids[1], ids[2], ids[3], ids[4], ids[2].lower(), ids[3]]
+    with pytest.warns(DuplicateGenesWarning) as rec:
+        m = tok.map_genes(names)
+    msg = str(rec[0].message)
+    assert msg.startswith("2 genes are given by several input columns") and "\n" not in msg
+    assert f"{ids[2]} = {ids[2].lower()} (2 columns)" in msg and f"{ids[3]} (2 columns)" in msg
     assert m.token_ids.tolist() == [4, 5, 6, 7, 8, 6, 7]
-    # G0 = 1/6*1e4/2 = 833, G2 = 2/6*1e4/1 = 3333, G3 = 3/6*1e4/5 = 1000
-    assert tok.tokenize(CellBlock(np.arange(1), X), m).genes[0].tolist() == [2, 6, 7, 4, 3]
+    # cell 0 (n = 6): G0 = 1/6*1e4/2 = 833, G2 (lower-case copy) = 3333, G3 (second copy) = 1000
+    # cell 1 (n = 10): both G2 copies 4000, both G3 copies 200: two tokens each, adjacent
+    out = tok.tokenize(CellBlock(np.arange(2), X), m)
+    assert [g.tolist() for g in out.genes] == [[2, 6, 7, 4, 3], [2, 6, 6, 7, 7, 3]]
+    summing = GeneformerTokenizer(d, max_length=100, duplicate_genes="sum")
+    with pytest.warns(DuplicateGenesWarning, match="summed"):
+        m = summing.map_genes(names)
+    # summed: G2 8000, G3 400 (the summed slots come after the single ones, which only matters for ties)
+    assert [g.tolist() for g in summing.tokenize(CellBlock(np.arange(2), X), m).genes] == [
+        [2, 6, 7, 4, 3],
+        [2, 6, 7, 3],
+    ]
     symbols = [f"GENE{i}" for i in range(5)]
     with pytest.raises(GeneOverlapError) as err:
         tok.map_genes(symbols)
@@ -386,9 +409,31 @@ def test_duplicates_symbols_mapping_and_case():
     assert "no symbol dictionary" in msg and "\n" not in msg
     d.symbol_to_id = dict(zip(symbols, ids))
     d.ensembl_mapping = {ids[0]: ids[1], **{g: g for g in ids[1:]}}  # ids[0] retired onto ids[1]
-    mapped = GeneformerTokenizer(d, max_length=100).map_genes([*symbols, "GENE9"])
+    with pytest.warns(DuplicateGenesWarning, match="merges different input ids"):
+        mapped = GeneformerTokenizer(d, max_length=100).map_genes([*symbols, "GENE9"])
     assert mapped.token_ids.tolist() == [5, 5, 6, 7, 8, -1] and mapped.examples_missing == ("GENE9",)
     assert mapped.report() == "5 of 6 input genes (83.3%) are in the model's vocabulary of 5 genes"
+
+
+def test_identifiers_with_lower_case_letters_are_found():
+    """The vocabulary is compared upper-cased like the input (exact match first): symbols such as C20orf96
+    in a vocabulary or a name dictionary are found in any case; names differing only by case match exactly."""
+    token = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3, "C20orf96": 4, "ACTB": 5, "Mt1": 6, "MT1": 7}
+    median = {g: 1.0 for g in token if not g.startswith("<")}
+    tok = GeneformerTokenizer(GeneDictionaries(token, median), max_length=100)
+    names = ["C20orf96", "c20orf96", "C20ORF96", "actb", "Mt1", "MT1", "mt1", "ACTG1"]
+    with pytest.warns(DuplicateGenesWarning):
+        m = tok.map_genes(names)
+    assert m.token_ids.tolist() == [4, 4, 4, 5, 6, 7, -1, -1]
+    ids = gene_ensembl_ids(2)
+    d = GeneDictionaries(
+        {"<pad>": 0, "<mask>": 1, ids[0]: 2, ids[1]: 3},
+        {ids[0]: 1.0, ids[1]: 1.0},
+        symbol_to_id={"C20orf96": ids[0], "ACTB": ids[1].lower()},
+    )
+    with pytest.warns(DuplicateGenesWarning, match="C20orf96 = c20orf96"):
+        m = GeneformerTokenizer(d, max_length=10).map_genes(["C20orf96", "c20orf96", "Actb", "ACTB2"])
+    assert m.token_ids.tolist() == [2, 2, 3, -1]  # the symbol's Ensembl id (lower-case here) is matched too
 
 
 def test_matrix_variants_and_blocks_give_the_same_tokens(tiny):
@@ -494,8 +539,9 @@ def test_extract_end_to_end_with_ensembl_ids(tiny, tmp_path):
     assert store.poolings == ["mean", "max", "cls", "official"]
     layers = {p: store.layers(p).compute() for p in store.poolings}
     assert all(v.shape == (5, 60, 64) for v in layers.values())
-    np.testing.assert_array_equal(layers["official"], layers["mean"])
+    np.testing.assert_array_equal(layers["official"], layers["cls"])  # V2: EmbExtractor's emb_mode="cls"
     assert store.attrs["official_layer"] == 3 and store.attrs["model"]["family"] == "geneformer"
+    assert store.attrs["pool_ops"]["official"] == "first" and store.attrs["tokenizer"]["duplicate_genes"] == "official"
     n_tokens = np.asarray(store.group["n_tokens"][:])
 
     loaded = FAMILY.load(tiny)
@@ -529,3 +575,64 @@ def test_cli_symbols_without_symbol_dictionary_is_one_clear_error(tiny, tmp_path
         pickle.dump({s: ensembl_id_of(s) for s in gene_symbols(2000)}, f)
     argv[5] = str(with_symbols)
     assert main([*argv, "--quiet", "--limit", "10", "--overwrite"]) == 0
+
+
+def test_tokenizer_options_from_the_command_line_and_an_older_recipe_is_not_resumed(
+    tiny, tmp_path, capsys, monkeypatch
+):
+    """duplicate_genes / stored_zeros through --model-option: recorded in the store, part of its config hash
+    (a store written with another rule is refused, not mixed); a bad value is one line naming the choices."""
+    adata = _symbol_adata(30)
+    ens = adata.var["ensembl_id"].astype(str).tolist()
+    a, b = np.argsort(-np.asarray((adata.X > 0).sum(0)).ravel(), kind="stable")[:2]
+    ens[b] = ens[a]  # one Ensembl id in two columns, both often expressed
+    adata.var["ensembl_id"] = ens
+    path = tmp_path / "cells.h5ad"
+    adata.write_h5ad(path)
+    out = tmp_path / "s.zarr"
+    argv = ["extract", str(path), "--model", "geneformer", "--checkpoint", str(tiny), "--out", str(out)]
+    argv += ["--gene-column", "ensembl_id", "--pool", "mean,official", "--dtype", "float32", "--quiet"]
+    with pytest.warns(DuplicateGenesWarning, match=f"1 genes are given by several input columns: {ens[a]} "):
+        assert main(argv) == 0
+    kept = cs.open_store(out)
+    n_kept, hash_kept = np.asarray(kept.group["n_tokens"][:]), kept.attrs["config_hash"]
+    assert kept.attrs["tokenizer"]["duplicate_genes"] == "official"
+    assert kept.attrs["tokenizer"]["stored_zeros"] == "keep"
+    capsys.readouterr()
+    with pytest.warns(DuplicateGenesWarning, match="duplicate_genes=sum"):
+        assert main([*argv, "--model-option", "duplicate_genes=sum"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another configuration" in err[0] and "--overwrite" in err[0], err
+    with pytest.warns(DuplicateGenesWarning):
+        assert main([*argv, "--model-option", "duplicate_genes=sum", "--overwrite"]) == 0
+    summed = cs.open_store(out)
+    assert summed.attrs["tokenizer"]["duplicate_genes"] == "sum"
+    assert summed.attrs["config_hash"] != hash_kept
+    both = np.flatnonzero((adata.X[:, a].toarray() > 0).ravel() & (adata.X[:, b].toarray() > 0).ravel())
+    n_summed = np.asarray(summed.group["n_tokens"][:])
+    assert len(both) > 3 and (n_summed[both] == n_kept[both] - 1).all()
+    capsys.readouterr()
+    assert main([*argv, "--model-option", "duplicate_genes=mean", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "duplicate_genes must be one of official, sum" in err[0], err
+    assert main([*argv, "--model-option", "stored_zeros=no", "--overwrite"]) == 2
+    assert "stored_zeros must be one of keep, drop" in capsys.readouterr().err
+
+    # a store whose `official` was the V2 gene-token mean (before this recipe) is not resumed
+    original = FAMILY.load
+
+    def old_recipe(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        loaded.pool_ops = {**loaded.pool_ops, "official": "mean"}
+        return loaded
+
+    fresh = tmp_path / "fresh.zarr"
+    kwargs = {"model": "geneformer", "checkpoint": tiny, "poolings": ["official"], "gene_column": "ensembl_id"}
+    kwargs |= {"dtype": "float32", "progress": False, "limit": 8}
+    monkeypatch.setattr(FAMILY, "load", old_recipe)
+    with pytest.warns(DuplicateGenesWarning):
+        old = cs.extract(adata, out=fresh, **kwargs)
+    assert old.attrs["pool_ops"] == {"official": "mean"}
+    monkeypatch.setattr(FAMILY, "load", original)
+    with pytest.warns(DuplicateGenesWarning), pytest.raises(StoreConfigMismatchError, match="another configuration"):
+        cs.extract(adata, out=fresh, **kwargs)

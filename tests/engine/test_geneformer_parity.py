@@ -3,8 +3,9 @@ layer's hidden states vs ``transformers.BertForMaskedLM`` / ``BertModel`` loaded
 
 The geneformer package has no PyPI release (its code lives on Hugging Face and needs loompy, datasets,
 scanpy, ...), so its tokenizer is restated here from ``tokenizer.py`` (``sum_ensembl_ids`` h5ad path,
-``tokenize_anndata``, ``rank_genes``, ``create_dataset.format_cell_features``) and its pooled cell
-embedding from ``emb_extractor.get_embs`` + ``perturber_utils.mean_nonpadding_embs``. The model is
+``tokenize_anndata``, ``rank_genes``, ``create_dataset.format_cell_features``; ``tokenize_loom`` for the
+``stored_zeros="drop"`` option) and its pooled cell embedding from ``EmbExtractor``'s defaults,
+``emb_extractor.get_embs`` and ``perturber_utils.mean_nonpadding_embs`` (the 2025-06 code). The model is
 ``transformers`` itself, as the official ``perturber_utils.load_model`` uses it.
 """
 
@@ -25,7 +26,7 @@ import torch
 
 from cellstrata.engine.datasets import gene_ensembl_ids
 from cellstrata.engine.models.base import TokenBatch, TokenizedBlock
-from cellstrata.engine.models.geneformer import FAMILY, GeneDictionaries, GeneformerTokenizer
+from cellstrata.engine.models.geneformer import FAMILY, DuplicateGenesWarning, GeneDictionaries, GeneformerTokenizer
 from cellstrata.engine.sources import CellBlock
 from cellstrata.kernels import PoolSpec, pool_cast_torch
 
@@ -65,36 +66,54 @@ def official_tokenize(
     mapping_dict: dict[str, str] | None,
     model_input_size: int,
     special_token: bool,
+    *,
+    file_format: str = "h5ad",
+    collapse: bool | None = None,
 ) -> list[np.ndarray]:
-    """``TranscriptomeTokenizer(collapse_gene_ids=True).tokenize_anndata`` + ``format_cell_features``."""
+    """``TranscriptomeTokenizer(collapse_gene_ids=True).tokenize_data`` + ``format_cell_features``.
+
+    ``file_format="h5ad"`` is ``tokenize_anndata``: the matrix stays sparse through ``sum_ensembl_ids`` and
+    the normalisation (scipy keeps explicitly stored zeros through column selection, ``/ n_counts`` and
+    ``/ norm_factor_vector``), and ``rank_genes`` ranks every stored entry of a row; a duplicate column
+    summed from a dense frame keeps no zero. ``"loom"`` is ``tokenize_loom``: ``tokenize_cell`` masks
+    the dense row with ``np.nonzero`` first. ``collapse=True`` sums every duplicate whatever the mapping
+    (cellstrata's ``duplicate_genes="sum"``, not an official setting); ``None`` is the official decision.
+    """
+    X = sp.csr_matrix(X)
     # __init__: mapping dict (identity when absent), filtered to values in the token dictionary
     gene_mapping = mapping_dict if mapping_dict is not None else {k: k for k in token_dict}
     gene_mapping = {k: v for k, v in gene_mapping.items() if v in token_dict}
-    # sum_ensembl_ids, h5ad branch
+    # sum_ensembl_ids: the collapse test compares the ids as given, the mapping uses them upper-cased
     in_map = [g for g in ensembl_ids if g in gene_mapping]
-    if len(set(in_map)) == len({gene_mapping[g] for g in in_map}):
-        collapsed = [gene_mapping.get(g.upper()) for g in ensembl_ids]
-        cols = [j for j, c in enumerate(collapsed) if c is not None]
-        ids = [collapsed[j] for j in cols]
-        M = X[:, cols].toarray().astype(np.float64)
+    collapsed = [gene_mapping.get(g.upper()) for g in ensembl_ids]
+    kept = [j for j, c in enumerate(collapsed) if c is not None]
+    names = [collapsed[j] for j in kept]
+    if collapse is None:
+        collapse = len(set(in_map)) != len({gene_mapping[g] for g in in_map})
+    if not collapse:
+        M, ids = X[:, kept], names  # every column kept, duplicated ids included
     else:
-        collapsed = [gene_mapping.get(g.upper()) for g in ensembl_ids]
-        kept = [j for j, c in enumerate(collapsed) if c is not None]
-        names = [collapsed[j] for j in kept]
         dups = [g for g, n in Counter(names).items() if n > 1]
-        dense = X[:, kept].toarray().astype(np.float64)
+        M = X[:, kept]
         single = [k for k, g in enumerate(names) if g not in dups]
-        summed = [dense[:, [k for k, g in enumerate(names) if g == d]].sum(1) for d in dups]
-        M = np.column_stack([dense[:, single], *summed]) if summed else dense[:, single]
+        summed = np.column_stack([np.asarray(M[:, [k for k, g in enumerate(names) if g == d]].sum(1)) for d in dups])
+        M = sp.hstack([M[:, single], sp.csr_matrix(summed)], format="csr")  # dense -> sparse drops zeros
         ids = [names[k] for k in single] + dups
-    # tokenize_anndata
+    # tokenize_anndata / tokenize_loom
     loc = [j for j, g in enumerate(ids) if g in token_dict]
     norm_factor_vector = np.array([median_dict[ids[j]] for j in loc])
     tokens = np.array([token_dict[ids[j]] for j in loc])
-    X_view = sp.csr_matrix(M[:, loc])
+    X_view = M[:, loc]
     with np.errstate(divide="ignore", invalid="ignore"):  # an empty cell has n_counts 0
-        X_norm = sp.csr_matrix(X_view / n_counts[:, None] * 10_000 / norm_factor_vector)
-    cells = [tokens[X_norm[i].indices][np.argsort(-X_norm[i].data)] for i in range(X_norm.shape[0])]
+        if file_format == "h5ad":
+            X_norm = sp.csr_matrix(X_view / n_counts[:, None] * 10_000 / norm_factor_vector)
+            cells = [tokens[X_norm[i].indices][np.argsort(-X_norm[i].data)] for i in range(X_norm.shape[0])]
+        else:
+            dense = X_view.toarray() / n_counts[:, None] * 10_000 / norm_factor_vector
+            cells = []
+            for row in dense:
+                nz = np.nonzero(row)[0]
+                cells.append(tokens[nz][np.argsort(-row[nz])])
     # create_dataset.format_cell_features
     out = []
     for c in cells:
@@ -105,6 +124,36 @@ def official_tokenize(
             c = c[:model_input_size]
         out.append(np.asarray(c, dtype=np.int64))
     return out
+
+
+def official_cell_embedding(
+    hidden_states: tuple[torch.Tensor, ...],
+    lengths: torch.Tensor,
+    token_dict: dict[str, int],
+    input_ids: torch.Tensor,
+    *,
+    model_version: str = "V2",
+    emb_mode: str = "cls",
+    emb_layer: int = -1,
+) -> torch.Tensor:
+    """``EmbExtractor(model_version=..., emb_mode=..., emb_layer=...)`` + ``get_embs`` for one batch.
+
+    ``EmbExtractor`` defaults to ``emb_mode="cls"`` and ``model_version="V2"``; with ``"V1"`` it switches
+    ``"cls"`` to ``"cell"`` (V1 has no ``<cls>``). The layer is ``quant_layers(model) + emb_layer``
+    (``quant_layers`` = number of encoder layers, ``hidden_states`` has one more entry). ``"cls"`` is
+    position 0 as it is (no normalisation); ``"cell"`` is ``mean_nonpadding_embs`` over the gene tokens.
+    """
+    if model_version == "V1" and emb_mode == "cls":
+        emb_mode = "cell"
+    embs = hidden_states[len(hidden_states) - 1 + emb_layer]
+    cls_present = "<cls>" in token_dict
+    if emb_mode == "cls":
+        assert cls_present and int(input_ids[0, 0]) == token_dict["<cls>"]
+        return embs[:, 0, :].clone()
+    if cls_present:
+        n = lengths - (2 if "<eos>" in token_dict else 1)
+        return _mean_nonpadding_embs(embs[:, 1:, :], n)
+    return _mean_nonpadding_embs(embs, lengths)
 
 
 def _dictionaries(n_genes: int, seed: int, *, special: bool = True) -> GeneDictionaries:
@@ -150,7 +199,9 @@ def test_tokens_equal_official_tokenizer(special, max_length):
     n_counts = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()  # what obs["n_counts"] holds
 
     tok = GeneformerTokenizer(d, max_length=max_length)
-    ours = tok.tokenize(CellBlock(np.arange(100, 140), X), tok.map_genes(names))
+    with pytest.warns(DuplicateGenesWarning, match="6 genes .* summed into one token"):
+        gene_map = tok.map_genes(names)
+    ours = tok.tokenize(CellBlock(np.arange(100, 140), X), gene_map)
     ref = official_tokenize(X, names, n_counts, d.token, d.median, mapping, max_length, special)
     n_ties = 0
     for i in range(40):
@@ -189,6 +240,107 @@ def test_ranking_ties_follow_numpy_argsort():
         stable = np.array([d.token[names[j]] for j in cols])
         stable_differs += not np.array_equal(ours.genes[i][1:-1], stable)
     assert stable_differs > 0  # numpy's quicksort does reorder ties here, so this checks something
+
+
+def _with_stored_zeros(X: sp.csr_matrix, seed: int, per_row: int) -> sp.csr_matrix:
+    """``X`` with ``per_row`` explicitly stored zeros added to each row (canonical: sorted, no duplicates)."""
+    rng = np.random.default_rng(seed)
+    dense = X.toarray()
+    indptr, indices, data = [0], [], []
+    for row in dense:
+        zeros = rng.choice(np.flatnonzero(row == 0), size=per_row, replace=False)
+        cols = np.sort(np.concatenate([np.flatnonzero(row), zeros]))
+        indices.append(cols)
+        data.append(row[cols])
+        indptr.append(indptr[-1] + len(cols))
+    out = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.array(indptr)), shape=X.shape)
+    assert out.has_canonical_format and int((out.data == 0).sum()) == per_row * X.shape[0]
+    return out
+
+
+@pytest.mark.parametrize("special", [True, False])
+def test_duplicate_ids_stay_separate_tokens_unless_the_mapping_merges_ids(special):
+    """No two different input ids map to one id: ``sum_ensembl_ids`` keeps every column, so an id given
+    twice (or once upper- and once lower-case) is two tokens; ``duplicate_genes="sum"`` sums them instead."""
+    d = _dictionaries(300, seed=21, special=special)
+    genes = gene_ensembl_ids(300)
+    d.ensembl_mapping = {g: g for g in genes}
+    names = [*genes[:290], genes[7], genes[40], genes[40].lower(), genes[123]]
+    X = _counts(30, len(names), seed=22).tolil()
+    for j, k in ((290, 7), (291, 40)):  # the copies equal their originals in some cells: tied values
+        X[::3, j] = X[::3, k]
+    X = X.tocsr()
+    n_counts = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    tok = GeneformerTokenizer(d, max_length=4096)
+    with pytest.warns(DuplicateGenesWarning) as rec:
+        mapping = tok.map_genes(names)
+    msg = str(rec[0].message)
+    assert "3 genes" in msg and genes[7] in msg and genes[40] in msg and "duplicate_genes=sum" in msg, msg
+    ours = tok.tokenize(CellBlock(np.arange(30), X), mapping)
+    ref = official_tokenize(X, names, n_counts, d.token, d.median, d.ensembl_mapping, 4096, special)
+    adjacent = 0
+    for i in range(30):
+        if ours.empty[i]:
+            assert len(ref[i]) == (2 if special else 0)
+            continue
+        np.testing.assert_array_equal(ours.genes[i], ref[i], err_msg=f"cell {i}")
+        g = ours.genes[i]
+        adjacent += int((g[1:] == g[:-1]).sum())
+    assert adjacent > 3  # tied copies sit at adjacent ranks: two tokens of one gene side by side
+
+    summing = GeneformerTokenizer(d, max_length=4096, duplicate_genes="sum")
+    with pytest.warns(DuplicateGenesWarning, match="summed"):
+        mapping = summing.map_genes(names)
+    summed = summing.tokenize(CellBlock(np.arange(30), X), mapping)
+    ref_sum = official_tokenize(X, names, n_counts, d.token, d.median, d.ensembl_mapping, 4096, special, collapse=True)
+    for i in range(30):
+        if not summed.empty[i]:
+            np.testing.assert_array_equal(summed.genes[i], ref_sum[i], err_msg=f"cell {i}")
+            assert len(np.unique(summed.genes[i])) == len(summed.genes[i])
+    assert summing.settings()["duplicate_genes"] == "sum" and tok.settings()["duplicate_genes"] == "official"
+
+
+@pytest.mark.parametrize("merging_alias", [False, True])
+def test_stored_zeros_are_tokens_as_in_tokenize_anndata(merging_alias):
+    """Explicitly stored zeros of vocabulary genes are ranked (last) by ``tokenize_anndata``; a summed
+    duplicate holds no zero; ``stored_zeros="drop"`` is ``tokenize_loom``'s ``np.nonzero`` mask."""
+    d = _dictionaries(200, seed=31)
+    genes = gene_ensembl_ids(200)
+    d.ensembl_mapping = {g: g for g in genes} | {"ENSG80000000001": genes[5]}
+    names = [*genes[:195], genes[60], genes[61]] + (["ENSG80000000001"] if merging_alias else [])
+    X = _with_stored_zeros(_counts(25, len(names), seed=32), seed=33, per_row=4)
+    X.data[X.indptr[3] : X.indptr[4]] = 0  # cell 3: every stored entry is zero (n_counts 0)
+    n_counts = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    tok = GeneformerTokenizer(d, max_length=4096)
+    with pytest.warns(DuplicateGenesWarning):
+        mapping = tok.map_genes(names)
+    ours = tok.tokenize(CellBlock(np.arange(25), X), mapping)
+    ref = official_tokenize(X, names, n_counts, d.token, d.median, d.ensembl_mapping, 4096, True)
+    n_zero_tokens = 0
+    for i in range(25):
+        if n_counts[i] == 0:  # cells 2 and 3: the official code ranks 0 / 0 (NaN); cellstrata: an empty cell
+            assert ours.empty[i] and len(ref[i]) > 2
+            continue
+        np.testing.assert_array_equal(ours.genes[i], ref[i], err_msg=f"cell {i}")
+        n_zero_tokens += len(ref[i]) - 2 - int((X[i].data != 0).sum())
+    assert n_zero_tokens > 25  # the stored zeros were tokens (fewer where a summed duplicate absorbed one)
+    assert ours.n_expressed is not None and ours.n_expressed[0] == len(ours.genes[0]) - 2
+
+    dropping = GeneformerTokenizer(d, max_length=4096, stored_zeros="drop")
+    with pytest.warns(DuplicateGenesWarning):
+        mapping = dropping.map_genes(names)
+    dropped = dropping.tokenize(CellBlock(np.arange(25), X), mapping)
+    loom = official_tokenize(X, names, n_counts, d.token, d.median, d.ensembl_mapping, 4096, True, file_format="loom")
+    dense = official_tokenize(
+        sp.csr_matrix(X.toarray()), names, n_counts, d.token, d.median, d.ensembl_mapping, 4096, True
+    )
+    for i in range(25):
+        if n_counts[i] != 0:
+            np.testing.assert_array_equal(dropped.genes[i], loom[i], err_msg=f"cell {i}")
+            np.testing.assert_array_equal(dropped.genes[i], dense[i], err_msg=f"cell {i}")
+    assert (n_counts == 0).sum() == 2 and dropped.empty[n_counts == 0].all() and ours.empty.sum() == 2
+    assert tok.settings()["stored_zeros"] == "keep"
+    assert dropping.settings()["stored_zeros"] == "drop"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,20 +420,20 @@ def test_every_layer_matches_transformers(tiny, reference):
     assert max(errs) <= REL_TOL, errs
     assert not torch.allclose(ours[1][real], ours[-1][real])
 
-    # the published cell embedding: get_embs(emb_mode="cell") at layer quant_layers + emb_layer(-1)
+    # the published V2 cell embedding: EmbExtractor's defaults (model_version="V2", emb_mode="cls",
+    # emb_layer=-1) read the <cls> token of hidden_states[quant_layers - 1]
     official_layer = loaded.official_layer
-    assert official_layer == loaded.n_layers - 1
-    embs = ref[official_layer]
-    ref_emb = _mean_nonpadding_embs(embs[:, 1:, :], batch.lengths - 2)  # <cls> and <eos> present
-    spec = PoolSpec((loaded.pool_ops["official"],), n_leading=1, n_trailing=1)
-    out = pool_cast_torch(ours[official_layer], None, batch.lengths, spec, torch.float32)[0]
-    err = float((out - ref_emb).abs().max() / ref_emb.abs().max())
+    assert official_layer == loaded.n_layers - 1 and loaded.pool_ops["official"] == "first"
+    token_dict = pickle.loads((tiny / "token_dictionary_gc104M.pkl").read_bytes())
+    ref_cls = official_cell_embedding(ref, batch.lengths, token_dict, batch.genes)
+    spec = PoolSpec((loaded.pool_ops["official"], "mean"), n_leading=1, n_trailing=1)
+    out, mean = pool_cast_torch(ours[official_layer], None, batch.lengths, spec, torch.float32)
+    err = float((out - ref_cls).abs().max() / ref_cls.abs().max())
     assert err <= REL_TOL, err
-    # cls (emb_mode="cls": hidden_states[layer][:, 0]) and mean via the kernel's ops
-    spec = PoolSpec(("mean", "first"), n_leading=1, n_trailing=1)
-    pooled = pool_cast_torch(ours[official_layer], None, batch.lengths, spec, torch.float32)
-    torch.testing.assert_close(pooled[0], out, rtol=0, atol=0)
-    torch.testing.assert_close(pooled[1], embs[:, 0, :], rtol=1e-5, atol=1e-5)
+    # emb_mode="cell" (the V2 default before October 2024, V1's): the mean over the gene tokens, kept as `mean`
+    ref_mean = official_cell_embedding(ref, batch.lengths, token_dict, batch.genes, emb_mode="cell")
+    assert float((mean - ref_mean).abs().max() / ref_mean.abs().max()) <= REL_TOL
+    assert float((ref_cls - ref_mean).abs().max()) > 0.1  # the two recipes differ, so this checks which one
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +469,9 @@ def test_v1_layout_matches_transformers(v1_relu, tmp_path, act):
     ours = _ours(loaded, batch)
     errs = _rel_errors(ours, ref, ~batch.padding_mask)
     assert len(errs) == 7 and max(errs) <= REL_TOL, errs
-    ref_emb = _mean_nonpadding_embs(ref[loaded.official_layer], batch.lengths)  # no <cls>: first `length`
+    # EmbExtractor(model_version="V1") switches its default emb_mode "cls" to "cell": the gene-token mean
+    assert loaded.pool_ops["official"] == "mean" and loaded.official_layer == 5
+    ref_emb = official_cell_embedding(ref, batch.lengths, {"<pad>": 0, "<mask>": 1}, batch.genes, model_version="V1")
     spec = PoolSpec((loaded.pool_ops["official"],), n_leading=0, n_trailing=0)
     out = pool_cast_torch(ours[loaded.official_layer], None, batch.lengths, spec, torch.float32)[0]
     assert float((out - ref_emb).abs().max() / ref_emb.abs().max()) <= REL_TOL
