@@ -1,14 +1,32 @@
 """kNN label transfer and label-structure metrics: Leiden/k-means ARI and NMI, silhouette (protocol §2.4).
 
 All three work on the layer's ``pca50`` features (StandardScaler then PCA(50) over the context's cells).
-Leiden runs on a symmetric k-nearest-neighbour graph over a resolution sweep and reports the best ARI
-and NMI (as scib's ``optimize_resolution``); k-means uses as many clusters as there are labels.
+
+Leiden is scib-metrics' ``nmi_ari_cluster_labels_leiden`` (scib-metrics 0.5, as its ``Benchmarker``
+calls it) with exact neighbours:
+
+- the graph is the UMAP fuzzy-union connectivities of the ``n_neighbors``-nearest-neighbour lists
+  (``n_neighbors`` counts the cell itself, as ``NeighborsResults`` from pynndescent and scanpy do; the
+  Benchmarker passes 15), i.e. umap's ``fuzzy_simplicial_set`` with ``local_connectivity=1`` and
+  ``set_op_mix_ratio=1``, restated here in numpy with umap's float32 arithmetic;
+- igraph ``Weighted_Adjacency(mode="directed")`` then ``to_undirected(mode="each")``, and
+  ``community_leiden(objective_function="modularity", weights="weight", resolution=r)`` (two iterations,
+  igraph's default) with igraph's generator seeded by ``random.Random(42)`` before every resolution;
+- resolutions ``2x/10``, ``x = 1..10``; the reported ARI **and** NMI are those of the partition at the
+  resolution of best NMI (the first one on ties), as scib-metrics and scib's
+  ``cluster_optimal_resolution`` (which optimises NMI) report them.
+
+``select="max"`` instead reports the largest ARI and the largest NMI over the sweep, each at its own
+resolution, as ``leiden_ari_max`` / ``leiden_nmi_max`` (an optimistic upper bound, not scib's number).
+k-means uses as many clusters as there are labels.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,21 +35,30 @@ import scipy.sparse as sp
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_samples
 from sklearn.model_selection import cross_val_predict
-from sklearn.neighbors import KNeighborsClassifier, kneighbors_graph
+from sklearn.neighbors import KNeighborsClassifier
 
+from ..engine.errors import ProbeError
 from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, Metric
 from .celltype import classification_metrics
 from .confidence import bootstrap, bootstrap_indices
+from .diffusion import knn_graph
 from .features import pca_recipe
 from .labels import LabelTask, splits_of
 from .metrics import partition_metrics
 from .sampling import random_cap
 
-# the sweep of scib-metrics' nmi_ari_cluster_labels_leiden (resolutions 2x/n, x = 1..n, n = 10)
+# scib-metrics' nmi_ari_cluster_labels_leiden sweep: resolutions 2x/n, x = 1..n, n = 10
 LEIDEN_RESOLUTIONS = tuple(round(0.2 * i, 1) for i in range(1, 11))
-# scanpy's default for the igraph flavour; iterating to convergence takes minutes on noisy 30k-cell graphs
+# igraph's community_leiden default, which scib-metrics keeps (scanpy's igraph flavour uses 2 as well)
 LEIDEN_ITERATIONS = 2
+LEIDEN_SEED = 42  # scib-metrics' default seed
+SELECTIONS = ("nmi", "max")
 _IGRAPH_RNG = threading.Lock()  # igraph's random generator is process-global
+
+# umap.umap_ constants (smooth_knn_dist)
+_SMOOTH_K_TOLERANCE = 1e-5
+_MIN_K_DIST_SCALE = 1e-3
+_SMOOTH_K_ITERATIONS = 64
 
 
 def ari(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -44,45 +71,172 @@ def nmi(labels: np.ndarray, clusters: np.ndarray) -> float:
     return float(partition_metrics(labels, clusters)["nmi"][0])
 
 
-def knn_graph(X: np.ndarray, k: int) -> sp.csr_matrix:
-    """Symmetric unweighted kNN graph (an edge when either cell is among the other's ``k`` neighbours)."""
-    A = kneighbors_graph(X, n_neighbors=min(k, len(X) - 1), mode="connectivity", include_self=False)
-    return sp.csr_matrix(A.maximum(A.T))
+def neighbours_with_self(X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact Euclidean ``n_neighbors``-nearest-neighbour lists ``[n, n_neighbors]``, the cell itself first.
+
+    This is the layout of scib-metrics' ``NeighborsResults`` and of scanpy's kNN: column 0 is the cell
+    (distance 0), then its ``n_neighbors - 1`` nearest other cells, nearest first.
+    """
+    indices, distances = knn_graph(X, n_neighbors)
+    n = X.shape[0]
+    return (
+        np.column_stack([np.arange(n, dtype=np.int64), indices]),
+        np.column_stack([np.zeros(n), distances]),
+    )
 
 
-def to_igraph(graph: sp.csr_matrix) -> Any:
-    """An undirected python-igraph graph of a symmetric adjacency matrix."""
+def smooth_knn_dist(distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """umap's ``smooth_knn_dist`` (``local_connectivity=1``, ``bandwidth=1``) over all rows at once.
+
+    ``distances [n, k]`` has the cell itself in column 0. Returns float32 ``(sigmas, rhos)``: ``rho_i``
+    is the distance to the nearest cell at a positive distance, ``sigma_i`` the bisection (at most 64
+    steps, stopping at ``|sum - log2 k| < 1e-5``) of ``sum_{j>=1} exp(-max(d_ij - rho_i, 0) / sigma_i)
+    = log2 k``, floored at ``1e-3`` times the row's (or, when ``rho_i = 0``, the whole matrix's) mean
+    distance. The arithmetic is that of umap's compiled loop: float32 distances and ``d_ij - rho_i``,
+    the bisection and the sum in float64 (numba types the parallel loop's locals as float64).
+    """
+    d = np.ascontiguousarray(distances, dtype=np.float32)
+    n, k = d.shape
+    target = np.log2(float(k))
+    positive = d > 0
+    first_positive = np.argmax(positive, axis=1)
+    rho = np.where(positive.any(axis=1), d[np.arange(n), first_positive], 0).astype(np.float32)
+    gaps = (d[:, 1:] - rho[:, None]).astype(np.float64)
+    fmax = float(np.finfo(np.float32).max)
+    lo, hi, mid = np.zeros(n), np.full(n, fmax), np.ones(n)
+    active = np.arange(n)
+    for _ in range(_SMOOTH_K_ITERATIONS):
+        if active.size == 0:
+            break
+        g, m = gaps[active], mid[active]
+        psum = np.zeros(active.size)
+        with np.errstate(over="ignore", under="ignore"):
+            for j in range(k - 1):  # sequential, as umap sums
+                psum += np.where(g[:, j] > 0, np.exp(-(g[:, j] / m)), 1.0)
+        going = np.abs(psum - target) >= _SMOOTH_K_TOLERANCE
+        active, psum, m = active[going], psum[going], m[going]
+        above = psum > target
+        hi[active[above]] = m[above]
+        lo[active[~above]] = m[~above]
+        grow = ~above & (hi[active] >= fmax)
+        mid[active] = np.where(grow, m * 2.0, (lo[active] + hi[active]) / 2.0)
+    sigmas = mid.astype(np.float32)
+    floor = np.where(rho > 0, d.mean(axis=1, dtype=np.float64), d.mean(dtype=np.float64)) * _MIN_K_DIST_SCALE
+    return np.where(sigmas < floor, floor.astype(np.float32), sigmas), rho
+
+
+@functools.cache
+def _libm_expf() -> Callable[[float], float] | None:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("m")
+    try:
+        f = ctypes.CDLL(name).expf if name else None
+    except (OSError, AttributeError):
+        return None
+    if f is not None:
+        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+    return f
+
+
+def expf(x: np.ndarray) -> np.ndarray:
+    """The float32 exponential of the C library (what umap's compiled code calls), elementwise.
+
+    Leiden partitions can change with the last bit of a weight, and the C library's ``expf`` differs from
+    the float64 exponential rounded to float32 in about 1 value in 2,000; without a C math library found
+    by ctypes, that rounding is the fallback.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    f = _libm_expf()
+    if f is None:
+        return np.exp(x.astype(np.float64)).astype(np.float32)
+    return np.fromiter(map(f, x.ravel().tolist()), dtype=np.float32, count=x.size).reshape(x.shape)
+
+
+def umap_connectivities(indices: np.ndarray, distances: np.ndarray) -> sp.csr_matrix:
+    """umap's fuzzy-union connectivities (``fuzzy_simplicial_set``) of kNN lists with the cell itself first.
+
+    Membership ``w_ij = exp(-max(d_ij - rho_i, 0) / sigma_i)`` (float32, 0 for the cell itself), then
+    ``W + W^T - W o W^T``; the same matrix as scib-metrics' ``NeighborsResults.knn_graph_connectivities``
+    and scanpy's ``sc.pp.neighbors`` connectivities for the same neighbour lists.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    d = np.asarray(distances, dtype=np.float32)
+    n, k = indices.shape
+    sigmas, rhos = smooth_knn_dist(d)
+    gap = d - rhos[:, None]
+    decays = (gap > 0) & (sigmas[:, None] != 0)
+    vals = np.ones((n, k), dtype=np.float32)
+    vals[decays] = expf(-gap[decays] / np.broadcast_to(sigmas[:, None], gap.shape)[decays])  # float32, as umap
+    rows = np.repeat(np.arange(n), k)
+    vals[indices == np.arange(n)[:, None]] = 0
+    W = sp.coo_matrix((vals.ravel(), (rows, indices.ravel())), shape=(n, n))
+    W.eliminate_zeros()
+    T = W.transpose()
+    out = sp.csr_matrix(W + T - W.multiply(T))
+    out.eliminate_zeros()
+    return out
+
+
+def leiden_graph(connectivities: sp.spmatrix) -> Any:
+    """The python-igraph graph scib-metrics clusters: each stored entry an edge, then made undirected.
+
+    ``Weighted_Adjacency(mode="directed")`` + ``to_undirected(mode="each")`` keeps both directions of every
+    symmetric pair as parallel edges (as scanpy's ``get_igraph_from_adjacency``), in the matrix's order.
+    """
     import igraph
 
-    coo = sp.triu(graph, k=1).tocoo()
-    return igraph.Graph(n=graph.shape[0], edges=np.column_stack([coo.row, coo.col]).tolist(), directed=False)
+    g = igraph.Graph.Weighted_Adjacency(sp.csr_matrix(connectivities), mode="directed")
+    g.to_undirected(mode="each")
+    return g
 
 
-def leiden(graph: Any, resolution: float, seed: int) -> np.ndarray:
-    """Leiden partition (modularity at ``resolution``, ``LEIDEN_ITERATIONS`` passes) of a python-igraph graph."""
+def leiden(graph: Any, resolution: float, seed: int = LEIDEN_SEED) -> np.ndarray:
+    """Leiden partition of a weighted python-igraph graph (modularity at ``resolution``), seeded as scib-metrics."""
     import igraph
 
     with _IGRAPH_RNG:
         igraph.set_random_number_generator(random.Random(seed))
         part = graph.community_leiden(
-            objective_function="modularity", resolution=resolution, n_iterations=LEIDEN_ITERATIONS
+            objective_function="modularity",
+            weights="weight",
+            resolution=resolution,
+            n_iterations=LEIDEN_ITERATIONS,
         )
     return np.asarray(part.membership, dtype=np.int64)
 
 
-def leiden_sweep(graph: sp.csr_matrix, labels: np.ndarray, resolutions: tuple[float, ...], seed: int) -> dict[str, Any]:
-    """Leiden at every resolution; the partitions and resolutions that maximise ARI and NMI."""
-    g = to_igraph(graph)
-    best: dict[str, Any] = {"ari": -np.inf, "nmi": -np.inf}
+@dataclass(frozen=True)
+class LeidenResult:
+    """The partition a selection rule picked: its score, resolution and cluster ids."""
+
+    value: float
+    resolution: float
+    clusters: np.ndarray
+
+
+def leiden_sweep(
+    graph: Any, labels: np.ndarray, resolutions: tuple[float, ...], seed: int = LEIDEN_SEED, select: str = "nmi"
+) -> dict[str, LeidenResult]:
+    """Leiden at every resolution; ``{"ari": ..., "nmi": ...}`` of the partition(s) ``select`` picks.
+
+    ``select="nmi"`` (scib): both scores of the partition with the best NMI, the first on ties.
+    ``select="max"``: the best ARI and the best NMI, each of its own partition.
+    """
+    if select not in SELECTIONS:
+        raise ValueError(f"select must be one of {SELECTIONS}, got {select!r}")
+    runs = []
     for r in resolutions:
-        clusters = leiden(g, r, seed)
+        clusters = leiden(graph, r, seed)
         scores = partition_metrics(labels, clusters)
-        a, m = float(scores["ari"][0]), float(scores["nmi"][0])
-        if a > best["ari"]:
-            best.update(ari=a, ari_clusters=clusters, ari_resolution=r)
-        if m > best["nmi"]:
-            best.update(nmi=m, nmi_clusters=clusters, nmi_resolution=r)
-    return best
+        runs.append((float(scores["ari"][0]), float(scores["nmi"][0]), float(r), clusters))
+    by_nmi = runs[int(np.argmax([run[1] for run in runs]))]
+    by_ari = runs[int(np.argmax([run[0] for run in runs]))] if select == "max" else by_nmi
+    return {
+        "ari": LeidenResult(by_ari[0], by_ari[2], by_ari[3]),
+        "nmi": LeidenResult(by_nmi[1], by_nmi[2], by_nmi[3]),
+    }
 
 
 @dataclass(frozen=True)
@@ -122,8 +276,12 @@ class KnnTransferTask(LabelTask):
 class ClusteringTask(LabelTask):
     """How well a layer's geometry separates ``label_key``: Leiden and k-means ARI/NMI, silhouette.
 
-    Leiden runs on a symmetric kNN graph (``n_neighbors``) of the pca50 features at every resolution of
-    ``resolutions`` and reports the best; silhouette uses at most ``silhouette_max_cells`` cells.
+    Leiden runs as scib-metrics runs it (module docstring) on the UMAP connectivities of the
+    ``n_neighbors``-nearest-neighbour lists (the cell itself counted) of the pca50 features, at every
+    resolution of ``resolutions``, seeded with ``leiden_seed``. ``select="nmi"`` reports ``leiden_ari`` and
+    ``leiden_nmi`` of the partition with the best NMI (scib's numbers); ``select="max"`` reports
+    ``leiden_ari_max`` / ``leiden_nmi_max``, each the best over the sweep. Silhouette uses at most
+    ``silhouette_max_cells`` cells.
     """
 
     name: ClassVar[str] = "clustering"
@@ -135,14 +293,27 @@ class ClusteringTask(LabelTask):
     min_cells_per_class: int = 10
     max_per_class: int | None = 5000
     max_cells: int | None = 50_000
+    select: str = "nmi"
+    leiden_seed: int = LEIDEN_SEED
     silhouette_max_cells: int = 5000
     kmeans: bool = True
     n_boot: int = DEFAULT_BOOTSTRAP
     seed: int = DEFAULT_SEED
 
+    def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise ProbeError(f"clustering select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.n_neighbors < 2:
+            raise ProbeError(
+                f"clustering n_neighbors counts the cell itself and must be at least 2, got {self.n_neighbors}"
+            )
+
     @property
     def primary_metric(self) -> str:
-        return "leiden_ari"
+        return self._leiden_name("ari")
+
+    def _leiden_name(self, score: str) -> str:
+        return f"leiden_{score}" if self.select == "nmi" else f"leiden_{score}_max"
 
     def prepare(self, plan: ContextPlan, counts: sp.csr_matrix | None, var_names: Any) -> None:
         super().prepare(plan, counts, var_names)
@@ -158,16 +329,18 @@ class ClusteringTask(LabelTask):
         def add(metric: str, value: float, reps: np.ndarray, n: int, **extra: float) -> None:
             out.append(Metric(plan.context, metric, value, n, replicates=reps, features="pca50", extra=dict(extra)))
 
-        sweep = leiden_sweep(knn_graph(Z, self.n_neighbors), y, tuple(self.resolutions), self.seed)
+        k = min(self.n_neighbors, plan.n_cells)
+        graph = leiden_graph(umap_connectivities(*neighbours_with_self(Z, k)))
+        sweep = leiden_sweep(graph, y, tuple(self.resolutions), self.leiden_seed, self.select)
         for m in ("ari", "nmi"):
-            clusters = sweep[f"{m}_clusters"]
+            best = sweep[m]
             add(
-                f"leiden_{m}",
-                sweep[m],
-                partition_metrics(y, clusters, boot)[m],
+                self._leiden_name(m),
+                best.value,
+                partition_metrics(y, best.clusters, boot)[m],
                 plan.n_cells,
-                resolution=sweep[f"{m}_resolution"],
-                n_clusters=float(len(np.unique(clusters))),
+                resolution=best.resolution,
+                n_clusters=float(len(np.unique(best.clusters))),
             )
         if self.kmeans:
             km = KMeans(n_clusters=len(np.unique(y)), n_init=4, random_state=self.seed).fit_predict(Z)
