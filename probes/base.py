@@ -26,6 +26,8 @@ from ..engine.errors import ProbeError
 log = logging.getLogger("cellstrata.probes")
 
 ALL_CONTEXT = "all"
+DEFAULT_WAY_OUT = "merge or drop this context"
+MAX_LISTED = 3  # contexts whose reasons an all-too-small error lists
 DEFAULT_BOOTSTRAP = 200
 DEFAULT_SEED = 0
 
@@ -230,7 +232,7 @@ class SmallContextError(ProbeError):
         *,
         setting: str | None = None,
         value: int | None = None,
-        otherwise: str = "merge or drop this context",
+        otherwise: str = DEFAULT_WAY_OUT,
     ):
         self.task, self.reason, self.setting, self.value, self.otherwise = task, reason, setting, value, otherwise
         super().__init__(f"task {task}: {reason}. {self.hint(value)}")
@@ -242,9 +244,21 @@ class SmallContextError(ProbeError):
         field = self.setting.partition(".")[2]
         return f"Lower the threshold (`--set {self.setting}={value}`, in Python `{field}={value}`) or {self.otherwise}"
 
+    def skipped_message(self) -> str:
+        """The warning when the context is skipped: the reason, and how to include it."""
+        text = f"task {self.task}: {self.reason}; this context is skipped, the other contexts are probed"
+        if self.setting is not None and self.value is not None:
+            field = self.setting.partition(".")[2]
+            return f"{text}. To include it: `--set {self.setting}={self.value}` (in Python `{field}={self.value}`)"
+        if self.setting is not None:
+            return f"{text}. Lowering `{self.setting}` cannot include it"
+        if self.otherwise != DEFAULT_WAY_OUT:
+            return f"{text}. To include it: {self.otherwise}"
+        return text
+
 
 class ContextPlans(list):
-    """The plans of one task (a ``list[ContextPlan]``) and ``skipped``: ``{context: reason}``."""
+    """The plans of one task (a ``list[ContextPlan]``) and ``skipped``: ``{context: warning}``."""
 
     def __init__(self, plans: Sequence[ContextPlan] = (), skipped: dict[str, str] | None = None):
         super().__init__(plans)
@@ -271,18 +285,21 @@ def plan_contexts(
         try:
             plans.append(plan_one(context, rows))
         except SmallContextError as err:
-            plans.skipped[context] = str(err)
+            plans.skipped[context] = err.skipped_message()
             errors.append(err)
     if not plans:
         if len(errors) == 1:
             raise ProbeError(str(errors[0]))
-        values = [e.value for e in errors if e.value is not None]
-        hint = errors[0].hint(max(values) if values else None)
-        reasons = "; ".join(e.reason for e in errors)
+        # the threshold that would keep the most promising context
+        best = max((e for e in errors if e.value is not None), key=lambda e: e.value or 0, default=errors[0])
+        hint = best.hint(best.value)
+        reasons = "; ".join(e.reason for e in errors[:MAX_LISTED])
+        if len(errors) > MAX_LISTED:
+            reasons += f"; and {len(errors) - MAX_LISTED} more contexts"
         msg = f"task {task}: every context of {context_key!r} is too small to probe: {reasons}. {hint}"
         raise ProbeError(msg)
-    for reason in plans.skipped.values():
-        log.warning("%s; this context is skipped, the other contexts are probed", reason)
+    for message in plans.skipped.values():
+        log.warning("%s", message)
     if plans.skipped:  # the report prints every plan's caps: the skipped contexts appear with the kept ones
         for p in plans:
             p.caps["skipped_contexts"] = dict(plans.skipped)
