@@ -5,10 +5,11 @@ All three work on the layer's ``pca50`` features (StandardScaler then PCA(50) ov
 Leiden is scib-metrics' ``nmi_ari_cluster_labels_leiden`` (scib-metrics 0.5, as its ``Benchmarker``
 calls it) with exact neighbours:
 
-- the graph is the UMAP fuzzy-union connectivities of the ``n_neighbors``-nearest-neighbour lists
-  (``n_neighbors`` counts the cell itself, as ``NeighborsResults`` from pynndescent and scanpy do; the
-  Benchmarker passes 15), i.e. umap's ``fuzzy_simplicial_set`` with ``local_connectivity=1`` and
-  ``set_op_mix_ratio=1``, restated here in numpy with umap's float32 arithmetic;
+- the graph is the UMAP fuzzy-union connectivities (``NeighborsResults.knn_graph_connectivities``, umap's
+  ``fuzzy_simplicial_set``; :func:`~.diffusion.umap_connectivities`, equal to it bit for bit) of exact
+  ``n_neighbors``-nearest-neighbour lists (``n_neighbors`` counts the cell itself, as pynndescent's lists
+  in ``NeighborsResults`` and scanpy's do; the Benchmarker passes 15, from an approximate pynndescent
+  search where cellstrata searches exactly);
 - igraph ``Weighted_Adjacency(mode="directed")`` then ``to_undirected(mode="each")``, and
   ``community_leiden(objective_function="modularity", weights="weight", resolution=r)`` (two iterations,
   igraph's default) with igraph's generator seeded by ``random.Random(42)`` before every resolution;
@@ -23,10 +24,8 @@ k-means uses as many clusters as there are labels.
 
 from __future__ import annotations
 
-import functools
 import random
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,7 +40,7 @@ from ..engine.errors import ProbeError
 from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, Metric
 from .celltype import classification_metrics
 from .confidence import bootstrap, bootstrap_indices
-from .diffusion import knn_graph
+from .diffusion import knn_search, umap_connectivities
 from .features import pca_recipe
 from .labels import LabelTask, splits_of
 from .metrics import partition_metrics
@@ -55,11 +54,6 @@ LEIDEN_SEED = 42  # scib-metrics' default seed
 SELECTIONS = ("nmi", "max")
 _IGRAPH_RNG = threading.Lock()  # igraph's random generator is process-global
 
-# umap.umap_ constants (smooth_knn_dist)
-_SMOOTH_K_TOLERANCE = 1e-5
-_MIN_K_DIST_SCALE = 1e-3
-_SMOOTH_K_ITERATIONS = 64
-
 
 def ari(labels: np.ndarray, clusters: np.ndarray) -> float:
     """Adjusted Rand index."""
@@ -69,114 +63,6 @@ def ari(labels: np.ndarray, clusters: np.ndarray) -> float:
 def nmi(labels: np.ndarray, clusters: np.ndarray) -> float:
     """Normalised mutual information (arithmetic mean of the entropies)."""
     return float(partition_metrics(labels, clusters)["nmi"][0])
-
-
-def neighbours_with_self(X: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact Euclidean ``n_neighbors``-nearest-neighbour lists ``[n, n_neighbors]``, the cell itself first.
-
-    This is the layout of scib-metrics' ``NeighborsResults`` and of scanpy's kNN: column 0 is the cell
-    (distance 0), then its ``n_neighbors - 1`` nearest other cells, nearest first.
-    """
-    indices, distances = knn_graph(X, n_neighbors)
-    n = X.shape[0]
-    return (
-        np.column_stack([np.arange(n, dtype=np.int64), indices]),
-        np.column_stack([np.zeros(n), distances]),
-    )
-
-
-def smooth_knn_dist(distances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """umap's ``smooth_knn_dist`` (``local_connectivity=1``, ``bandwidth=1``) over all rows at once.
-
-    ``distances [n, k]`` has the cell itself in column 0. Returns float32 ``(sigmas, rhos)``: ``rho_i``
-    is the distance to the nearest cell at a positive distance, ``sigma_i`` the bisection (at most 64
-    steps, stopping at ``|sum - log2 k| < 1e-5``) of ``sum_{j>=1} exp(-max(d_ij - rho_i, 0) / sigma_i)
-    = log2 k``, floored at ``1e-3`` times the row's (or, when ``rho_i = 0``, the whole matrix's) mean
-    distance. The arithmetic is that of umap's compiled loop: float32 distances and ``d_ij - rho_i``,
-    the bisection and the sum in float64 (numba types the parallel loop's locals as float64).
-    """
-    d = np.ascontiguousarray(distances, dtype=np.float32)
-    n, k = d.shape
-    target = np.log2(float(k))
-    positive = d > 0
-    first_positive = np.argmax(positive, axis=1)
-    rho = np.where(positive.any(axis=1), d[np.arange(n), first_positive], 0).astype(np.float32)
-    gaps = (d[:, 1:] - rho[:, None]).astype(np.float64)
-    fmax = float(np.finfo(np.float32).max)
-    lo, hi, mid = np.zeros(n), np.full(n, fmax), np.ones(n)
-    active = np.arange(n)
-    for _ in range(_SMOOTH_K_ITERATIONS):
-        if active.size == 0:
-            break
-        g, m = gaps[active], mid[active]
-        psum = np.zeros(active.size)
-        with np.errstate(over="ignore", under="ignore"):
-            for j in range(k - 1):  # sequential, as umap sums
-                psum += np.where(g[:, j] > 0, np.exp(-(g[:, j] / m)), 1.0)
-        going = np.abs(psum - target) >= _SMOOTH_K_TOLERANCE
-        active, psum, m = active[going], psum[going], m[going]
-        above = psum > target
-        hi[active[above]] = m[above]
-        lo[active[~above]] = m[~above]
-        grow = ~above & (hi[active] >= fmax)
-        mid[active] = np.where(grow, m * 2.0, (lo[active] + hi[active]) / 2.0)
-    sigmas = mid.astype(np.float32)
-    floor = np.where(rho > 0, d.mean(axis=1, dtype=np.float64), d.mean(dtype=np.float64)) * _MIN_K_DIST_SCALE
-    return np.where(sigmas < floor, floor.astype(np.float32), sigmas), rho
-
-
-@functools.cache
-def _libm_expf() -> Callable[[float], float] | None:
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("m")
-    try:
-        f = ctypes.CDLL(name).expf if name else None
-    except (OSError, AttributeError):
-        return None
-    if f is not None:
-        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-    return f
-
-
-def expf(x: np.ndarray) -> np.ndarray:
-    """The float32 exponential of the C library (what umap's compiled code calls), elementwise.
-
-    Leiden partitions can change with the last bit of a weight, and the C library's ``expf`` differs from
-    the float64 exponential rounded to float32 in about 1 value in 2,000; without a C math library found
-    by ctypes, that rounding is the fallback.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    f = _libm_expf()
-    if f is None:
-        return np.exp(x.astype(np.float64)).astype(np.float32)
-    return np.fromiter(map(f, x.ravel().tolist()), dtype=np.float32, count=x.size).reshape(x.shape)
-
-
-def umap_connectivities(indices: np.ndarray, distances: np.ndarray) -> sp.csr_matrix:
-    """umap's fuzzy-union connectivities (``fuzzy_simplicial_set``) of kNN lists with the cell itself first.
-
-    Membership ``w_ij = exp(-max(d_ij - rho_i, 0) / sigma_i)`` (float32, 0 for the cell itself), then
-    ``W + W^T - W o W^T``; the same matrix as scib-metrics' ``NeighborsResults.knn_graph_connectivities``
-    and scanpy's ``sc.pp.neighbors`` connectivities for the same neighbour lists.
-    """
-    indices = np.asarray(indices, dtype=np.int64)
-    d = np.asarray(distances, dtype=np.float32)
-    n, k = indices.shape
-    sigmas, rhos = smooth_knn_dist(d)
-    gap = d - rhos[:, None]
-    decays = (gap > 0) & (sigmas[:, None] != 0)
-    vals = np.ones((n, k), dtype=np.float32)
-    vals[decays] = expf(-gap[decays] / np.broadcast_to(sigmas[:, None], gap.shape)[decays])  # float32, as umap
-    rows = np.repeat(np.arange(n), k)
-    vals[indices == np.arange(n)[:, None]] = 0
-    W = sp.coo_matrix((vals.ravel(), (rows, indices.ravel())), shape=(n, n))
-    W.eliminate_zeros()
-    T = W.transpose()
-    out = sp.csr_matrix(W + T - W.multiply(T))
-    out.eliminate_zeros()
-    return out
 
 
 def leiden_graph(connectivities: sp.spmatrix) -> Any:
@@ -330,7 +216,7 @@ class ClusteringTask(LabelTask):
             out.append(Metric(plan.context, metric, value, n, replicates=reps, features="pca50", extra=dict(extra)))
 
         k = min(self.n_neighbors, plan.n_cells)
-        graph = leiden_graph(umap_connectivities(*neighbours_with_self(Z, k)))
+        graph = leiden_graph(umap_connectivities(*knn_search(Z, k), k))
         sweep = leiden_sweep(graph, y, tuple(self.resolutions), self.leiden_seed, self.select)
         for m in ("ari", "nmi"):
             best = sweep[m]

@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 from scipy.sparse import coo_matrix
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-from sklearn.neighbors import NearestNeighbors
 from umap.umap_ import fuzzy_simplicial_set
 
 from cellstrata.engine.errors import ProbeError
@@ -27,10 +26,9 @@ from cellstrata.probes.clustering import (
     ClusteringTask,
     leiden_graph,
     leiden_sweep,
-    neighbours_with_self,
-    umap_connectivities,
 )
 from cellstrata.probes.confidence import bootstrap_indices
+from cellstrata.probes.diffusion import knn_search, umap_connectivities
 from cellstrata.probes.features import pca_recipe
 
 SCIB_RESOLUTIONS = [2 * x / 10 for x in range(1, 11)]
@@ -101,21 +99,11 @@ def unbalanced_types(seed: int, sizes: tuple[int, ...] = (150, 80, 40, 30), d: i
 # --------------------------------------------------------------------------------------------------
 
 
-def test_neighbours_with_self_are_exact_and_start_with_the_cell() -> None:
-    X, _ = unbalanced_types(2)
-    idx, dist = neighbours_with_self(X, 15)
-    want_dist, want_idx = NearestNeighbors(n_neighbors=15, algorithm="brute").fit(X).kneighbors(X)
-    assert idx.shape == dist.shape == (len(X), 15)
-    assert (idx[:, 0] == np.arange(len(X))).all() and (dist[:, 0] == 0).all()
-    np.testing.assert_array_equal(idx, want_idx)
-    np.testing.assert_allclose(dist[:, 1:], want_dist[:, 1:], rtol=1e-6)
-
-
 @pytest.mark.parametrize("k", [5, 15])
 def test_umap_connectivities_equal_umap(k: int) -> None:
     X, _ = nested_types(0)
-    idx, dist = neighbours_with_self(X, k)
-    got, want = umap_connectivities(idx, dist), scib_connectivities(idx, dist)
+    idx, dist = knn_search(X, k)
+    got, want = umap_connectivities(idx, dist, idx.shape[1]), scib_connectivities(idx, dist)
     assert got.dtype == np.float32 and (abs(got - got.T) > 0).nnz == 0
     assert (got != 0).toarray().tolist() == (want != 0).toarray().tolist()
     np.testing.assert_array_equal(got.toarray(), want.toarray())  # umap's float32 weights, bit for bit
@@ -130,15 +118,15 @@ def test_umap_connectivities_duplicate_cells_equal_umap() -> None:
     X = rng.normal(size=(80, 6))
     X[10:13] = X[9]  # four copies: with k = 4 each copy sees only copies
     X[40] = X[41]
-    idx, dist = neighbours_with_self(X, 4)
-    got, want = umap_connectivities(idx, dist), scib_connectivities(idx, dist)
+    idx, dist = knn_search(X, 4)
+    got, want = umap_connectivities(idx, dist, idx.shape[1]), scib_connectivities(idx, dist)
     assert (got != 0).toarray().tolist() == (want != 0).toarray().tolist()
     np.testing.assert_array_equal(got.toarray(), want.toarray())  # umap's float32 weights, bit for bit
 
 
 def test_leiden_graph_has_both_directions_of_every_pair() -> None:
     X, _ = nested_types(2)
-    conn = umap_connectivities(*neighbours_with_self(X, 15))
+    conn = umap_connectivities(*knn_search(X, 15), 15)
     g = leiden_graph(conn)
     assert not g.is_directed() and g.ecount() == conn.nnz
     assert sorted(g.es["weight"]) == pytest.approx(sorted(conn.data.astype(float)))
@@ -157,9 +145,9 @@ def test_resolutions_are_scib_metrics() -> None:
 def test_leiden_sweep_equals_scib_metrics(case: str) -> None:
     kind, seed = case.split("-")
     X, y = (nested_types if kind == "nested" else unbalanced_types)(int(seed))
-    idx, dist = neighbours_with_self(X, 15)
+    idx, dist = knn_search(X, 15)
     want = scib_leiden_sweep(idx, dist, y)
-    got = leiden_sweep(leiden_graph(umap_connectivities(idx, dist)), y, LEIDEN_RESOLUTIONS)
+    got = leiden_sweep(leiden_graph(umap_connectivities(idx, dist, idx.shape[1])), y, LEIDEN_RESOLUTIONS)
     nmi, ari = scib_nmi_ari(want)
     assert got["nmi"].value == pytest.approx(nmi, abs=1e-12)
     assert got["ari"].value == pytest.approx(ari, abs=1e-12)
@@ -168,7 +156,7 @@ def test_leiden_sweep_equals_scib_metrics(case: str) -> None:
     assert got["ari"].resolution == got["nmi"].resolution == pytest.approx(best)
     assert np.array_equal(got["ari"].clusters, got["nmi"].clusters)
     # select="max": each score's own best over the same sweep
-    high = leiden_sweep(leiden_graph(umap_connectivities(idx, dist)), y, LEIDEN_RESOLUTIONS, select="max")
+    high = leiden_sweep(leiden_graph(umap_connectivities(idx, dist, idx.shape[1])), y, LEIDEN_RESOLUTIONS, select="max")
     assert high["ari"].value == pytest.approx(want[:, 1].max(), abs=1e-12)
     assert high["nmi"].value == pytest.approx(want[:, 0].max(), abs=1e-12)
 
@@ -189,7 +177,7 @@ def test_task_reports_scib_metrics_leiden_numbers() -> None:
     """leiden_ari / leiden_nmi are scib-metrics' numbers on the pca50 features, and on this case the
     ARI at the best-NMI resolution is not the largest ARI of the sweep (the two rules disagree)."""
     X, y = unbalanced_types(0)
-    want = scib_leiden_sweep(*neighbours_with_self(pca_recipe(X, seed=0), 15), y)
+    want = scib_leiden_sweep(*knn_search(pca_recipe(X, seed=0), 15), y)
     nmi, ari = scib_nmi_ari(want)
     assert want[:, 1].max() > ari + 0.01  # the case tells the selection rules apart
     got = {m.metric: m for m in ClusteringTask(n_boot=20, kmeans=False).evaluate(plan_for(y), X)}
