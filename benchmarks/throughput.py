@@ -362,7 +362,9 @@ def _build_geneformer(preset: str, seed: int, device: Any, max_length: int | Non
         tokenizer=tokenizer,
         config={"preset": preset, **config.to_config(), "max_length": tokenizer.max_length},
         layout=SpecialLayout(n_leading=1, n_trailing=1, has_cls=True) if special else SpecialLayout(0, 0, False),
-        pool_ops={"mean": "mean", "max": "max"} | ({"cls": "first"} if special else {}) | {"official": "mean"},
+        pool_ops={"mean": "mean", "max": "max"}
+        | ({"cls": "first"} if special else {})
+        | {"official": "first" if special else "mean"},  # EmbExtractor's default: <cls> for V2, gene mean for V1
         default_poolings=("mean", "cls") if special else ("mean",),
         checkpoint=dict(IN_MEMORY),
         official_layer=config.num_hidden_layers - 1,

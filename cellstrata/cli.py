@@ -80,7 +80,8 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="a family's own loading option, repeatable (e.g. scfoundation: version=rde, pre_normalized=T, "
-        "tgthighres=a5; geneformer: token_dictionary=PATH)",
+        "tgthighres=a5; geneformer: token_dictionary=PATH, duplicate_genes=sum, stored_zeros=drop; "
+        "tahoe-x1: stored_zeros=drop)",
     )
     p.add_argument("--empty-cells", default="nan", choices=["nan", "error"], help="cells with no vocabulary gene")
     p.add_argument("--allow-noncounts", action="store_true", help="accept a non-integer (normalised) matrix")
