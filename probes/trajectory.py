@@ -50,7 +50,16 @@ from sklearn.model_selection import KFold
 from ..engine.errors import ConfigError, ProbeError
 from .base import ContextPlan, Metric, SmallContextError, Task, plan_contexts, require_columns
 from .confidence import bootstrap_indices
-from .diffusion import KERNELS, DiffusionMap, connectivities, diffusion_map, dpt_pseudotime, knn_graph
+from .diffusion import (
+    KERNELS,
+    DiffusionMap,
+    connectivities,
+    diffusion_map,
+    dpt_pseudotime,
+    knn_graph,
+    knn_search,
+    without_self,
+)
 from .features import as_float32, hvg_pca, pca_recipe
 from .sampling import stratified_cap
 
@@ -518,13 +527,12 @@ class TrajectoryTask(Task):
         baseline = as_float32(plan.reference["baseline"])
         return self._evaluate(plan, baseline, baseline, "none")
 
-    def _diffusion_map(
-        self, F: np.ndarray, indices: np.ndarray | None = None, distances: np.ndarray | None = None
-    ) -> DiffusionMap:
-        """The diffusion map of the ``n_neighbors`` graph of ``F`` with the task's kernel."""
-        if indices is None or distances is None:
-            indices, distances = knn_graph(F, self.n_neighbors)
-        return diffusion_map(connectivities(indices, distances, self.n_neighbors, self.kernel), self.n_comps, self.seed)
+    def _diffusion_map(self, F: np.ndarray, neighbours: tuple[np.ndarray, np.ndarray] | None = None) -> DiffusionMap:
+        """The diffusion map of the ``n_neighbors`` graph of ``F`` (``neighbours``: its :func:`knn_search`
+        lists when already found) with the task's kernel."""
+        indices, distances = knn_search(F, self.n_neighbors) if neighbours is None else neighbours
+        W = connectivities(indices, distances, self.n_neighbors, self.kernel)
+        return diffusion_map(W, self.n_comps, self.seed)
 
     def _evaluate(self, plan: ContextPlan, X: np.ndarray, F: np.ndarray, graph_recipe: str) -> list[Metric]:
         """Metrics from raw features ``X`` (ridge) and graph features ``F`` (DPT, smoothness)."""
@@ -534,8 +542,9 @@ class TrajectoryTask(Task):
         t = time_values(plan.obs[self.time_key], self.time_key)
         d = self.draws(plan)
 
-        indices, distances = knn_graph(F, self.n_neighbors)
-        dm = self._diffusion_map(F, indices, distances)
+        neighbours = knn_search(F, self.n_neighbors)
+        dm = self._diffusion_map(F, neighbours)
+        indices, _ = without_self(*neighbours)
         pt = dpt_pseudotime(dm, d["roots"], self.n_dcs)
         k = self.smoothness_k
         gaps = neighbour_gaps(t, indices[:, :k] if k < self.n_neighbors else knn_graph(F, k + 1)[0])
