@@ -192,7 +192,10 @@ def smooth_knn_dist(distances: np.ndarray, k: float) -> tuple[np.ndarray, np.nda
         unbounded = ~above & (hi[active] >= fmax)
         mid[active] = np.where(unbounded, m * 2.0, (lo[active] + hi[active]) / 2.0)
     sigma = mid.astype(np.float32)
-    floor = MIN_K_DIST_SCALE * np.where(rho > 0, d.mean(axis=1, dtype=np.float64), d.mean(dtype=np.float64))
+    # umap-learn's row mean sums the float32 row in float32, left to right (the mean over every row, used
+    # when rho is 0, i.e. all of a cell's neighbours coincide with it, agrees to ~1e-7 only)
+    row_mean = np.cumsum(d, axis=1, dtype=np.float32)[:, -1].astype(np.float64) / d.shape[1]
+    floor = MIN_K_DIST_SCALE * np.where(rho > 0, row_mean, d.mean(dtype=np.float64))
     return np.where(sigma < floor, floor.astype(np.float32), sigma), rho
 
 
