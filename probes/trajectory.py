@@ -22,10 +22,11 @@ The defaults are the paper's method (protocol §1.4), restated without scanpy (:
   ``"gauss"`` for the Gaussian kernel of Haghverdi et al. 2016), exact Euclidean neighbours (scanpy uses
   pynndescent's approximate ones from 8,192 cells on), then ``sc.tl.diffmap`` (15 components) and
   ``sc.tl.dpt`` (10 components);
-- root (``root="first"``): the first cell, in the AnnData's order, at the earliest time of the context.
-  Subsampling (``max_cells``) keeps the planned cells in the AnnData's order and always keeps that cell, so
-  the root is the paper's cell. ``root="robust"`` (protocol §2.2) averages the pseudotime over ``n_roots``
-  earliest-time cells drawn at random.
+- root (``root="first"``): the first cell, in the AnnData's order, at the earliest time of the context
+  (cell order is the store's, which is the AnnData's when the store was extracted from it; cells the store
+  left out, e.g. without gene tokens, cannot be roots). Subsampling (``max_cells``) keeps the planned cells
+  in that order and always keeps that cell, so the root is the paper's cell. ``root="robust"`` (protocol
+  §2.2) averages the pseudotime over ``n_roots`` earliest-time cells drawn at random.
 
 Bootstrap replicates resample cells of the per-cell quantities (pseudotime, out-of-fold predictions,
 neighbour time gaps) with the same indices for every layer; graphs and fits are not rebuilt per replicate,
