@@ -550,10 +550,10 @@ def _metric(
     extra: dict[str, float],
     bounds: tuple[float, float] | None = None,
 ) -> Metric:
-    """A higher-is-better metric with its bias-corrected percentile CI, clipped to the metric's range.
+    """A higher-is-better metric with its bias-corrected percentile CI, kept inside the metric's range.
 
-    The bias shift can push a bounded statistic past its range (e.g. a fraction pinned at 0 whose
-    replicates are sometimes positive), so the interval is clipped to ``bounds``.
+    The BC interval is made of replicate values (or ``value``), so it already stays inside ``bounds``; the
+    clip is a guard for replicates computed in another precision than ``value``.
     """
     low, high = percentile_ci(replicates, center=value)
     if bounds is not None and np.isfinite(low):
