@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import numbers
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -246,7 +247,9 @@ class Extraction:
         self.break_lock = break_lock
         self.stop = StopRequest()  # set by SIGINT/SIGTERM during run(); checked between batches
         hidden = loaded.hidden_size
-        self.chunk_cells = int(chunk_cells or default_chunk_cells(n_cells, hidden, dtype))
+        if chunk_cells is None:  # an explicit value is never replaced (ExtractSettings.check refuses 0)
+            chunk_cells = default_chunk_cells(n_cells, hidden, dtype)
+        self.chunk_cells = int(chunk_cells)
         if self.chunk_cells < 1:
             msg = f"chunk_cells must be >= 1, got {self.chunk_cells}"
             raise ConfigError(msg)
@@ -286,7 +289,7 @@ class Extraction:
         if max_tokens is not None and max_tokens < 1:
             msg = f"max_tokens must be >= 1, got {max_tokens}"
             raise ConfigError(msg)
-        self.max_tokens = int(max_tokens or self._auto_max_tokens())
+        self.max_tokens = int(max_tokens if max_tokens is not None else self._auto_max_tokens())
         self.pool_backend = kernels.resolve_backend(device)
         self.buffers = PooledBuffers(loaded.n_layers + 1, offset, kernels.OUT_DTYPES[dtype], device)
         self.store_spec = self._store_spec(compression)
@@ -678,6 +681,28 @@ def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
     return tqdm(total=total, initial=initial, unit="cell", desc="extract", dynamic_ncols=True, disable=not enabled)
 
 
+#: ``(setting, minimum, meaning)`` of the numeric extraction options checked by :meth:`ExtractSettings.check`.
+NUMERIC_OPTIONS: tuple[tuple[str, int, str], ...] = (
+    ("chunk_cells", 1, "cells per store chunk; leave it out for chunks of about 4 MB"),
+    ("max_tokens", 1, "the token budget of a batch; leave it out for the measured or size-based default"),
+    ("max_length", 1, "the model's context in tokens; leave it out for the model's own"),
+    ("input_workers", 0, "processes that read the input; 0 for two threads, leave it out for the default"),
+    ("seed", 0, "the seed of the per-cell tokenizer randomness"),
+    ("limit", 1, "the number of cells to extract; leave it out for every cell"),
+)
+
+
+def check_whole_number(name: str, value: Any, minimum: int, meaning: str) -> None:
+    """Refuse ``value`` unless it is None or a whole number >= ``minimum`` (one line naming the option)."""
+    if value is None:
+        return
+    flag = "--" + name.replace("_", "-")
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < minimum:
+        msg = f"{flag} must be a whole number >= {minimum}, got {value!r} ({meaning})"
+        raise ConfigError(msg)
+
+
 @dataclass(frozen=True)
 class ExtractSettings:
     """Everything that defines an extraction run, picklable so Dask workers can rebuild it."""
@@ -704,10 +729,13 @@ class ExtractSettings:
     input_workers: int | None = None
 
     def check(self) -> None:
-        """Refuse settings that cannot work, before anything is loaded."""
-        if self.limit is not None and self.limit < 1:
-            msg = f"--limit must be >= 1, got {self.limit}"
-            raise ConfigError(msg)
+        """Refuse settings that cannot work, before anything is loaded.
+
+        Numeric options are whole numbers in their range or None (the default); a value out of range is
+        refused, never replaced by the default.
+        """
+        for name, minimum, meaning in NUMERIC_OPTIONS:
+            check_whole_number(name, getattr(self, name), minimum, meaning)
         if self.attention not in ATTENTION_CHOICES:
             msg = f"unknown attention layout {self.attention!r}; choose from {', '.join(ATTENTION_CHOICES)}"
             raise ConfigError(msg)
