@@ -117,3 +117,63 @@ def test_unwritable_location_is_one_clear_error(case, capsys):
     assert main([*common, "--out", "/proc/cellstrata-test.zarr"]) == 2
     err = capsys.readouterr().err
     assert "check the --out path is writable" in err and "Traceback" not in err
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_user_folder_named_lease_is_never_touched(case, tmp_path, capsys):
+    common, _ = case
+    # --out holds only a folder lease/ of user data
+    out = tmp_path / "mine"
+    (out / "lease").mkdir(parents=True)
+    (out / "lease" / "notes.txt").write_text("keep me")
+    before = _tree(out)
+    assert main([*common, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not a cellstrata" in err and "nothing was changed" in err and "Traceback" not in err
+    assert _tree(out) == before and sorted(p.name for p in out.rglob("*")) == ["lease", "notes.txt"]
+    # beside other user files
+    (out / "results.csv").write_text("a,b\n1,2\n")
+    before = _tree(out)
+    assert main([*common, "--out", str(out)]) == 2
+    assert "nothing was changed" in capsys.readouterr().err
+    assert _tree(out) == before and sorted(p.name for p in out.rglob("*")) == ["lease", "notes.txt", "results.csv"]
+
+
+def test_a_foreign_zarr_group_named_lease_is_never_touched(case, tmp_path, capsys):
+    common, _ = case
+    out = tmp_path / "zarrs"
+    import zarr
+
+    zarr.open_group(out / "lease", mode="w").attrs["owner"] = "me"  # lease/zarr.json, not a cellstrata lease
+    before = _tree(out)
+    assert main([*common, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "not a cellstrata" in err and "nothing was changed" in err and "Traceback" not in err
+    assert _tree(out) == before
+    # the same foreign lease/zarr.json inside a cellstrata store is neither taken over nor deleted
+    store = tmp_path / "store.zarr"
+    assert main([*common, "--out", str(store)]) == 0
+    zarr.open_group(store / "lease", mode="w").attrs["owner"] = "me"
+    before = _tree(store / "lease")
+    assert main([*common, "--out", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "not a cellstrata lease" in err and "Traceback" not in err
+    assert _tree(store / "lease") == before
+
+
+def test_release_deletes_only_the_lease_file_it_wrote(tmp_path):
+    location = StoreLocation.of(tmp_path / "a.zarr")
+    with Lease.acquire(location):
+        (tmp_path / "a.zarr" / "lease" / "notes.txt").write_text("added while the run held the lease")
+    assert read_holder(location) is None
+    assert [p.name for p in (tmp_path / "a.zarr" / "lease").iterdir()] == ["notes.txt"]
+    # a lease that is no longer ours (taken over) is left alone
+    other = StoreLocation.of(tmp_path / "b.zarr")
+    lease = Lease.acquire(other)
+    other.remove(LEASE_FILE)
+    fake_lease(other)
+    lease.release()
+    assert read_holder(other)["token"] == "x"
