@@ -19,9 +19,11 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.core.sync import sync
+from zarr.storage._common import StorePath
 
 from .checksums import CHECKSUM, digest, part_names
 from .errors import StoreCorruptError, StoreError
+from .metadata_backup import BACKUP_NODE, MetadataDamage, metadata_damage, read_json, restore_metadata, store_path
 from .store import ATTR_KEY, update_attrs
 
 MAX_LISTED = 20  # damaged chunks listed one per line by describe()
@@ -29,12 +31,20 @@ MAX_LISTED = 20  # damaged chunks listed one per line by describe()
 
 @dataclass
 class DamagedChunk:
-    """A committed cell chunk whose data does not match its checksums; ``parts`` maps part to reason."""
+    """A committed cell chunk whose data does not match its checksums; ``parts`` maps part to reason.
+
+    The part ``checksum`` is the chunk's checksum row itself (see :func:`_check_chunk` for the rule).
+    """
 
     index: int
     start: int
     stop: int
     parts: dict[str, str]
+
+    @property
+    def checksum_row(self) -> bool:
+        """True when the chunk's checksum row is damaged (its data cannot be verified)."""
+        return CHECKSUM in self.parts
 
     def describe(self) -> str:
         by_reason: dict[str, list[str]] = {}
@@ -72,7 +82,11 @@ def _ranges(values: list[int]) -> str:
 
 @dataclass
 class VerifyReport:
-    """What :func:`verify_store` found: chunk counts, damaged chunks, structural problems."""
+    """What :func:`verify_store` found: chunk counts, damaged chunks, metadata and structural problems.
+
+    ``metadata`` lists the nodes whose ``zarr.json`` is damaged (missing, empty, not JSON); ``restored`` those
+    that ``repair`` wrote back from the store's metadata backup (:mod:`.metadata_backup`).
+    """
 
     path: str
     n_chunks: int
@@ -81,6 +95,8 @@ class VerifyReport:
     unchecked: int = 0
     damaged_chunks: list[DamagedChunk] = field(default_factory=list)
     structure: list[str] = field(default_factory=list)
+    metadata: list[MetadataDamage] = field(default_factory=list)
+    restored: list[MetadataDamage] = field(default_factory=list)
     has_checksums: bool = True
     repaired: bool = False
 
@@ -89,25 +105,42 @@ class VerifyReport:
         return len(self.damaged_chunks)
 
     @property
+    def damaged_checksum_rows(self) -> int:
+        return sum(d.checksum_row for d in self.damaged_chunks)
+
+    @property
     def is_clean(self) -> bool:
-        """True when neither a chunk nor the structure is damaged (pending chunks are not damage)."""
-        return not self.damaged_chunks and not self.structure
+        """True when nothing damaged was found (pending chunks are not damage; repaired damage was found)."""
+        return not self.damaged_chunks and not self.structure and not self.metadata and not self.restored
+
+    def _chunk_todo(self) -> str:
+        rows = self.damaged_checksum_rows
+        why = (
+            f" ({rows} with a damaged checksum row: data that cannot be verified is rewritten, never trusted)"
+            if rows
+            else ""
+        )
+        return f"{self.damaged} damaged chunks{why}"
 
     def describe(self) -> str:
-        """Multi-line human-readable report (what ``cellstrata info --verify`` prints)."""
+        """Multi-line human-readable report (what ``cellstrata info --verify`` prints): one line per finding."""
+        rows = self.damaged_checksum_rows
         lines = [
-            f"verify      {self.n_chunks} cell chunks: {self.ok} ok, {self.damaged} damaged, "
-            f"{self.pending} pending (not yet written), {self.unchecked} unchecked"
+            f"verify      {self.n_chunks} cell chunks: {self.ok} ok, {self.damaged} damaged"
+            + (f" ({rows} with a damaged checksum row)" if rows else "")
+            + f", {self.pending} pending (not yet written), {self.unchecked} unchecked"
         ]
         if not self.has_checksums:
             lines.append("            no checksums: only structure checked (store written before checksums existed)")
+        lines += [f"restored    {d.file} ({d.reason}) from {BACKUP_NODE}/" for d in self.restored]
+        lines += [f"metadata    {d.describe()}; {self._metadata_todo(d)}" for d in self.metadata]
         lines += [f"structure   {problem}" for problem in self.structure]
         lines += [f"damaged     {d.describe()}" for d in self.damaged_chunks[:MAX_LISTED]]
         if self.damaged > MAX_LISTED:
             lines.append(f"damaged     ... and {self.damaged - MAX_LISTED} more chunks")
         if self.damaged_chunks and self.repaired:
             lines.append(
-                f"repaired    {self.damaged} damaged chunks marked as not written: re-run the same extract "
+                f"repaired    {self._chunk_todo()} marked as not written: re-run the same extract "
                 "command to rewrite exactly those chunks"
             )
         elif self.damaged_chunks:
@@ -115,6 +148,8 @@ class VerifyReport:
                 f"repair      run `cellstrata info {self.path} --verify --repair`, then the same extract "
                 "command, to rewrite the damaged chunks"
             )
+        if self.restored and not self.damaged_chunks and not self.structure and not self.metadata:
+            lines.append(f"repaired    metadata restored; {self._after_restore()}")
         if self.structure:
             lines.append(
                 "            the store's layout is damaged, which a re-run cannot rewrite: extract again into a "
@@ -124,22 +159,47 @@ class VerifyReport:
             lines.append("result      no damage found")
         return "\n".join(lines)
 
+    def _metadata_todo(self, d: MetadataDamage) -> str:
+        if d.restorable:
+            return f"`cellstrata info {self.path} --verify --repair` restores it from {BACKUP_NODE}/"
+        return (
+            "no copy of it exists (a store written before metadata backups): extract again into a new --out, "
+            "or put back this file from a copy of the store"
+        )
+
+    def _after_restore(self) -> str:
+        if self.pending:
+            return f"re-run the same extract command to write the {self.pending} chunks not written"
+        return "the store is whole again"
+
     def error_message(self) -> str:
         """One line for :class:`~.errors.StoreCorruptError`: what was found and what to do."""
         found = []
+        if self.restored:
+            found.append("restored " + ", ".join(f"{d.file} ({d.reason})" for d in self.restored))
+        if self.metadata:
+            found.append("damaged metadata: " + "; ".join(d.describe() for d in self.metadata))
         if self.structure:
             found.append("damaged layout (" + "; ".join(self.structure) + ")")
         if self.damaged_chunks:
             first = self.damaged_chunks[0].describe()
             more = f" (and {self.damaged - 1} more)" if self.damaged > 1 else ""
-            found.append(f"{self.damaged} of {self.n_chunks} cell chunks damaged, first {first}{more}")
+            rows = self.damaged_checksum_rows
+            kind = f" ({rows} with a damaged checksum row)" if rows else ""
+            found.append(f"{self.damaged} of {self.n_chunks} cell chunks damaged{kind}, first {first}{more}")
         todo = []
+        if any(d.restorable for d in self.metadata):
+            todo.append(f"run `cellstrata info {self.path} --verify --repair` to restore the metadata from its backup")
+        if any(not d.restorable for d in self.metadata):
+            todo.append("no backup of the damaged metadata exists: extract again into a new --out")
         if self.damaged_chunks and self.repaired:
             todo.append("the damaged chunks were marked as not written: re-run the same extract command")
         elif self.damaged_chunks:
             todo.append(f"run `cellstrata info {self.path} --verify --repair`, then re-run the same extract command")
         if self.structure:
             todo.append("extract again into a new --out (a re-run cannot rewrite a damaged layout)")
+        if self.restored and not todo:
+            todo.append(self._after_restore())
         return f"{self.path} is damaged: {', '.join(found)}; " + "; ".join(todo)
 
 
@@ -160,9 +220,34 @@ class _Layout:
         return c * self.chunk_cells, min((c + 1) * self.chunk_cells, self.n_cells)
 
 
-def _open_array(group: zarr.Group, name: str, structure: list[str]) -> zarr.Array | None:
+class _Nodes:
+    """The store's arrays opened by path, so a damaged root or ``pooled`` group does not hide them.
+
+    Nodes whose ``zarr.json`` is damaged are reported under metadata, once; opening one raises :class:`_Damaged`.
+    """
+
+    def __init__(self, root: StorePath, damaged: set[str]):
+        self.root = root
+        self.damaged = damaged
+
+    def __getitem__(self, name: str) -> zarr.Array:
+        if name in self.damaged:
+            raise _Damaged(name)
+        meta, why = read_json(self.root, name)
+        if meta is None and why == "missing":
+            raise KeyError(name)
+        return zarr.open_array(self.root.store, path=name, mode="r+" if not self.root.read_only else "r")
+
+
+class _Damaged(Exception):
+    """A node whose metadata is damaged (reported under metadata)."""
+
+
+def _open_array(group: zarr.Group | _Nodes, name: str, structure: list[str]) -> zarr.Array | None:
     try:
         arr = group[name]
+    except _Damaged:
+        return None
     except KeyError:
         structure.append(f"{name} is missing")
         return None
@@ -176,7 +261,7 @@ def _open_array(group: zarr.Group, name: str, structure: list[str]) -> zarr.Arra
 
 
 def _check_array(
-    group: zarr.Group,
+    group: zarr.Group | _Nodes,
     name: str,
     shape: tuple[int | None, ...],
     chunks: tuple[int | None, ...],
@@ -198,7 +283,7 @@ def _check_array(
     return arr
 
 
-def _layout(group: zarr.Group, attrs: dict[str, Any], structure: list[str]) -> _Layout:
+def _layout(group: zarr.Group | _Nodes, attrs: dict[str, Any], structure: list[str]) -> _Layout:
     n, c, n_layers = int(attrs["n_cells"]), int(attrs["chunk_cells"]), int(attrs["model"]["n_layers"])
     n_chunks = -(-n // c)
     poolings = list(attrs["poolings"])
@@ -233,9 +318,11 @@ def _layout(group: zarr.Group, attrs: dict[str, Any], structure: list[str]) -> _
     return _Layout(n, c, n_layers, n_chunks, parts, arrays, checksum, has_checksums)
 
 
-def _has_member(group: zarr.Group, name: str) -> bool:
+def _has_member(group: zarr.Group | _Nodes, name: str) -> bool:
     try:
         group[name]
+    except _Damaged:
+        return True
     except KeyError:
         return False
     except Exception:  # present but with unreadable metadata: _check_array reports it
@@ -261,16 +348,24 @@ def _chunk_exists(arr: zarr.Array, coords: tuple[int, ...]) -> bool:
 
 
 def _check_chunk(layout: _Layout, c: int) -> dict[str, str]:
-    """Parts of committed chunk ``c`` that are missing, unreadable or changed (empty: the chunk is ok)."""
+    """Parts of committed chunk ``c`` that are missing, unreadable or changed (empty: the chunk is ok).
+
+    The checksum row itself is damaged (key ``checksum``) when it does not decode, is missing, holds a 0 (the
+    writer never writes one), or matches none of the chunk's parts although at least two of them decode: one
+    changed part is damaged data, every part "changed" at once is the row. Parts whose chunk file is missing
+    or does not decode are damaged data whatever the row says.
+    """
     assert layout.checksum is not None
-    bad: dict[str, str] = {}
     try:
         want = np.asarray(layout.checksum[c, :])
     except Exception as err:
-        return {CHECKSUM: f"unreadable: {type(err).__name__}: {err}"}
+        return {CHECKSUM: f"row unreadable: {type(err).__name__}: {err}"}
     if not want.any():  # written before done[c], so a zero row of a committed chunk was removed
-        return {CHECKSUM: "missing" if not _chunk_exists(layout.checksum, (c, 0)) else "changed"}
+        if not _chunk_exists(layout.checksum, (c, 0)):
+            return {CHECKSUM: "missing"}
+        return {CHECKSUM: "row damaged: all its digests are 0, which the writer never writes"}
     start, stop = layout.bounds(c)
+    found: dict[str, str] = {}
     for part, expected in zip(layout.parts, want.tolist()):
         name, layer = _array_of(part)
         arr = layout.arrays[name]
@@ -279,11 +374,22 @@ def _check_chunk(layout: _Layout, c: int) -> dict[str, str]:
         try:
             got = digest(_read_part(arr, layer, start, stop))
         except Exception as err:  # corrupt bytes raise inside zarr's codecs
-            bad[part] = f"unreadable: {type(err).__name__}: {err}"
+            found[part] = f"unreadable: {type(err).__name__}: {err}"
             continue
-        if got != expected:
+        if got == expected:
+            found[part] = "ok"
+        else:
             coords = (layer, c, 0) if layer is not None else (c,)
-            bad[part] = "changed" if _chunk_exists(arr, coords) else "missing"
+            found[part] = "changed" if _chunk_exists(arr, coords) else "missing"
+    bad = {part: why for part, why in found.items() if why != "ok"}
+    zeros = int((want == 0).sum())
+    decoded = [why for why in found.values() if why in ("ok", "changed")]
+    if zeros:
+        bad = {part: why for part, why in bad.items() if why != "changed"}
+        bad[CHECKSUM] = f"row damaged: {zeros} of its {want.size} digests are 0, which the writer never writes"
+    elif len(decoded) >= 2 and "ok" not in decoded:
+        bad = {part: why for part, why in bad.items() if why != "changed"}
+        bad[CHECKSUM] = f"row damaged: matches none of the {len(decoded)} parts that decode"
     return bad
 
 
@@ -305,29 +411,53 @@ def _read_done(done: zarr.Array, n_chunks: int) -> tuple[np.ndarray, dict[int, s
 def verify_store(
     path: str | os.PathLike[str], *, repair: bool = False, progress: bool = False, threads: int = 4
 ) -> VerifyReport:
-    """Verify every committed chunk of the store at ``path`` (a local path or a URL zarr opens).
+    """Verify the metadata and every committed chunk of the store at ``path`` (a local path or a URL zarr opens).
 
-    Damaged: a part whose chunk file is missing (where the data was not the fill value), does not
-    decode, or decodes to other values than were written. Chunks with ``done == 0`` are pending.
-    ``repair`` sets ``done[c] = 0`` (and the ``complete`` attribute to False) for each damaged chunk.
+    Damaged metadata: a node's ``zarr.json`` that is missing, empty or not JSON (the root's also when it lost the
+    ``cellstrata`` attribute); the chunks are then checked with the attribute's copy in the metadata backup.
+    Damaged chunk: a part whose chunk file is missing (where the data was not the fill value), does not
+    decode, or decodes to other values than were written, or a damaged checksum row. Chunks with
+    ``done == 0`` are pending. ``repair`` first writes the backup's copy over each damaged ``zarr.json``
+    (only over those), then sets ``done[c] = 0`` (and the ``complete`` attribute to False) for each damaged
+    chunk, so the same extract command rewrites its data and its checksums.
     Memory: one pooling layer of one cell chunk per thread.
     """
     url = os.fspath(path)
     try:
-        group = zarr.open_group(url, mode="r")
-        attrs = dict(group.attrs[ATTR_KEY])
+        root = store_path(url, writable=repair)
+        damage, attrs = metadata_damage(root)
     except Exception as err:
         msg = f"{url} is not a readable cellstrata store ({type(err).__name__}); check the path"
         raise StoreError(msg) from None
+    if attrs is None:
+        root_damage = [d for d in damage if d.node == ""]
+        if not root_damage or root_damage[0].reason == "missing":
+            msg = f"{url} is not a readable cellstrata store (no '{ATTR_KEY}' attribute); check the path"
+            raise StoreError(msg)
+        msg = (
+            f"{url} is damaged: {root_damage[0].describe()} and no backup of it exists (a store written before "
+            "metadata backups): extract again into a new --out, or put back zarr.json from a copy of the store"
+        )
+        raise StoreCorruptError(msg)
+    restored = restore_metadata(root, damage) if repair else []
+    damage = [d for d in damage if d not in restored]
     structure: list[str] = []
+    nodes = _Nodes(root, {d.node for d in damage})
     try:
-        layout = _layout(group, attrs, structure)
+        layout = _layout(nodes, attrs, structure)
     except (KeyError, TypeError, ValueError) as err:
         msg = (
             f"{url} has a damaged '{ATTR_KEY}' attribute ({type(err).__name__}: {err}); extract again into a new --out"
         )
         raise StoreCorruptError(msg) from None
-    report = VerifyReport(url, layout.n_chunks, structure=structure, has_checksums=layout.has_checksums)
+    report = VerifyReport(
+        url,
+        layout.n_chunks,
+        structure=structure,
+        metadata=damage,
+        restored=restored,
+        has_checksums=layout.has_checksums,
+    )
     done_arr = layout.arrays["done"]
     if done_arr is None:  # without commit flags nothing can be told apart
         report.unchecked = layout.n_chunks
@@ -342,9 +472,11 @@ def verify_store(
     else:
         report.ok = _check_all(layout, committed, report, progress=progress, threads=threads)
     report.damaged_chunks.sort(key=lambda d: d.index)
-    if repair and report.damaged_chunks:
+    if repair and report.damaged_chunks and not any(d.node == "" for d in damage):
         _reset(url, [d.index for d in report.damaged_chunks])
         report.repaired = True
+    elif repair and restored and not any(d.node == "" for d in damage):
+        update_attrs(zarr.open_group(url, mode="r+"), complete=bool(flags.all()) and not bad_flags)
     return report
 
 

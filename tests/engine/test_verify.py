@@ -14,6 +14,7 @@ import cellstrata as cs
 from cellstrata.cli import main
 from cellstrata.engine.checksums import CHECKSUM, chunk_digests, digest, part_names
 from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.metadata_backup import BACKUP_KEY, BACKUP_NODE
 from cellstrata.engine.models import get_family
 from cellstrata.engine.store import ATTR_KEY, StoreSpec, config_hash, create_or_resume
 from cellstrata.engine.verify import DamagedChunk, verify_store
@@ -71,8 +72,29 @@ def flip_bytes(path: Path) -> None:
 
 
 def files(store: Path) -> dict[str, bytes]:
-    """Every file of the store but the root metadata (whose attributes hold per-run telemetry)."""
-    return {str(p.relative_to(store)): p.read_bytes() for p in store.rglob("*") if p.is_file() and p.parent != store}
+    """Every file of the store but the root metadata and its backup (their attributes hold per-run telemetry)."""
+    return {
+        str(p.relative_to(store)): p.read_bytes()
+        for p in store.rglob("*")
+        if p.is_file() and p.parent not in (store, store / BACKUP_NODE)
+    }
+
+
+def all_files(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+
+def cut(path: Path, keep: float) -> None:
+    """Truncate a file to ``keep`` of its bytes (0: empty)."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def extract_argv(h5ad: Path, ckpt: Path, out: Path) -> list[str]:
+    return [
+        "extract", str(h5ad), "--model", "scgpt", "--checkpoint", str(ckpt), "--out", str(out),
+        "--pool", "all", "--chunk-cells", str(CHUNK), "--quiet",
+    ]  # fmt: skip
 
 
 def cli_error(capsys, argv) -> tuple[int, str]:
@@ -199,18 +221,44 @@ def test_damage_is_described_compactly():
     assert text == "chunk 3 (cells 48-59): pooled/mean/[0-2,4], obs_names missing; pooled/max/0 changed"
 
 
-def test_deleted_array_is_reported_without_traceback(store, capsys):
+def test_deleted_array_is_restored_and_its_chunks_rewritten(store, original, h5ad, ckpt, capsys):
     shutil.rmtree(store / "pooled" / "cls")
     (store / "truncated" / "zarr.json").unlink()
     report = verify_store(store)
-    assert not report.is_clean and report.damaged == 0
-    assert any("pooled/cls" in s and "missing" in s for s in report.structure)
-    assert any(s.startswith("truncated") for s in report.structure)
+    assert not report.is_clean and report.damaged == 0 and not report.structure
+    assert {(d.node, d.reason, d.restorable) for d in report.metadata} == {
+        ("pooled/cls", "missing", True),
+        ("truncated", "missing", True),
+    }
     assert report.ok == 4  # the other parts still match
     code, line = cli_error(capsys, ["info", str(store), "--verify", "--quiet"])
-    assert code == 3 and "pooled/cls" in line and "new --out" in line
+    assert code == 3 and "pooled/cls/zarr.json (pooled/cls) is missing" in line and "--verify --repair" in line
     code, line = cli_error(capsys, ["info", str(store)])  # the plain summary fails: say how to find out
     assert code == 3 and "--verify" in line
+    report = verify_store(store, repair=True)
+    assert {d.node for d in report.restored} == {"pooled/cls", "truncated"}
+    # pooled/cls's chunks are gone (but chunk 3's, all NaN, was never written): those are rewritten
+    assert [(d.index, set(d.parts.values())) for d in report.damaged_chunks] == [(c, {"missing"}) for c in range(3)]
+    assert report.repaired
+    run(h5ad, ckpt, store)
+    assert files(store) == files(original) and verify_store(store).is_clean
+
+
+def test_deleted_array_without_backup_is_a_damaged_layout(store, capsys):
+    shutil.rmtree(store / BACKUP_NODE)  # a store written before metadata backups
+    shutil.rmtree(store / "pooled" / "cls")
+    report = verify_store(store, repair=True)
+    assert [(d.node, d.restorable) for d in report.metadata] == [("pooled/cls", False)] and not report.restored
+    code, line = cli_error(capsys, ["info", str(store), "--verify", "--quiet"])
+    assert code == 3 and "pooled/cls" in line and "new --out" in line
+
+
+def test_array_of_another_shape_is_a_damaged_layout(store, capsys):
+    zarr.open_group(str(store), mode="r+").create_array("n_tokens", shape=(7,), dtype="int32", overwrite=True)
+    report = verify_store(store)
+    assert [s.split(" has ")[0] for s in report.structure] == ["n_tokens"] and not report.metadata
+    code, line = cli_error(capsys, ["info", str(store), "--verify", "--quiet"])
+    assert code == 3 and "n_tokens" in line and "new --out" in line
 
 
 def test_unreadable_done_flag_is_damage_and_repairable(store):
@@ -253,7 +301,8 @@ def test_repair_then_rerun_restores_an_identical_store(store, original, h5ad, ck
 
 
 def test_store_without_checksums_reads_resumes_and_verifies(store, original, h5ad, ckpt, capsys):
-    shutil.rmtree(store / CHECKSUM)  # a store written before checksums existed
+    shutil.rmtree(store / CHECKSUM)  # a store written before checksums existed (and metadata backups)
+    shutil.rmtree(store / BACKUP_NODE)
     old = cs.open_store(store)
     np.testing.assert_array_equal(old.layers("mean").compute(), cs.open_store(original).layers("mean").compute())
     report = verify_store(store)
@@ -264,3 +313,155 @@ def test_store_without_checksums_reads_resumes_and_verifies(store, original, h5a
     resumed = run(h5ad, ckpt, store)
     assert resumed.is_complete and CHECKSUM not in zarr.open_group(str(store), mode="r")
     assert files(store) == {k: v for k, v in files(original).items() if not k.startswith(CHECKSUM)}
+
+
+# ------------------------------------------------------------------------------------ checksum rows
+
+
+def tamper_row(store: Path, c: int, fn) -> None:
+    group = zarr.open_group(str(store), mode="r+")
+    row = np.asarray(group[CHECKSUM][c, :])
+    group[CHECKSUM][c : c + 1, :] = np.asarray(fn(row), dtype=np.uint64)[None, :]
+
+
+def test_checksum_row_matching_no_part_is_a_damaged_checksum_row(store, original, h5ad, ckpt, capsys):
+    tamper_row(store, 1, lambda row: row + np.uint64(1))  # decodes, but every digest is off
+    report = verify_store(store)
+    (bad,) = report.damaged_chunks
+    assert bad.index == 1 and bad.checksum_row
+    assert bad.parts == {CHECKSUM: "row damaged: matches none of the 23 parts that decode"}
+    assert report.damaged_checksum_rows == 1 and "1 with a damaged checksum row" in report.describe()
+    assert "chunk 1 (cells 16-31): checksum row damaged" in report.describe()
+    code, line = cli_error(capsys, ["info", str(store), "--verify", "--quiet"])
+    assert code == 3 and "damaged checksum row" in line and "--verify --repair" in line
+    # the data may be damaged too: never trusted, the chunk is rewritten (data and checksums)
+    code, line = cli_error(capsys, ["info", str(store), "--verify", "--repair", "--quiet"])
+    assert code == 3 and "re-run the same extract command" in line
+    assert zarr.open_group(str(store), mode="r")["done"][:].tolist() == [1, 0, 1, 1]
+    assert run(h5ad, ckpt, store).attrs["telemetry"]["cells"] == 16
+    assert files(store) == files(original) and verify_store(store).ok == 4
+
+
+def test_undecodable_checksum_row_is_a_damaged_checksum_row(store):
+    chunk_file(store, CHECKSUM, 2, 0).write_bytes(b"not zstd")
+    (bad,) = verify_store(store).damaged_chunks
+    assert bad.index == 2 and list(bad.parts) == [CHECKSUM] and bad.parts[CHECKSUM].startswith("row unreadable: ")
+    assert "checksum row unreadable" in bad.describe()
+
+
+def test_zero_digest_is_a_damaged_checksum_row(store):
+    tamper_row(store, 0, lambda row: np.where(np.arange(row.size) == 3, 0, row))
+    (bad,) = verify_store(store).damaged_chunks
+    assert bad.parts == {CHECKSUM: "row damaged: 1 of its 23 digests are 0, which the writer never writes"}
+
+
+def test_one_mismatching_part_is_damaged_data_not_the_row(store):
+    # the row matches every other part, so it is trusted: one wrong digest reads as that part changed
+    tamper_row(store, 2, lambda row: np.where(np.arange(row.size) == 6, row ^ np.uint64(1), row))
+    (bad,) = verify_store(store).damaged_chunks
+    part = zarr.open_group(str(store), mode="r")[CHECKSUM].attrs["parts"][6]
+    assert not bad.checksum_row and bad.parts == {part: "changed"}
+
+
+def test_missing_data_with_a_row_matching_nothing_lists_both(store):
+    tamper_row(store, 1, lambda row: row + np.uint64(1))
+    chunk_file(store, "obs_names", 1).unlink()
+    (bad,) = verify_store(store).damaged_chunks
+    assert bad.parts == {"obs_names": "missing", CHECKSUM: "row damaged: matches none of the 22 parts that decode"}
+
+
+# ------------------------------------------------------------------------------------------ metadata
+
+
+def test_backup_holds_every_zarr_json_and_follows_the_attributes(original):
+    backup = zarr.open_group(str(original), mode="r")[BACKUP_NODE].attrs[BACKUP_KEY]
+    root = zarr.open_group(str(original), mode="r")
+    assert backup["root"]["attributes"][ATTR_KEY] == dict(root.attrs[ATTR_KEY])  # the last run's telemetry too
+    assert "telemetry" in backup["root"]["attributes"][ATTR_KEY]
+    names = ["pooled", "pooled/mean", "obs_names", "n_tokens", "truncated", "done", CHECKSUM]
+    assert set(names) <= set(backup["nodes"])
+    import json
+
+    for name in names:
+        assert backup["nodes"][name] == json.loads((original / name / "zarr.json").read_bytes())
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["half", "empty"])
+def test_damaged_root_metadata_is_reported_and_restored(store, original, h5ad, ckpt, capsys, keep):
+    cut(store / "zarr.json", keep)
+    before = all_files(store)
+    report = verify_store(store)
+    (d,) = report.metadata
+    assert d.node == "" and d.restorable and not report.is_clean
+    assert report.ok == 4  # the chunks are checked with the attribute's copy
+    for argv in (["info", str(store)], ["info", str(store), "--verify", "--quiet"], extract_argv(h5ad, ckpt, store)):
+        code, line = cli_error(capsys, argv)
+        assert code == 3 and "zarr.json (the store's root metadata) is " in line
+        assert ("truncated or not JSON" if keep else "empty (0 bytes)") in line
+        assert f"cellstrata info {store} --verify --repair" in line
+    assert all_files(store) == before  # nothing was changed
+    code, line = cli_error(capsys, ["info", str(store), "--verify", "--repair", "--quiet"])
+    assert code == 3 and "restored zarr.json" in line and "the store is whole again" in line
+    assert main(["info", str(store), "--verify", "--quiet"]) == 0
+    assert dict(zarr.open_group(str(store), mode="r").attrs[ATTR_KEY]) == dict(
+        zarr.open_group(str(original), mode="r").attrs[ATTR_KEY]
+    )
+    assert main(extract_argv(h5ad, ckpt, store)) == 0  # resumes: nothing left to do
+    assert files(store) == files(original)
+
+
+@pytest.mark.parametrize("node", ["pooled/mean", "done", CHECKSUM, "pooled", "obs_names"])
+def test_damaged_array_metadata_is_reported_and_restored(store, original, h5ad, ckpt, capsys, node):
+    cut(store / node / "zarr.json", 0.5)
+    before = all_files(store)
+    report = verify_store(store)
+    assert [(d.node, d.restorable) for d in report.metadata] == [(node, True)] and not report.structure
+    for argv in (["info", str(store), "--verify", "--quiet"], extract_argv(h5ad, ckpt, store)):
+        code, line = cli_error(capsys, argv)
+        assert code == 3 and f"{node}/zarr.json ({node}) is truncated or not JSON" in line
+        assert "--verify --repair" in line
+    assert all_files(store) == before
+    report = verify_store(store, repair=True)
+    assert [d.node for d in report.restored] == [node] and not report.metadata and not report.damaged_chunks
+    assert verify_store(store).is_clean and verify_store(store).ok == 4
+    assert main(extract_argv(h5ad, ckpt, store)) == 0
+    assert files(store) == files(original)
+
+
+def test_missing_done_array_is_restored_and_every_chunk_rewritten(store, original, h5ad, ckpt, capsys):
+    shutil.rmtree(store / "done")
+    code, line = cli_error(capsys, ["info", str(store), "--verify", "--quiet"])
+    assert code == 3 and "done/zarr.json (done) is missing" in line
+    code, line = cli_error(capsys, extract_argv(h5ad, ckpt, store))
+    assert code == 3 and "done/zarr.json (done) is missing" in line
+    report = verify_store(store, repair=True)
+    # the commit flags are gone: no chunk is trusted as written, the re-run rewrites them all
+    assert [d.node for d in report.restored] == ["done"] and report.pending == 4
+    assert "re-run the same extract command to write the 4 chunks not written" in report.describe()
+    assert zarr.open_group(str(store), mode="r").attrs[ATTR_KEY]["complete"] is False
+    assert run(h5ad, ckpt, store).attrs["telemetry"]["cells"] == N_CELLS
+    assert files(store) == files(original) and verify_store(store).is_clean
+
+
+def test_damaged_root_without_backup_says_what_to_do(store, h5ad, ckpt, capsys):
+    shutil.rmtree(store / BACKUP_NODE)  # a store written before metadata backups
+    cut(store / "zarr.json", 0.5)
+    before = all_files(store)
+    for argv in (
+        ["info", str(store)],
+        ["info", str(store), "--verify", "--quiet"],
+        ["info", str(store), "--verify", "--repair", "--quiet"],
+        extract_argv(h5ad, ckpt, store),
+    ):
+        code, line = cli_error(capsys, argv)
+        assert code == 3 and "zarr.json (the store's root metadata) is truncated or not JSON" in line
+        assert "no backup" in line and "new --out" in line
+    assert all_files(store) == before
+
+
+def test_old_store_without_backup_gets_one_at_the_next_run(store, h5ad, ckpt):
+    shutil.rmtree(store / BACKUP_NODE)
+    assert verify_store(store).is_clean  # not damage
+    zarr.open_group(str(store), mode="r+")["done"][1:2] = np.zeros(1, dtype=np.uint8)
+    run(h5ad, ckpt, store)
+    assert (store / BACKUP_NODE / "zarr.json").exists()
