@@ -14,6 +14,7 @@ import cellstrata as cs
 from cellstrata.cli import main
 from cellstrata.engine.checksums import CHECKSUM, chunk_digests, digest, part_names
 from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.errors import StoreCorruptError
 from cellstrata.engine.metadata_backup import BACKUP_KEY, BACKUP_NODE
 from cellstrata.engine.models import get_family
 from cellstrata.engine.store import ATTR_KEY, StoreSpec, config_hash, create_or_resume
@@ -399,6 +400,8 @@ def test_damaged_root_metadata_is_reported_and_restored(store, original, h5ad, c
         assert code == 3 and "zarr.json (the store's root metadata) is " in line
         assert ("truncated or not JSON" if keep else "empty (0 bytes)") in line
         assert f"cellstrata info {store} --verify --repair" in line
+    with pytest.raises(StoreCorruptError, match=r"--verify --repair` to restore it from metadata_backup/"):
+        cs.open_store(store)
     assert all_files(store) == before  # nothing was changed
     code, line = cli_error(capsys, ["info", str(store), "--verify", "--repair", "--quiet"])
     assert code == 3 and "restored zarr.json" in line and "the store is whole again" in line
