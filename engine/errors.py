@@ -73,3 +73,7 @@ class StoreCorruptError(StoreError):
 
 class ProbeError(CellstrataError):
     """A probe cannot run on the given store and annotations (missing column, too few cells, ...)."""
+
+
+class IncompleteStoreWarning(UserWarning):
+    """A store is read before every chunk is committed: the cells of uncommitted chunks read as NaN."""

@@ -48,6 +48,44 @@ class CellBlock:
         return len(self.indices)
 
 
+@dataclass(frozen=True)
+class DuplicateNames:
+    """Names that occur more than once in ``where`` (``obs_names``, ``var_names`` or a var column).
+
+    ``extra``: entries whose name occurred before (0 when every name is unique); ``repeated``: how many
+    distinct names occur more than once; ``shown``: the first few of them, in input order, with their counts.
+    """
+
+    where: str
+    extra: int = 0
+    repeated: int = 0
+    shown: tuple[tuple[str, int], ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.extra > 0
+
+    def describe(self, unit: str) -> str:
+        """e.g. ``2 names occur more than once in obs_names (3 extra cells): c1 (2 times), c7 (3 times)``."""
+        listed = ", ".join(f"{name} ({n} times)" for name, n in self.shown)
+        more = f" and {self.repeated - len(self.shown)} more" if self.repeated > len(self.shown) else ""
+        names = "name occurs" if self.repeated == 1 else "names occur"
+        units = unit if self.extra == 1 else f"{unit}s"
+        return f"{self.repeated} {names} more than once in {self.where} ({self.extra} extra {units}): {listed}{more}"
+
+
+def duplicate_names(names: Sequence[Any], where: str, show: int = 5) -> DuplicateNames:
+    """The repeated entries of ``names`` (compared as strings)."""
+    index = pd.Index(np.asarray(names, dtype=object).astype(str))
+    dup = index.duplicated(keep="first")
+    extra = int(dup.sum())
+    if not extra:
+        return DuplicateNames(where)
+    repeated = pd.unique(index[dup])
+    counts = index.value_counts()
+    shown = tuple((str(name), int(counts[name])) for name in repeated[:show])
+    return DuplicateNames(where, extra, len(repeated), shown)
+
+
 class SlowInputWarning(UserWarning):
     """The input's storage layout makes row-block reading slow (a column-compressed matrix)."""
 
@@ -159,6 +197,7 @@ class CellSource:
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._fingerprint: dict[str, Any] | None = None
+        self._duplicates: tuple[DuplicateNames, DuplicateNames] | None = None
 
     # -- reading -------------------------------------------------------------------------------
     @property
@@ -190,6 +229,16 @@ class CellSource:
     def read_obs(self, columns: Iterable[str] | None = None) -> pd.DataFrame:
         """The ``obs`` table (all columns, or ``columns``), indexed by ``obs_names``."""
         raise NotImplementedError
+
+    def duplicates(self) -> tuple[DuplicateNames, DuplicateNames]:
+        """Repeated cell names (``obs_names``) and repeated gene identifiers (``var_names`` or ``gene_column``)."""
+        if self._duplicates is None:
+            genes = "var_names" if self.gene_column is None else f"var column {self.gene_column!r}"
+            self._duplicates = (
+                duplicate_names(self.obs_names, "obs_names"),
+                duplicate_names(self.gene_names, genes),
+            )
+        return self._duplicates
 
     def fingerprint(self) -> dict[str, Any]:
         """Cheap deterministic identity of the input (path, shape, options, sha256 of cell and gene names)."""
