@@ -1,0 +1,418 @@
+"""Crash consistency: an extraction SIGKILLed at any instant resumes, by re-running the same command, to the
+store an uninterrupted run writes.
+
+One ``cellstrata extract`` command (tiny scGPT, 160 cells in 32 chunks of 5) runs in a child process and
+is killed with SIGKILL at 34 instants drawn from a seeded generator, so a failure is reproducible by its
+index. The instants mix two kinds of aim:
+
+- random delays drawn from the measured duration of an uninterrupted run of the same command (over the
+  whole run, and over its start-up before the first file is written);
+- aimed kills, watching the run's folder: as soon as the k-th file appears in it (store creation: the
+  lease, the group and array metadata, wherever the engine puts them), as soon as the k-th ``done`` flag
+  is set (chunk writes), and a random delay after the last flag (the final commit and the exit).
+
+The phase a kill landed in is read from what the killed run left on disk, so it does not depend on how
+the engine lays out its writes: ``start-up`` (nothing written), ``store creation`` (something written,
+but not yet the store's metadata and every array), ``chunk writes`` (a store with pending chunks) and
+``final commit`` (every chunk committed). Every phase must get kills.
+
+Each killed run is followed by the same command, unchanged, run to its end; its store must equal the
+reference bit for bit in every array (``pooled/*``, ``obs_names``, ``n_tokens``, ``truncated``,
+``done``, ``checksum``), say ``complete``, pass ``cellstrata info --verify`` and hold no lease. All
+kills run before anything is asserted, so a failure reports every failing kill with its phase and the
+re-run's error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.models import get_family
+
+pytestmark = pytest.mark.slow
+
+N_CELLS, CHUNK = 160, 5  # 32 chunks: many commit points in about 1.5 s of extraction on 2 cores
+N_CHUNKS = -(-N_CELLS // CHUNK)
+SEED = 15
+# kills of each aim (34 in all): random delays over the whole run and over its start-up, the k-th file,
+# the k-th done flag, a delay after the last done flag
+N_RANDOM, N_STARTUP, N_FILES, N_DONE, N_COMMIT = 10, 4, 8, 6, 6
+PHASES = ("start-up", "store creation", "chunk writes", "final commit")
+POLL_SECONDS = 0.001
+RUN_TIMEOUT = 120.0
+
+
+@dataclass
+class Case:
+    """The extract command (CLI arguments without ``--out``), the reference store and its run's timeline."""
+
+    argv: list[str]
+    reference: Path
+    timeline: dict[str, float]
+    metadata_files: int  # files of a created store before any chunk is written, the lease included
+    zygote: Zygote
+
+
+@dataclass
+class Kill:
+    """One planned kill: ``aim`` and its parameter (seconds, or a count), and what happened."""
+
+    index: int
+    aim: str  # "delay" (seconds after start), "files" (k-th file), "done" (k-th flag), "commit" (s after last)
+    param: float
+    killed_at: float = float("nan")
+    phase: str = "not killed"
+    flags: int = 0
+    rerun_code: int | None = None
+    verify_code: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+# A process that imports what an extraction needs once, then forks one child per command: each child runs
+# the command line's ``main`` on the command's arguments, its stderr into a file. A killed child costs the
+# time up to its kill, not the 2-5 s of imports of a fresh interpreter, so 34 kills fit in a few minutes on
+# two cores. It answers ``pid N`` when a child starts and ``exit CODE`` when it ends; ``kill`` on its stdin
+# sends SIGKILL to the running child (never reaped before, so never another process).
+ZYGOTE = r"""
+import json, os, select, signal, sys
+import anndata, dask.array, distributed, torch, zarr
+import cellstrata.cli, cellstrata.engine.pipeline, cellstrata.engine.verify
+
+def requests():
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            more = os.read(0, 65536)
+            if not more:
+                return
+            buf += more
+        line, buf = buf.split(b"\n", 1)
+        if line.strip() and line.strip() != b"kill":  # a kill that came after its child ended
+            yield json.loads(line)
+
+def reply(text):
+    os.write(1, (text + "\n").encode())
+
+reply("ready")
+for request in requests():
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+            os.dup2(null, 0)
+            os.dup2(null, 1)
+            os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+            code = cellstrata.cli.main(request["argv"])
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    reply(f"pid {pid}")
+    while True:
+        ended, status = os.waitpid(pid, os.WNOHANG)
+        if ended:
+            reply(f"exit {os.waitstatus_to_exitcode(status)}")
+            break
+        if select.select([0], [], [], 0.001)[0] and os.read(0, 64).strip() == b"kill":
+            os.kill(pid, signal.SIGKILL)
+"""
+
+
+class Zygote:
+    """The test's side of :data:`ZYGOTE`: start a command, see whether it ended, kill it."""
+
+    def __init__(self, cwd: Path):
+        # cwd: the installed package, not a same-named folder of the working directory
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=cwd
+        )
+        self.buf = b""
+        self.code: int | None = None
+        assert self._line(RUN_TIMEOUT) == "ready"
+
+    def _line(self, timeout: float) -> str | None:
+        """The next line of the zygote's answers, or None if none came within ``timeout`` seconds."""
+        deadline = time.perf_counter() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            left = deadline - time.perf_counter()
+            if not select.select([fd], [], [], max(left, 0))[0]:
+                return None
+            more = os.read(fd, 4096)
+            if not more:
+                pytest.fail(f"the zygote ended with {self.proc.wait()}")
+            self.buf += more
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+    def _send(self, text: str) -> None:
+        self.proc.stdin.write(text.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def start(self, argv: list[str], stderr: Path) -> None:
+        self.code = None
+        self._send(json.dumps({"argv": argv, "stderr": str(stderr)}))
+        answer = self._line(RUN_TIMEOUT)
+        assert answer and answer.startswith("pid "), answer
+
+    def ended(self) -> bool:
+        if self.code is None:
+            line = self._line(0)
+            if line is not None:
+                self.code = int(line.split()[1])
+        return self.code is not None
+
+    def kill(self) -> None:
+        self._send("kill")
+
+    def wait(self, timeout: float = RUN_TIMEOUT) -> int:
+        if self.code is None:
+            line = self._line(timeout)
+            if line is None:
+                pytest.fail(f"the command ran for more than {timeout} s")
+            self.code = int(line.split()[1])
+        return self.code
+
+    def run(self, argv: list[str], stderr: Path) -> int:
+        self.start(argv, stderr)
+        return self.wait()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every file under ``root`` but zarr's in-progress ``*.partial`` files (empty if it does not exist)."""
+    found = []
+    for dirpath, _, names in os.walk(root):
+        found.extend(Path(dirpath, n) for n in names if not n.endswith(".partial"))
+    return found
+
+
+def done_flags(out: Path) -> int:
+    """Number of ``done`` chunks written (each flag is its own chunk file, absent while 0)."""
+    try:
+        return sum(p.name.isdigit() for p in (out / "done" / "c").iterdir())
+    except OSError:
+        return 0
+
+
+def watch(zygote: Zygote, run_dir: Path, out: Path, fire) -> float | None:
+    """Poll the run's folder until ``fire(elapsed, run_dir, n_flags, t_all_flags)`` or the command ends.
+
+    Returns the elapsed time at which ``fire`` said so while the command still ran, else None.
+    """
+    t0 = time.perf_counter()
+    t_all = None
+    while not zygote.ended():
+        elapsed = time.perf_counter() - t0
+        if elapsed > RUN_TIMEOUT:
+            zygote.kill()
+            pytest.fail(f"the extract command ran for more than {RUN_TIMEOUT} s")
+        n_flags = done_flags(out)
+        if n_flags == N_CHUNKS and t_all is None:
+            t_all = elapsed
+        if fire(elapsed, run_dir, n_flags, t_all):
+            return None if zygote.ended() else elapsed
+        time.sleep(POLL_SECONDS)
+    return None
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> Case:
+    root = tmp_path_factory.mktemp("crash")
+    ckpt = get_family("scgpt").init_checkpoint("tiny", root / "ckpt", seed=3)
+    data = root / "cells.h5ad"
+    synthetic_dataset(N_CELLS, 2000, seed=11, genes_per_cell=30).write_h5ad(data)
+    argv = ["extract", str(data), "--model", "scgpt", "--checkpoint", str(ckpt), "--pool", "all"]
+    argv += ["--chunk-cells", str(CHUNK), "--max-tokens", "2048", "--quiet"]
+    zygote = Zygote(root)
+    # the reference: the same command, never interrupted, timed by the same watcher
+    run_dir = root / "reference"
+    out = run_dir / "s.zarr"
+    zygote.start([*argv, "--out", str(out)], root / "reference.stderr")
+    timeline: dict[str, float] = {}
+
+    def record(elapsed, folder, n_flags, t_all):
+        if "first_file" not in timeline and files_under(folder):
+            timeline["first_file"] = elapsed
+        if "first_flag" not in timeline and n_flags:
+            timeline["first_flag"] = elapsed
+        if t_all is not None:
+            timeline.setdefault("last_flag", t_all)
+        timeline["exit"] = elapsed
+        return False
+
+    watch(zygote, run_dir, out, record)
+    assert zygote.wait() == 0, (root / "reference.stderr").read_text()
+    assert {"first_file", "first_flag", "last_flag"} <= set(timeline), timeline
+    # files of a created store before any chunk: the lease, and every file that is not a chunk
+    metadata = [p for p in files_under(out) if "c" not in p.relative_to(out).parts[:-1]]
+    yield Case(argv, out, timeline, len(metadata) + 1, zygote)
+    zygote.close()
+
+
+def plan(case: Case) -> list[Kill]:
+    """34 kills drawn from a seeded generator; the counts and the measured timeline fix the ranges."""
+    rng = np.random.default_rng(SEED)
+    t = case.timeline
+    kills = [Kill(0, "delay", float(s)) for s in rng.uniform(0.0, 0.95 * t["exit"], N_RANDOM)]
+    kills += [Kill(0, "delay", float(s)) for s in rng.uniform(0.0, 0.9 * t["first_file"], N_STARTUP)]
+    # k = 1 is the first file the run writes; the group's attributes come after the last metadata file
+    kills += [Kill(0, "files", float(k)) for k in rng.integers(1, case.metadata_files + 1, N_FILES)]
+    kills += [Kill(0, "done", float(k)) for k in rng.integers(1, N_CHUNKS, N_DONE)]
+    window = max(t["exit"] - t["last_flag"], 0.0)
+    kills += [Kill(0, "commit", float(s)) for s in rng.uniform(0.0, 0.5 * window, N_COMMIT)]
+    for i, kill in enumerate(kills):
+        kill.index = i
+    return kills
+
+
+def trigger(kill: Kill):
+    """The watcher's condition for ``kill``."""
+    if kill.aim == "delay":
+        return lambda elapsed, folder, n_flags, t_all: elapsed >= kill.param
+    if kill.aim == "files":
+        return lambda elapsed, folder, n_flags, t_all: len(files_under(folder)) >= kill.param
+    if kill.aim == "done":
+        return lambda elapsed, folder, n_flags, t_all: n_flags >= kill.param
+    return lambda elapsed, folder, n_flags, t_all: t_all is not None and elapsed - t_all >= kill.param
+
+
+def array_paths(case: Case) -> list[str]:
+    group = zarr.open_group(str(case.reference), mode="r")
+    return sorted(name for name, node in group.members(max_depth=None) if isinstance(node, zarr.Array))
+
+
+def phase_left(run_dir: Path, out: Path, case: Case, arrays: list[str]) -> str:
+    """The phase a killed run was in, from what it left on disk (whatever the engine's order of writes).
+
+    Nothing: start-up. The store's metadata not all there yet, or entries that a finished store does not
+    have (a marker, a folder beside it): store creation. Then chunk writes until every done flag is set.
+    """
+    if not files_under(run_dir):
+        return "start-up"
+    created = {p.name for p in case.reference.iterdir()} | {"lease"}
+    if {p.name for p in run_dir.iterdir()} != {out.name} or not {p.name for p in out.iterdir()} <= created:
+        return "store creation"
+    try:
+        attrs = json.loads((out / "zarr.json").read_text())["attributes"]["cellstrata"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "store creation"
+    if "config_hash" not in attrs or not all((out / name / "zarr.json").exists() for name in arrays):
+        return "store creation"
+    return "chunk writes" if done_flags(out) < N_CHUNKS else "final commit"
+
+
+def bits(values: np.ndarray) -> np.ndarray:
+    """The bytes of numeric arrays (NaN payloads included), the values of string arrays."""
+    values = np.asarray(values)
+    return values if values.dtype.kind in "OUT" else np.ascontiguousarray(values).view(np.uint8)
+
+
+def last_line(path: Path) -> str:
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no message)"
+
+
+def check_rerun(kill: Kill, case: Case, out: Path, arrays: list[str], logs: Path) -> None:
+    """Re-run the same command, unchanged, and compare its store with the reference."""
+    err = logs / f"kill{kill.index:02d}.rerun.stderr"
+    kill.rerun_code = case.zygote.run([*case.argv, "--out", str(out)], err)
+    if kill.rerun_code != 0:
+        kill.problems.append(f"re-run exit {kill.rerun_code}: {last_line(err)}")
+        return
+    if "Traceback" in err.read_text():
+        kill.problems.append("the re-run printed a traceback")
+    ref = zarr.open_group(str(case.reference), mode="r")
+    got = zarr.open_group(str(out), mode="r")
+    have = sorted(name for name, node in got.members(max_depth=None) if isinstance(node, zarr.Array))
+    if have != arrays:
+        kill.problems.append(f"arrays {have} instead of {arrays}")
+    for name in sorted(set(have) & set(arrays)):
+        a, b = got[name], ref[name]
+        if (a.shape, a.dtype, a.chunks) != (b.shape, b.dtype, b.chunks):
+            kill.problems.append(f"{name}: {a.shape} {a.dtype} {a.chunks} instead of {b.shape} {b.dtype} {b.chunks}")
+        elif not np.array_equal(bits(a[...]), bits(b[...])):
+            kill.problems.append(f"{name} differs from the reference")
+    attrs = dict(got.attrs.get("cellstrata", {}))
+    if attrs.get("complete") is not True:
+        kill.problems.append(f"complete is {attrs.get('complete')!r}")
+    if attrs.get("config_hash") != dict(ref.attrs["cellstrata"])["config_hash"]:
+        kill.problems.append("another config_hash than the reference")
+    err = logs / f"kill{kill.index:02d}.verify.stderr"
+    kill.verify_code = case.zygote.run(["info", str(out), "--verify", "--quiet"], err)
+    if kill.verify_code != 0:
+        kill.problems.append(f"info --verify exit {kill.verify_code}: {last_line(err)}")
+    if (out / "lease").exists():
+        kill.problems.append("the lease was left behind")
+
+
+def table(kills: list[Kill]) -> str:
+    rows = ["kill | aim | at s | phase | flags | re-run | verify | outcome"]
+    for k in kills:
+        param = f"{k.param:.3f} s" if k.aim in ("delay", "commit") else f"k={int(k.param)}"
+        rows.append(
+            f"{k.index:>2} | {k.aim} {param} | {k.killed_at:.3f} | {k.phase} | {k.flags} | {k.rerun_code} | "
+            f"{k.verify_code} | {'identical' if k.ok else '; '.join(k.problems)}"
+        )
+    summary = ["phase | kills | resumed identical | failed"]
+    for phase in (*PHASES, "not killed"):
+        mine = [k for k in kills if k.phase == phase]
+        if mine:
+            good = sum(k.ok for k in mine)
+            summary.append(f"{phase} | {len(mine)} | {good} | {len(mine) - good}")
+    return "\n".join([*rows, "", *summary])
+
+
+def test_sigkill_at_any_instant_resumes_to_the_reference_store(case, tmp_path, capsys):
+    arrays = array_paths(case)
+    assert {"done", "checksum", "obs_names", "n_tokens", "truncated"} <= set(arrays)
+    assert sum(name.startswith("pooled/") for name in arrays) == 4
+    kills = plan(case)
+    for kill in kills:
+        run_dir = tmp_path / f"kill{kill.index:02d}"
+        run_dir.mkdir()
+        out = run_dir / "s.zarr"
+        err = tmp_path / f"kill{kill.index:02d}.stderr"
+        case.zygote.start([*case.argv, "--out", str(out)], err)
+        at = watch(case.zygote, run_dir, out, trigger(kill))
+        if at is not None:
+            case.zygote.kill()
+        code = case.zygote.wait()
+        if code != -signal.SIGKILL:  # it ended before the kill: not counted as a kill
+            assert code == 0, err.read_text()
+            continue
+        kill.killed_at = at
+        kill.flags = done_flags(out)
+        kill.phase = phase_left(run_dir, out, case, arrays)
+        check_rerun(kill, case, out, arrays, tmp_path)
+    report = table(kills)
+    with capsys.disabled():
+        print(f"\ncrash consistency, seed {SEED}, reference timeline {case.timeline}\n{report}")
+    killed = [k for k in kills if k.phase != "not killed"]
+    assert len(killed) >= 30, report
+    assert {k.phase for k in killed} == set(PHASES), report
+    assert all(k.ok for k in kills), report
