@@ -303,6 +303,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
     from .engine.weights import mark_random_init
 
     family = get_family(args.model)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        from .engine.errors import ConfigError
+
+        what = "is a file" if not out.is_dir() else "is not empty"
+        msg = f"{out} {what}; init-checkpoint writes a new folder and replaces no file: choose another --out"
+        raise ConfigError(msg + " (nothing was changed)")
     genes = None
     if args.genes_from:
         from .engine.sources import open_source

@@ -33,7 +33,7 @@ from .interrupts import Interrupted, graceful_stop
 from .lease import Lease
 from .location import StoreLocation
 from .pipeline import Extraction, ExtractSettings, Telemetry, _progress, log_start, record_run
-from .store import Store, create_or_resume, pending_chunks
+from .store import Store, create_or_resume, pending_chunks, refuse_foreign
 
 log = logging.getLogger("cellstrata")
 
@@ -268,6 +268,7 @@ def run_on_cluster(
             n_workers = max(len(client.scheduler_info(n_workers=-1).get("workers", {})), 1)
             plan = client.submit(plan_task, settings, pure=False, retries=RETRIES).result()
             spec = plan["spec"]
+            refuse_foreign(location)  # before the lease: a foreign --out is not written, even briefly
             with Lease.acquire(location, break_lock=break_lock):
                 group, resumed = create_or_resume(location, spec, overwrite=overwrite)
                 pending = pending_chunks(group)

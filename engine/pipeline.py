@@ -44,6 +44,7 @@ from .store import (
     default_chunk_cells,
     describe_truncation,
     pending_chunks,
+    refuse_foreign,
     store_attributes,
     update_attrs,
 )
@@ -502,6 +503,7 @@ class Extraction:
         with graceful_stop() as stop:
             self.stop = stop
             self._preflight()
+            refuse_foreign(self.out)  # before the lease: a foreign --out is not written, even briefly
             with Lease.acquire(StoreLocation.of(self.out), break_lock=self.break_lock):
                 self.group, self.resumed = create_or_resume(self.out, self.store_spec, overwrite=self.overwrite)
                 pending = pending_chunks(self.group)

@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
+import socket
+import uuid
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +34,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 
 from .checksums import CHECKSUM, create_checksum_array
 from .errors import ConfigError, IncompleteStoreError, StoreConfigMismatchError, StoreError
-from .lease import LEASE_NODE
+from .lease import LEASE_NODE, check_lease_folder
 from .location import StoreLocation
 
 FORMAT_VERSION = 1
@@ -39,6 +43,8 @@ STORE_DTYPES = ("float16", "float32")
 COMPRESSIONS = ("zstd", "lz4", "none")
 TARGET_CHUNK_BYTES = 4 * 2**20
 MAX_CHUNK_CELLS = 8192  # bounds the work lost to an interruption and the writer's memory for small models
+
+log = logging.getLogger("cellstrata")
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
@@ -190,52 +196,182 @@ def _hash_of(group: zarr.Group) -> str | None:
     return dict(group.attrs.get(ATTR_KEY, {})).get("config_hash")
 
 
+# Creation marker: the first file a store's creation writes and the last it deletes, so a folder left by a
+# creation that was cut short (killed before the group's attributes were written) says whose it is.
+CREATING_FILE = ".cellstrata-creating"
+CREATING_KEY = "cellstrata_creating"
+CREATING_PREFIX = b'{"cellstrata_creating": {"run": "'  # how every marker starts (json.dumps of _marker's dict)
+# the nodes of a store that cellstrata writes: its arrays and groups, the probe cache (probes.runner's
+# CACHE_GROUP) and the metadata backup; the lease (engine.lease) takes care of its own file
+STORE_NODES = ("pooled", "obs_names", "n_tokens", "truncated", "done", CHECKSUM, "probes", "metadata_backup")
+
+
+def owned_file(rel: str) -> bool:
+    """Whether ``rel`` (a path inside a store) is one of the files a cellstrata store is made of.
+
+    Those are the root ``zarr.json``, the creation marker and, under :data:`STORE_NODES`, each node's
+    ``zarr.json`` and its chunks (``c/<i>/<j>/...``). A replaced or recreated store deletes these and
+    nothing else: any other file in the folder is the user's.
+    """
+    parts = rel.split("/")
+    if rel in ("zarr.json", CREATING_FILE):
+        return True
+    if len(parts) < 2 or parts[0] not in STORE_NODES:
+        return False
+    if parts[-1] == "zarr.json":
+        return True
+    if "c" in parts[1:-1]:
+        tail = parts[parts.index("c", 1) + 1 :]
+        return all(t.isdigit() for t in tail)
+    return False
+
+
+def is_marker_bytes(raw: bytes) -> bool:
+    """Whether ``raw`` is a creation marker, whole or cut short by a killed run."""
+    return raw.startswith(CREATING_PREFIX) or CREATING_PREFIX.startswith(raw)
+
+
+def _marker(run: str, want: str) -> bytes:
+    body = {
+        "run": run,
+        "config_hash": want,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return json.dumps({CREATING_KEY: body}).encode()
+
+
+def _marker_of(location: StoreLocation) -> dict[str, Any] | None:
+    """The creation marker of ``location``: None if there is none (or the file is not one), ``{}`` if cut short."""
+    raw = location.read_bytes(CREATING_FILE)
+    if raw is None or not is_marker_bytes(raw):
+        return None
+    try:
+        return dict(json.loads(raw)[CREATING_KEY])
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _foreign(location: StoreLocation) -> str:
+    return f"{location} exists and is not a cellstrata store; choose another --out (nothing was changed)"
+
+
+def _inspect(location: StoreLocation) -> tuple[str, dict[str, Any] | None]:
+    """What ``location`` holds: ``("new" | "creating" | "store", marker)``; raises :class:`StoreError` if foreign.
+
+    ``new``: nothing, an empty folder, or one that holds only a cellstrata lease. ``creating``: a store
+    whose creation (or replacement) was cut short: its marker is there. ``store``: a cellstrata store.
+    Anything else is foreign and refused: a file, a folder of other files, a zarr group without the
+    ``cellstrata`` attribute, a ``lease/`` that is not a cellstrata lease.
+    """
+    if not location.exists():
+        return "new", None
+    if not location.is_dir():
+        raise StoreError(_foreign(location))
+    names = set(location.names())
+    if LEASE_NODE in names:
+        check_lease_folder(location)
+    if CREATING_FILE in names:
+        marker = _marker_of(location)
+        if marker is None:  # a file of that name that cellstrata did not write
+            raise StoreError(_foreign(location))
+        return "creating", marker
+    if names <= {LEASE_NODE}:
+        return "new", None
+    if _is_store(location):
+        return "store", None
+    raise StoreError(_foreign(location))
+
+
+def refuse_foreign(path: str | Path | StoreLocation) -> None:
+    """Raise :class:`StoreError` (nothing changed) unless ``path`` is new, empty, a store or one being created.
+
+    The drivers call it before they take the lease, so a foreign ``--out`` is not written even briefly.
+    """
+    _inspect(StoreLocation.of(path))
+
+
+def _creation_step(name: str) -> None:
+    """Called after each step of a store's creation (a no-op); tests replace it to cut a creation short there."""
+
+
 def create_or_resume(
     path: str | Path | StoreLocation, spec: StoreSpec, *, overwrite: bool = False
 ) -> tuple[zarr.Group, bool]:
     """Open ``path`` (a local path or a URL) for writing ``spec``; returns ``(group, resumed)``.
 
     An existing store with the same ``config_hash`` is resumed; one with another hash is refused unless
-    ``overwrite``; a location that exists but is not a cellstrata store is never deleted. The store's
-    lease (:mod:`.lease`), if held, is kept.
+    ``overwrite``, which deletes only the files a store is made of (:func:`owned_file`; other files in the
+    folder are kept). A location that exists but is not a cellstrata store is refused and never changed.
+    A store whose creation was cut short (its marker is still there) is created again by the same
+    command; if it was replacing a store with data of another configuration, only ``overwrite`` finishes
+    that. The store's lease (:mod:`.lease`), if held, is kept.
     """
     location = StoreLocation.of(path)
     if spec.dtype not in STORE_DTYPES:
         msg = f"unknown store dtype {spec.dtype!r}; choose one of {', '.join(STORE_DTYPES)}"
         raise ConfigError(msg)
     want = spec.attrs["config_hash"]
-    if location.exists():
-        if not _is_store(location):
-            if location.is_dir() and set(location.names()) <= {LEASE_NODE}:
-                pass  # empty but for the lease this run holds
-            else:
-                msg = f"{location} exists and is not a cellstrata store; choose another --out (nothing was changed)"
-                raise StoreError(msg)
-        else:
-            group = location.open_group("r+")
-            have = _hash_of(group)
-            if have == want:
-                return group, True
-            if not overwrite:
-                old = dict(group.attrs[ATTR_KEY])
-                msg = (
-                    f"{location} was written with another configuration (model "
-                    f"{old.get('model', {}).get('family')}, poolings {old.get('poolings')}, dtype "
-                    f"{old.get('dtype')}, config {str(have)[:12]} vs {want[:12]}); pass --overwrite to replace it "
-                    "or choose another --out"
-                )
-                raise StoreConfigMismatchError(msg)
-            for name in location.names():
-                if name != LEASE_NODE:
-                    location.remove(name)
+    kind, marker = _inspect(location)
+    if kind == "store":
+        group = location.open_group("r+")
+        have = _hash_of(group)
+        if have == want:
+            return group, True
+        if not overwrite:
+            old = dict(group.attrs[ATTR_KEY])
+            msg = (
+                f"{location} was written with another configuration (model "
+                f"{old.get('model', {}).get('family')}, poolings {old.get('poolings')}, dtype "
+                f"{old.get('dtype')}, config {str(have)[:12]} vs {want[:12]}); pass --overwrite to replace it "
+                "or choose another --out"
+            )
+            raise StoreConfigMismatchError(msg)
+    elif kind == "creating":
+        theirs = (marker or {}).get("config_hash")
+        chunks = [f for f in location.files() if owned_file(f) and not f.endswith("zarr.json") and f != CREATING_FILE]
+        if theirs != want and chunks and not overwrite:
+            msg = (
+                f"{location}: an earlier run was replacing this store (config {str(theirs)[:12]}) and was "
+                f"interrupted; {len(chunks)} chunk files of the old store are left. Pass --overwrite to finish "
+                "replacing it, or re-run that run's command"
+            )
+            raise StoreConfigMismatchError(msg)
+        log.warning("%s: an earlier run was interrupted while it created this store; creating it again", location)
     return _create(location, spec), False
 
 
+def _clear(location: StoreLocation) -> None:
+    """Delete the files of a store (or of a creation cut short) at ``location``: :func:`owned_file` ones only.
+
+    ``done`` goes first, so a store whose replacement is cut short here has no committed chunk left.
+    """
+    owned = [f for f in location.files() if owned_file(f) and f != CREATING_FILE]
+    owned.sort(key=lambda f: (not f.startswith("done/"), f == "zarr.json"))
+    if owned:
+        location.remove_files(owned)
+    for node in STORE_NODES:
+        location.remove_empty_dirs(node)
+
+
 def _create(location: StoreLocation, spec: StoreSpec) -> zarr.Group:
+    """Create the store: the marker first, then the old store's files go, the nodes, the attributes, the marker.
+
+    Until the attributes are written the marker names the folder as a cellstrata store being created,
+    so a creation cut short at any step is created again by the next run (:func:`_inspect`).
+    """
     comp = _compressors(spec.compression)
     c = spec.chunk_cells
-    group = location.open_group("a" if location.exists() else "w-", zarr_format=3)  # "a": keep the lease
+    run = uuid.uuid4().hex
+    location.write_bytes(CREATING_FILE, _marker(run, spec.attrs["config_hash"]))
+    _creation_step("marker")
+    _clear(location)
+    _creation_step("clear")
+    group = location.open_group("a", zarr_format=3)  # "a": keep the lease and any file of the user's
+    _creation_step("group")
     pooled = group.create_group("pooled")
+    _creation_step("pooled")
     for name, width in spec.widths.items():
         pooled.create_array(
             name,
@@ -246,20 +382,30 @@ def _create(location: StoreLocation, spec: StoreSpec) -> zarr.Group:
             fill_value=np.nan,
             dimension_names=("layer", "cell", feature_dim(name, width, spec.hidden)),
         )
+        _creation_step(f"pooled/{name}")
     group.create_array("obs_names", shape=(spec.n_cells,), chunks=(c,), dtype=str, dimension_names=("cell",))
+    _creation_step("obs_names")
     group.create_array(
         "n_tokens", shape=(spec.n_cells,), chunks=(c,), dtype="int32", fill_value=0, dimension_names=("cell",)
     )
+    _creation_step("n_tokens")
     group.create_array(
         "truncated", shape=(spec.n_cells,), chunks=(c,), dtype="bool", fill_value=False, dimension_names=("cell",)
     )
+    _creation_step("truncated")
     group.create_array(
         "done", shape=(spec.n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, dimension_names=("cell_chunk",)
     )
+    _creation_step("done")
     create_checksum_array(group, list(spec.widths), spec.n_layers, spec.n_chunks)
+    _creation_step(CHECKSUM)
     attrs = dict(spec.attrs)
     attrs.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), complete=False)
     group.attrs[ATTR_KEY] = attrs
+    _creation_step("attributes")
+    if (_marker_of(location) or {}).get("run") == run:  # the marker this creation wrote goes last
+        location.remove_file(CREATING_FILE)
+    _creation_step("created")
     return group
 
 

@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import errno
+import json
 
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
 
+from cellstrata.engine import store as store_mod
 from cellstrata.engine import writer as writer_mod
 from cellstrata.engine.errors import IncompleteStoreError, StoreConfigMismatchError, StoreError, WriteError
+from cellstrata.engine.lease import LEASE_FILE, LEASE_PREFIX
+from cellstrata.engine.location import StoreLocation
 from cellstrata.engine.store import (
     ATTR_KEY,
+    CREATING_FILE,
     FORMAT_VERSION,
     StoreSpec,
     config_hash,
     create_or_resume,
     default_chunk_cells,
     open_store,
+    owned_file,
     pending_chunks,
+    refuse_foreign,
 )
 from cellstrata.engine.writer import ChunkData, ChunkWriter, write_chunk
 
@@ -156,3 +163,207 @@ def test_open_store_errors(tmp_path):
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
     with pytest.raises(StoreError, match="not a cellstrata store"):
         open_store(tmp_path / "other.zarr")
+
+
+def tree(location: StoreLocation) -> dict[str, bytes]:
+    return {f: location.read_bytes(f) for f in location.files()}
+
+
+def at(tmp_path, url: str, name: str) -> StoreLocation:
+    return StoreLocation.of(tmp_path / name if url == "local" else f"memory://cs-store-test/{tmp_path.name}/{name}")
+
+
+USER_FILES = {
+    "notes.txt": b"mine",
+    "analysis/umap.csv": b"1,2\n",
+    "pooled/README.md": b"about the poolings",
+    "done/keep.txt": b"x",
+    "lease-notes/zarr.json": b"{}",
+}
+
+
+@pytest.mark.parametrize("url", ["local", "memory"])
+def test_overwrite_deletes_only_the_files_of_a_store(tmp_path, url):
+    location = at(tmp_path, url, "s.zarr")
+    create_or_resume(location, make_spec())
+    write_chunk(location.url, chunk(1, np.random.default_rng(0)))
+    for rel, data in USER_FILES.items():
+        location.write_bytes(rel, data)
+    old = set(location.files()) - set(USER_FILES)
+    assert "pooled/mean/c/0/1/0" in old and "done/c/1" in old
+    group, resumed = create_or_resume(location, make_spec(dtype="float32"), overwrite=True)
+    assert not resumed and pending_chunks(group).size == 5
+    assert {rel: location.read_bytes(rel) for rel in USER_FILES} == USER_FILES  # every user file kept
+    assert not any("/c/" in f for f in location.files())  # no chunk of the old store is left
+    assert CREATING_FILE not in location.names()
+    assert open_store(location.url).attrs["config_hash"] == make_spec(dtype="float32").attrs["config_hash"]
+    if url == "memory":
+        location.remove()
+
+
+def foreign(tmp_path, kind: str) -> StoreLocation:
+    location = StoreLocation.of(tmp_path / "out")
+    if kind == "file":
+        (tmp_path / "out").write_text("a file, not a folder")
+    elif kind == "zarr group":
+        zarr.open_group(location.url, mode="w").create_array("x", shape=(3,), dtype="int8")
+        location.write_bytes("notes.txt", b"mine")
+    elif kind == "user lease folder":
+        location.write_bytes("lease/notes.txt", b"mine")
+    elif kind == "foreign lease group":
+        zarr.open_group(f"{location.url}/lease", mode="w").attrs["owner"] = "me"
+    elif kind == "not a marker":
+        location.write_bytes(CREATING_FILE, b"someone else's file")
+    return location
+
+
+@pytest.mark.parametrize("kind", ["file", "zarr group", "user lease folder", "foreign lease group", "not a marker"])
+def test_a_foreign_location_is_refused_untouched_even_with_overwrite(tmp_path, kind):
+    location = foreign(tmp_path, kind)
+    before = tree(location) if kind != "file" else (tmp_path / "out").read_bytes()
+    for call in (lambda: refuse_foreign(location), lambda: create_or_resume(location, make_spec(), overwrite=True)):
+        with pytest.raises(StoreError, match="not a cellstrata") as info:
+            call()
+        assert "nothing was changed" in str(info.value)
+    assert (tree(location) if kind != "file" else (tmp_path / "out").read_bytes()) == before
+
+
+def test_never_deletes_a_foreign_store_inside_a_cellstrata_name(tmp_path):
+    # a cellstrata store's attribute but a lease/ of user files: refused, nothing deleted
+    location = StoreLocation.of(tmp_path / "s.zarr")
+    create_or_resume(location, make_spec())
+    location.write_bytes("lease/notes.txt", b"mine")
+    with pytest.raises(StoreError, match="not a cellstrata lease"):
+        create_or_resume(location, make_spec(dtype="float32"), overwrite=True)
+    assert location.read_bytes("lease/notes.txt") == b"mine" and "zarr.json" in location.names("pooled/mean")
+    # a file named like the creation marker that cellstrata did not write
+    other = StoreLocation.of(tmp_path / "t.zarr")
+    create_or_resume(other, make_spec())
+    other.write_bytes(CREATING_FILE, b"someone else's file")
+    with pytest.raises(StoreError, match="not a cellstrata store"):
+        create_or_resume(other, make_spec(dtype="float32"), overwrite=True)
+    assert other.read_bytes(CREATING_FILE) == b"someone else's file" and "zarr.json" in other.names("pooled/mean")
+
+
+def test_owned_files_are_those_a_store_is_made_of():
+    for rel in (
+        "zarr.json",
+        CREATING_FILE,
+        "pooled/zarr.json",
+        "pooled/mean/zarr.json",
+        "pooled/mean/c/0/12/0",
+        "done/c/3",
+        "checksum/c/0/0",
+        "probes/ab12/zarr.json",
+        "metadata_backup/zarr.json",
+    ):
+        assert owned_file(rel), rel
+    for rel in (
+        "notes.txt",
+        "lease/zarr.json",
+        "pooled/README.md",
+        "pooled/mean/c/0/x",
+        "done/c",
+        "analysis/zarr.json",
+        "pooled/mean/notes/zarr.txt",
+        "obs_names/c/0.bak",
+    ):
+        assert not owned_file(rel), rel
+    assert store_mod.STORE_NODES[-2] == __import__("cellstrata.probes.runner", fromlist=["x"]).CACHE_GROUP
+
+
+def creation_steps(tmp_path, monkeypatch) -> list[str]:
+    steps: list[str] = []
+    monkeypatch.setattr(store_mod, "_creation_step", steps.append)
+    create_or_resume(tmp_path / "steps.zarr", make_spec())
+    monkeypatch.undo()
+    return steps
+
+
+def layout(location: StoreLocation) -> dict[str, object]:
+    """Every file of a fresh store but the metadata backup, parsed; the creation time left out."""
+    out = {}
+    for f in location.files():
+        if f.startswith("metadata_backup/"):
+            continue
+        doc = json.loads(location.read_bytes(f))
+        doc.get("attributes", {}).get(ATTR_KEY, {}).pop("created", None)
+        out[f] = doc
+    return out
+
+
+class Cut(BaseException):
+    """Stands for the process dying at a step."""
+
+
+@pytest.mark.parametrize("url", ["local", "memory"])
+def test_a_creation_cut_at_every_step_is_created_again(tmp_path, monkeypatch, url, caplog):
+    steps = creation_steps(tmp_path, monkeypatch)
+    assert steps[:4] == ["marker", "clear", "group", "pooled"] and steps[-2:] == ["attributes", "created"]
+    reference = at(tmp_path, url, "reference.zarr")
+    create_or_resume(reference, make_spec())
+    for k, step in enumerate(steps):
+        location = at(tmp_path, url, f"cut-{k}.zarr")
+
+        def cut(name, step=step):
+            if name == step:
+                raise Cut(name)
+
+        with monkeypatch.context() as m:
+            m.setattr(store_mod, "_creation_step", cut)
+            with pytest.raises(Cut):
+                create_or_resume(location, make_spec())
+        if step != "created":
+            assert CREATING_FILE in location.names()  # the folder says it is a store being created
+        refuse_foreign(location)  # not foreign
+        caplog.clear()
+        _, resumed = create_or_resume(location, make_spec())
+        assert resumed == (step == "created"), step
+        assert layout(location) == layout(reference), step
+        assert CREATING_FILE not in location.names()
+        if step != "created":
+            assert "creating it again" in caplog.text
+    if url == "memory":
+        StoreLocation.of(f"memory://cs-store-test/{tmp_path.name}").remove()
+
+
+def test_a_cut_creation_keeps_files_added_to_it_and_a_cut_lease_is_no_obstacle(tmp_path, monkeypatch):
+    location = StoreLocation.of(tmp_path / "s.zarr")
+    with monkeypatch.context() as m:
+        m.setattr(
+            store_mod, "_creation_step", lambda name: (_ for _ in ()).throw(Cut(name)) if name == "n_tokens" else None
+        )
+        with pytest.raises(Cut):
+            create_or_resume(location, make_spec())
+    location.write_bytes("notes.txt", b"mine")
+    location.write_bytes(LEASE_FILE, LEASE_PREFIX[:30])  # a lease file a killed run left half-written
+    _, resumed = create_or_resume(location, make_spec())
+    assert not resumed and location.read_bytes("notes.txt") == b"mine"
+    # a marker cut short (even empty) still names the folder as a store being created
+    other = StoreLocation.of(tmp_path / "t.zarr")
+    other.write_bytes(CREATING_FILE, b"")
+    other.write_bytes("zarr.json", b'{"zarr_format": 3, "node_type": "gr')
+    create_or_resume(other, make_spec())
+    assert open_store(other.url).n_cells == N
+
+
+def test_an_interrupted_replacement_is_finished_only_when_asked(tmp_path, monkeypatch):
+    location = StoreLocation.of(tmp_path / "s.zarr")
+    create_or_resume(location, make_spec())
+    write_chunk(location.url, chunk(1, np.random.default_rng(0)))
+    new = make_spec(dtype="float32")
+    with monkeypatch.context() as m:
+        m.setattr(
+            store_mod, "_creation_step", lambda name: (_ for _ in ()).throw(Cut(name)) if name == "marker" else None
+        )
+        with pytest.raises(Cut):
+            create_or_resume(location, new, overwrite=True)
+    before = tree(location)
+    # the old configuration does not silently delete what the interrupted replacement left
+    with pytest.raises(StoreConfigMismatchError, match=r"interrupted; .* --overwrite"):
+        create_or_resume(location, make_spec())
+    assert tree(location) == before
+    # the interrupted command (or --overwrite) finishes it
+    group, resumed = create_or_resume(location, new)
+    assert not resumed and pending_chunks(group).size == 5
+    assert open_store(location.url).attrs["config_hash"] == new.attrs["config_hash"]
