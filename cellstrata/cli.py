@@ -106,7 +106,10 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_extract(args: argparse.Namespace) -> int:
-    from .engine.pipeline import extract
+    from .engine.interrupts import during_startup
+
+    with during_startup():  # importing torch takes seconds; extract() guards its own start-up the same way
+        from .engine.pipeline import extract
 
     store = extract(
         args.input,
@@ -453,16 +456,27 @@ def _setup_logging(verbose: bool) -> None:
     log.propagate = False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``cellstrata`` command; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _parse_args(argv: list[str]) -> argparse.Namespace:
     if "bench" in argv and all(a.startswith("-") for a in argv[: argv.index("bench")]):
         # everything after 'bench' belongs to the benchmark script (argparse would take its --options)
         i = argv.index("bench")
         args = build_parser().parse_args([*argv[:i], "bench"])
         args.args = argv[i + 1 :]
-    else:
-        args = build_parser().parse_args(argv)
+        return args
+    return build_parser().parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cellstrata`` command; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from .engine.interrupts import StartupInterrupted, during_startup
+
+    try:
+        with during_startup():  # building the parser imports the probes (about a second): a signal says so
+            args = _parse_args(argv)
+    except StartupInterrupted as err:
+        print(f"cellstrata: {err}", file=sys.stderr)
+        return 128 + err.signum
     _setup_logging(args.verbose)
     try:
         return int(args.func(args))
@@ -470,10 +484,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cellstrata: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt as err:
-        print(
-            "cellstrata: interrupted; every committed chunk is kept — re-run the same command to resume",
-            file=sys.stderr,
-        )
+        from .engine.interrupts import StartupInterrupted
+
+        if isinstance(err, StartupInterrupted):  # before the run opened its store: nothing to resume
+            print(f"cellstrata: {err}", file=sys.stderr)
+        else:
+            print(
+                "cellstrata: interrupted; every committed chunk is kept — re-run the same command to resume",
+                file=sys.stderr,
+            )
         return 128 + getattr(err, "signum", signal.SIGINT)
 
 

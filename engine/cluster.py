@@ -94,6 +94,7 @@ def plan_task(settings: ExtractSettings) -> dict[str, Any]:
         "mapping": run.mapping,
         "device": str(run.device),
         "overflow_names": run.overflow_names,
+        "input_notes": run.input_notes,
     }
 
 
@@ -273,6 +274,8 @@ def run_on_cluster(
                 group, resumed = create_or_resume(location, spec, overwrite=overwrite)
                 pending = pending_chunks(group)
                 log_start(location, plan["mapping"], resumed=resumed, n_pending=len(pending), total=spec.n_chunks)
+                for note in plan["input_notes"]:
+                    log.warning("%s", note)
                 work = shards(pending, n_workers)
                 log.info(
                     "%d chunks in %d shards on %d Dask workers (%s)", len(pending), len(work), n_workers, plan["device"]

@@ -69,3 +69,34 @@ def graceful_stop() -> Iterator[StopRequest]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+class StartupInterrupted(Interrupted):
+    """A signal arrived during start-up (imports, opening the input, loading the model): nothing was written."""
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name} during start-up; nothing was written"
+
+
+@contextlib.contextmanager
+def during_startup() -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM raise :class:`StartupInterrupted` (the run's own handler comes later).
+
+    Without it SIGTERM would end the process silently while the input opens or the model loads. The
+    previous handlers are restored on exit. Outside the main thread nothing is installed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise StartupInterrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    for s in SIGNALS:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -28,7 +28,7 @@ from .. import kernels
 from .batching import iter_batches
 from .budget import auto_max_tokens
 from .errors import ConfigError
-from .interrupts import StopRequest, graceful_stop
+from .interrupts import StopRequest, during_startup, graceful_stop
 from .lease import Lease
 from .location import StoreLocation
 from .models import get_family
@@ -255,6 +255,7 @@ class Extraction:
             msg = f"chunk_cells must be >= 1, got {self.chunk_cells}"
             raise ConfigError(msg)
         self.mapping: GeneMapping = loaded.tokenizer.map_genes(list(source.gene_names))
+        self.input_notes = duplicate_notes(source, loaded.family)  # warned at the start of every run
         # Buffer layout: the kernel's distinct ops first (one launch writes them as a [P, B, H] view;
         # names that alias one op share its columns), then the custom poolings. Overflow counters
         # follow the same order.
@@ -336,7 +337,7 @@ class Extraction:
             chunk_cells=self.chunk_cells,
             n_cells=self.n_cells,
             empty_cells=self.empty_cells,
-            source=fp,
+            source={**fp, **duplicate_counts(self.source)},
             official_layer=self.loaded.official_layer,
             pool_backend=self.pool_backend,
             gene_overlap={
@@ -510,6 +511,8 @@ class Extraction:
                 log_start(
                     self.out, self.mapping, resumed=self.resumed, n_pending=len(pending), total=self.store_spec.n_chunks
                 )
+                for note in self.input_notes:
+                    log.warning("%s", note)
                 client, own_client = self.client, False
                 if client is None and len(pending):
                     client, own_client = _local_client(), True
@@ -589,6 +592,36 @@ class Extraction:
             attention=self.attention if self.attention == "padded" else f"packed ({self.varlen})",
             max_tokens=self.max_tokens,
         )
+
+
+# What each family's official tokenizer does with a gene identifier given by several input columns
+# (Geneformer's tokenizer warns itself, naming the duplicates and its rule).
+DUPLICATE_GENE_RULES = {
+    "scgpt": "each column is its own token with that gene's id, as scGPT's official tokenizer does",
+    "tahoe-x1": "each column is its own token with that gene's id, as Tahoe-X1's official tokenizer does",
+    "scfoundation": "only the first column of each is read, as scFoundation's official gene-list alignment does",
+}
+
+
+def duplicate_counts(source: CellSource) -> dict[str, int]:
+    """The store's record of repeated names: ``duplicate_obs_names`` / ``duplicate_var_names`` (extra entries)."""
+    cells, genes = source.duplicates()
+    return {"duplicate_obs_names": cells.extra, "duplicate_var_names": genes.extra}
+
+
+def duplicate_notes(source: CellSource, family: str) -> tuple[str, ...]:
+    """One warning line per kind of repeated name in the input (none when every name is unique)."""
+    cells, genes = source.duplicates()
+    notes = []
+    if cells:
+        notes.append(
+            f"{cells.describe('cell')}; every cell is extracted in input order and the store's obs_names repeat "
+            "them: make them unique (AnnData.obs_names_make_unique) to tell those cells apart by name"
+        )
+    rule = DUPLICATE_GENE_RULES.get(family)
+    if genes and rule is not None:
+        notes.append(f"{genes.describe('column')}; {rule} (identifiers outside the vocabulary are not read)")
+    return tuple(notes)
 
 
 def log_start(out: Any, mapping: GeneMapping, *, resumed: bool, n_pending: int, total: int) -> None:
@@ -868,7 +901,8 @@ def extract(
         from .cluster import run_on_cluster
 
         return run_on_cluster(settings, cluster, overwrite=overwrite, progress=progress, break_lock=break_lock)
-    run = settings.open(overwrite=overwrite, progress=progress, client=client, break_lock=break_lock)
+    with during_startup():  # a signal while the input opens or the model loads: one line, nothing written
+        run = settings.open(overwrite=overwrite, progress=progress, client=client, break_lock=break_lock)
     try:
         return run.run()
     finally:

@@ -15,6 +15,7 @@ Only :mod:`engine.writer` writes data chunks; this module creates stores and rea
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -33,7 +34,13 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from .checksums import CHECKSUM, create_checksum_array
-from .errors import ConfigError, IncompleteStoreError, StoreConfigMismatchError, StoreError
+from .errors import (
+    ConfigError,
+    IncompleteStoreError,
+    IncompleteStoreWarning,
+    StoreConfigMismatchError,
+    StoreError,
+)
 from .lease import LEASE_NODE, check_lease_folder
 from .location import StoreLocation
 
@@ -102,6 +109,10 @@ class StoreSpec:
         return sum(stop - start for start, stop in map(self.chunk_bounds, chunks))
 
 
+# Source attributes recorded but not hashed: the path, and the counts of repeated names (the names
+# themselves are hashed; stores written before the counts existed keep their hash).
+SOURCE_UNHASHED = ("path", "duplicate_obs_names", "duplicate_var_names")
+
 LAYER_INDEX = "0 = embedding output; k = output of block k (1-based), before any final norm"
 
 
@@ -127,7 +138,8 @@ def store_attributes(
 
     The hash covers what changes the stored numbers: the model without its checkpoint path, the
     tokenizer, the pooling ops, the layout, dtype, precision, chunking, cell count, empty-cell policy
-    and the source without its path. ``extra`` keys are recorded but not hashed.
+    and the source without its path and repeated-name counts (:data:`SOURCE_UNHASHED`). ``extra`` keys are
+    recorded but not hashed.
     """
     numbers = {
         "format_version": FORMAT_VERSION,
@@ -140,7 +152,7 @@ def store_attributes(
         "chunk_cells": chunk_cells,
         "n_cells": n_cells,
         "empty_cells": empty_cells,
-        "source": {k: v for k, v in source.items() if k != "path"},
+        "source": {k: v for k, v in source.items() if k not in SOURCE_UNHASHED},
     }
     return {
         "format_version": FORMAT_VERSION,
@@ -436,6 +448,7 @@ class Store:
             msg = f"{self.path} is a zarr group but not a cellstrata store (no '{ATTR_KEY}' attribute)"
             raise StoreError(msg)
         self.attrs: dict[str, Any] = dict(self.group.attrs[ATTR_KEY])
+        self._warned: set[int] = set()  # committed-chunk counts already warned about
         version = self.attrs.get("format_version")
         if version != FORMAT_VERSION:
             msg = f"{self.path} has store format {version}; this cellstrata reads format {FORMAT_VERSION}"
@@ -462,8 +475,37 @@ class Store:
         return np.asarray(self.group["done"][:])
 
     @property
-    def is_complete(self) -> bool:
+    def complete(self) -> bool:
+        """Whether every cell chunk is committed, read from the ``done`` flags now (a store being written
+        changes); a reader trusts only committed chunks."""
         return bool(self.done.all())
+
+    @property
+    def is_complete(self) -> bool:
+        """Same as :attr:`complete`."""
+        return self.complete
+
+    @property
+    def committed(self) -> np.ndarray:
+        """Boolean mask ``[N]`` of the cells whose chunk is committed (``done[c] == 1``), read now."""
+        return self._cells_of(self.done)
+
+    def _cells_of(self, done: np.ndarray) -> np.ndarray:
+        return np.repeat(np.asarray(done, dtype=bool), self.chunk_cells)[: self.n_cells]
+
+    def _warn_incomplete(self, done: np.ndarray) -> None:
+        """Warn once per store object and state that uncommitted cells read as NaN."""
+        n_done = int(np.count_nonzero(done))
+        if n_done in self._warned:
+            return
+        self._warned.add(n_done)
+        cells = int(self._cells_of(done).sum())
+        msg = (
+            f"{self.path} is incomplete: {n_done} of {done.size} cell chunks ({cells} of {self.n_cells} cells) "
+            f"are committed; the other {self.n_cells - cells} cells read as NaN. Re-run the same extract command "
+            "to finish it, or pass committed_only=True to read the committed cells only (Store.committed is their mask)"
+        )
+        warnings.warn(msg, IncompleteStoreWarning, stacklevel=3)
 
     def require_complete(self) -> None:
         """Raise :class:`IncompleteStoreError` unless every chunk is committed."""
@@ -475,14 +517,48 @@ class Store:
             )
             raise IncompleteStoreError(msg)
 
-    def layers(self, pooling: str) -> Any:
-        """Dask array ``[L+1, N, W]`` of one pooling (lazy; reads only the chunks you compute)."""
+    def layers(self, pooling: str, *, committed_only: bool = False) -> Any:
+        """Dask array ``[L+1, N, W]`` of one pooling (lazy; reads only the chunks you compute).
+
+        On an incomplete store (interrupted, or still being written) the cells of uncommitted chunks read
+        as NaN, without reading those chunks, and an :class:`~.errors.IncompleteStoreWarning` says how many
+        are committed; the ``done`` flags are read once, at this call. ``committed_only=True`` returns
+        ``[L+1, n, W]`` with the committed cells only (in store order; :attr:`committed` is their mask).
+        """
+        arr = self._pooled(pooling)
+        done = self.done
+        if done.all():
+            return arr
+        if committed_only:
+            return arr[:, self._cells_of(done)]
+        self._warn_incomplete(done)
+        return self._nan_uncommitted(arr, done)
+
+    def _pooled(self, pooling: str) -> Any:
         import dask.array as da
 
         if pooling not in self.poolings:
             msg = f"pooling {pooling!r} is not in {self.path}; it has {', '.join(self.poolings)}"
             raise StoreError(msg)
         return da.from_zarr(self.group["pooled"][pooling])
+
+    def _nan_uncommitted(self, arr: Any, done: np.ndarray) -> Any:
+        """``arr`` with the cells of uncommitted chunks as NaN: committed runs are slices of ``arr``, the others
+        lazy NaN blocks on the same chunk grid, so uncommitted chunks are never read."""
+        import dask.array as da
+
+        c, n = self.chunk_cells, self.n_cells
+        flags = np.asarray(done, dtype=bool)
+        edges = [0, *(np.flatnonzero(np.diff(flags)) + 1).tolist(), flags.size]
+        pieces = []
+        for a, b in itertools.pairwise(edges):
+            lo, hi = a * c, min(b * c, n)
+            if flags[a]:
+                pieces.append(arr[:, lo:hi])
+            else:
+                shape = (arr.shape[0], hi - lo, arr.shape[2])
+                pieces.append(da.full(shape, np.nan, dtype=arr.dtype, chunks=(1, c, arr.shape[2])))
+        return da.concatenate(pieces, axis=1)
 
     def obs_names(self) -> np.ndarray:
         return np.asarray(self.group["obs_names"][:]).astype(object).astype(str)
@@ -514,10 +590,17 @@ class Store:
             out["genes_max"] = t.get("truncated_genes_max")
         return out
 
-    def to_xarray(self) -> Any:
-        """One ``xarray.Dataset`` with every pooling plus the per-cell arrays, lazily backed by dask."""
+    def to_xarray(self, *, committed_only: bool = False) -> Any:
+        """One ``xarray.Dataset`` with every pooling plus the per-cell arrays, lazily backed by dask.
+
+        The ``committed`` coordinate marks the cells of committed chunks. On an incomplete store the
+        poolings of the other cells read as NaN (their ``obs_names`` are empty, ``n_tokens`` 0) with an
+        :class:`~.errors.IncompleteStoreWarning`, as :meth:`layers`; ``committed_only=True`` keeps the
+        committed cells only.
+        """
         import xarray as xr
 
+        done = self.done
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             pooled = xr.open_zarr(self.path, group="pooled", consolidated=False)
@@ -525,8 +608,16 @@ class Store:
         ds = xr.merge(
             [pooled, cells.drop_vars(["done", "checksum"], errors="ignore")], compat="override", join="override"
         )
-        ds = ds.assign_coords(cell=self.obs_names(), layer=np.arange(self.n_layers + 1))
+        committed = self._cells_of(done)
+        ds = ds.assign_coords(cell=self.obs_names(), layer=np.arange(self.n_layers + 1), committed=("cell", committed))
         ds.attrs = {"cellstrata": json.dumps(self.attrs, default=str)}
+        if done.all():
+            return ds
+        if committed_only:
+            return ds.isel(cell=np.flatnonzero(committed))
+        self._warn_incomplete(done)
+        for name in self.poolings:
+            ds[name] = ds[name].copy(data=self._nan_uncommitted(self._pooled(name), done))
         return ds
 
     def summary(self) -> str:
