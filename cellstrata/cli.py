@@ -468,6 +468,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cellstrata`` command; returns the exit code."""
+    as_program = argv is None  # the console script and python -m: main's return ends the process
     argv = list(sys.argv[1:] if argv is None else argv)
     from .engine.interrupts import StartupInterrupted, during_startup
 
@@ -478,22 +479,54 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cellstrata: {err}", file=sys.stderr)
         return 128 + err.signum
     _setup_logging(args.verbose)
-    try:
-        return int(args.func(args))
-    except CellstrataError as err:
-        print(f"cellstrata: error: {err}", file=sys.stderr)
-        return err.exit_code
-    except KeyboardInterrupt as err:
+    from .engine.interrupts import command_signals
+    from .runlog import RunLog
+
+    # Library logs (Dask's failed tasks, shutdown chatter) and uncatchable exceptions are kept for the log
+    # file. Called in a Python process, main gives back the previous loggers, hooks and signal handlers
+    # however it returns; as the program, it keeps them to the end, so a signal or a library's message
+    # while the interpreter shuts down changes neither the exit status nor the output.
+    runlog = RunLog(argv, echo=args.verbose, dask=args.command in ("extract", "demo"), restore=not as_program)
+    with command_signals(restore=not as_program) as signals, runlog:
+        try:
+            try:
+                return int(args.func(args))
+            finally:
+                signals.settle()  # the exit status is decided: a signal now must not raise through the report
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as err:
+            return _report_failure(err, args, runlog)
+
+
+def _report_failure(err: BaseException, args: argparse.Namespace, runlog: Any) -> int:
+    """Print one line for ``err`` (naming the log file with the full trace, when there is one); the exit status."""
+    if isinstance(err, KeyboardInterrupt):
         from .engine.interrupts import StartupInterrupted
 
+        code = 128 + getattr(err, "signum", signal.SIGINT)
         if isinstance(err, StartupInterrupted):  # before the run opened its store: nothing to resume
-            print(f"cellstrata: {err}", file=sys.stderr)
+            line = f"cellstrata: {err}"
+        elif args.command in ("extract", "demo"):
+            line = "cellstrata: interrupted; every committed chunk is kept — re-run the same command to resume"
         else:
-            print(
-                "cellstrata: interrupted; every committed chunk is kept — re-run the same command to resume",
-                file=sys.stderr,
-            )
-        return 128 + getattr(err, "signum", signal.SIGINT)
+            line = "cellstrata: interrupted"
+        keep = runlog.has_problems  # where it stopped is no news; what went wrong meanwhile is
+    elif isinstance(err, CellstrataError):
+        code, line = err.exit_code, f"cellstrata: error: {err}"
+        # a user mistake is the whole story; an error caused by another one (an OSError, a worker's
+        # failure) or one accompanied by library errors has a trace worth keeping
+        keep = err.__cause__ is not None or runlog.has_problems
+    else:
+        first = (str(err).strip().splitlines() or [""])[0]
+        code = 1
+        line = f"cellstrata: error: unexpected {type(err).__name__}: {first}; please report it with the log file"
+        keep = True
+    if keep:
+        path, why = runlog.write(line, err)
+        line += f" (full trace: {path})" if path is not None else f" (the full trace could not be written: {why})"
+    print(line, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -77,13 +77,15 @@ class RunLog:
 
     ``echo`` (the CLI's ``--verbose``) also leaves the libraries' own handlers in place, so their records
     print as before; ``dask``: the command runs Dask (imported first, see :meth:`__enter__`). Everything is
-    restored when the block ends.
+    restored when the block ends, unless ``restore=False`` (the command is the whole process: what the
+    interpreter's shutdown logs is captured too, and dropped).
     """
 
-    def __init__(self, argv: Sequence[str], *, echo: bool = False, dask: bool = False):
+    def __init__(self, argv: Sequence[str], *, echo: bool = False, dask: bool = False, restore: bool = True):
         self.argv = list(argv)
         self.echo = echo
         self.dask = dask
+        self.restore = restore
         self.entries: collections.deque[tuple[int, str]] = collections.deque(maxlen=MAX_ENTRIES)
         self._handler = _Capture(self.entries)
         self._saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
@@ -107,6 +109,8 @@ class RunLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not self.restore:  # the command is the whole process: shutdown noise stays out of stderr too
+            return
         for logger, handlers, propagate in self._saved:
             logger.handlers[:] = handlers
             logger.propagate = propagate

@@ -42,6 +42,9 @@ SHARDS_PER_WORKER = 4  # enough shards to balance uneven workers, few enough to 
 MAX_SHARD_CHUNKS = 64
 WRITER_THREADS = 2
 TORCH_THREADS_ENV = "CELLSTRATA_TORCH_THREADS"
+# local worker processes print to the driver's stderr; a failed shard reaches the driver with its traceback
+# (reported in one line, the trace in the CLI's log file), so the workers' own logs are silenced
+QUIET_WORKERS = logging.CRITICAL
 
 # keyed by repr(settings) (option values need not be hashable); the lock runs one shard at a time per
 # loaded model: a worker with several threads (or threaded workers sharing this process) would otherwise
@@ -190,7 +193,7 @@ def connect(cluster: Any, device: str) -> tuple[Any, Callable[[], None]]:
                 log.info("dask-cuda is not installed: workers are spread over the GPUs by worker number")
             else:
                 with _worker_environment(max((os.cpu_count() or 1) // max(torch.cuda.device_count(), 1), 1)):
-                    lc = LocalCUDACluster(n_workers=n or None, threads_per_worker=1, silence_logs=logging.ERROR)
+                    lc = LocalCUDACluster(n_workers=n or None, threads_per_worker=1, silence_logs=QUIET_WORKERS)
                 client = Client(lc)
                 return client, _restoring(lambda: (client.close(), lc.close()), saved)
             n = n or max(torch.cuda.device_count(), 1)
@@ -202,7 +205,7 @@ def connect(cluster: Any, device: str) -> tuple[Any, Callable[[], None]]:
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=":0",
-                silence_logs=logging.ERROR,
+                silence_logs=QUIET_WORKERS,
                 env={TORCH_THREADS_ENV: str(threads)},
             )
         client = Client(lc)
