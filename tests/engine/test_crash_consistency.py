@@ -49,7 +49,7 @@ pytestmark = pytest.mark.slow
 N_CELLS, CHUNK = 160, 5  # 32 chunks: many commit points in about 1.5 s of extraction on 2 cores
 N_CHUNKS = -(-N_CELLS // CHUNK)
 SEED = 15
-# kills of each aim (34 in all): random delays over the whole run and over its start-up, the k-th file,
+# kills of each aim (34 in all): random instants over the whole run and within its start-up, the k-th file,
 # the k-th done flag, a delay after the last done flag
 N_RANDOM, N_STARTUP, N_FILES, N_DONE, N_COMMIT = 10, 4, 8, 6, 6
 PHASES = ("start-up", "store creation", "chunk writes", "final commit")
