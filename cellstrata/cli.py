@@ -159,12 +159,23 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from .engine.errors import ConfigError, StoreCorruptError
+    from .engine.errors import ConfigError, StoreCorruptError, StoreError
     from .engine.store import open_store
 
     if args.repair and not args.verify:
         raise ConfigError(f"--repair needs --verify: cellstrata info {args.store} --verify --repair")
-    store = open_store(args.store)
+    try:
+        store = open_store(args.store)
+    except StoreError:  # a damaged root zarr.json: --verify says what, --repair restores it
+        from .engine.metadata_backup import metadata_problem
+
+        problem = metadata_problem(args.store)
+        if problem is None:
+            raise
+        if not args.verify:
+            raise StoreCorruptError(problem) from None
+        print(f"store       {args.store}\nsummary     unavailable (damaged metadata: see below)")
+        return _verify(args)
     try:
         print(store.summary())
     except Exception as err:  # a deleted or unreadable array: --verify says which
@@ -177,6 +188,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"store       {args.store}\nsummary     unavailable ({type(err).__name__}: {err})")
     if not args.verify:
         return 0
+    return _verify(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .engine.errors import StoreCorruptError
     from .engine.verify import verify_store
 
     report = verify_store(args.store, repair=args.repair, progress=not args.quiet)

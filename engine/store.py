@@ -39,10 +39,12 @@ from .errors import (
     IncompleteStoreError,
     IncompleteStoreWarning,
     StoreConfigMismatchError,
+    StoreCorruptError,
     StoreError,
 )
 from .lease import LEASE_NODE, check_lease_folder
 from .location import StoreLocation
+from .metadata_backup import metadata_problem, write_backup
 
 FORMAT_VERSION = 1
 ATTR_KEY = "cellstrata"
@@ -293,6 +295,9 @@ def _inspect(location: StoreLocation) -> tuple[str, dict[str, Any] | None]:
         return "new", None
     if _is_store(location):
         return "store", None
+    problem = metadata_problem(location.url)  # a store whose root zarr.json is damaged: say so, change nothing
+    if problem is not None:
+        raise StoreCorruptError(problem)
     raise StoreError(_foreign(location))
 
 
@@ -330,6 +335,9 @@ def create_or_resume(
         group = location.open_group("r+")
         have = _hash_of(group)
         if have == want:
+            problem = metadata_problem(location.url)  # e.g. done/zarr.json cut short: say what to do
+            if problem is not None:
+                raise StoreCorruptError(problem)
             return group, True
         if not overwrite:
             old = dict(group.attrs[ATTR_KEY])
@@ -415,6 +423,7 @@ def _create(location: StoreLocation, spec: StoreSpec) -> zarr.Group:
     attrs.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), complete=False)
     group.attrs[ATTR_KEY] = attrs
     _creation_step("attributes")
+    write_backup(group)  # a copy of every zarr.json, from which --verify --repair restores a damaged one
     if (_marker_of(location) or {}).get("run") == run:  # the marker this creation wrote goes last
         location.remove_file(CREATING_FILE)
     _creation_step("created")
@@ -427,10 +436,11 @@ def pending_chunks(group: zarr.Group) -> np.ndarray:
 
 
 def update_attrs(group: zarr.Group, **values: Any) -> None:
-    """Merge ``values`` into the ``cellstrata`` attribute."""
+    """Merge ``values`` into the ``cellstrata`` attribute (and its copy in the metadata backup)."""
     attrs = dict(group.attrs[ATTR_KEY])
     attrs.update(values)
     group.attrs[ATTR_KEY] = attrs
+    write_backup(group)
 
 
 class Store:
@@ -442,6 +452,9 @@ class Store:
         try:
             self.group = self.location.open_group("r")
         except Exception as err:  # zarr raises several types for a non-store path
+            problem = metadata_problem(self.path)  # a store whose root zarr.json is damaged: what to do
+            if problem is not None:
+                raise StoreCorruptError(problem) from None
             msg = f"{self.path} is not a readable zarr store ({type(err).__name__}); check the path"
             raise StoreError(msg) from None
         if ATTR_KEY not in self.group.attrs:
