@@ -167,16 +167,24 @@ class RunLog:
     def write(self, message: str, err: BaseException | None) -> tuple[Path | None, str]:
         """Write the log to the first folder of :func:`log_dirs` that takes it: ``(path, "")`` or ``(None, why)``."""
         text = self.render(message, err)
-        name = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        stem = f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         reasons = []
         for folder in log_dirs():
-            path = folder / name
             created = False
             try:
                 folder.mkdir(parents=True, exist_ok=True)
-                with path.open("x", encoding="utf-8") as f:  # exclusive: never another file
+                for n in range(100):  # several failures in one second of one process: -1, -2, ...
+                    path = folder / (f"{stem}.log" if n == 0 else f"{stem}-{n}.log")
+                    try:
+                        f = path.open("x", encoding="utf-8")  # exclusive: never another file
+                    except FileExistsError:
+                        continue
                     created = True
-                    f.write(text)
+                    with f:
+                        f.write(text)
+                    break
+                else:
+                    raise FileExistsError(f"{folder / stem}*.log: 100 files exist")
             except OSError as exc:
                 reasons.append(f"{folder}: {exc.strerror or exc}")
                 if created:  # the partial file this call created (its disk is full)

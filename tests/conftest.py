@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -20,3 +21,12 @@ if not torch.cuda.is_available():
 # package of that name that ``transformers`` probes for; the tests import the installed package only.
 _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _command_logs(tmp_path_factory):
+    """Error logs of the ``cellstrata`` command go under the session's temp folder, not the user's state folder."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CELLSTRATA_LOG_DIR", str(tmp_path_factory.mktemp("cellstrata-logs")))
+    yield
+    patch.undo()

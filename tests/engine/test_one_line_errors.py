@@ -325,3 +325,13 @@ def test_run_log_restores_loggers_and_hooks():
         assert sys.unraisablehook is not hooks[0]
     assert {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in names} == before
     assert (sys.unraisablehook, threading.excepthook) == hooks
+
+
+def test_failures_in_the_same_second_get_their_own_logs(tmp_path, monkeypatch):
+    monkeypatch.setenv(LOG_DIR_ENV, str(tmp_path / "logs"))
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20260101-000000" if "%H" in fmt else "2026-01-01")
+    with RunLog(["extract"]) as runlog:
+        pass
+    paths = [runlog.write(f"cellstrata: error: {i}", None)[0] for i in range(3)]
+    assert len(set(paths)) == 3 and all(p.parent == tmp_path / "logs" for p in paths)
+    assert [p.read_text().count(f"error: {i}") for i, p in enumerate(paths)] == [1, 1, 1]
