@@ -326,8 +326,12 @@ def phase_left(run_dir: Path, out: Path, case: Case, arrays: list[str]) -> str:
     """
     if not files_under(run_dir):
         return "start-up"
-    created = {p.name for p in case.reference.iterdir()} | {"lease"}
-    if {p.name for p in run_dir.iterdir()} != {out.name} or not {p.name for p in out.iterdir()} <= created:
+
+    def names(folder: Path) -> set[str]:  # but zarr's *.partial files of writes the kill cut short
+        return {p.name for p in folder.iterdir() if not p.name.endswith(".partial")}
+
+    created = names(case.reference) | {"lease"}
+    if names(run_dir) != {out.name} or not names(out) <= created:
         return "store creation"
     try:
         attrs = json.loads((out / "zarr.json").read_text())["attributes"]["cellstrata"]
