@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import uuid
 import warnings
@@ -220,13 +221,32 @@ CREATING_PREFIX = b'{"cellstrata_creating": {"run": "'  # how every marker start
 STORE_NODES = ("pooled", "obs_names", "n_tokens", "truncated", "done", CHECKSUM, "probes", "metadata_backup")
 
 
-def owned_file(rel: str) -> bool:
+# zarr's local store writes each file as ``<stem>.<uuid4 hex>.partial`` and renames it into place; a kill
+# between the two leaves that temporary file behind (``zarr.json`` -> ``zarr.<hex>.partial``, chunk ``3``
+# -> ``3.<hex>.partial``).
+_PARTIAL_WRITE = re.compile(r"^(zarr|\d+)\.[0-9a-f]{32}\.partial$")
+
+
+def partial_write(rel: str) -> bool:
+    """Whether ``rel`` is a temporary file that zarr left when a write to a store file was cut short."""
+    head, _, name = rel.rpartition("/")
+    match = _PARTIAL_WRITE.match(name)
+    if match is None:
+        return False
+    stem = "zarr.json" if match.group(1) == "zarr" else match.group(1)
+    return owned_file(f"{head}/{stem}" if head else stem, partial=False)
+
+
+def owned_file(rel: str, *, partial: bool = True) -> bool:
     """Whether ``rel`` (a path inside a store) is one of the files a cellstrata store is made of.
 
     Those are the root ``zarr.json``, the creation marker and, under :data:`STORE_NODES`, each node's
-    ``zarr.json`` and its chunks (``c/<i>/<j>/...``). A replaced or recreated store deletes these and
-    nothing else: any other file in the folder is the user's.
+    ``zarr.json`` and its chunks (``c/<i>/<j>/...``), and (``partial``) zarr's temporary files of those
+    left by a cut-short write. A replaced or recreated store deletes these and nothing else: any other
+    file in the folder is the user's.
     """
+    if partial and partial_write(rel):
+        return True
     parts = rel.split("/")
     if rel in ("zarr.json", CREATING_FILE):
         return True
@@ -238,6 +258,17 @@ def owned_file(rel: str) -> bool:
         tail = parts[parts.index("c", 1) + 1 :]
         return all(t.isdigit() for t in tail)
     return False
+
+
+def _remove_partial_writes(location: StoreLocation) -> None:
+    """Delete the temporary files that zarr left in the store's own folders when a run was killed mid-write.
+
+    Only local folders have them (zarr's local store writes through a temporary file), and only files named
+    as zarr names them next to a file the store is made of are deleted; readers would otherwise warn about
+    an unrecognised object at every listing.
+    """
+    if location.is_local:
+        location.remove_files([rel for rel in location.files() if partial_write(rel)])
 
 
 def is_marker_bytes(raw: bytes) -> bool:
@@ -338,6 +369,7 @@ def create_or_resume(
             problem = metadata_problem(location.url)  # e.g. done/zarr.json cut short: say what to do
             if problem is not None:
                 raise StoreCorruptError(problem)
+            _remove_partial_writes(location)
             return group, True
         if not overwrite:
             old = dict(group.attrs[ATTR_KEY])

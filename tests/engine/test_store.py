@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -367,3 +368,41 @@ def test_an_interrupted_replacement_is_finished_only_when_asked(tmp_path, monkey
     group, resumed = create_or_resume(location, new)
     assert not resumed and pending_chunks(group).size == 5
     assert open_store(location.url).attrs["config_hash"] == new.attrs["config_hash"]
+
+
+def test_resume_deletes_the_temporary_files_of_cut_writes_and_nothing_else(tmp_path):
+    """A kill between zarr's temporary write and its rename leaves ``<stem>.<hex>.partial``; the next run removes it."""
+    path = tmp_path / "s.zarr"
+    create_or_resume(path, make_spec())
+    rng = np.random.default_rng(3)
+    for c in range(5):
+        write_chunk(str(path), chunk(c, rng))
+    hexes = iter(f"{i:032x}" for i in range(1, 100))
+    left = [
+        f"zarr.{next(hexes)}.partial",
+        f"done/c/3.{next(hexes)}.partial",
+        f"pooled/mean/zarr.{next(hexes)}.partial",
+        f"pooled/cls/c/2/1/0.{next(hexes)}.partial",
+    ]
+    user = [
+        f"notes/zarr.{next(hexes)}.partial",  # not a store node
+        "done/c/3.partial",  # not zarr's name
+        f"pooled/mean/c/0/0/0.{'x' * 32}.partial",
+    ]
+    for rel in left + user:
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_bytes(b"cut short")
+    with pytest.warns(UserWarning, match="partial"):
+        open_store(path).to_xarray()  # what a reader sees before the next run cleans up
+    before = {rel: (path / rel).read_bytes() for rel in ("done/c/3", "zarr.json", "pooled/mean/zarr.json")}
+    _, resumed = create_or_resume(path, make_spec())
+    assert resumed
+    assert [rel for rel in left if (path / rel).exists()] == []
+    assert all((path / rel).read_bytes() == b"cut short" for rel in user)
+    assert before == {rel: (path / rel).read_bytes() for rel in before}
+    for rel in user:
+        (path / rel).unlink()
+    (path / "notes").rmdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        open_store(path).to_xarray()
