@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine facts, load, process memory, worker processes, formatting.
+"""Helpers shared by the benchmark scripts: machine facts, load, process memory, worker processes, owned
+folders, formatting.
 
 The scripts run as ``python benchmarks/NAME.py``, so this folder is on ``sys.path`` and they import it as
 ``common``.
@@ -11,6 +12,8 @@ import json
 import os
 import platform
 import resource
+import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -198,7 +201,7 @@ def read_result(
         result = {"spec": spec, "ok": False, "error": failure or "no result written"}
     finally:
         for p in (spec_path, out_path):
-            p.unlink(missing_ok=True)
+            remove_owned(p)
     if failure and result.get("ok", False):
         result.update(ok=False, error=failure)
     if not result.get("ok"):
@@ -212,6 +215,87 @@ def worker_main(spec_path: str, worker: Callable[[dict[str, Any]], dict[str, Any
     result = worker(spec)
     Path(spec["result_path"]).write_text(json.dumps(result, default=json_default))
     return 0 if result.get("ok") else 1
+
+
+# ---------------------------------------------------------------------------------------------------- owned folders
+OWNED_MARKER = ".cellstrata-bench"
+_MARKER_HEAD = "cellstrata benchmark folder"
+
+
+class NotOwnedError(SystemExit):
+    """A path a benchmark would create or delete exists and was not made by a benchmark.
+
+    A ``SystemExit`` so that the script stops with this one line instead of a traceback.
+    """
+
+
+def _has_marker(folder: Path) -> bool:
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        return (folder / OWNED_MARKER).read_text().startswith(_MARKER_HEAD)
+    return False
+
+
+def is_owned(path: Path) -> bool:
+    """True when ``path`` or a folder above it carries the marker that :func:`make_owned_dir` writes.
+
+    Everything below a marked folder was put there by a benchmark; a folder without the marker, or a file
+    beside one, may be the user's.
+    """
+    path = Path(path).absolute()  # no symlinks resolved: a link is judged by where it sits
+    return any(_has_marker(p) for p in (path, *path.parents))
+
+
+def make_owned_dir(path: Path) -> Path:
+    """Create the folder ``path`` with the marker file in it; an owned or empty existing folder is (re)used.
+
+    Raises :class:`NotOwnedError` when ``path`` exists as a file, a link or a folder with files in it
+    that no benchmark made: nothing there is changed.
+    """
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise NotOwnedError(f"refusing to use {path}: it exists and is not a folder a benchmark made; nothing changed")
+    if path.is_dir():
+        if is_owned(path):
+            return path
+        if any(path.iterdir()):
+            raise NotOwnedError(
+                f"refusing to use {path}: it holds files that no benchmark made (no {OWNED_MARKER} file); "
+                "nothing changed: move it or pick another --workdir"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / OWNED_MARKER).write_text(f"{_MARKER_HEAD}\npid {os.getpid()}\ntoken {secrets.token_hex(8)}\n")
+    return path
+
+
+def make_temp_dir(prefix: str) -> Path:
+    """A new temporary folder, marked as owned so that :func:`remove_owned` may delete it."""
+    return make_owned_dir(Path(tempfile.mkdtemp(prefix=prefix)))
+
+
+def remove_owned(path: Path) -> bool:
+    """Delete ``path`` (a folder with everything in it, a file, or a link itself) when a benchmark owns it.
+
+    A path that is not owned (see :func:`is_owned`) is kept and one line says so. True when ``path`` is
+    gone afterwards (also when it was not there).
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return True
+    if not is_owned(path):
+        print(f"kept {path}: not made by a benchmark (no {OWNED_MARKER} file in it or above it)")
+        return False
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+    return not path.exists() and not path.is_symlink()
+
+
+def fresh_owned_dir(path: Path) -> Path:
+    """An empty owned folder at ``path``: an owned one there is deleted first, anything else is refused."""
+    if not remove_owned(path):
+        raise NotOwnedError(f"refusing to replace {path}: it is not a folder a benchmark made; nothing changed")
+    return make_owned_dir(path)
 
 
 # ---------------------------------------------------------------------------------------------------- report

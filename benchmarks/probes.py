@@ -50,7 +50,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -69,11 +68,14 @@ from common import (
     json_default,
     loadavg,
     machine_info,
+    make_owned_dir,
+    make_temp_dir,
     maxrss,
     mib,
     peak_rss,
     print_failure,
     read_result,
+    remove_owned,
     reset_peak_rss,
     rss_now,
     worker_main,
@@ -86,6 +88,9 @@ N_LAYERS = 12  # blocks; the store has N_LAYERS + 1 layers (0 = embedding output
 QUICK_LAYERS = 4
 WIDTH = 256
 DTYPE = "float16"
+# the benchmark's own (marked) folder inside --workdir: the stores, partial inputs and worker files; only
+# what carries the marker is ever deleted or overwritten (common.remove_owned)
+SCRATCH = "probes-work"
 POOLING = "mean"
 N_GENES = 2000
 GENES_PER_CELL = 50
@@ -190,6 +195,16 @@ class LayerModel:
         }
 
 
+def scratch_dir(work: Path) -> Path:
+    """The benchmark's own folder in ``work``, marked as such (see ``SCRATCH``)."""
+    return make_owned_dir(work / SCRATCH)
+
+
+def store_location(settings: BuildSettings, work: Path) -> Path:
+    """Where the store of ``settings`` lives: in the scratch folder, so its probe cache may be cleared."""
+    return work / SCRATCH / settings.store_name
+
+
 def build_h5ad(settings: BuildSettings, work: Path) -> tuple[Path, float, bool]:
     """The counts + annotations file (written to a partial name first, so a finished file is always whole)."""
     from cellstrata.engine.datasets import write_synthetic_h5ad
@@ -197,7 +212,8 @@ def build_h5ad(settings: BuildSettings, work: Path) -> tuple[Path, float, bool]:
     path = work / settings.h5ad_name
     if path.exists():
         return path, 0.0, False
-    partial = path.with_name(path.stem + ".partial.h5ad")
+    partial = scratch_dir(work) / (path.stem + ".partial.h5ad")
+    remove_owned(partial)  # a leftover of a cut-short run; always owned
     t0 = time.perf_counter()
     write_synthetic_h5ad(
         partial, settings.n_cells, n_genes=settings.n_genes, genes_per_cell=settings.genes_per_cell, seed=settings.seed
@@ -258,7 +274,7 @@ def build_store(settings: BuildSettings, h5ad: Path, work: Path) -> tuple[Path, 
     from cellstrata.engine.store import create_or_resume, open_store, pending_chunks, update_attrs
     from cellstrata.engine.writer import ChunkData, write_chunk
 
-    path = work / settings.store_name
+    path = scratch_dir(work) / settings.store_name
     source = open_source(h5ad)
     first = source.read(0, min(settings.n_cells, 4096)).X
     model = LayerModel(_read_var(h5ad), first, settings)
@@ -638,7 +654,7 @@ def measure_size(settings: BuildSettings, work: Path, tasks: list[str], args: ar
     single: dict[str, dict[str, Any]] = {}
     for name in tasks:
         spec = {**base, "tasks": [name], "layers": [layer], "n_jobs": 1, "cache": False}
-        r = run_worker(spec, work, timeout)
+        r = run_worker(spec, scratch_dir(work), timeout)
         single[name] = r
         _print_run(f"{name}, layer {layer}", r, name)
     size: dict[str, Any] = {
@@ -662,7 +678,7 @@ def measure_size(settings: BuildSettings, work: Path, tasks: list[str], args: ar
         if key == "cold":
             _clear_cache(store_path)
         spec = {**base, "tasks": good, "layers": layers, "n_jobs": n_jobs, "cache": cache}
-        r = run_worker(spec, work, timeout)
+        r = run_worker(spec, scratch_dir(work), timeout)
         size["total"][key] = r
         _print_run(TOTAL_RUNS[key], r, None)
     _clear_cache(store_path)
@@ -678,9 +694,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, dict[str, str]]:
 def _clear_cache(store_path: Path) -> None:
     from cellstrata.probes.runner import CACHE_GROUP
 
-    cache = store_path / CACHE_GROUP
-    if cache.exists():
-        shutil.rmtree(cache)
+    remove_owned(store_path / CACHE_GROUP)
 
 
 def _print_run(label: str, r: dict[str, Any], task: str | None) -> None:
@@ -742,7 +756,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--timeout", type=float, default=0, help="seconds per measurement, 0 = none (default 0)")
     ap.add_argument(
-        "--workdir", default=None, help="keep the inputs here and reuse them (default: a temp dir, removed)"
+        "--workdir",
+        default=None,
+        help=f"keep the inputs here and reuse them; the stores go to its {SCRATCH}/ (default: a temp dir, removed)",
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON and Markdown go")
@@ -782,10 +798,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: load average {load0} on {info['cpu_count']} CPUs: other work competes for the cores")
 
     own_work = args.workdir is None
-    work = Path(tempfile.mkdtemp(prefix="cellstrata-probes-")) if own_work else Path(args.workdir)
+    work = make_temp_dir("cellstrata-probes-") if own_work else Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     settings = [BuildSettings(n, n_layers, args.width, args.n_genes, args.genes_per_cell, args.seed) for n in sizes]
-    need = sum(estimate_disk(s) for s in settings if not (work / s.store_name).exists())
+    need = sum(estimate_disk(s) for s in settings if not store_location(s, work).exists())
     free = shutil.disk_usage(work).free
     print(f"work folder {work}: inputs need up to {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
     if need > free:
@@ -811,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
                 save(results, args, context, final=False)  # a long run that is cut short keeps what it measured
     finally:
         if own_work:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_owned(work)
     print()
     print(input_table(results))
     print(task_table(results))

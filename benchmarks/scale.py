@@ -82,11 +82,9 @@ import datetime as dt
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -105,11 +103,14 @@ from common import (
     json_default,
     loadavgs,
     machine_info,
+    make_owned_dir,
+    make_temp_dir,
     maxrss,
     mib,
     peak_rss,
     print_failure,
     read_result,
+    remove_owned,
     reset_peak_rss,
     rss_now,
     status_bytes,
@@ -140,6 +141,9 @@ N_GENES = 2000
 # that the forward pass (95% of the run), not per-cell Python, dominates
 GENES_PER_CELL = 50.0
 SEED = 0
+# the benchmark's own (marked) folder inside --workdir: the stores and partial inputs; only what carries
+# the marker is ever deleted (common.remove_owned), so a user's folder named like a store is left alone
+SCRATCH = "scale-work"
 CHILD_INTERVAL_S = 0.2
 COMPARE_ARRAYS = ("obs_names", "n_tokens", "truncated", "done")
 
@@ -159,6 +163,18 @@ def _cpu_s(who: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
+def scratch_dir(work: Path) -> Path:
+    """The benchmark's own folder in ``work`` (marked): partial inputs and the stores go there."""
+    return make_owned_dir(work / SCRATCH)
+
+
+def partial_path(work: Path, name: str) -> Path:
+    """Where the input ``name`` is written before it is renamed into ``work``: free, inside the scratch folder."""
+    tmp = scratch_dir(work) / f"{name}.partial"
+    remove_owned(tmp)  # a leftover of a cut-short run; always owned
+    return tmp
+
+
 def build_checkpoint(work: Path) -> tuple[Path, float | None]:
     """The random tiny scGPT checkpoint (written once; ``init_checkpoint`` is deterministic per seed)."""
     from cellstrata.engine.models import get_family
@@ -167,8 +183,7 @@ def build_checkpoint(work: Path) -> tuple[Path, float | None]:
     if folder.exists():
         return folder, None
     t0 = time.perf_counter()
-    tmp = work / f".{folder.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = partial_path(work, folder.name)
     get_family(MODEL).init_checkpoint(PRESET, tmp, seed=SEED)
     tmp.rename(folder)
     return folder, time.perf_counter() - t0
@@ -181,7 +196,7 @@ def build_h5ad(n_cells: int, genes_per_cell: float, work: Path) -> tuple[Path, f
     path = work / f"cells-{n_cells}-g{genes_per_cell:g}-n{N_GENES}-seed{SEED}.h5ad"
     if path.exists():
         return path, None
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = partial_path(work, path.name)
     t0 = time.perf_counter()
     write_synthetic_h5ad(tmp, n_cells, N_GENES, genes_per_cell=genes_per_cell, seed=SEED)
     tmp.rename(path)
@@ -691,7 +706,8 @@ def measure_size(
         "identical": {},
     }
     timeout = args.timeout or None
-    reference = work / f"store-{n}-single.zarr"  # the first single-process store: what the others must equal
+    scratch = scratch_dir(work)
+    reference = scratch / f"store-{n}-single.zarr"  # the first single-process store: what the others must equal
     rounds = max(args.repeats, 1) if with_clusters else 1
     modes: list[tuple[str, str | None, dict[str, Any]]] = [("single", None, {})]
     if with_clusters:
@@ -702,8 +718,8 @@ def measure_size(
 
     def one(mode: str, cluster: str | None, config: dict[str, Any], i: int) -> dict[str, Any]:
         slug = "".join(ch if ch.isalnum() else "-" for ch in mode)
-        out = reference if mode == "single" and i == 0 else work / f"store-{n}-{slug}-{i + 1}.zarr"
-        shutil.rmtree(out, ignore_errors=True)
+        out = reference if mode == "single" and i == 0 else scratch / f"store-{n}-{slug}-{i + 1}.zarr"
+        remove_owned(out)
         spec = {
             "h5ad": str(h5ad),
             "checkpoint": str(checkpoint),
@@ -712,7 +728,7 @@ def measure_size(
             "dask_config": config,
             "n_cells": n,
         }
-        r = run_worker(spec, work, timeout)
+        r = run_worker(spec, scratch, timeout)
         r.update(mode=mode, round=i + 1)
         if out.exists():
             r["store_bytes"] = du(out)
@@ -729,7 +745,7 @@ def measure_size(
                     + ("" if cmp["identical"] else f" ({cmp})")
                 )
             if not args.keep:
-                shutil.rmtree(out, ignore_errors=True)
+                remove_owned(out)
         return r
 
     def summarise() -> None:
@@ -760,7 +776,7 @@ def measure_size(
                 on_result(size)
     finally:
         if not args.keep:
-            shutil.rmtree(reference, ignore_errors=True)
+            remove_owned(reference)
     return size
 
 
@@ -802,7 +818,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workdir",
         default=None,
-        help="keep the inputs (.h5ad per size, checkpoint) here and reuse them (default: a temp dir, removed)",
+        help=f"keep the inputs (.h5ad per size, checkpoint) here and reuse them; the stores go to its {SCRATCH}/\n"
+        "(default: a temp dir, removed)",
     )
     ap.add_argument("--keep", action="store_true", help="keep the stores (and a temporary work folder)")
     ap.add_argument(
@@ -852,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: load average {load0} on {info['cpu_count']} CPUs: other work competes for the cores")
 
     own_work = args.workdir is None
-    work = Path(tempfile.mkdtemp(prefix="cellstrata-scale-")) if own_work else Path(args.workdir)
+    work = make_temp_dir("cellstrata-scale-") if own_work else Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     checkpoint, ckpt_s = build_checkpoint(work)
     print(f"work folder {work}; checkpoint {checkpoint.name}" + (f" written in {ckpt_s:.1f} s" if ckpt_s else ""))
@@ -878,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure_size(n, n == cluster_size, work, checkpoint, args, on_result))
     finally:
         if own_work and not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+            remove_owned(work)
         elif args.keep:
             print(f"kept {work}")
     print()

@@ -58,16 +58,25 @@ import multiprocessing as mp
 import os
 import platform
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import RESULTS, git_commit, loadavg, maxrss, meminfo_gib, shell_out
+from common import (
+    RESULTS,
+    fresh_owned_dir,
+    git_commit,
+    loadavg,
+    make_owned_dir,
+    make_temp_dir,
+    maxrss,
+    meminfo_gib,
+    remove_owned,
+    shell_out,
+)
 from roofline import flop_shape, forward_flops, utilisation
 
 VARIANTS = ("forward", "cellstrata", "peers", "official")
@@ -807,7 +816,7 @@ def worker(spec_path: str) -> None:
     variant, work = spec["variant"], Path(spec["work"])
     warm_out = str(work / (f"warmup-{variant}" + (".zarr" if variant == "cellstrata" else "")))
     for old in (Path(warm_out), Path(spec["out"])):  # an existing store would be resumed: start empty
-        shutil.rmtree(old, ignore_errors=True)
+        remove_owned(old)
     gpu = spec["device"] != "cpu" and torch.cuda.is_available()
     t0 = time.perf_counter()
     loaded = load_model(spec)
@@ -816,7 +825,7 @@ def worker(spec_path: str) -> None:
     t1 = time.perf_counter()
     if spec["warmup_cells"]:
         _run(variant, spec, loaded, spec["warmup_h5ad"], int(spec["warmup_cells"]), warm_out)
-        shutil.rmtree(warm_out, ignore_errors=True)
+        remove_owned(Path(warm_out))
     warm_s = time.perf_counter() - t1
     sweep = None
     if variant == "peers" and spec.get("peer_sweep"):
@@ -948,7 +957,7 @@ def run_variant(ctx: Any, variant: str, base: dict[str, Any], work: Path) -> dic
     spec["work"] = str(work)
     spec_path = work / f"{variant}-spec.json"
     spec_path.write_text(json.dumps(spec, indent=2))
-    Path(spec["result"]).unlink(missing_ok=True)
+    remove_owned(Path(spec["result"]))
     t0 = time.perf_counter()
     proc = ctx.Process(target=worker, args=(str(spec_path),), name=f"throughput-{variant}")
     proc.start()
@@ -1462,7 +1471,12 @@ def main(argv: list[str] | None = None) -> int:
         f"(default {MEM_FRACTION})",
     )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workdir", default=None, help="keep inputs and outputs here (default: a temporary folder)")
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help="keep inputs and outputs here: a new or empty folder, or one an earlier run made "
+        "(default: a temporary folder)",
+    )
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON and Markdown go")
     ap.add_argument("--no-save", action="store_true", help="print only")
     args = ap.parse_args(argv)
@@ -1497,8 +1511,8 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup_cells if args.warmup_cells is not None else (QUICK_WARMUP_CELLS if args.quick else WARMUP_CELLS)
     )
     own_tmp = args.workdir is None
-    root = Path(tempfile.mkdtemp(prefix="cellstrata-bench-")) if own_tmp else Path(args.workdir)
-    root.mkdir(parents=True, exist_ok=True)
+    # the work folder is marked as the benchmark's own: only then are the fixed names in it replaced
+    root = make_temp_dir("cellstrata-bench-") if own_tmp else make_owned_dir(Path(args.workdir))
     info = machine_info(device)
     mem_total = meminfo_gib("MemTotal") or float("inf")
     print(
@@ -1558,7 +1572,7 @@ def main(argv: list[str] | None = None) -> int:
             if fam == "geneformer" and any(f == fam and p == "v1-10m" for f, p, _ in selection):
                 v1 = get_family(fam).init_checkpoint("v1-10m", root / "ckpt-geneformer-v1-10m", seed=args.seed)
                 builder_checks.append(check_builder(fam, "v1-10m", v1, args.seed))
-                shutil.rmtree(v1, ignore_errors=True)
+                remove_owned(v1)
             verdict = ", ".join(
                 f"{bc['preset']} {'ok' if bc['ok'] else 'DIFFERS'}" for bc in builder_checks if bc["family"] == fam
             )
@@ -1646,10 +1660,7 @@ def main(argv: list[str] | None = None) -> int:
             if len(fits) > 1 and n >= 8:
                 budget = PEER_SWEEP_SECONDS / (2 if args.quick else 1)
                 sweep = {"candidates": fits, "cells": sweep_cells, "budget_s": budget}
-            work = root / f"{fam}-{preset}"
-            if work.exists():
-                shutil.rmtree(work)
-            work.mkdir(parents=True)
+            work = fresh_owned_dir(root / f"{fam}-{preset}")
             if gpu:  # the first cells of the same input: its real lengths and batch shapes
                 warm_h5ad = d["h5ad"]
                 warm_cells = (
@@ -1738,7 +1749,7 @@ def main(argv: list[str] | None = None) -> int:
             shapes.append(shape)
     finally:
         if own_tmp:
-            shutil.rmtree(root, ignore_errors=True)
+            remove_owned(root)
 
     total_s = time.perf_counter() - t_start
     table = summary_table(shapes)
