@@ -146,5 +146,7 @@ def test_throughput_refuses_a_workdir_of_user_files(tmp_path):
     work = tmp_path / "bench"
     files = user_folder(work / "scgpt-tiny")
     with pytest.raises(NotOwnedError, match="refusing to use"):
-        throughput.main(["--quick", "--models", "scgpt", "--presets", "scgpt=tiny", "--workdir", str(work), "--no-save"])
+        throughput.main(
+            ["--quick", "--models", "scgpt", "--presets", "scgpt=tiny", "--workdir", str(work), "--no-save"]
+        )
     assert tree(work) == {f"scgpt-tiny/{k}": v for k, v in files.items()}
