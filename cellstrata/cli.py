@@ -1,4 +1,4 @@
-"""The ``cellstrata`` command: extract, info, probe, init-checkpoint, demo, bench.
+"""The ``cellstrata`` command: extract, info, export, probe, init-checkpoint, demo, bench.
 
 User mistakes end with one line on stderr and a non-zero exit, never a traceback; an interrupted
 extraction keeps every committed chunk and says how to resume.
@@ -436,6 +436,59 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return subprocess.call([sys.executable, str(script), *rest])
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a store's layers into an AnnData's obsm (float32, matched by obs_names) as a new .h5ad",
+        description="Read --adata IN.h5ad, add obsm[KEY_L<layer>] for each of --layers of --pooling from STORE "
+        "(rows matched to IN's cells by obs_names) and the provenance in uns['cellstrata'][KEY], and write "
+        "OUT.h5ad. IN is never modified.",
+    )
+    p.add_argument("store", help="a store written by cellstrata extract")
+    p.add_argument("--adata", required=True, help="the .h5ad whose cells the store holds (read, never modified)")
+    p.add_argument("--layers", type=_layers_arg, default="all", help="comma-separated layer indices or 'all'")
+    p.add_argument("--pooling", help="one pooling of the store (needed when it has several)")
+    p.add_argument("--key", help="obsm key prefix (default X_<family>, e.g. X_scgpt -> X_scgpt_L7)")
+    p.add_argument("--out", required=True, help="the .h5ad to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-incomplete", action="store_true", help="export an incomplete store (missing cells NaN)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from .engine.errors import ConfigError, UnreadableInputError
+    from .engine.export import default_key
+    from .engine.store import open_store
+
+    src, out = Path(args.adata), Path(args.out)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise ConfigError(f"--out {out} is the --adata input; export never modifies its input: pick another --out")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it, or pick another --out")
+    store = open_store(args.store)
+    if not src.is_file():
+        raise UnreadableInputError(f"--adata {src} does not exist or is not a file; pass an .h5ad")
+    try:
+        adata = ad.read_h5ad(src)
+    except Exception as err:
+        raise UnreadableInputError(f"--adata {src} is not a readable .h5ad ({type(err).__name__})") from None
+    store.to_anndata(
+        adata, layers=args.layers, pooling=args.pooling, key=args.key, allow_incomplete=args.allow_incomplete
+    )
+    tmp = out.with_name(f".{out.name}.partial")  # a cut write leaves no half-written OUT
+    try:
+        adata.write_h5ad(tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    key = args.key or default_key(store)
+    keys = list(adata.uns["cellstrata"][key]["obsm_keys"])
+    print(f"wrote {out}: {adata.n_obs} cells, obsm {', '.join(keys)}; provenance in uns['cellstrata']['{key}']")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellstrata",
@@ -445,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_extract(sub)
     _add_info(sub)
+    _add_export(sub)
     _add_probe(sub)
     _add_init(sub)
     _add_demo(sub)

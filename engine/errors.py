@@ -37,6 +37,10 @@ class EmptyCellError(InputError):
     """A cell has no expressed gene in the model's vocabulary (with ``empty_cells='error'``)."""
 
 
+class CellMismatchError(InputError):
+    """A store's cells are not an AnnData's cells (different names, or repeated names that cannot be matched)."""
+
+
 class CheckpointError(CellstrataError):
     """A checkpoint folder is missing files, has missing or mis-shaped keys, or is not the model asked for."""
 

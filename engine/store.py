@@ -665,6 +665,24 @@ class Store:
             ds[name] = ds[name].copy(data=self._nan_uncommitted(self._pooled(name), done))
         return ds
 
+    def to_anndata(
+        self,
+        adata: Any,
+        *,
+        layers: int | str | Sequence[int] = "all",
+        pooling: str | None = None,
+        key: str | None = None,
+        allow_incomplete: bool = False,
+        copy: bool = False,
+    ) -> Any:
+        """Write ``layers`` of ``pooling`` into ``adata.obsm[f"{key}_L{layer}"]`` (float32, matched by
+        ``obs_names``) with provenance in ``adata.uns["cellstrata"][key]``; see :func:`.export.to_anndata`."""
+        from .export import to_anndata
+
+        return to_anndata(
+            self, adata, layers=layers, pooling=pooling, key=key, allow_incomplete=allow_incomplete, copy=copy
+        )
+
     def summary(self) -> str:
         """Human-readable description (what ``cellstrata info`` prints)."""
         a = self.attrs
