@@ -60,23 +60,29 @@ def is_random(store: dict[str, Any]) -> bool:
     return isinstance(w, dict) and w.get("weights") == "random"
 
 
+def answer_line(task: str, context: str, pooling: str, answer: str) -> str:
+    """One answer as the CLI prints it: ``task [context, pooling]: answer``."""
+    return f"{task} [{context}, {pooling}]: {answer}"
+
+
 def summary_markdown(results: ProbeResults, summary: pd.DataFrame) -> str:
-    """Markdown: the answers, a table per task, how to read them, the caps and settings that produced them."""
+    """Markdown: the one-line answers first, then the store, a table per task, how to read them, the caps and
+    settings that produced them."""
     s = results.store
-    lines = [
-        "# Layer-wise probe report",
+    random = " — RANDOM WEIGHTS" if is_random(s) else ""
+    lines = [f"# Layer-wise probe report{random}", "", "## Answers", ""]
+    for _, r in summary.iterrows():
+        lines.append(f"- {answer_line(r['task'], r['context'], r['pooling'], r['answer'])}")
+    lines += [
+        "",
+        "## Store",
         "",
         f"Store `{s['path']}`: {s['model']} ({s.get('preset') or 'custom'}), {s['n_layers']} blocks, "
         f"{s['n_cells']} cells. Layer 0 is the embedding output, layer k the output of block k (depth = k / "
         f"{s['n_layers']}); the model's own embedding layer is {s.get('official_layer')}.",
         "",
         weights_line(s),
-        "",
-        "## Answers",
-        "",
     ]
-    for _, r in summary.iterrows():
-        lines.append(f"- **{r['task']}** ({r['context']}, {r['pooling']}): {r['answer']}")
     lines += ["", "## Per task", ""]
     cols = [
         "context", "pooling", "metric", "best_layer", "n_candidates", "depth", "value", "ci_low", "ci_high",
@@ -143,55 +149,99 @@ def reading_notes(results: ProbeResults, summary: pd.DataFrame) -> list[str]:
     return [*out, ""]
 
 
+#: line styles of the contexts (solid, long dashes, dots, dash-dot-dot); the baseline is a thin grey dashed line
+#: and the chance level a grey dash-dotted one, so neither is mistaken for a context's coloured line
+CONTEXT_STYLES: list[Any] = ["-", (0, (6, 2)), (0, (1, 1.5)), (0, (5, 1.5, 1, 1.5, 1, 1.5))]
+CONTEXT_MARKERS = ["o", "s", "^", "D", "v", "P"]
+BASELINE_STYLE: Any = (0, (3, 3))
+CHANCE_STYLE = "-."
+PANEL_SIZE = (5.2, 3.8)  # inches per task panel
+LEGEND_WIDTH = 2.6  # inches right of the panels for the shared legend
+DPI = 130
+
+
+def figure_size(n_tasks: int) -> tuple[float, float]:
+    """The size in inches of ``layers.png``: up to 3 panels a row, the shared legend to their right."""
+    n = max(n_tasks, 1)
+    ncols = min(n, 3)
+    return PANEL_SIZE[0] * ncols + LEGEND_WIDTH, PANEL_SIZE[1] * math.ceil(n / ncols)
+
+
 def plot_layers(results: ProbeResults, summary: pd.DataFrame, path: str | Path) -> None:
-    """Each task's primary metric vs depth: one line per context and pooling, CI band, best layer starred,
-    the chance level dash-dotted, layers with constant features crossed at the bottom."""
+    """Write ``layers.png`` (:func:`layers_figure`) at 130 dpi."""
+    import matplotlib.pyplot as plt
+
+    fig = layers_figure(results, summary)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def layers_figure(results: ProbeResults, summary: pd.DataFrame) -> Any:
+    """Each task's primary metric vs depth, one panel per task: one colour per pooling and one line style (and
+    marker) per context, the same in every panel; CI bands, each line's best layer starred, the chance level grey
+    dash-dotted, the HVG-PCA baseline thin grey dashed (with the context's marker), layers with constant features
+    crossed at the bottom. One legend for the figure, right of the panels. Returns the matplotlib Figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     table = results.table
     tasks = list(dict.fromkeys(table["task"]))
+    layer_rows_all = table[table["pooling"] != BASELINE_POOLING]
+    contexts = list(dict.fromkeys(table["context"]))
+    poolings = list(dict.fromkeys(layer_rows_all["pooling"]))
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {p: palette[i % len(palette)] for i, p in enumerate(poolings)}
+    style = {c: CONTEXT_STYLES[i % len(CONTEXT_STYLES)] for i, c in enumerate(contexts)}
+    marker = {c: CONTEXT_MARKERS[i % len(CONTEXT_MARKERS)] for i, c in enumerate(contexts)}
+    several = len(contexts) > 1
+
     n = max(len(tasks), 1)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.8 * nrows), squeeze=False)
+    width, height = figure_size(n)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     L = results.n_layers
+    drawn = {"chance": False, "baseline": set(), "constant": False, "star": False}
     for ax, task in zip(axes.ravel(), tasks, strict=False):
         metric = results.primary[task]
         t = table[(table["task"] == task) & (table["metric"] == metric)]
         layer_rows = t[t["pooling"] != BASELINE_POOLING]
-        contexts = list(dict.fromkeys(layer_rows["context"]))
-        poolings = list(dict.fromkeys(layer_rows["pooling"]))
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        styles = ["-", "--", ":", "-."]
-        markers = ["o", "s", "^", "D"]
         for (context, pooling), g in layer_rows.groupby(["context", "pooling"], sort=False):
             g = g.sort_values("layer")
-            c = colors[contexts.index(context) % len(colors)]
-            k = poolings.index(pooling)
+            c = color[pooling]
             x = g["layer"].astype(float).to_numpy() / L
-            label = pooling if context == "all" else f"{context} · {pooling}"
-            ax.plot(x, g["value"], ls=styles[k % 4], marker=markers[k % 4], ms=3, color=c, label=label)
-            ax.fill_between(x, g["ci_low"].astype(float), g["ci_high"].astype(float), color=c, alpha=0.15, lw=0)
+            ax.plot(
+                x, g["value"], ls=style[context], marker=marker[context], ms=3, lw=1.4, color=c,
+                label=f"{context} · {pooling}",
+            )  # fmt: skip
+            ax.fill_between(x, g["ci_low"].astype(float), g["ci_high"].astype(float), color=c, alpha=0.08, lw=0)
             row = summary[(summary["task"] == task) & (summary["context"] == context) & (summary["pooling"] == pooling)]
-            if len(row):
+            if len(row) and np.isfinite(float(row.iloc[0]["value"])):
                 r = row.iloc[0]
-                ax.plot([r["depth"]], [r["value"]], marker="*", ms=14, color=c, mec="black", mew=0.6, zorder=5)
+                ax.plot(
+                    [r["depth"]], [r["value"]], marker="*", ms=13, color=c, mec="black", mew=0.6, ls="none",
+                    zorder=5, label="_best",
+                )  # fmt: skip
+                drawn["star"] = True
         if "chance" in layer_rows:
             chance = layer_rows.drop_duplicates("context")
             levels = chance["chance"].astype(float)
-            same = levels.notna().all() and levels.nunique() == 1
+            same = bool(levels.notna().all() and levels.nunique() == 1)
             for _, ch in chance.iterrows():
-                if not np.isfinite(float(ch["chance"])):
+                level = float(ch["chance"])
+                if not np.isfinite(level):
                     continue
-                c = "grey" if same else colors[contexts.index(ch["context"]) % len(colors)]
-                name = "chance" if same or ch["context"] == "all" else f"chance · {ch['context']}"
-                name += f" ({float(ch['chance']):.3g})"
-                ax.axhline(float(ch["chance"]), ls="-.", lw=1.0, color=c, alpha=0.8, label=name)
+                m = None if same or not several else marker[ch["context"]]
+                ax.axhline(level, ls=CHANCE_STYLE, lw=1.1, color="dimgrey", alpha=0.9, label="_chance")
+                if m is not None:
+                    ax.plot([1.0], [level], marker=m, ms=4, color="dimgrey", ls="none", clip_on=False,
+                            transform=ax.get_yaxis_transform(), label="_chance_marker")  # fmt: skip
+                drawn["chance"] = True
                 if same:
                     break
         if "constant_features" in layer_rows:
@@ -200,19 +250,65 @@ def plot_layers(results: ProbeResults, summary: pd.DataFrame, path: str | Path) 
                 xs = sorted(set(flat["layer"].astype(float) / L))
                 ax.plot(
                     xs, [0.03] * len(xs), ls="none", marker="x", ms=7, mew=1.5, color="crimson",
-                    transform=ax.get_xaxis_transform(), label="NaN: constant features",
+                    transform=ax.get_xaxis_transform(), label="_constant",
                 )  # fmt: skip
+                drawn["constant"] = True
         base = t[t["pooling"] == BASELINE_POOLING].drop_duplicates("context")
         for _, b in base.iterrows():
-            c = colors[contexts.index(b["context"]) % len(colors)] if b["context"] in contexts else "grey"
-            name = "HVG-PCA(50)" if b["context"] == "all" else f"HVG-PCA(50) · {b['context']}"
-            ax.axhline(float(b["value"]), ls=(0, (1, 2)), lw=1.2, color=c, label=name)
+            v = float(b["value"])
+            if not np.isfinite(v):
+                continue
+            ax.axhline(v, ls=BASELINE_STYLE, lw=0.9, color="grey", label="_baseline")
+            if several:
+                # the context's marker at both ends says whose baseline it is
+                ax.plot([0.0, 1.0], [v, v], marker=marker[b["context"]], ms=4, color="grey", ls="none",
+                        clip_on=False, transform=ax.get_yaxis_transform(), label="_baseline_marker")  # fmt: skip
+            drawn["baseline"].add(b["context"])
         ax.set_title(f"{task}: {metric}", fontsize=10)
         ax.set_xlabel(f"depth (layer / {L})")
         ax.set_ylabel(metric + ("" if t["higher_is_better"].all() else " (lower is better)"))
         ax.set_xlim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+
+    handles, labels = [], []
+
+    def header(text: str) -> None:
+        handles.append(Line2D([], [], ls="none"))
+        labels.append(text)
+
+    header("$\\bf{pooling}$ (colour)")
+    for p in poolings:
+        handles.append(Line2D([], [], color=color[p], lw=2.5))
+        labels.append(p)
+    header("$\\bf{context}$ (line, marker)")
+    for c in contexts:
+        handles.append(Line2D([], [], color="black", ls=style[c], marker=marker[c], ms=4, lw=1.4))
+        labels.append(c)
+    header("$\\bf{reference}$")
+    if drawn["star"]:
+        handles.append(Line2D([], [], marker="*", ms=11, color="white", mec="black", mew=0.8, ls="none"))
+        labels.append("best layer")
+    if drawn["chance"]:
+        handles.append(Line2D([], [], ls=CHANCE_STYLE, lw=1.1, color="dimgrey"))
+        labels.append("chance level")
+    if drawn["baseline"]:
+        if several:
+            for c in [c for c in contexts if c in drawn["baseline"]]:
+                handles.append(Line2D([], [], ls=BASELINE_STYLE, lw=0.9, color="grey", marker=marker[c], ms=4))
+                labels.append(f"HVG-PCA(50) · {c}")
+        else:
+            handles.append(Line2D([], [], ls=BASELINE_STYLE, lw=0.9, color="grey"))
+            labels.append("HVG-PCA(50) baseline")
+    if drawn["constant"]:
+        handles.append(Line2D([], [], marker="x", ms=7, mew=1.5, color="crimson", ls="none"))
+        labels.append("NaN: constant features")
+    handles.append(Line2D([], [], ls="none"))
+    labels.append("shaded: 95% CI")
+    legend_frac = LEGEND_WIDTH / width
+    fig.legend(
+        handles, labels, loc="center left", bbox_to_anchor=(1 - legend_frac + 0.01, 0.5), fontsize=8,
+        frameon=False, handlelength=3.2, borderaxespad=0.0,
+    )  # fmt: skip
     s = results.store
     weights = " — RANDOM WEIGHTS (init-checkpoint)" if is_random(s) else ""
     fig.suptitle(
@@ -220,9 +316,8 @@ def plot_layers(results: ProbeResults, summary: pd.DataFrame, path: str | Path) 
         fontsize=11,
         color="crimson" if weights else "black",
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    fig.tight_layout(rect=(0, 0, 1 - legend_frac, 1))
+    return fig
 
 
 def best_layers(summary: pd.DataFrame) -> dict[tuple[str, str, str], int]:

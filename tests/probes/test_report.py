@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 
 import numpy as np
@@ -13,7 +15,7 @@ from threadpoolctl import threadpool_limits
 from cellstrata.probes.celltype import CellTypeTask
 from cellstrata.probes.clustering import ClusteringTask
 from cellstrata.probes.confidence import percentile_ci, selection_adjusted
-from cellstrata.probes.report import best_layers, summary_markdown, write_report
+from cellstrata.probes.report import DPI, best_layers, figure_size, layers_figure, summary_markdown, write_report
 from cellstrata.probes.runner import BASELINE_POOLING, TABLE_COLUMNS, ProbeResults, probe
 from cellstrata.probes.summary import SUMMARY_COLUMNS, answer, format_layers, summarize
 
@@ -241,13 +243,14 @@ def test_write_report_on_hand_made_results(tmp_path):
     summary = summarize(res)
     text = paths["summary"].read_text()
     assert text.startswith("# Layer-wise probe report")
-    assert f"- **t** (all, p): {summary['answer'].iloc[0]}" in text
+    assert f"- t [all, p]: {summary['answer'].iloc[0]}" in text
     assert "### t" in text and '`t/all`: {"n_available": 120, "n_used": 100}' in text
     assert "Computed in 1.5 s (4 layer evaluations, 0 from the store's cache)" in text
     assert text == summary_markdown(res, summary)
     back = pd.read_csv(paths["summary_csv"])
     assert list(back.columns) == SUMMARY_COLUMNS and back["best_layer"].tolist() == [2]
-    check_png(paths["plot"], (round(3.8 * 130), round(5.2 * 130)))  # one task: one 5.2 x 3.8 in panel, 130 dpi
+    # one task: one 5.2 x 3.8 in panel and the legend's 2.6 in to its right, 130 dpi
+    check_png(paths["plot"], (round(3.8 * 130), round((5.2 + 2.6) * 130)))
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +271,149 @@ def test_write_report_on_a_probe_run(probed, tmp_path):
     assert "### cell_type" in text and "### clustering" in text
     assert f"{N_LAYERS} blocks, {probed.store['n_cells']} cells" in text
     assert '"resolutions": [0.5, 1.0]' in text  # the settings that produced the numbers
-    # two tasks side by side: 2 x 5.2 in wide, 3.8 in high, at 130 dpi
-    check_png(paths["plot"], (round(3.8 * 130), round(2 * 5.2 * 130)))
+    # two tasks side by side: 2 x 5.2 in wide plus the legend's 2.6 in, 3.8 in high, at 130 dpi
+    check_png(paths["plot"], (round(3.8 * 130), round((2 * 5.2 + 2.6) * 130)))
     assert math.isclose(summary["depth"].iloc[0], BEST / N_LAYERS)
+
+
+# --------------------------------------------------------------------------------------------------
+# layers.png read at a glance: 3 contexts x 4 poolings
+# --------------------------------------------------------------------------------------------------
+
+GRID_CONTEXTS = ["T_cell", "B_cell", "monocyte"]
+GRID_POOLINGS = ["cls", "mean", "max", "x"]
+GRID_TASKS = {"cell_type": ("macro_f1", True, 0.25), "clustering": ("leiden_ari", True, 0.0)}
+
+
+def grid_results(n_layers: int = 12, B: int = 60) -> ProbeResults:
+    """Hand-made results: 2 tasks x 3 contexts x 4 poolings, each series peaking at a different depth."""
+    rng = np.random.default_rng(0)
+    rows, replicates = [], {}
+    L = n_layers
+    depth = np.arange(L + 1) / L
+    for ti, (task, (metric, higher, chance)) in enumerate(GRID_TASKS.items()):
+        for ci, context in enumerate(GRID_CONTEXTS):
+            for pi, pooling in enumerate(GRID_POOLINGS):
+                peak = 0.3 + 0.15 * pi + 0.05 * ci
+                values = 0.45 + 0.1 * ti + 0.05 * ci + 0.3 * np.exp(-(((depth - peak) / 0.25) ** 2)) - 0.03 * pi
+                reps = paired_reps(list(values), B=B, seed=100 * ti + 10 * ci + pi)
+                replicates[(task, context, pooling, metric)] = reps
+                for layer, v in enumerate(values):
+                    lo, hi = percentile_ci(reps[layer], center=v)
+                    rows.append(
+                        {
+                            "task": task, "context": context, "pooling": pooling, "layer": layer,
+                            "depth": layer / L, "metric": metric, "value": float(v), "ci_low": lo, "ci_high": hi,
+                            "n_cells": 100, "features": "std", "higher_is_better": higher,
+                            "baseline": 0.6 + 0.05 * ci, "chance": chance + 0.02 * ci * (task == "cell_type"),
+                            "final_value": float(values[-1]), "constant_features": 0,
+                        }
+                    )  # fmt: skip
+            base = 0.6 + 0.05 * ci + 0.02 * rng.standard_normal()
+            rows.append(
+                {
+                    "task": task, "context": context, "pooling": BASELINE_POOLING, "layer": None, "depth": None,
+                    "metric": metric, "value": base, "ci_low": base - 0.03, "ci_high": base + 0.03, "n_cells": 100,
+                    "features": "std", "higher_is_better": higher,
+                }
+            )  # fmt: skip
+    table = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    table["layer"] = table["layer"].astype("Int64")
+    store = {"path": "/x.zarr", "model": "scgpt", "preset": "tiny", "n_layers": L, "official_layer": L}
+    return ProbeResults(
+        table=table,
+        replicates=replicates,
+        layers=list(range(L + 1)),
+        n_layers=L,
+        primary={task: m for task, (m, _, _) in GRID_TASKS.items()},
+        higher_is_better={(task, m): h for task, (m, h, _) in GRID_TASKS.items()},
+        caps={},
+        settings={},
+        store={**store, "n_cells": 300},
+        timings={},
+    )
+
+
+def dashes(line) -> tuple:
+    """A line's dash pattern (``get_linestyle`` says "--" for every custom pattern)."""
+    offset, pattern = line._unscaled_dash_pattern
+    return (float(offset), tuple(float(x) for x in pattern) if pattern else None)
+
+
+def test_layers_figure_colour_per_pooling_style_per_context_legend_outside():
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    res = grid_results()
+    summary = summarize(res)
+    fig = layers_figure(res, summary)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        assert [ax.get_title() for ax in axes] == ["cell_type: macro_f1", "clustering: leiden_ari"]  # one per task
+        colours: dict[str, set[str]] = {}
+        styles: dict[str, set[str]] = {}
+        for ax in axes:
+            series = [ln for ln in ax.get_lines() if " · " in ln.get_label()]
+            assert len(series) == len(GRID_CONTEXTS) * len(GRID_POOLINGS)
+            for ln in series:
+                context, pooling = ln.get_label().split(" · ")
+                colours.setdefault(pooling, set()).add(to_hex(ln.get_color()))
+                styles.setdefault(context, set()).add((dashes(ln), ln.get_marker()))
+            # each line's best layer starred
+            stars = [ln for ln in ax.get_lines() if ln.get_marker() == "*"]
+            assert len(stars) == len(series)
+            # the chance level (dash-dotted) and the HVG-PCA baselines (one per context, dashed grey)
+            assert any(ln.get_label() == "_chance" and ln.get_linestyle() == "-." for ln in ax.get_lines())
+            baselines = [ln for ln in ax.get_lines() if ln.get_label() == "_baseline"]
+            assert len(baselines) == len(GRID_CONTEXTS)
+            assert all(ln.get_linestyle() == "--" and to_hex(ln.get_color()) == to_hex("grey") for ln in baselines)
+            # neither is drawn like a context's line
+            reference = {dashes(ln) for ln in ax.get_lines() if ln.get_label() in ("_chance", "_baseline")}
+            assert not reference & {dashes(ln) for ln in series}
+        # one colour per pooling (the same in every context and panel), all different
+        assert all(len(c) == 1 for c in colours.values()) and len(set().union(*colours.values())) == 4
+        # one line style and marker per context, all different
+        assert all(len(s) == 1 for s in styles.values()) and len(set().union(*styles.values())) == 3
+        # one legend for the figure, outside every panel
+        assert all(ax.get_legend() is None for ax in axes)
+        assert len(fig.legends) == 1
+        legend = fig.legends[0]
+        box = legend.get_window_extent(renderer)
+        for ax in axes:
+            assert not box.overlaps(ax.get_window_extent(renderer))
+        assert box.x1 <= fig.bbox.x1 + 1  # and inside the figure
+        texts = [t.get_text() for t in legend.get_texts()]
+        for name in [*GRID_POOLINGS, *GRID_CONTEXTS, "best layer", "chance level"]:
+            assert texts.count(name) == 1
+        assert all(texts.count(f"HVG-PCA(50) · {c}") == 1 for c in GRID_CONTEXTS)
+        assert "RANDOM" not in fig._suptitle.get_text()
+    finally:
+        plt.close(fig)
+    res.store["weights"] = {"weights": "random", "seed": 0}
+    fig = layers_figure(res, summary)
+    try:
+        assert "RANDOM WEIGHTS" in fig._suptitle.get_text()
+    finally:
+        plt.close(fig)
+
+
+def test_summary_md_opens_with_the_answers(tmp_path):
+    from cellstrata.cli import print_answers
+
+    res = grid_results()
+    summary = summarize(res)
+    paths = write_report(res, tmp_path)
+    lines = [ln for ln in paths["summary"].read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    n = len(GRID_TASKS) * len(GRID_CONTEXTS) * len(GRID_POOLINGS)
+    assert len(summary) == n
+    # the first lines after the titles are the CLI's one-line answers, in the summary's order
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        print_answers(summary)
+    assert lines[:n] == [f"- {ln}" for ln in printed.getvalue().splitlines()]
+    assert lines[n].startswith("Store `/x.zarr`")
+    w, h = figure_size(len(GRID_TASKS))
+    check_png(paths["plot"], (round(h * DPI), round(w * DPI)))
+    res.store["weights"] = {"weights": "random", "seed": 0}
+    assert summary_markdown(res, summary).startswith("# Layer-wise probe report — RANDOM WEIGHTS\n\n## Answers\n")
