@@ -167,3 +167,64 @@ def test_cli_writes_an_h5ad_that_reads_back(store, h5ad, tmp_path, capsys):
     assert main(same) == 2
     assert "never modifies its input" in capsys.readouterr().err
     assert h5ad.read_bytes() == before
+
+
+def test_only_the_requested_layers_are_read(store, adata, monkeypatch):
+    pooled = store.group["pooled"]["cls"]
+    read: set[int] = set()
+    original = type(pooled).__getitem__
+
+    def recording(self, index):
+        if self.path == pooled.path and isinstance(index, tuple):
+            layer = index[0]
+            read.update(range(*layer.indices(self.shape[0])) if isinstance(layer, slice) else [int(layer)])
+        return original(self, index)
+
+    monkeypatch.setattr(type(pooled), "__getitem__", recording)
+    store.to_anndata(adata.copy(), layers=[1, 3], pooling="cls")
+    assert read == {1, 3}
+
+
+def test_store_to_umap_before_and_after(store, h5ad):
+    """The README's "store -> UMAP coloured by cell type", by hand (before) and with to_anndata (after)."""
+    pytest.importorskip("scanpy")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    path = str(store.path)
+
+    # before: 15 statements of user code (no provenance recorded)
+    import numpy as np
+    import pandas as pd
+    import scanpy as sc
+
+    import cellstrata as cs
+
+    adata = sc.read_h5ad(h5ad)
+    store = cs.open_store(path)
+    store.require_complete()
+    names = pd.Index(store.obs_names())
+    if names.has_duplicates or adata.obs_names.has_duplicates or set(names) != set(adata.obs_names):
+        raise ValueError("the store's cells are not the AnnData's cells")
+    adata.obsm["X_scgpt_L2"] = np.asarray(store.layers("cls")[2].compute(), np.float32)[
+        names.get_indexer(adata.obs_names)
+    ]
+    sc.pp.neighbors(adata, use_rep="X_scgpt_L2")
+    sc.tl.umap(adata)
+    sc.pl.umap(adata, color="cell_type", show=False)
+    before = adata
+
+    # after: 7 statements of user code
+    import scanpy as sc
+
+    import cellstrata as cs
+
+    adata = sc.read_h5ad(h5ad)
+    cs.open_store(path).to_anndata(adata, layers=[2], pooling="cls")
+    sc.pp.neighbors(adata, use_rep="X_scgpt_L2")
+    sc.tl.umap(adata)
+    sc.pl.umap(adata, color="cell_type", show=False)
+
+    np.testing.assert_array_equal(adata.obsm["X_scgpt_L2"], before.obsm["X_scgpt_L2"])
+    assert adata.obsm["X_umap"].shape == (N_CELLS, 2)
+    matplotlib.pyplot.close("all")
