@@ -6,6 +6,7 @@ store = cs.extract("atlas.h5ad", model="scgpt", checkpoint="scGPT_human", out="r
 store = cs.open_store("run.zarr")
 store.layers("mean")   # dask array [L+1, N, H]
 store.to_xarray()
+store.to_anndata(adata, layers=[7, 12], pooling="cls")   # adata.obsm["X_scgpt_L7"], ["X_scgpt_L12"] (float32)
 res = cs.probe("run.zarr", "atlas.h5ad", tasks)   # which layer is best, per task and cell state (cellstrata.probes)
 ```
 """
