@@ -81,7 +81,7 @@ def _write_json(root: StorePath, key: str, meta: dict[str, Any]) -> None:
 
 
 def expected_nodes(attrs: dict[str, Any], *, checksums: bool = True) -> list[str]:
-    """The store's nodes besides the root (DESIGN section 3), from its ``cellstrata`` attribute."""
+    """The store's nodes besides the root (docs/design.md section 3), from its ``cellstrata`` attribute."""
     nodes = ["pooled", *(f"pooled/{name}" for name in attrs.get("poolings", []))]
     nodes += ["obs_names", "n_tokens", "truncated", "done"]
     return [*nodes, "checksum"] if checksums else nodes

@@ -1,4 +1,4 @@
-"""The store format (DESIGN section 3): create, validate, resume, read back.
+"""The store format (docs/design.md section 3): create, validate, resume, read back.
 
 A store is a zarr v3 group:
 

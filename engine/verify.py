@@ -1,6 +1,6 @@
 """Check a store against its checksums: find tampered, deleted or undecodable chunks, optionally reset them.
 
-:func:`verify_store` checks the structure (every array of DESIGN section 3 exists with its shape,
+:func:`verify_store` checks the structure (every array of docs/design.md section 3 exists with its shape,
 dtype and chunking), then reads every committed cell chunk back part by part (one pooling layer at
 a time, a few chunks in parallel) and compares each part's digest with the one the writer recorded
 (:mod:`engine.checksums`). ``repair=True`` sets ``done[c] = 0`` for every damaged chunk, so the same

@@ -1,4 +1,4 @@
-"""Layer-wise probes over extracted stores (DESIGN.md section 7): which layer is best for which task.
+"""Layer-wise probes over extracted stores (docs/design.md section 7): which layer is best for which task.
 
 ```python
 import cellstrata as cs
