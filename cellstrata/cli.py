@@ -289,9 +289,11 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def print_answers(summary: Any) -> None:
-    """Print the summary's one-line answers, one per task, context and pooling."""
+    """Print the summary's one-line answers, one per task, context and pooling (as ``summary.md`` lists them)."""
+    from .probes.report import answer_line
+
     for r in summary.itertuples():
-        print(f"{r.task} [{r.context}, {r.pooling}]: {r.answer}")
+        print(answer_line(r.task, r.context, r.pooling, r.answer))
 
 
 def _add_init(sub: argparse._SubParsersAction) -> None:
