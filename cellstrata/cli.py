@@ -40,7 +40,11 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", help="an .h5ad file or an AnnData .zarr folder")
     p.add_argument("--model", required=True, help="model family: scgpt, tahoe-x1, scfoundation, geneformer")
-    p.add_argument("--checkpoint", help="the official checkpoint folder (see README)")
+    p.add_argument(
+        "--checkpoint",
+        help="the official checkpoint folder, or hf:ORG/REPO[/SUBFOLDER][@REVISION] from the Hugging Face hub "
+        "(Geneformer, Tahoe-X1; uses the hub cache and HF_HUB_OFFLINE; see README)",
+    )
     p.add_argument("--out", required=True, help="the store to write: a .zarr folder or a URL (s3://, gs://, ...)")
     p.add_argument(
         "--pool", type=_csv, default=None, help="poolings, comma-separated, or 'all' (default: the model's own)"
@@ -137,7 +141,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         cluster=args.cluster,
         break_lock=args.break_lock,
     )
-    print(store.summary())
+    print(_summary(store))
     return 0
 
 
@@ -156,6 +160,14 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_info)
+
+
+def _summary(store: Any) -> str:
+    """``store.summary()`` and, for a checkpoint named on the Hugging Face hub, where it came from."""
+    from .engine.hub import describe_hub
+
+    hub = describe_hub(store.attrs)
+    return store.summary() + (f"\n{hub}" if hub else "")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -177,7 +189,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"store       {args.store}\nsummary     unavailable (damaged metadata: see below)")
         return _verify(args)
     try:
-        print(store.summary())
+        print(_summary(store))
     except Exception as err:  # a deleted or unreadable array: --verify says which
         if not args.verify:
             msg = (

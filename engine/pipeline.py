@@ -28,6 +28,7 @@ from .. import kernels
 from .batching import iter_batches
 from .budget import auto_max_tokens
 from .errors import ConfigError
+from .hub import hub_attrs, load_checkpoint
 from .interrupts import StopRequest, during_startup, graceful_stop
 from .lease import Lease
 from .location import StoreLocation
@@ -348,6 +349,7 @@ class Extraction:
             engine_version=ENGINE_VERSION,
             truncation={"max_length": ld.tokenizer.max_length, "rule": ld.tokenizer.truncation_rule},
             weights=random_init_of(ld.checkpoint.get("path")) or {"weights": "as given"},
+            **hub_attrs(ld.checkpoint),
         )
         return StoreSpec(
             n_cells=self.n_cells,
@@ -788,8 +790,13 @@ class ExtractSettings:
             if n_cells == 0:
                 msg = "the input has no cells"
                 raise ConfigError(msg)
-            loaded = family.load(
-                self.checkpoint, device=dev, max_length=self.max_length, seed=self.seed, **dict(self.model_options)
+            loaded = load_checkpoint(
+                family,
+                self.checkpoint,
+                device=dev,
+                max_length=self.max_length,
+                seed=self.seed,
+                **dict(self.model_options),
             )
             return Extraction(
                 source,
