@@ -12,8 +12,9 @@ Hugging Face cache, downloading only the files the family's loader reads:
   ``model_config.yml``, ``collator_config.yml``, ``vocab.json``).
 
 The cache, offline mode and revisions are huggingface_hub's, read when a name is resolved:
-``HF_HUB_CACHE`` (else ``HF_HOME/hub``), ``HF_HUB_OFFLINE=1`` (only the cache is read), ``@REVISION``
-a branch, tag or commit (default ``main``). The loaded model's ``checkpoint`` record gains ``hub``:
+``HF_HUB_CACHE`` (else ``HF_HOME/hub``), ``HF_HUB_OFFLINE=1`` (only the cache is read), ``HF_ENDPOINT``
+(a mirror), ``@REVISION`` a branch, tag or commit (default ``main``). A hub that cannot be reached is
+treated as offline (the cache is used), as huggingface_hub does. The loaded model's ``checkpoint`` record gains ``hub``:
 repository, subfolder, the resolved commit and the sha256 of every file used, which the store keeps as
 its ``hub`` attribute (not hashed: the same name resumes on a machine whose cache lives elsewhere).
 scGPT and scFoundation are not published on the hub by their authors; an ``hf:`` name for them is
@@ -107,6 +108,11 @@ def hub_cache_dir() -> Path:
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
+def hub_endpoint() -> str | None:
+    """``HF_ENDPOINT`` when set (a mirror), else None: huggingface_hub's default, https://huggingface.co."""
+    return os.environ.get("HF_ENDPOINT") or None
+
+
 def hub_offline() -> bool:
     """Whether ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) asks for the cache only."""
     return any(os.environ.get(k, "").strip().upper() in TRUE_VALUES for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
@@ -117,16 +123,27 @@ def hub_offline() -> bool:
 
 
 class _Repo:
-    """One resolution: the name, the cache, offline or not, and (once known) the commit and file list."""
+    """One resolution: the name, the cache, how the hub is reached, and (once known) the commit and file list.
+
+    Online, the hub gives the commit of the revision and the repository's file list first, so a missing
+    file is named before anything is downloaded. Offline (``HF_HUB_OFFLINE``), or when the hub cannot be
+    reached, only the cache is read, as huggingface_hub does: the revision's ``refs/`` entry, and the
+    files present in the commit's snapshot folder.
+    """
 
     def __init__(self, name: HubName, family: str) -> None:
         self.name = name
         self.family = family
         self.cache = hub_cache_dir()
         self.offline = hub_offline()
+        self.unreachable: Exception | None = None  # why the hub could not be asked (then: the cache only)
         self.commit: str | None = None
         self.listing: set[str] = set()
         self.listed_online = False  # True: the hub's file list; False: the files in the local snapshot
+
+    @property
+    def cache_only(self) -> bool:
+        return self.offline or self.unreachable is not None
 
     # -------------------------------------------------------------- messages
     def _at(self) -> str:
@@ -134,17 +151,21 @@ class _Repo:
         return f"{self.name.repo} at {self.name.ref}{commit}"
 
     def _fetch_hint(self, files: Sequence[str]) -> str:
-        listed = " ".join(files) if files else ""
-        return f"hf download {self.name.repo} {listed} --revision {self.commit or self.name.ref}".replace("  ", " ")
+        return " ".join(["hf download", self.name.repo, *files, "--revision", self.commit or self.name.ref])
 
     def not_cached(self, files: Sequence[str], what: str | None = None) -> CheckpointError:
-        """Offline (or the hub unreachable) and ``files`` are not in the cache: say which and how to fetch them."""
-        missing = what or ", ".join(files)
-        why = "HF_HUB_OFFLINE is set" if self.offline else "the hub could not be reached"
+        """Cache only, and ``files`` are not in it: say which, why the hub was not asked, how to fetch them."""
+        if self.offline:
+            why, fix = "HF_HUB_OFFLINE is set", "Unset HF_HUB_OFFLINE (with network access) to download them, or run"
+        else:
+            why = f"the hub could not be reached ({type(self.unreachable).__name__}: {_first_line(self.unreachable)})"
+            fix = "Check the network (or HF_ENDPOINT), or on a machine online run"
         state = "not fully" if self.commit else "not"  # no commit: the revision itself was never fetched
+        folders = self.model_folders()
+        cached = f" (cached {self.family} model folders: {', '.join(folders)})" if folders else ""
         return CheckpointError(
-            f"{self._at()} is {state} in the Hugging Face cache {self.cache} and {why}; missing: {missing}. "
-            f"Unset HF_HUB_OFFLINE (with network access) to download them, or run: {self._fetch_hint(files)}"
+            f"{self._at()} is {state} in the Hugging Face cache {self.cache} and {why}; missing: "
+            f"{what or ', '.join(files)}{cached}. {fix}: {self._fetch_hint(files)} (with the same HF_HUB_CACHE)"
         )
 
     def not_in_repo(self, files: Sequence[str], what: str | None = None) -> CheckpointError:
@@ -193,21 +214,38 @@ class _Repo:
         except RevisionNotFoundError:
             msg = f"{repo} on the Hugging Face hub has no revision {self.name.ref!r}; give a branch, tag or commit"
             raise CheckpointError(msg) from None
-        except LocalEntryNotFoundError as exc:
-            if self.offline:
-                raise self.not_cached(files) from None
-            msg = (
-                f"cannot reach the Hugging Face hub for {self._at()} and it is not in the cache {self.cache} "
-                f"({_first_line(exc.__cause__ or exc)}); check the network (or HF_ENDPOINT), or fetch the files on "
-                f"a machine online with: {self._fetch_hint(files)}"
-            )
-            raise CheckpointError(msg) from exc
+        except LocalEntryNotFoundError as exc:  # cache only, and not there
+            if not self.cache_only:  # the hub went away between two calls
+                self.unreachable = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+            raise self.not_cached(files) from self.unreachable
         except (HfHubHTTPError, OSError) as exc:
             msg = (
                 f"the Hugging Face hub failed for {self._at()} ({type(exc).__name__}: {_first_line(exc)}); "
                 "try again, or check the network and HF_ENDPOINT"
             )
             raise CheckpointError(msg) from exc
+
+    def ask_hub(self) -> None:
+        """Online: the commit of the revision and the repository's files at it (else the cache is used)."""
+        if self.offline:
+            return
+        from huggingface_hub import HfApi
+        from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+        try:
+            with self._errors([]):
+                info = HfApi(endpoint=hub_endpoint()).model_info(self.name.repo, revision=self.name.ref)
+        except CheckpointError as err:
+            if isinstance(err.__context__, (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError)):
+                raise
+            self.unreachable = err.__cause__ if isinstance(err.__cause__, Exception) else err
+            return
+        except Exception as exc:  # the network, not the name: use what is cached, as huggingface_hub does
+            self.unreachable = exc
+            return
+        self.commit = info.sha
+        self.listing = {s.rfilename for s in info.siblings or []}
+        self.listed_online = True
 
     def download(self, files: Sequence[str], revision: str | None = None) -> Path:
         """Bring ``files`` (repository paths) into the cache; the snapshot folder of the commit."""
@@ -219,23 +257,15 @@ class _Repo:
                 revision=revision or self.commit or self.name.ref,
                 allow_patterns=[glob.escape(f) for f in files],
                 cache_dir=str(self.cache),
-                local_files_only=self.offline,
+                local_files_only=self.cache_only,
+                endpoint=hub_endpoint(),
             )
         snapshot = Path(folder)
-        self.commit = snapshot.name
-        return snapshot
-
-    def list_files(self, snapshot: Path) -> None:
-        """The repository's files at the commit: the hub's list online, else those in the snapshot folder."""
-        self.listing, self.listed_online = set(), False
-        if not self.offline:
-            from huggingface_hub import HfApi
-
-            with contextlib.suppress(Exception):  # unreachable: fall back to what is cached, as downloads do
-                self.listing = set(HfApi().list_repo_files(self.name.repo, revision=self.commit))
-                self.listed_online = True
-        if not self.listed_online:
+        if not self.listed_online or self.commit != snapshot.name:
+            self.commit = snapshot.name
+            self.listed_online = False  # cache only (or the branch moved): the files of this snapshot
             self.listing = {p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()}
+        return snapshot
 
     def require(self, files: Sequence[str], what: str | None = None) -> None:
         absent = [f for f in files if f not in self.listing]
@@ -344,8 +374,10 @@ def resolve_checkpoint(family: str, name: HubName, options: Mapping[str, Any] | 
         raise CheckpointError(msg)
     repo = _Repo(name, family)
     anchor = name.file(plan.anchor)
-    snapshot = repo.download([anchor], revision=name.ref)
-    repo.list_files(snapshot)
+    repo.ask_hub()
+    if repo.listed_online:
+        repo.require([anchor])  # online: a wrong subfolder is named before anything is downloaded
+    snapshot = repo.download([anchor], revision=name.ref)  # records the revision's commit in the cache
     repo.require([anchor])
     files = plan.files(repo, snapshot, dict(options or {}))
     repo.download(files)
@@ -405,6 +437,7 @@ __all__ = [
     "describe_hub",
     "hub_attrs",
     "hub_cache_dir",
+    "hub_endpoint",
     "hub_offline",
     "load_checkpoint",
     "parse_hub_name",

@@ -13,6 +13,7 @@ import hashlib
 import os
 import runpy
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,27 @@ def test_offline_missing_files_is_one_line_exit_2(hub, tmp_path, monkeypatch, ca
         line = _one_line(capfd)
         assert "HF_HUB_OFFLINE is set" in line and f"missing: {missing}" in line, line
     assert not (tmp_path / "a.zarr").exists() and not (tmp_path / "c.zarr").exists()
+
+
+def test_unreachable_hub_uses_the_cache_or_says_so_in_one_line(hub, tmp_path, monkeypatch, capfd):
+    """Online, but the endpoint refuses connections (a closed local port): like huggingface_hub, use the cache."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    cached = resolve_checkpoint("geneformer", parse_hub_name(f"hf:{GENEFORMER}/Geneformer-V2-104M@v0"))
+    assert cached.commit == hub["old"] and len(cached.files) == 4
+    with pytest.raises(CheckpointError, match="the hub could not be reached") as err:
+        resolve_checkpoint("tahoe-x1", parse_hub_name(f"hf:{TAHOE}/3b-model"))
+    line = str(err.value)
+    assert "missing: 3b-model/model_config.yml (cached tahoe-x1 model folders: 70m-model)" in line
+    assert "Check the network (or HF_ENDPOINT)" in line and f"hf download {TAHOE} 3b-model/model_config.yml" in line
+    capfd.readouterr()
+    assert _extract(hub, tmp_path / "s.zarr", f"hf:{GENEFORMER}/Geneformer-V2-104M@v7") == 2
+    line = _one_line(capfd)
+    assert f"{GENEFORMER} at v7 is not in the Hugging Face cache" in line and "could not be reached" in line
 
 
 @pytest.mark.parametrize(
