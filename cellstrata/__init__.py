@@ -3,6 +3,7 @@
 ```python
 import cellstrata as cs
 store = cs.extract("atlas.h5ad", model="scgpt", checkpoint="scGPT_human", out="run.zarr", poolings=["mean", "cls"])
+gf = cs.extract("atlas.h5ad", model="geneformer", checkpoint="hf:ctheodoris/Geneformer/Geneformer-V2-104M", out="g")
 store = cs.open_store("run.zarr")
 store.layers("mean")   # dask array [L+1, N, H]
 store.to_xarray()

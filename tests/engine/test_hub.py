@@ -197,6 +197,10 @@ def test_loaded_model_records_repo_revision_and_file_hashes(hub):
     assert loaded.checkpoint["sha256"] == rec["files"]["Geneformer-V1-10M/model.safetensors"]
     local = family.load(hub["v1"], device="cpu")  # the same files as a folder: the same model
     assert local.n_layers == loaded.n_layers == 6 and local.config == loaded.config
+    tahoe = load_checkpoint(get_family("tahoe-x1"), f"hf:{TAHOE}/70m-model", device="cpu").checkpoint
+    names = ("model.safetensors", "model_config.yml", "collator_config.yml", "vocab.json")
+    assert tahoe["hub"]["files"] == {f"70m-model/{n}": sha256(hub["tx"] / n) for n in names}
+    assert "hub" not in family.load(hub["v1"], device="cpu").checkpoint
 
 
 # ------------------------------------------------------------------------------------------------
