@@ -28,7 +28,7 @@ import glob
 import os
 import posixpath
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -278,7 +278,7 @@ class _Plan:
     """Which files of a repository a family's loader reads: ``anchor`` first, then ``files(repo, snapshot)``."""
 
     anchor: str
-    files: Any  # Callable[[_Repo, Path, Mapping[str, Any]], list[str]]
+    files: Callable[[_Repo, Path, Mapping[str, Any]], list[str]]
 
 
 def _tahoe_files(repo: _Repo, snapshot: Path, options: Mapping[str, Any]) -> list[str]:
