@@ -259,6 +259,7 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-cache", action="store_true", help="recompute and do not write results into the store")
     p.add_argument("--no-baseline", action="store_true", help="skip the HVG-PCA(50) baseline rows")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_probe)
 
 
@@ -293,6 +294,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         n_jobs=args.n_jobs,
         cache=not args.no_cache,
         baseline=not args.no_baseline,
+        progress=not args.quiet,
     )
     paths = write_report(results, args.out)
     print_answers(summarize(results))

@@ -32,7 +32,8 @@ from .errors import CellstrataError, ConfigError, StoreConfigMismatchError, Writ
 from .interrupts import Interrupted, graceful_stop
 from .lease import Lease
 from .location import StoreLocation
-from .pipeline import Extraction, ExtractSettings, Telemetry, _progress, log_start, record_run
+from .pipeline import Extraction, ExtractSettings, Telemetry, busy_label, log_start, record_run
+from .progress import ExtractProgress, ExtractStatus, ExtractTotals
 from .store import Store, create_or_resume, pending_chunks, refuse_foreign
 
 log = logging.getLogger("cellstrata")
@@ -258,6 +259,20 @@ def _fail(err: BaseException, shard: list[int]) -> CellstrataError:
     return WriteError(msg) if isinstance(err, OSError) else CellstrataError(msg)
 
 
+def shard_status(telemetry: Telemetry, chunks: int, seconds: float, workers: int) -> ExtractStatus:
+    """The progress line's counters once some shards have finished (busy and wait summed over workers)."""
+    cuda = telemetry.device_type == "cuda"
+    return ExtractStatus(
+        cells=telemetry.cells,
+        tokens=telemetry.tokens,
+        chunks=chunks,
+        seconds=seconds,
+        busy_seconds=telemetry.device_busy_seconds if cuda else telemetry.forward_seconds,
+        writer_wait_seconds=telemetry.writer_wait_seconds,
+        workers=workers,
+    )
+
+
 def run_on_cluster(
     settings: ExtractSettings, cluster: Any, *, overwrite: bool, progress: bool, break_lock: bool
 ) -> Store:
@@ -283,10 +298,19 @@ def run_on_cluster(
                 log.info(
                     "%d chunks in %d shards on %d Dask workers (%s)", len(pending), len(work), n_workers, plan["device"]
                 )
-                telemetry = Telemetry(pooling_names=tuple(plan["overflow_names"]))
+                device_type = str(plan["device"]).split(":")[0]
+                telemetry = Telemetry(
+                    pooling_names=tuple(plan["overflow_names"]), device_type=device_type, workers=n_workers
+                )
                 t_start = time.perf_counter()
                 cells_in = {i: spec.cells_in(shard) for i, shard in enumerate(work)}
-                bar = _progress(spec.n_cells, progress, initial=spec.n_cells - sum(cells_in.values()))
+                totals = ExtractTotals(
+                    cells=spec.n_cells,
+                    chunks=spec.n_chunks,
+                    cells_before=spec.n_cells - sum(cells_in.values()),
+                    chunks_before=spec.n_chunks - len(pending),
+                    busy_label=busy_label(device_type),
+                )
                 token = uuid.uuid4().hex[:8]
                 futures = {
                     client.submit(
@@ -301,6 +325,8 @@ def run_on_cluster(
                     for i, shard in enumerate(work)
                 }
                 loads: dict[int, int] = {}  # worker process -> models it loaded
+                chunks_done = 0
+                bar = ExtractProgress(totals, enabled=progress)
                 try:
                     remaining = set(futures)
                     while remaining:
@@ -317,7 +343,8 @@ def run_on_cluster(
                                 raise _fail(err, work[i]) from err
                             telemetry.add(counters)
                             loads[counters["pid"]] = max(loads.get(counters["pid"], 0), counters["model_loads"])
-                            bar.update(cells_in[i])
+                            chunks_done += len(work[i])
+                            bar.advance(cells_in[i], shard_status(telemetry, chunks_done, bar.elapsed(), n_workers))
                 except BaseException as err:
                     client.cancel(list(futures))
                     if isinstance(err, Interrupted):

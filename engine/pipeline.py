@@ -36,6 +36,7 @@ from .models import get_family
 from .models.attention import ATTENTION_CHOICES, resolve_attention
 from .models.base import GeneMapping, LoadedModel, TokenBatch, TokenizedBlock
 from .prepare import InputPool, InputSpec, Window, input_processes, prepare_window
+from .progress import DeviceClock, ExtractProgress, ExtractStatus, ExtractTotals, fraction
 from .sources import CellSource, check_values, open_source
 from .store import (
     ATTR_KEY,
@@ -75,6 +76,7 @@ class Telemetry:
     forward_seconds: float = 0.0
     input_wait_seconds: float = 0.0
     writer_wait_seconds: float = 0.0
+    device_busy_seconds: float = 0.0  # CUDA: the forward passes' device time (events); 0 on CPU
     overflow: np.ndarray | None = None
     # expressed genes before truncation -> number of truncated cells that had that many
     truncated_genes: dict[int, int] = field(default_factory=dict)
@@ -82,6 +84,8 @@ class Telemetry:
     attention: str = ""
     max_tokens: int = 0
     input_processes: int = 0
+    device_type: str = "cpu"
+    workers: int = 1  # processes whose ``*_seconds`` are summed here (a cluster's worker processes)
 
     COUNTERS = (
         "cells",
@@ -93,6 +97,7 @@ class Telemetry:
         "forward_seconds",
         "input_wait_seconds",
         "writer_wait_seconds",
+        "device_busy_seconds",
     )
 
     def counters(self) -> dict[str, Any]:
@@ -105,7 +110,7 @@ class Telemetry:
     def add(self, counters: Mapping[str, Any]) -> None:
         """Add a worker's :meth:`counters` to these."""
         for k in self.COUNTERS:
-            setattr(self, k, getattr(self, k) + counters[k])
+            setattr(self, k, getattr(self, k) + counters.get(k, 0))
         if counters.get("overflow") is not None:
             ovf = np.asarray(counters["overflow"], dtype=np.int64)
             self.overflow = ovf if self.overflow is None else self.overflow + ovf
@@ -127,6 +132,16 @@ class Telemetry:
         hi = genes[np.searchsorted(cum, n // 2 + 1)]
         return float((lo + hi) / 2), int(genes[-1])
 
+    def utilisation(self) -> dict[str, float | None]:
+        """Shares of wall time (per worker process): forward pass, device busy (CUDA only), writer wait."""
+        wall = self.seconds * max(self.workers, 1)
+        busy = fraction(self.device_busy_seconds, wall) if self.device_type == "cuda" else None
+        return {
+            "forward_fraction": fraction(self.forward_seconds, wall),
+            "device_busy_fraction": busy,
+            "writer_wait_fraction": fraction(self.writer_wait_seconds, wall),
+        }
+
     def as_dict(self) -> dict[str, Any]:
         s = max(self.seconds, 1e-9)
         d: dict[str, Any] = {
@@ -140,6 +155,9 @@ class Telemetry:
             "forward_seconds": round(self.forward_seconds, 3),
             "input_wait_seconds": round(self.input_wait_seconds, 3),
             "writer_wait_seconds": round(self.writer_wait_seconds, 3),
+            "device_busy_seconds": round(self.device_busy_seconds, 3),
+            **{k: None if v is None else round(v, 4) for k, v in self.utilisation().items()},
+            "device_type": self.device_type,
             "cells_per_s": round(self.cells / s, 2),
             "tokens_per_s": round(self.tokens / s, 1),
             "padding_fraction": round(1 - self.tokens / max(self.padded_tokens, 1), 4),
@@ -298,6 +316,7 @@ class Extraction:
         self.store_spec = self._store_spec(compression)
         self.overwrite = overwrite
         self.telemetry = self.fresh_telemetry()
+        self.clock = DeviceClock(device)
 
     # ------------------------------------------------------------------ configuration
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -420,20 +439,25 @@ class Extraction:
                 ovf = overflow[layer, n_kernel + j] if out_dtype == torch.float16 else None
                 custom(hidden_state, lengths, buf[layer, :, lo:hi], ovf, self.pool_backend, starts=starts)
 
+        started = self.clock.start()
         with torch.inference_mode(), self.autocast():
             ld.model.forward(dev, tap)
+        self.clock.stop(started)
         return self.buffers.to_host(buf)
 
-    def _land(self, transfer: Transfer, job: _ChunkJob, rows: np.ndarray, writer: ChunkWriter, bar: Any) -> None:
+    def _land(
+        self, transfer: Transfer, job: _ChunkJob, rows: np.ndarray, writer: ChunkWriter, bar: ExtractProgress | None
+    ) -> None:
         """Put a batch's pooled rows in place; hand its chunk to the writer once the chunk's last batch landed."""
         host_np = transfer.wait()
+        self.clock.collect()  # the batch's copy has finished, so its forward pass has too
         for name, (lo, hi) in self.columns.items():
             job.result[name][:, rows, :] = host_np[:, :, lo:hi]
         job.outstanding -= 1
         if job.enqueued and job.outstanding == 0:
             self._submit(job, writer, bar)
 
-    def _submit(self, job: _ChunkJob, writer: ChunkWriter, bar: Any) -> None:
+    def _submit(self, job: _ChunkJob, writer: ChunkWriter, bar: ExtractProgress | None) -> None:
         start, stop = job.bounds
         tokens = job.tokens
         writer.submit(
@@ -454,10 +478,22 @@ class Extraction:
             genes, cells = np.unique(tokens.n_expressed[tokens.truncated], return_counts=True)
             self.telemetry.count_truncated(dict(zip(genes.tolist(), cells.tolist())))
         if bar is not None:
-            bar.update(len(tokens))
+            bar.advance(len(tokens), self._status(writer, bar))
+
+    def _status(self, writer: ChunkWriter, bar: ExtractProgress) -> ExtractStatus:
+        """This run's counters for the progress line (device busy on CUDA, forward time on CPU)."""
+        tele = self.telemetry
+        return ExtractStatus(
+            cells=tele.cells,
+            tokens=tele.tokens,
+            chunks=len(writer.written),
+            seconds=bar.elapsed(),
+            busy_seconds=self.clock.seconds if self.clock.enabled else tele.forward_seconds,
+            writer_wait_seconds=tele.writer_wait_seconds + writer.wait_seconds,
+        )
 
     def _run_window(
-        self, window: Window, writer: ChunkWriter, overflow: torch.Tensor, in_flight: list, bar: Any
+        self, window: Window, writer: ChunkWriter, overflow: torch.Tensor, in_flight: list, bar: ExtractProgress | None
     ) -> None:
         """Every batch of every chunk of ``window``, each landing while the device runs the next one.
 
@@ -519,18 +555,24 @@ class Extraction:
                 if client is None and len(pending):
                     client, own_client = _local_client(), True
                 t_start = time.perf_counter()
-                bar = _progress(self.n_cells, self.progress, initial=self.n_cells - self.store_spec.cells_in(pending))
+                totals = ExtractTotals(
+                    cells=self.n_cells,
+                    chunks=self.store_spec.n_chunks,
+                    cells_before=self.n_cells - self.store_spec.cells_in(pending),
+                    chunks_before=self.store_spec.n_chunks - len(pending),
+                    busy_label=busy_label(self.device.type),
+                )
                 try:
-                    self.process(pending, client, bar)
+                    with ExtractProgress(totals, enabled=self.progress) as bar:
+                        self.process(pending, client, bar)
                 finally:
-                    bar.close()
                     if own_client:
                         client.close()
                 self.telemetry.seconds = time.perf_counter() - t_start
                 self._finish()
         return Store(self.out)
 
-    def process(self, chunks: Sequence[int], executor: Any, bar: Any = None) -> None:
+    def process(self, chunks: Sequence[int], executor: Any, bar: ExtractProgress | None = None) -> None:
         """Extract ``chunks`` into the existing store, writing through ``executor``.
 
         ``executor`` is a Dask client or a ``concurrent.futures`` executor. Reading and tokenizing run
@@ -541,6 +583,7 @@ class Extraction:
         windows = self._windows(np.asarray(chunks, dtype=np.int64))
         if not windows:
             return
+        self.clock = DeviceClock(self.device)
         writer = ChunkWriter(self.out, executor, max_pending=2)
         # float16 overflow counters of the whole call, read once at the end (reading them per chunk would
         # make the host wait for the device)
@@ -576,6 +619,8 @@ class Extraction:
             raise
         finally:
             self.telemetry.writer_wait_seconds += writer.wait_seconds
+            with contextlib.suppress(Exception):  # after a device error the events may never complete
+                self.telemetry.device_busy_seconds += self.clock.collect(wait=True)
             assert self.telemetry.overflow is not None
             self.telemetry.overflow += overflow.cpu().numpy()
 
@@ -593,6 +638,7 @@ class Extraction:
             pooling_names=self.overflow_names,
             attention=self.attention if self.attention == "padded" else f"packed ({self.varlen})",
             max_tokens=self.max_tokens,
+            device_type=self.device.type,
         )
 
 
@@ -647,13 +693,14 @@ def record_run(group: Any, telemetry: Telemetry, *, resumed: bool, **extra: Any)
     tele["truncation_rule"] = truncation.get("rule")
     update_attrs(group, complete=bool(done.all()), telemetry=tele)
     log.info(
-        "%d cells in %.1f s: %.1f cells/s, %.0f tokens/s, padding %.1f%%; device waited %.1f s for input "
+        "%d cells in %.1f s: %.1f cells/s, %.0f tokens/s, padding %.1f%%; %s; device waited %.1f s for input "
         "and %.1f s for the writer",
         tele["cells"],
         tele["seconds"],
         tele["cells_per_s"],
         tele["tokens_per_s"],
         100 * tele["padding_fraction"],
+        describe_utilisation(tele),
         tele["input_wait_seconds"],
         tele["writer_wait_seconds"],
     )
@@ -680,6 +727,16 @@ def record_run(group: Any, telemetry: Telemetry, *, resumed: bool, **extra: Any)
         log.warning(
             "%d cells had no expressed vocabulary gene; they are stored as NaN with n_tokens 0", tele["empty_cells"]
         )
+
+
+def describe_utilisation(tele: Mapping[str, Any]) -> str:
+    """``GPU busy 93% of wall time`` (CUDA) or ``forward pass 71% of wall time`` (CPU), from a telemetry dict."""
+    busy, forward = tele.get("device_busy_fraction"), tele.get("forward_fraction")
+    if busy is not None:
+        return f"GPU busy {100 * busy:.0f}% of wall time"
+    if forward is not None:
+        return f"forward pass {100 * forward:.0f}% of wall time"
+    return "utilisation not measured"
 
 
 def _head_dim(model: torch.nn.Module) -> int:
@@ -712,10 +769,9 @@ def _local_client() -> Any:
     )
 
 
-def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="cell", desc="extract", dynamic_ncols=True, disable=not enabled)
+def busy_label(device_type: str) -> str:
+    """What the progress line's utilisation field measures on ``device_type``."""
+    return "GPU busy" if device_type == "cuda" else "forward"
 
 
 #: ``(setting, minimum, meaning)`` of the numeric extraction options checked by :meth:`ExtractSettings.check`.

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 import zarr
 
 from ..engine.errors import CellstrataError, ProbeError
+from ..engine.progress import ProbeProgress, progress_bar
 from ..engine.store import Store, open_store
 from ..engine.weights import weights_provenance
 from . import constant
@@ -173,24 +174,32 @@ def probe(
         del counts  # the references are built; the layer phase does not need the counts
     t_prep = time.perf_counter()
 
-    if layer_todo:
-        computed = _compute(st, layer_todo, tasks, plans, n_jobs=n_jobs, memory_budget=memory_budget, progress=progress)
-        for (pool, layer), per_task in computed.items():
-            for (task_name, context), metrics in per_task.items():
-                k = keys[(pool, layer, task_name, context)]
-                results[k] = metrics
-                cache_store.put(k, metrics)
-    t_layers = time.perf_counter()
+    base_todo = len(todo.get((BASELINE_POOLING, -1), ()))
+    steps = sum(len(v) for v in layer_todo.values()) + base_todo
+    with progress_bar(steps, enabled=progress, desc="probe", unit="evaluations") as bar:
+        tracker = ProbeProgress(bar, st.n_layers)
+        if layer_todo:
+            computed = _compute(
+                st, layer_todo, tasks, plans, n_jobs=n_jobs, memory_budget=memory_budget, progress=tracker
+            )
+            for (pool, layer), per_task in computed.items():
+                for (task_name, context), metrics in per_task.items():
+                    k = keys[(pool, layer, task_name, context)]
+                    results[k] = metrics
+                    cache_store.put(k, metrics)
+        t_layers = time.perf_counter()
 
-    base_results: dict[tuple[str, str], list[Metric]] = {}
-    if baseline:
-        for task in tasks:
-            for p in plans[task.name]:
-                k = keys[(BASELINE_POOLING, -1, task.name, p.context)]
-                if k not in results:
-                    results[k] = task.evaluate_baseline(p)
-                    cache_store.put(k, results[k])
-                base_results[(task.name, p.context)] = results[k]
+        base_results: dict[tuple[str, str], list[Metric]] = {}
+        if baseline:
+            for task in tasks:
+                for p in plans[task.name]:
+                    k = keys[(BASELINE_POOLING, -1, task.name, p.context)]
+                    if k not in results:
+                        tracker.start(task.name, p.context, BASELINE_POOLING, None)
+                        results[k] = task.evaluate_baseline(p)
+                        tracker.finish()
+                        cache_store.put(k, results[k])
+                    base_results[(task.name, p.context)] = results[k]
     t_end = time.perf_counter()
 
     out = _assemble(st, tasks, plans, poolings, layer_list, keys, results, base_results)
@@ -316,8 +325,9 @@ def _evaluate_layer(
     pooling: str,
     layer: int,
     work: list[tuple[Task, ContextPlan]],
+    progress: ProbeProgress | None = None,
 ) -> dict[tuple[str, str], list[Metric]]:
-    """Evaluate each (task, plan) of ``work`` on one layer.
+    """Evaluate each (task, plan) of ``work`` on one layer (each one counted on ``progress``).
 
     In-memory tasks share one read of the union of their rows; streaming tasks read their rows one store
     chunk at a time through :class:`.base.LayerRows`. Features equal for every cell give NaN metrics
@@ -330,17 +340,29 @@ def _evaluate_layer(
         _check_finite(X, st, pooling, layer)
         return X
 
+    def step(task: Task, p: ContextPlan) -> None:
+        if progress is not None:
+            progress.start(task.name, p.context, pooling, layer)
+
+    def done() -> None:
+        if progress is not None:
+            progress.finish()
+
     out: dict[tuple[str, str], list[Metric]] = {}
     in_memory = [(t, p) for t, p in work if not t.streaming]
     if in_memory:
         union = np.unique(np.concatenate([p.rows for _, p in in_memory]))
         X = read(union)
         for task, p in in_memory:
+            step(task, p)
             out[(task.name, p.context)] = constant.evaluate(task, p, X[np.searchsorted(union, p.rows)])
+            done()
         del X
     for task, p in work:
         if task.streaming:
+            step(task, p)
             out[(task.name, p.context)] = constant.evaluate_stream(task, p, read, st.chunk_cells)
+            done()
     return out
 
 
@@ -369,7 +391,7 @@ def _compute(
     *,
     n_jobs: int | None,
     memory_budget: int,
-    progress: bool,
+    progress: ProbeProgress | None = None,
 ) -> dict[tuple[str, int], dict[tuple[str, str], list[Metric]]]:
     """Evaluate the missing (task, context) pairs of each (pooling, layer) in parallel on Dask threads."""
     import dask
@@ -386,16 +408,10 @@ def _compute(
     workers = n_jobs or min(cpus, len(work))
     workers = int(max(1, min(workers, len(work), memory_budget // per_layer)))
     log.info("evaluating %d layer(s) on %d thread(s)", len(work), workers)
-    delayed = [dask.delayed(_evaluate_layer)(st, pool, layer, w) for (pool, layer), w in work.items()]
+    delayed = [dask.delayed(_evaluate_layer)(st, pool, layer, w, progress) for (pool, layer), w in work.items()]
     limit = threadpool_limits(limits=max(1, cpus // workers)) if workers > 1 else contextlib.nullcontext()
     with limit:
-        if progress:
-            from dask.diagnostics import ProgressBar
-
-            with ProgressBar():
-                values = dask.compute(*delayed, scheduler="threads", num_workers=workers)
-        else:
-            values = dask.compute(*delayed, scheduler="threads", num_workers=workers)
+        values = dask.compute(*delayed, scheduler="threads", num_workers=workers)
     return dict(zip(work, values, strict=True))
 
 
