@@ -2,8 +2,11 @@
 
 A cell chunk covering cells ``[start, stop)`` has one part per pooling and layer
 (``pooled/<name>/<layer>``, the ``[n, W]`` slice of that layer) and one per per-cell array
-(``obs_names``, ``n_tokens``, ``truncated``). A part's digest is the first 8 bytes of a sha256 of
-its dtype, its shape and its C-contiguous bytes (strings: UTF-8 joined by NUL). NaNs are hashed as
+(``obs_names``, ``n_tokens``, ``truncated``, and in a format 2 store the two ``cell`` coordinates that
+repeat the names, ``cell`` and ``pooled/cell``). A part's digest is the first 8 bytes of a sha256 of
+its dtype, its shape and its C-contiguous bytes; strings are digested by their values (UTF-8 joined
+by NUL), whatever string dtype zarr reads them back as, so the names' digest is one number in every
+format and every copy. NaNs are hashed as
 the canonical NaN, because zarr skips a chunk that is all NaN (the fill value) and reads it back as
 its own NaN.
 
@@ -22,11 +25,14 @@ import zarr
 
 CHECKSUM = "checksum"
 PER_CELL = ("obs_names", "n_tokens", "truncated")
+CELL_COORDS = ("cell", "pooled/cell")  # format 2: the names again, as the ``cell`` coordinate of each group
 
 
-def part_names(poolings: Sequence[str], n_layers: int) -> list[str]:
-    """The checksummed parts of one cell chunk: every pooling's layers 0..L, then the per-cell arrays."""
-    return [f"pooled/{name}/{layer}" for name in poolings for layer in range(n_layers + 1)] + list(PER_CELL)
+def part_names(poolings: Sequence[str], n_layers: int, *, format_version: int = 1) -> list[str]:
+    """The checksummed parts of one cell chunk: every pooling's layers 0..L, then the per-cell arrays
+    (from store format 2 on, the ``cell`` coordinates too)."""
+    per_cell = PER_CELL + (CELL_COORDS if format_version >= 2 else ())
+    return [f"pooled/{name}/{layer}" for name in poolings for layer in range(n_layers + 1)] + list(per_cell)
 
 
 def _nan(a: np.ndarray) -> np.ndarray:
@@ -55,17 +61,32 @@ def digest(values: np.ndarray) -> int:
 
 
 def chunk_digests(
-    pooled: Mapping[str, np.ndarray], obs_names: np.ndarray, n_tokens: np.ndarray, truncated: np.ndarray
+    pooled: Mapping[str, np.ndarray],
+    obs_names: np.ndarray,
+    n_tokens: np.ndarray,
+    truncated: np.ndarray,
+    *,
+    parts: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Digests of one chunk in :func:`part_names` order (``pooled[name]`` is ``[L+1, n, W]`` in the store dtype)."""
-    out = [digest(layer) for data in pooled.values() for layer in data]
-    out += [digest(obs_names), digest(n_tokens), digest(truncated)]
-    return np.array(out, dtype=np.uint64)
+    """Digests of one chunk in ``parts`` order (default: :func:`part_names` of format 1 for ``pooled``'s
+    poolings); ``pooled[name]`` is ``[L+1, n, W]`` in the store dtype. The names are digested once: every
+    part that holds them (``obs_names`` and the ``cell`` coordinates) has that digest."""
+    n_layers = next(iter(pooled.values())).shape[0] - 1 if pooled else 0
+    names = digest(obs_names)
+    got = {
+        f"pooled/{name}/{layer}": digest(values) for name, data in pooled.items() for layer, values in enumerate(data)
+    }
+    got |= dict.fromkeys(("obs_names", *CELL_COORDS), names)
+    got |= {"n_tokens": digest(n_tokens), "truncated": digest(truncated)}
+    order = part_names(list(pooled), n_layers) if parts is None else parts
+    return np.array([got[p] for p in order], dtype=np.uint64)
 
 
-def create_checksum_array(group: zarr.Group, poolings: Sequence[str], n_layers: int, n_chunks: int) -> zarr.Array:
+def create_checksum_array(
+    group: zarr.Group, poolings: Sequence[str], n_layers: int, n_chunks: int, *, format_version: int
+) -> zarr.Array:
     """Add the ``checksum`` array ``[n_chunks, K]`` (one row per cell chunk, 0 = not written) to a new store."""
-    parts = part_names(poolings, n_layers)
+    parts = part_names(poolings, n_layers, format_version=format_version)
     return group.create_array(
         CHECKSUM,
         shape=(n_chunks, len(parts)),
@@ -94,8 +115,7 @@ def write_checksums(
     n_tokens: np.ndarray,
     truncated: np.ndarray,
 ) -> None:
-    """Write ``checksum[index, :]`` for one chunk's data, in the order of the array's ``parts`` attribute."""
-    n_layers = next(iter(pooled.values())).shape[0] - 1 if pooled else 0
-    got = dict(zip(part_names(list(pooled), n_layers), chunk_digests(pooled, obs_names, n_tokens, truncated)))
-    row = np.array([got[p] for p in arr.attrs["parts"]], dtype=np.uint64)
+    """Write ``checksum[index, :]`` for one chunk's data, in the order of the array's ``parts`` attribute
+    (so the same call serves every store format)."""
+    row = chunk_digests(pooled, obs_names, n_tokens, truncated, parts=list(arr.attrs["parts"]))
     arr[index : index + 1, :] = row[None, :]

@@ -203,6 +203,9 @@ class StoreLocation:
         return _open_write(fs, path, data, exclusive=exclusive)
 
     def open_group(self, mode: str, **kwargs: Any) -> zarr.Group:
+        """The zarr group here, read from its own files: a store's consolidated metadata, an index for readers
+        such as xarray, lists only its data nodes (docs/design.md section 3), not the probe cache."""
+        kwargs.setdefault("use_consolidated", False)
         return zarr.open_group(self.url, mode=mode, **kwargs)
 
     def __str__(self) -> str:

@@ -2,7 +2,8 @@
 
 The small zarr group ``metadata_backup/`` holds, in its attributes, the store's root metadata (the group's
 ``zarr.json``, its ``cellstrata`` attribute included) and the ``zarr.json`` of every other node (``pooled``,
-each pooling's array, ``obs_names``, ``n_tokens``, ``truncated``, ``done``, ``checksum``). It is written when
+each pooling's array, ``obs_names``, ``n_tokens``, ``truncated``, ``done``, ``checksum`` and, from format 2 on,
+the coordinates ``cell``, ``pooled/cell``, ``pooled/layer``, ``pooled/depth``). It is written when
 the store is created and again whenever the ``cellstrata`` attribute changes (:func:`engine.store.update_attrs`:
 each run's end, ``--repair``), in one put of one file: atomic on a local filesystem (zarr writes a temporary file
 and renames it) and on object stores. When the backup is rewritten, a node whose ``zarr.json`` no longer parses
@@ -75,14 +76,18 @@ def read_json(root: StorePath, node: str) -> tuple[dict[str, Any] | None, str]:
     return meta, ""
 
 
-def _write_json(root: StorePath, key: str, meta: dict[str, Any]) -> None:
+def write_json(root: StorePath, key: str, meta: dict[str, Any]) -> None:
+    """Write ``meta`` as the file ``key`` in one put (a temporary file renamed into place on a local disk)."""
     data = json.dumps(meta, indent=2).encode()
     sync((root / key).set(default_buffer_prototype().buffer.from_bytes(data)))
 
 
 def expected_nodes(attrs: dict[str, Any], *, checksums: bool = True) -> list[str]:
-    """The store's nodes besides the root (docs/design.md section 3), from its ``cellstrata`` attribute."""
+    """The store's nodes besides the root (docs/design.md section 3), from its ``cellstrata`` attribute:
+    from format 2 on, the coordinates ``cell``, ``pooled/cell``, ``pooled/layer`` and ``pooled/depth`` too."""
     nodes = ["pooled", *(f"pooled/{name}" for name in attrs.get("poolings", []))]
+    if int(attrs.get("format_version", 1)) >= 2:
+        nodes += ["pooled/cell", "pooled/layer", "pooled/depth", "cell"]
     nodes += ["obs_names", "n_tokens", "truncated", "done"]
     return [*nodes, "checksum"] if checksums else nodes
 
@@ -124,7 +129,7 @@ def write_backup(group: zarr.Group) -> None:
         "node_type": "group",
         "attributes": {BACKUP_KEY: {"version": BACKUP_VERSION, "root": root_copy, "nodes": nodes}},
     }
-    _write_json(root, f"{BACKUP_NODE}/zarr.json", backup)
+    write_json(root, f"{BACKUP_NODE}/zarr.json", backup)
 
 
 def metadata_damage(root: StorePath) -> tuple[list[MetadataDamage], dict[str, Any] | None]:
@@ -173,7 +178,7 @@ def restore_metadata(root: StorePath, damage: list[MetadataDamage]) -> list[Meta
         copy = backup["root"] if d.node == ROOT else backup["nodes"].get(d.node)
         if copy is None:
             continue
-        _write_json(root, f"{d.node}/zarr.json" if d.node else "zarr.json", copy)
+        write_json(root, f"{d.node}/zarr.json" if d.node else "zarr.json", copy)
         restored.append(d)
     return restored
 

@@ -5,11 +5,15 @@ A store is a zarr v3 group:
 - ``pooled/<name>`` ``[L+1, N, W]`` float16/float32, chunks ``(1, C, W)``, dims ``(layer, cell, feature)``;
 - ``obs_names`` ``[N]`` strings, ``n_tokens`` ``[N]`` int32, ``truncated`` ``[N]`` bool, chunks ``(C,)``;
 - ``done`` ``[ceil(N/C)]`` uint8, chunks ``(1,)``: 1 once every array's chunk of that cell block is written;
+- format 2: the coordinates ``cell`` (the names again, at the root and in ``pooled/``), ``pooled/layer``
+  (0..L) and ``pooled/depth`` (layer / L), and the root's consolidated metadata, so ``xarray.open_zarr``
+  alone gives labelled arrays without a warning;
 - group attribute ``cellstrata``: format version, model, tokenizer, poolings, dtype, chunking, source,
   ``truncation`` (the context in tokens and how a longer cell is fitted to it), ``config_hash`` and,
   once finished, ``complete`` and the run's telemetry.
 
-Only :mod:`engine.writer` writes data chunks; this module creates stores and reads them back.
+Only :mod:`engine.writer` writes data chunks; this module creates stores and reads them back. Stores of
+format 1 are read, verified, exported and resumed (as format 1).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from .checksums import CHECKSUM, create_checksum_array
+from .checksums import CELL_COORDS, CHECKSUM, create_checksum_array
 from .errors import (
     ConfigError,
     IncompleteStoreError,
@@ -45,9 +49,13 @@ from .errors import (
 )
 from .lease import LEASE_NODE, check_lease_folder
 from .location import StoreLocation
-from .metadata_backup import metadata_problem, write_backup
+from .metadata_backup import expected_nodes, metadata_problem, read_json, write_backup, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMATS = (1, 2)  # the formats this version reads, resumes and verifies
+# The config hash names format 1 whatever the layout: a format changes where the numbers are kept, not the
+# numbers, so a format 1 store keeps its hash and the same command resumes it (as format 1).
+HASHED_FORMAT = 1
 ATTR_KEY = "cellstrata"
 STORE_DTYPES = ("float16", "float32")
 COMPRESSIONS = ("zstd", "lz4", "none")
@@ -145,7 +153,7 @@ def store_attributes(
     recorded but not hashed.
     """
     numbers = {
-        "format_version": FORMAT_VERSION,
+        "format_version": HASHED_FORMAT,
         "model": {k: v for k, v in model.items() if k != "checkpoint"},
         "tokenizer": dict(tokenizer),
         "poolings": dict(pool_ops),
@@ -218,7 +226,7 @@ CREATING_KEY = "cellstrata_creating"
 CREATING_PREFIX = b'{"cellstrata_creating": {"run": "'  # how every marker starts (json.dumps of _marker's dict)
 # the nodes of a store that cellstrata writes: its arrays and groups, the probe cache (probes.runner's
 # CACHE_GROUP) and the metadata backup; the lease (engine.lease) takes care of its own file
-STORE_NODES = ("pooled", "obs_names", "n_tokens", "truncated", "done", CHECKSUM, "probes", "metadata_backup")
+STORE_NODES = ("pooled", "obs_names", "cell", "n_tokens", "truncated", "done", CHECKSUM, "probes", "metadata_backup")
 
 
 # zarr's local store writes each file as ``<stem>.<uuid4 hex>.partial`` and renames it into place; a kill
@@ -413,6 +421,10 @@ def _create(location: StoreLocation, spec: StoreSpec) -> zarr.Group:
     Until the attributes are written the marker names the folder as a cellstrata store being created,
     so a creation cut short at any step is created again by the next run (:func:`_inspect`).
     """
+    version = spec.attrs.get("format_version", FORMAT_VERSION)
+    if version not in FORMATS:
+        msg = f"store format {version!r} cannot be written; this cellstrata writes formats {FORMATS}"
+        raise ConfigError(msg)
     comp = _compressors(spec.compression)
     c = spec.chunk_cells
     run = uuid.uuid4().hex
@@ -422,7 +434,8 @@ def _create(location: StoreLocation, spec: StoreSpec) -> zarr.Group:
     _creation_step("clear")
     group = location.open_group("a", zarr_format=3)  # "a": keep the lease and any file of the user's
     _creation_step("group")
-    pooled = group.create_group("pooled")
+    # format 2: xarray reads the non-index coordinate ``depth`` of the group from this attribute
+    pooled = group.create_group("pooled", attributes={"coordinates": "depth"} if version >= 2 else None)
     _creation_step("pooled")
     for name, width in spec.widths.items():
         pooled.create_array(
@@ -437,6 +450,8 @@ def _create(location: StoreLocation, spec: StoreSpec) -> zarr.Group:
         _creation_step(f"pooled/{name}")
     group.create_array("obs_names", shape=(spec.n_cells,), chunks=(c,), dtype=str, dimension_names=("cell",))
     _creation_step("obs_names")
+    if version >= 2:
+        _create_coordinates(group, spec)
     group.create_array(
         "n_tokens", shape=(spec.n_cells,), chunks=(c,), dtype="int32", fill_value=0, dimension_names=("cell",)
     )
@@ -449,17 +464,90 @@ def _create(location: StoreLocation, spec: StoreSpec) -> zarr.Group:
         "done", shape=(spec.n_chunks,), chunks=(1,), dtype="uint8", fill_value=0, dimension_names=("cell_chunk",)
     )
     _creation_step("done")
-    create_checksum_array(group, list(spec.widths), spec.n_layers, spec.n_chunks)
+    create_checksum_array(group, list(spec.widths), spec.n_layers, spec.n_chunks, format_version=version)
     _creation_step(CHECKSUM)
     attrs = dict(spec.attrs)
     attrs.update(created=datetime.now(timezone.utc).isoformat(timespec="seconds"), complete=False)
     group.attrs[ATTR_KEY] = attrs
     _creation_step("attributes")
+    write_consolidated(group)
     write_backup(group)  # a copy of every zarr.json, from which --verify --repair restores a damaged one
     if (_marker_of(location) or {}).get("run") == run:  # the marker this creation wrote goes last
         location.remove_file(CREATING_FILE)
     _creation_step("created")
     return group
+
+
+def layer_values(n_layers: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``layer`` (0..L, int64) and ``depth`` (layer / L, float64) coordinates of a model with L blocks."""
+    layer = np.arange(n_layers + 1, dtype=np.int64)
+    return layer, layer / max(n_layers, 1)
+
+
+def _create_coordinates(group: zarr.Group, spec: StoreSpec) -> None:
+    """Format 2: the ``cell`` coordinate at the root and in ``pooled/`` (filled by the writer with the names,
+    chunk by chunk), and ``pooled/layer`` / ``pooled/depth`` (written here: they follow from L alone)."""
+    for node in CELL_COORDS:
+        group.create_array(
+            node, shape=(spec.n_cells,), chunks=(spec.chunk_cells,), dtype=str, dimension_names=("cell",)
+        )
+        _creation_step(node)
+    layer, depth = layer_values(spec.n_layers)
+    describe = {"long_name": "layer", "description": LAYER_INDEX}
+    arr = group.create_array(
+        "pooled/layer", shape=layer.shape, chunks=layer.shape, dtype="int64", fill_value=-1,
+        dimension_names=("layer",), attributes=describe,
+    )  # fmt: skip
+    arr[:] = layer
+    _creation_step("pooled/layer")
+    describe = {"long_name": "relative depth", "description": "layer / L: 0 = embedding output, 1 = last block"}
+    arr = group.create_array(
+        "pooled/depth", shape=depth.shape, chunks=depth.shape, dtype="float64", fill_value=np.nan,
+        dimension_names=("layer",), attributes=describe,
+    )  # fmt: skip
+    arr[:] = depth
+    _creation_step("pooled/depth")
+
+
+def format_of(group: zarr.Group) -> int:
+    """The store format of ``group`` (its ``format_version`` attribute; 1 when absent)."""
+    return int(dict(group.attrs.get(ATTR_KEY, {})).get("format_version", 1))
+
+
+def name_arrays(group: zarr.Group) -> tuple[str, ...]:
+    """The arrays that hold the cell names in ``group``'s format: ``obs_names`` and, from format 2 on, the
+    ``cell`` coordinates of the root and of ``pooled/``; :mod:`engine.writer` writes the names into each."""
+    return ("obs_names", *CELL_COORDS) if format_of(group) >= 2 else ("obs_names",)
+
+
+_INLINE = {"kind": "inline", "must_understand": False}
+
+
+def write_consolidated(group: zarr.Group) -> None:
+    """Format 2: put a copy of the data nodes' metadata into the root ``zarr.json`` (zarr's consolidated
+    metadata), so ``xarray.open_zarr`` opens the store in one read and without a warning.
+
+    Only the nodes of docs/design.md section 3 are listed (:func:`.metadata_backup.expected_nodes`): their
+    metadata never changes after creation. The probe cache, the metadata backup and the lease change, so
+    they are left out, and cellstrata itself opens stores without consolidated metadata
+    (:meth:`.location.StoreLocation.open_group`). Written again after every change of the root's attributes
+    (zarr drops it when a group opened without it writes them). A format 1 store is left as it was.
+    """
+    root = group.store_path
+    meta, _ = read_json(root, "")
+    attrs = (meta or {}).get("attributes", {}).get(ATTR_KEY)
+    if meta is None or not isinstance(attrs, dict) or int(attrs.get("format_version", 1)) < 2:
+        return
+    nodes: dict[str, Any] = {}
+    for node in expected_nodes(attrs):
+        copy, _ = read_json(root, node)
+        if copy is None:  # a damaged node: --verify reports it; readers then miss only that node
+            continue
+        if copy.get("node_type") == "group":
+            copy["consolidated_metadata"] = {**_INLINE, "metadata": {}}  # its children are listed here, flat
+        nodes[node] = copy
+    meta["consolidated_metadata"] = {**_INLINE, "metadata": nodes}
+    write_json(root, "zarr.json", meta)
 
 
 def pending_chunks(group: zarr.Group) -> np.ndarray:
@@ -472,6 +560,7 @@ def update_attrs(group: zarr.Group, **values: Any) -> None:
     attrs = dict(group.attrs[ATTR_KEY])
     attrs.update(values)
     group.attrs[ATTR_KEY] = attrs
+    write_consolidated(group)
     write_backup(group)
 
 
@@ -495,9 +584,13 @@ class Store:
         self.attrs: dict[str, Any] = dict(self.group.attrs[ATTR_KEY])
         self._warned: set[int] = set()  # committed-chunk counts already warned about
         version = self.attrs.get("format_version")
-        if version != FORMAT_VERSION:
-            msg = f"{self.path} has store format {version}; this cellstrata reads format {FORMAT_VERSION}"
+        if version not in FORMATS:
+            msg = (
+                f"{self.path} has store format {version}; this cellstrata reads formats "
+                f"{', '.join(map(str, FORMATS))}: upgrade cellstrata to read it"
+            )
             raise StoreError(msg)
+        self.format_version = int(version)
 
     @property
     def poolings(self) -> list[str]:
@@ -638,23 +731,27 @@ class Store:
     def to_xarray(self, *, committed_only: bool = False) -> Any:
         """One ``xarray.Dataset`` with every pooling plus the per-cell arrays, lazily backed by dask.
 
-        The ``committed`` coordinate marks the cells of committed chunks. On an incomplete store the
-        poolings of the other cells read as NaN (their ``obs_names`` are empty, ``n_tokens`` 0) with an
+        Coordinates: ``layer`` (0..L), ``depth`` (layer / L) on ``layer``, ``cell`` (the cell names, so
+        ``ds.sel(layer=7, cell="AAACCTG-1")`` picks by label) and ``committed``, which marks the cells of
+        committed chunks. A format 2 store carries the first three itself (``xarray.open_zarr`` reads them
+        too); for a format 1 store they are made here. On an incomplete store the poolings of the other
+        cells read as NaN (their names are empty, ``n_tokens`` 0) with an
         :class:`~.errors.IncompleteStoreWarning`, as :meth:`layers`; ``committed_only=True`` keeps the
         committed cells only.
         """
         import xarray as xr
 
         done = self.done
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            pooled = xr.open_zarr(self.path, group="pooled", consolidated=False)
-            cells = xr.open_zarr(self.path, consolidated=False)
-        ds = xr.merge(
-            [pooled, cells.drop_vars(["done", "checksum"], errors="ignore")], compat="override", join="override"
-        )
+        # the per-cell group without its own ``cell`` index: the names are read once, from ``pooled/``
+        drop = ["done", CHECKSUM, *(["cell"] if self.format_version >= 2 else [])]
+        pooled = xr.open_zarr(self.path, group="pooled", consolidated=False)
+        cells = xr.open_zarr(self.path, consolidated=False, drop_variables=drop)
+        ds = xr.merge([pooled, cells], compat="override", join="override")
         committed = self._cells_of(done)
-        ds = ds.assign_coords(cell=self.obs_names(), layer=np.arange(self.n_layers + 1), committed=("cell", committed))
+        if self.format_version < 2:
+            layer, depth = layer_values(self.n_layers)
+            ds = ds.assign_coords(cell=self.obs_names(), layer=layer, depth=("layer", depth))
+        ds = ds.assign_coords(committed=("cell", committed))
         ds.attrs = {"cellstrata": json.dumps(self.attrs, default=str)}
         if done.all():
             return ds

@@ -1,7 +1,8 @@
 """Check a store against its checksums: find tampered, deleted or undecodable chunks, optionally reset them.
 
 :func:`verify_store` checks the structure (every array of docs/design.md section 3 exists with its shape,
-dtype and chunking), then reads every committed cell chunk back part by part (one pooling layer at
+dtype and chunking, in the layout of the store's format, 1 or 2; a format 2 store's ``layer`` and ``depth``
+coordinates hold their values), then reads every committed cell chunk back part by part (one pooling layer at
 a time, a few chunks in parallel) and compares each part's digest with the one the writer recorded
 (:mod:`engine.checksums`). ``repair=True`` sets ``done[c] = 0`` for every damaged chunk, so the same
 extract command rewrites exactly those chunks. Everything is read through zarr, so any location zarr
@@ -21,10 +22,10 @@ import zarr
 from zarr.core.sync import sync
 from zarr.storage._common import StorePath
 
-from .checksums import CHECKSUM, digest, part_names
+from .checksums import CELL_COORDS, CHECKSUM, digest, part_names
 from .errors import StoreCorruptError, StoreError
 from .metadata_backup import BACKUP_NODE, MetadataDamage, metadata_damage, read_json, restore_metadata, store_path
-from .store import ATTR_KEY, update_attrs
+from .store import ATTR_KEY, layer_values, update_attrs
 
 MAX_LISTED = 20  # damaged chunks listed one per line by describe()
 
@@ -303,10 +304,15 @@ def _layout(group: zarr.Group | _Nodes, attrs: dict[str, Any], structure: list[s
             arr = None
         arrays[f"pooled/{name}"] = arr
     arrays["obs_names"] = _check_array(group, "obs_names", (n,), (c,), lambda d: d.kind in "OUT", structure)
+    version = int(attrs.get("format_version", 1))
+    if version >= 2:
+        for name in CELL_COORDS:
+            arrays[name] = _check_array(group, name, (n,), (c,), lambda d: d.kind in "OUT", structure)
+        _check_layer_coords(group, n_layers, structure)
     arrays["n_tokens"] = _check_array(group, "n_tokens", (n,), (c,), lambda d: d == np.int32, structure)
     arrays["truncated"] = _check_array(group, "truncated", (n,), (c,), lambda d: d == np.bool_, structure)
     arrays["done"] = _check_array(group, "done", (n_chunks,), (1,), lambda d: d == np.uint8, structure)
-    parts = part_names(poolings, n_layers)
+    parts = part_names(poolings, n_layers, format_version=version)
     checksum = None
     has_checksums = _has_member(group, CHECKSUM)
     if has_checksums:
@@ -316,6 +322,22 @@ def _layout(group: zarr.Group | _Nodes, attrs: dict[str, Any], structure: list[s
             structure.append(f"{CHECKSUM} lists other parts than the store's poolings and layers")
             checksum = None
     return _Layout(n, c, n_layers, n_chunks, parts, arrays, checksum, has_checksums)
+
+
+def _check_layer_coords(group: zarr.Group | _Nodes, n_layers: int, structure: list[str]) -> None:
+    """Format 2: ``pooled/layer`` and ``pooled/depth`` exist and hold 0..L and layer / L (written at creation)."""
+    for name, want in zip(("pooled/layer", "pooled/depth"), layer_values(n_layers)):
+        kind = (lambda d: d.kind in "iu") if name.endswith("layer") else (lambda d: d.kind == "f")
+        arr = _check_array(group, name, want.shape, want.shape, kind, structure)
+        if arr is None:
+            continue
+        try:
+            got = np.asarray(arr[:])
+        except Exception as err:  # corrupt bytes raise inside zarr's codecs
+            structure.append(f"{name} is unreadable ({type(err).__name__}: {err})")
+            continue
+        if not np.array_equal(got, want):
+            structure.append(f"{name} holds {got.tolist()}; expected {want.tolist()}")
 
 
 def _has_member(group: zarr.Group | _Nodes, name: str) -> bool:
@@ -331,8 +353,9 @@ def _has_member(group: zarr.Group | _Nodes, name: str) -> bool:
 
 
 def _array_of(part: str) -> tuple[str, int | None]:
-    """``pooled/<name>/<layer>`` -> (``pooled/<name>``, layer); a per-cell part -> (part, None)."""
-    if part.startswith("pooled/"):
+    """``pooled/<name>/<layer>`` -> (``pooled/<name>``, layer); a per-cell part (``pooled/cell`` too) -> (part,
+    None)."""
+    if part.startswith("pooled/") and part.count("/") == 2:
         name, layer = part.rsplit("/", 1)
         return name, int(layer)
     return part, None

@@ -21,6 +21,7 @@ import zarr
 
 from .checksums import checksum_array, write_checksums
 from .errors import WriteError
+from .store import name_arrays
 
 
 @dataclass
@@ -42,14 +43,15 @@ class ChunkData:
 
 def write_chunk(path: str, chunk: ChunkData) -> int:
     """Write every array's region of ``chunk``, its checksums, then its ``done`` flag (runs inside a Dask task)."""
-    group = zarr.open_group(path, mode="r+")
+    group = zarr.open_group(path, mode="r+", use_consolidated=False)  # the store's own files, not its index
     sl = slice(chunk.start, chunk.stop)
     stored: dict[str, np.ndarray] = {}
     for name, data in chunk.pooled.items():
         arr = group["pooled"][name]
         arr[:, sl, :] = data
         stored[name] = np.asarray(data, dtype=arr.dtype)  # the digests cover the values as stored
-    group["obs_names"][sl] = chunk.obs_names
+    for name in name_arrays(group):  # obs_names, and from store format 2 on the cell coordinates
+        group[name][sl] = chunk.obs_names
     group["n_tokens"][sl] = chunk.n_tokens
     group["truncated"][sl] = chunk.truncated
     checksums = checksum_array(group)

@@ -60,7 +60,7 @@ def test_obsm_per_layer_equals_the_store_rows_with_provenance(store, adata):
     rec = a.uns["cellstrata"]["X_scgpt"]
     assert rec["family"] == "scgpt" and rec["preset"] == "tiny" and rec["pooling"] == "cls"
     assert list(rec["layers"]) == [1, last] and rec["dtype"] == "float32" and rec["store_dtype"] == "float16"
-    assert rec["config_hash"] == store.attrs["config_hash"] and rec["format_version"] == 1
+    assert rec["config_hash"] == store.attrs["config_hash"] and rec["format_version"] == 2
     assert rec["checkpoint_sha256"] == store.attrs["model"]["sha256"] and rec["weights"] == "random"
     assert rec["store"] == str(store.path)
 
