@@ -751,6 +751,8 @@ class Store:
         if self.format_version < 2:
             layer, depth = layer_values(self.n_layers)
             ds = ds.assign_coords(cell=self.obs_names(), layer=layer, depth=("layer", depth))
+        else:
+            ds = ds.assign_coords(depth=ds["depth"].compute())  # L+1 numbers: shown, not a dask graph
         ds = ds.assign_coords(committed=("cell", committed))
         ds.attrs = {"cellstrata": json.dumps(self.attrs, default=str)}
         if done.all():
