@@ -129,7 +129,9 @@ sys.exit(cli.main(argv))
 
 
 @pytest.mark.parametrize("step", ["parser", "input", "model"])
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
+)
 def test_signal_during_startup_says_so_in_one_line(tmp_path, h5ad, ckpt, step, sig):
     out, ready = tmp_path / "s.zarr", tmp_path / "ready"
     argv = extract_argv(h5ad, ckpt, out)

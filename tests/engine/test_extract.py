@@ -103,6 +103,7 @@ def test_store_holds_every_layer_of_every_cell(h5ad, ckpt, adata, tmp_path):
     assert not np.allclose(values["mean"][1], values["mean"][-1])
 
 
+@pytest.mark.slow
 def test_cell_vectors_do_not_depend_on_batching(h5ad, ckpt, tmp_path):
     base = read_all(run(h5ad, ckpt, tmp_path / "a.zarr", max_tokens=100_000, limit=60))
     alone = read_all(run(h5ad, ckpt, tmp_path / "b.zarr", max_tokens=1, limit=60))  # one cell per batch
@@ -125,6 +126,7 @@ def test_in_memory_anndata_and_float16(adata, ckpt, tmp_path):
     assert ds["mean"].sizes["layer"] == s16.n_layers + 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_triton_backend_store_equals_torch_backend_store(h5ad, ckpt, tmp_path, monkeypatch, dtype):
     """The whole pipeline with the fused kernel (the interpreter on CPU) against the torch path."""

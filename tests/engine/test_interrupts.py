@@ -234,6 +234,7 @@ except KeyboardInterrupt:
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_after_two_runs_in_a_script_raises_at_once(case, tmp_path):
     import subprocess
     import sys

@@ -68,6 +68,7 @@ def test_live_lease_refuses_extract_and_nothing_is_created(case, tmp_path, capsy
     assert main([*common, "--out", str(out)]) == 0
 
 
+@pytest.mark.slow
 def test_stale_leases_are_taken_over(case, tmp_path, caplog):
     common, ref = case
     # a process on this host that is gone

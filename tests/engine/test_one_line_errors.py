@@ -109,7 +109,8 @@ def fault_env(tmp_path: Path, out: Path, errno_name: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ full and read-only disks
 @pytest.mark.parametrize(
-    ("errno_name", "cause"), [("ENOSPC", "the disk is full"), ("EROFS", "the store is not writable")]
+    ("errno_name", "cause"),
+    [("ENOSPC", "the disk is full"), pytest.param("EROFS", "the store is not writable", marks=pytest.mark.slow)],
 )
 def test_full_or_read_only_disk_ends_in_one_line(case, tmp_path, errno_name, cause):
     out = tmp_path / "s.zarr"
@@ -140,7 +141,7 @@ def test_full_disk_on_a_local_cluster_ends_in_one_line(case, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ signals
-@pytest.mark.parametrize("gap", [0.0, 0.3], ids=["at-once", "after-0.3s"])
+@pytest.mark.parametrize("gap", [0.0, pytest.param(0.3, marks=pytest.mark.slow)], ids=["at-once", "after-0.3s"])
 def test_second_sigterm_ends_in_one_line(case, tmp_path, gap):
     out = tmp_path / "s.zarr"
     proc = start([*case["common"], "--out", str(out)], tmp_path)
@@ -180,6 +181,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.slow
 def test_second_sigterm_while_the_process_exits_keeps_its_status(case, tmp_path):
     script = tmp_path / "second_signal.py"
     script.write_text(SECOND_SIGNAL_WHILE_EXITING)
@@ -216,6 +218,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_second_sigterm_in_a_finalizer_ends_in_one_line(case, tmp_path):
     script = tmp_path / "second_signal.py"
     script.write_text(SECOND_SIGNAL_IN_A_FINALIZER)
@@ -270,6 +273,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_shutdown_noise_of_a_successful_run_is_not_printed(case, tmp_path):
     script = tmp_path / "noisy.py"
     script.write_text(SHUTDOWN_NOISE)

@@ -81,7 +81,9 @@ def test_packed_hidden_states_equal_padded(family, checkpoints, h5ad):
             assert err < 1e-5, f"{family} layer {layer} cell {row}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "family", [f if f in ("scgpt", "tahoe-x1") else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+)
 def test_packed_store_equals_padded_store(family, checkpoints, h5ad, tmp_path):
     stores = {}
     for attention in ("padded", "packed"):

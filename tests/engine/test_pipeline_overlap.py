@@ -28,6 +28,7 @@ def run(case, out):
     return cs.extract(data, model="scgpt", checkpoint=ckpt, out=out, chunk_cells=10, progress=False)
 
 
+@pytest.mark.slow
 def test_slow_writer_shows_as_writer_wait(case, tmp_path, monkeypatch):
     real = writer_mod.write_chunk
 

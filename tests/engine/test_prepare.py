@@ -50,6 +50,7 @@ def test_in_memory_input_stays_on_threads(case, tmp_path):
     assert store.attrs["telemetry"]["input_processes"] == 0 and store.is_complete
 
 
+@pytest.mark.slow
 def test_an_error_in_a_worker_is_the_same_one_clear_error(case, tmp_path):
     _, ckpt, adata = case
     bad = adata[:60].copy()

@@ -94,6 +94,7 @@ def files(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if p.is_file())
 
 
+@pytest.mark.slow
 def test_a_creation_cut_at_any_write_is_created_again_by_the_same_command(case, tmp_path, monkeypatch):
     data, kw, ref = case
     n = creation_writes(case, tmp_path, monkeypatch)

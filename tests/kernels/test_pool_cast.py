@@ -339,7 +339,9 @@ def pipeline_out(n_layers: int, n_ops: int, n_cells: int, hidden: int, dtype: to
     return buf[:, :n_cells, : n_ops * hidden].unflatten(-1, (n_ops, hidden)).transpose(1, 2)
 
 
-@pytest.mark.parametrize("n_seg", [1, 2, 3, 5])
+@pytest.mark.parametrize(
+    "n_seg", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow), 5]
+)
 @pytest.mark.parametrize("layout", ["padded", "padded_starts", "packed"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
 def test_split_segments_match_reference(n_seg, layout, out_dtype):

@@ -92,6 +92,7 @@ def test_semantic_similarity_equals_the_papers_pipeline_by_default(case):
     assert plan.caps["caps"] == [] and not plan.caps["subsampled"]
 
 
+@pytest.mark.slow
 def test_the_former_caps_change_the_papers_number(case):
     """Before: >= 10 cells and at most 2,000 controls dropped 4 perturbations and 498 controls, and the
     statistic moved by more than 0.1 on both layers."""

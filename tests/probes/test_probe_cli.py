@@ -62,6 +62,7 @@ def test_probe_command_bad_input_is_one_clear_error(demo_store, tmp_path, capsys
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_demo_ends_with_the_probe_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "demo"), "--cells", "1200", "--quiet"]) == 0
     printed = capsys.readouterr().out

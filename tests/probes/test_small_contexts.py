@@ -195,6 +195,7 @@ def test_probe_skips_the_tiny_context_of_every_task(small_context_store, warning
     assert len(warnings_logged) == 3 and all("context 'tiny'" in m for m in warnings_logged)
 
 
+@pytest.mark.slow
 def test_probe_command_skips_the_tiny_context_and_names_each_threshold(small_context_store, tmp_path, capsys):
     path, data, _ = small_context_store
     out = tmp_path / "report"
