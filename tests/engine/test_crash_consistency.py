@@ -429,8 +429,9 @@ def table(kills: list[Kill]) -> str:
 
 def test_sigkill_at_any_instant_resumes_to_the_reference_store(case, tmp_path, capsys):
     arrays = array_paths(case)
-    assert {"done", "checksum", "obs_names", "n_tokens", "truncated"} <= set(arrays)
-    assert sum(name.startswith("pooled/") for name in arrays) == 4
+    coords = {"cell", "pooled/cell", "pooled/layer", "pooled/depth"}  # store format 2
+    assert {"done", "checksum", "obs_names", "n_tokens", "truncated", *coords} <= set(arrays)
+    assert sum(name.startswith("pooled/") and name not in coords for name in arrays) == 4
     kills = plan(case)
     only = os.environ.get(ONLY)
     if only:
