@@ -610,6 +610,8 @@ class Extraction:
             if in_flight:
                 self._land(*in_flight.pop(), writer, bar)
             writer.flush()
+            if bar is not None:  # every chunk is committed now: the line's last word
+                bar.advance(0, self._status(writer, bar))
         except BaseException:
             # Chunks already handed to the writer are complete: let them commit before leaving.
             if self.stop:
