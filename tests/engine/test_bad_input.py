@@ -128,7 +128,9 @@ sys.exit(cli.main(argv))
 """
 
 
-@pytest.mark.parametrize("step", ["parser", "input", "model"])
+@pytest.mark.parametrize(
+    "step", [pytest.param("parser", marks=pytest.mark.slow), pytest.param("input", marks=pytest.mark.slow), "model"]
+)
 @pytest.mark.parametrize(
     "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
 )

@@ -147,7 +147,7 @@ def test_triton_backend_store_equals_torch_backend_store(h5ad, ckpt, tmp_path, m
             assert (diff <= 1e-5 * np.abs(a[name]) + 1e-6).all(), name
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_float16_overflow_is_reported_per_layer(h5ad, ckpt, tmp_path, monkeypatch, caplog, backend):
     """Layer 2 scaled far beyond float16: counted in the telemetry, named in a warning, float32 keeps it."""
     from cellstrata.engine.models.scgpt import ScGPTModel
@@ -235,6 +235,7 @@ def test_rerun_resumes_and_other_config_is_refused(h5ad, ckpt, tmp_path, capsys)
     assert cs.open_store(out).poolings == ["max"]
 
 
+@pytest.mark.slow
 def test_write_failure_mid_run_then_resume(h5ad, ckpt, tmp_path, monkeypatch):
     ref = read_all(run(h5ad, ckpt, tmp_path / "ref.zarr", dtype="float16"))
     real = writer_mod.write_chunk

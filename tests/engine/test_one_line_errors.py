@@ -141,7 +141,8 @@ def test_full_disk_on_a_local_cluster_ends_in_one_line(case, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ signals
-@pytest.mark.parametrize("gap", [0.0, pytest.param(0.3, marks=pytest.mark.slow)], ids=["at-once", "after-0.3s"])
+@pytest.mark.slow
+@pytest.mark.parametrize("gap", [0.0, 0.3], ids=["at-once", "after-0.3s"])
 def test_second_sigterm_ends_in_one_line(case, tmp_path, gap):
     out = tmp_path / "s.zarr"
     proc = start([*case["common"], "--out", str(out)], tmp_path)

@@ -31,6 +31,7 @@ def run(data, ckpt, out, **kw):
     return cs.extract(data, model="scgpt", checkpoint=ckpt, out=out, chunk_cells=8, progress=False, **kw)
 
 
+@pytest.mark.slow
 def test_worker_processes_write_the_same_store_as_threads(case, tmp_path):
     data, ckpt, _ = case
     threads = run(data, ckpt, tmp_path / "threads.zarr", input_workers=0)

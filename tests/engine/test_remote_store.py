@@ -54,6 +54,7 @@ def test_store_at_a_url_matches_the_local_store(case, tmp_path, scheme):
         StoreLocation.of(url).remove()
 
 
+@pytest.mark.slow
 def test_probe_reads_and_caches_in_a_url_store(case):
     data, kw, _, adata = case
     from cellstrata.probes.celltype import CellTypeTask

@@ -343,7 +343,7 @@ def pipeline_out(n_layers: int, n_ops: int, n_cells: int, hidden: int, dtype: to
     "n_seg", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow), 5]
 )
 @pytest.mark.parametrize("layout", ["padded", "padded_starts", "packed"])
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("out_dtype", [torch.float32, pytest.param(torch.float16, marks=pytest.mark.slow)])
 def test_split_segments_match_reference(n_seg, layout, out_dtype):
     """Forced splits (odd, ending mid-tile, more segments than a cell has tiles) into the pipeline's strided view."""
     from cellstrata.kernels.pool_cast_triton import pool_cast_triton
@@ -362,7 +362,7 @@ def test_split_segments_match_reference(n_seg, layout, out_dtype):
     assert (out.transpose(1, 2).flatten(2).isfinite() | out.transpose(1, 2).flatten(2).isnan()).all()
 
 
-@pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_split_keeps_max_and_picks_bit_identical(in_dtype):
     """Max and the single-token ops do not depend on the split; sum/mean only by float32 summation order."""
     from cellstrata.kernels.pool_cast_triton import pool_cast_triton

@@ -181,6 +181,7 @@ def small_context_store(tmp_path_factory):
 TASKS = "cell_type,knn_transfer,clustering,trajectory,perturbation"
 
 
+@pytest.mark.slow
 def test_probe_skips_the_tiny_context_of_every_task(small_context_store, warnings_logged):
     path, _, adata = small_context_store
     tasks = [
@@ -220,6 +221,7 @@ def test_probe_command_skips_the_tiny_context_and_names_each_threshold(small_con
     assert '"skipped_contexts": {"tiny": "task cell_type: column' in (out / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_probe_command_with_every_context_too_small_is_one_error(small_context_store, tmp_path, capsys):
     path, data, _ = small_context_store
     args = [
