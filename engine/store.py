@@ -825,6 +825,10 @@ class Store:
                 f"{t.get('input_wait_seconds', 0):.1f} s for input and {t.get('writer_wait_seconds', 0):.1f} s "
                 "for the writer"
             )
+            busy, fwd, wait = t.get("device_busy_fraction"), t.get("forward_fraction"), t.get("writer_wait_fraction")
+            if busy is not None or fwd is not None:
+                share = f"GPU busy {100 * busy:.0f}%" if busy is not None else f"forward pass {100 * fwd:.0f}%"
+                lines.append(f"utilisation {share} of wall time, writer wait {100 * (wait or 0):.0f}% of wall time")
             c = t.get("cluster")
             if c:
                 lines.append(

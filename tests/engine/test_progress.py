@@ -174,6 +174,7 @@ def test_extract_prints_no_progress_into_a_pipe_and_records_telemetry(h5ad, ckpt
     assert 0 < t["forward_fraction"] <= 1
     assert t["device_type"] == "cpu" and t["device_busy_fraction"] is None and t["device_busy_seconds"] == 0
     assert t["writer_wait_seconds"] >= 0 and t["writer_wait_fraction"] is not None
+    assert f"utilisation forward pass {100 * t['forward_fraction']:.0f}% of wall time" in store.summary()
 
 
 def test_extract_line_when_drawn(h5ad, ckpt, tmp_path, monkeypatch):
