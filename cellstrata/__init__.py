@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one version source (pyproject.toml reads it; see CHANGELOG.md)
 
 _PUBLIC = {
     "extract": ("cellstrata.engine.pipeline", "extract"),

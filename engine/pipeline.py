@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import kernels
+from .. import __version__, kernels
 from .batching import iter_batches
 from .budget import auto_max_tokens
 from .errors import ConfigError
@@ -56,7 +56,7 @@ from .writer import ChunkData, ChunkWriter
 
 log = logging.getLogger("cellstrata")
 
-ENGINE_VERSION = "0.1.0"
+ENGINE_VERSION = __version__  # one version source: cellstrata/__init__.py
 EMPTY_POLICIES = ("nan", "error")
 MIN_WINDOW_CELLS = 1024
 PREFLIGHT_CELLS = 256

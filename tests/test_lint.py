@@ -1,7 +1,8 @@
-"""The code base stays ruff clean (the configuration lives in pyproject.toml)."""
+"""The code base stays ruff clean and ruff formatted; one version source, named in the CHANGELOG."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -10,9 +11,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_ruff_clean():
+def _ruff() -> str:
     beside = Path(sys.executable).parent / "ruff"
     ruff = str(beside) if beside.exists() else shutil.which("ruff")
     assert ruff, "ruff is part of the test extras; install them with the README's test command"
-    res = subprocess.run([ruff, "check", "."], cwd=ROOT, capture_output=True, text=True)
+    return ruff
+
+
+def test_ruff_clean():
+    res = subprocess.run([_ruff(), "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_ruff_formatted():
+    res = subprocess.run([_ruff(), "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, "run `ruff format .`:\n" + res.stdout + res.stderr
+
+
+def test_one_version_source_and_its_changelog_entry():
+    import cellstrata
+    from cellstrata.engine.pipeline import ENGINE_VERSION
+
+    assert "dynamic" in (ROOT / "pyproject.toml").read_text() and cellstrata.__version__ == ENGINE_VERSION
+    head = re.search(r"^## \[?(\d+\.\d+\.\d+)", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert head and head.group(1) == cellstrata.__version__, "add the version's entry at the top of CHANGELOG.md"
