@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -130,10 +129,6 @@ class Task:
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v
         return out
-
-    def key(self) -> str:
-        blob = json.dumps(self.settings(), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def required_columns(self) -> list[str]:
         """obs columns the task reads (checked before any layer is read)."""

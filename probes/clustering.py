@@ -55,16 +55,6 @@ SELECTIONS = ("nmi", "max")
 _IGRAPH_RNG = threading.Lock()  # igraph's random generator is process-global
 
 
-def ari(labels: np.ndarray, clusters: np.ndarray) -> float:
-    """Adjusted Rand index."""
-    return float(partition_metrics(labels, clusters)["ari"][0])
-
-
-def nmi(labels: np.ndarray, clusters: np.ndarray) -> float:
-    """Normalised mutual information (arithmetic mean of the entropies)."""
-    return float(partition_metrics(labels, clusters)["nmi"][0])
-
-
 def leiden_graph(connectivities: sp.spmatrix) -> Any:
     """The python-igraph graph scib-metrics clusters: each stored entry an edge, then made undirected.
 

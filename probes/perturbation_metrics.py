@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
 from .confidence import fdr_bh
+from .correlation import spearman_rows
 
 WELCH_EPS = 1e-8  # the paper's guard in |delta| / (se + eps)
 _CHUNK_ELEMENTS = 1 << 24  # float64 elements per batch of permutations (128 MiB)
@@ -46,22 +47,6 @@ def rank_cosine_similarity(D: np.ndarray) -> np.ndarray:
     only when rows have no ties; with the zero-filled profiles (many ties at 0) it is close to it.
     """
     return cosine_similarity_matrix(rankdata(np.asarray(D, dtype=np.float64), axis=1, method="average"))
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation of two vectors (average ranks for ties); NaN if either is constant."""
-    return float(_rank_pearson(np.asarray(a)[None, :], np.asarray(b))[0])
-
-
-def _rank_pearson(A: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman correlation of every row of ``A [B, m]`` with ``b [m]``."""
-    ra = rankdata(A, axis=1, method="average")
-    rb = rankdata(b, method="average")
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb = rb - rb.mean()
-    den = np.sqrt((ra * ra).sum(axis=1) * (rb @ rb))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (ra @ rb) / np.where(den > 0, den, 1.0), np.nan)
 
 
 def similarity_agreement(S_emb: np.ndarray, S_ref: np.ndarray, resample: np.ndarray | None = None) -> float:
@@ -196,7 +181,7 @@ def centroid_agreement_null(
         if center is not None:
             C -= center
         S = cosine_similarity_matrix(C)
-        out.append(_rank_pearson(S[:, iu[0], iu[1]], ref))
+        out.append(spearman_rows(S[:, iu[0], iu[1]], ref))
     return np.concatenate(out)
 
 

@@ -45,12 +45,12 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from scipy.stats import rankdata
 from sklearn.model_selection import KFold
 
 from ..engine.errors import ConfigError, ProbeError
 from .base import ContextPlan, Metric, SmallContextError, Task, plan_contexts, require_columns
 from .confidence import bootstrap_indices
+from .correlation import boot_counts, spearman, spearman_boot
 from .diffusion import (
     KERNELS,
     DiffusionMap,
@@ -65,7 +65,6 @@ from .features import as_float32, hvg_pca, pca_recipe
 from .sampling import stratified_cap
 
 RIDGE_ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 13))
-METRICS = ("dpt_spearman_time", "dpt_spearman_reference", "ridge_r2", "ridge_spearman", "time_smoothness")
 ROOT_RULES = ("first", "robust")
 GRAPH_FEATURES = ("raw", "pca50")
 REFERENCE_HVG_GENES = 2500  # the paper's highly_variable_genes(n_top_genes=2500)
@@ -153,23 +152,6 @@ def bootstrap_roots(t: np.ndarray, n_roots: int, n_boot: int, seed: int | np.ran
 # ---------------------------------------------------------------- metric functions (last axis = cells)
 
 
-def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
-    """Pearson correlation along the last axis (NaN where either side is constant)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    a = a - a.mean(axis=-1, keepdims=True)
-    b = b - b.mean(axis=-1, keepdims=True)
-    num = (a * b).sum(axis=-1)
-    den = np.sqrt((a * a).sum(axis=-1) * (b * b).sum(axis=-1))
-    out = np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
-    return float(out) if out.ndim == 0 else out
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
-    """Spearman correlation along the last axis: Pearson of average ranks (ties as scipy; ``inf`` ranks last)."""
-    return pearson(rankdata(a, axis=-1), rankdata(b, axis=-1))
-
-
 def r2(y: np.ndarray, y_hat: np.ndarray) -> np.ndarray | float:
     """Coefficient of determination ``1 - SS_res / SS_tot`` along the last axis (NaN when ``y`` is constant)."""
     y = np.asarray(y, dtype=np.float64)
@@ -201,45 +183,7 @@ def time_smoothness(gaps: np.ndarray, t: np.ndarray) -> np.ndarray | float:
         return np.asarray(gaps, dtype=np.float64).mean(axis=-1) / mean_pair_gap(t)
 
 
-# ---------------------------------------------------------------- bootstrap replicates from multiplicities
-#
-# A bootstrap replicate of a statistic of per-cell values equals a weighted statistic over the original
-# cells, weighted by how often each was drawn. Computing it that way costs O(n_boot * n) instead of
-# re-sorting every resample (rankdata on a [200, 50k] resample matrix takes seconds, per metric and layer).
-
-
-def boot_counts(boot: np.ndarray, n: int) -> np.ndarray:
-    """How often each of ``n`` cells is drawn in every replicate of ``boot [B, m]``: ``[B, n]`` float64."""
-    B = boot.shape[0]
-    flat = (np.asarray(boot, dtype=np.int64) + (np.arange(B, dtype=np.int64) * n)[:, None]).ravel()
-    return np.bincount(flat, minlength=B * n).reshape(B, n).astype(np.float64)
-
-
-def _resample_ranks(a: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``[B, n]``: the average rank each cell's value gets among the values drawn in each replicate."""
-    order = np.argsort(a, kind="stable")
-    s = a[order]
-    new = np.r_[True, s[1:] != s[:-1]]  # tie groups (equal infinities tie too)
-    per_group = np.add.reduceat(counts[:, order], np.flatnonzero(new), axis=1)
-    ranks = np.cumsum(per_group, axis=1) - per_group + (per_group + 1.0) / 2.0
-    out = np.empty_like(counts)
-    out[:, order] = ranks[:, np.cumsum(new) - 1]
-    return out
-
-
-def _weighted_pearson(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Pearson correlation of ``x``, ``y`` along the last axis with weights ``w`` ``[B, n]``."""
-    m = w.sum(axis=-1, keepdims=True)
-    dx = x - (w * x).sum(axis=-1, keepdims=True) / m
-    dy = y - (w * y).sum(axis=-1, keepdims=True) / m
-    num = (w * dx * dy).sum(axis=-1)
-    den = np.sqrt((w * dx * dx).sum(axis=-1) * (w * dy * dy).sum(axis=-1))
-    return np.divide(num, den, out=np.full_like(num, np.nan), where=den > 0)
-
-
-def spearman_boot(a: np.ndarray, b: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``spearman(a[idx], b[idx])`` for every replicate, from ``counts = boot_counts(boot, n)`` (no NaN in a, b)."""
-    return _weighted_pearson(_resample_ranks(a, counts), _resample_ranks(b, counts), counts)
+# ---------------------------------------------------------------- bootstrap replicates (see :mod:`.correlation`)
 
 
 def r2_boot(y: np.ndarray, y_hat: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import ProbeError
 from cellstrata.probes.base import ContextPlan, Metric
 from cellstrata.probes.confidence import fdr_bh, permutation_test
+from cellstrata.probes.correlation import spearman
 from cellstrata.probes.features import log1p_cpm
 from cellstrata.probes.perturbation import PerturbationTask
 from cellstrata.probes.perturbation_metrics import (
@@ -45,7 +46,6 @@ from cellstrata.probes.perturbation_metrics import (
     rank_cosine_similarity,
     shift_similarity,
     similarity_agreement,
-    spearman,
     top_genes,
     upper_triangle,
     welch_t,

@@ -15,26 +15,25 @@ from sklearn.preprocessing import StandardScaler
 
 from cellstrata.engine.errors import ConfigError, ProbeError
 from cellstrata.probes.base import ContextPlan, Metric
+from cellstrata.probes.correlation import boot_counts, pearson, spearman, spearman_boot
 from cellstrata.probes.trajectory import (
-    METRICS,
     RIDGE_ALPHAS,
     TrajectoryTask,
-    boot_counts,
     bootstrap_replicates,
     bootstrap_roots,
     choose_roots,
     mean_pair_gap,
     neighbour_gaps,
-    pearson,
     r2,
     r2_boot,
     ridge_cv_predict,
-    spearman,
-    spearman_boot,
     time_smoothness,
     time_smoothness_boot,
     time_values,
 )
+
+# the metrics a trajectory evaluation returns, in order
+METRICS = ("dpt_spearman_time", "dpt_spearman_reference", "ridge_r2", "ridge_spearman", "time_smoothness")
 
 
 def simulate(n: int, seed: int = 0, width: int = 48, n_genes: int = 300) -> dict:

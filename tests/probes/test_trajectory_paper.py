@@ -22,9 +22,10 @@ from sklearn.preprocessing import StandardScaler
 
 from cellstrata.engine.errors import ProbeError
 from cellstrata.probes.base import ContextPlan, Metric
+from cellstrata.probes.correlation import spearman
 from cellstrata.probes.features import highly_variable_genes, hvg_pca, log1p_cpm
 from cellstrata.probes.tasks import make_task
-from cellstrata.probes.trajectory import TrajectoryTask, spearman
+from cellstrata.probes.trajectory import TrajectoryTask
 
 sc = pytest.importorskip("scanpy")
 ad = pytest.importorskip("anndata")
