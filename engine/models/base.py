@@ -224,6 +224,41 @@ def canonical_rows(block: CellBlock, mapping: GeneMapping) -> tuple[sp.csr_matri
     return X, indices
 
 
+def leading_token_block(
+    indices: np.ndarray,
+    token: int,
+    token_value: float,
+    genes: np.ndarray,
+    values: np.ndarray,
+    n_genes: np.ndarray,
+    *,
+    truncated: np.ndarray,
+    empty: np.ndarray,
+    n_expressed: np.ndarray | None = None,
+) -> TokenizedBlock:
+    """A :class:`TokenizedBlock` from flat gene tokens (``n_genes`` per cell, cell after cell), each cell
+    led by ``token`` with value ``token_value``: int64 genes, float32 values, one split of each array."""
+    n_genes = np.asarray(n_genes, dtype=np.int64)
+    n_cells = len(n_genes)
+    starts = np.concatenate(([0], np.cumsum(n_genes[:-1] + 1))).astype(np.int64) if n_cells else n_genes
+    gene_at = np.ones(len(genes) + n_cells, dtype=bool)
+    gene_at[starts] = False
+    out_genes = np.empty(len(genes) + n_cells, dtype=np.int64)
+    out_values = np.empty(len(genes) + n_cells, dtype=np.float32)
+    out_genes[starts] = token
+    out_values[starts] = token_value
+    out_genes[gene_at] = genes
+    out_values[gene_at] = values
+    return TokenizedBlock(
+        indices=np.asarray(indices).copy(),
+        genes=np.split(out_genes, starts[1:]),
+        values=np.split(out_values, starts[1:]),
+        truncated=np.asarray(truncated, dtype=bool),
+        empty=np.asarray(empty, dtype=bool),
+        n_expressed=n_expressed,
+    )
+
+
 class Tokenizer(Protocol):
     """Official preprocessing of one family (see each family's module for the exact rules).
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["RNG_NAME", "random_bits", "random_order", "uniform"]
+__all__ = ["RNG_NAME", "bits_at", "cell_keys", "random_bits", "random_order", "random_subset", "to_uniform", "uniform"]
 
 RNG_NAME = "splitmix64(seed, stream, cell_index, position)"
 
@@ -43,18 +43,32 @@ def _as_u64(x: np.ndarray | int) -> np.ndarray:
     return a.astype(np.uint64, copy=False)
 
 
-def random_bits(seed: int, stream: int, cells: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """64 random bits per element: a hash of ``(seed, stream, cells[i], positions[i])`` (broadcast)."""
+def cell_keys(seed: int, stream: int, cells: np.ndarray) -> np.ndarray:
+    """The per-cell half of :func:`random_bits`: one uint64 key per ``(seed, stream, cells[i])``."""
     with np.errstate(over="ignore"):
         key = _mix(_as_u64(seed) * _GOLDEN + _as_u64(stream) + _GOLDEN)
-        key = _mix(key ^ (_as_u64(cells) + np.uint64(1)) * _GOLDEN)
-        return _mix(key ^ (_as_u64(positions) + np.uint64(1)) * _M2)
+        return _mix(key ^ (_as_u64(cells) + np.uint64(1)) * _GOLDEN)
+
+
+def bits_at(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The per-position half of :func:`random_bits`: ``keys`` from :func:`cell_keys` (broadcast)."""
+    with np.errstate(over="ignore"):
+        return _mix(np.asarray(keys, dtype=np.uint64) ^ (_as_u64(positions) + np.uint64(1)) * _M2)
+
+
+def random_bits(seed: int, stream: int, cells: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """64 random bits per element: a hash of ``(seed, stream, cells[i], positions[i])`` (broadcast)."""
+    return bits_at(cell_keys(seed, stream, cells), positions)
+
+
+def to_uniform(bits: np.ndarray) -> np.ndarray:
+    """Uniform float64 in ``[0, 1)`` from the top 53 of 64 random bits."""
+    return (bits >> _S11).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def uniform(seed: int, stream: int, cells: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """Uniform float64 draws in ``[0, 1)`` (53 random bits each), one per counter."""
-    bits = random_bits(seed, stream, cells, positions)
-    return (bits >> _S11).astype(np.float64) * (1.0 / (1 << 53))
+    return to_uniform(random_bits(seed, stream, cells, positions))
 
 
 def random_order(seed: int, stream: int, cells: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -63,12 +77,57 @@ def random_order(seed: int, stream: int, cells: np.ndarray, rows: np.ndarray, co
     The flat array holds the elements of cell ``k`` at ``offsets[k]:offsets[k + 1]`` (``counts`` per
     cell, ``rows`` the segment of each element, non-decreasing); ``cells[k]`` is cell ``k``'s global
     index. The result ``perm`` keeps segments in place and orders the elements of each by the random
-    key of (cell index, position in the cell), so ``perm[offsets[k]:offsets[k] + m]`` is a uniformly
-    random ``m``-subset of cell ``k`` in random order, whatever block the cell was read in.
+    key of (cell index, position in the cell), ties by position, so ``perm[offsets[k]:offsets[k] + m]``
+    is a uniformly random ``m``-subset of cell ``k`` in random order, whatever block the cell was read in.
     """
     counts = np.asarray(counts, dtype=np.int64)
     rows = np.asarray(rows, dtype=np.int64)
     offsets = np.concatenate(([0], np.cumsum(counts)))
     position = np.arange(len(rows), dtype=np.int64) - offsets[rows]
-    keys = random_bits(seed, stream, np.asarray(cells)[rows], position)
-    return np.lexsort((keys, rows))
+    keys = bits_at(cell_keys(seed, stream, np.asarray(cells))[rows], position)
+    if not len(rows):
+        return np.zeros(0, dtype=np.int64)
+    # One uint64 sort of (segment | top bits of the key | position) instead of a two-key lexsort: the
+    # segment keeps segments in place, the position says where each sorted element came from.
+    row_bits = int(len(counts) - 1).bit_length()
+    pos_bits = int(counts.max() - 1).bit_length()
+    key_bits = 64 - row_bits - pos_bits
+    if key_bits < 16:
+        return np.lexsort((keys, rows))
+    packed = (keys >> np.uint64(64 - key_bits)) << np.uint64(pos_bits) | position.astype(np.uint64)
+    if row_bits:
+        packed |= rows.astype(np.uint64) << np.uint64(key_bits + pos_bits)
+    packed.sort()
+    head = packed >> np.uint64(pos_bits)
+    perm = offsets[(head >> np.uint64(key_bits)).astype(np.int64)] if row_bits else np.zeros(len(rows), np.int64)
+    perm += (packed & np.uint64((1 << pos_bits) - 1)).astype(np.int64)
+    if key_bits < 64:  # equal top bits (rare): order those runs by the whole key, then position
+        tie = head[1:] == head[:-1]
+        if tie.any():
+            slots = np.flatnonzero(np.concatenate((tie, [False])) | np.concatenate(([False], tie)))
+            members = perm[slots]
+            perm[slots] = members[np.lexsort((members, keys[members], head[slots]))]
+    return perm
+
+
+def random_subset(seed: int, stream: int, cells: np.ndarray, counts: np.ndarray, size: np.ndarray | int) -> np.ndarray:
+    """Flat indices of the elements each segment keeps: all in order, or a random ``size``-subset.
+
+    Segment ``k`` (``counts[k]`` elements, global cell index ``cells[k]``) keeps its elements in place
+    when ``counts[k] <= size[k]``, else the first ``size[k]`` of its :func:`random_order` (random
+    subset, random order). The result lists the kept elements segment after segment.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    size = np.broadcast_to(np.asarray(size, dtype=np.int64), counts.shape)
+    offsets = np.concatenate(([0], np.cumsum(counts)))
+    rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    order = np.arange(len(rows), dtype=np.int64)
+    long = counts > size
+    if long.any():
+        long_rows = np.flatnonzero(long)
+        at = np.flatnonzero(long[rows])  # the elements of long segments, segment after segment
+        sub_counts = counts[long_rows]
+        sub_rows = np.repeat(np.arange(len(long_rows), dtype=np.int64), sub_counts)
+        order[at] = at[random_order(seed, stream, np.asarray(cells)[long_rows], sub_rows, sub_counts)]
+    keep = np.arange(len(rows), dtype=np.int64) - offsets[rows] < size[rows]
+    return order[keep]

@@ -4,8 +4,11 @@ Reproduces the official embedding path of ``scgpt==0.2.4``
 (``tasks/cell_emb.embed_data`` -> ``get_batch_cell_embeddings`` -> ``DataCollator(do_binning=True,
 do_mlm=False, keep_first_n_tokens=1, sampling=True)`` -> ``preprocess.binning(n_bins=51)`` ->
 ``TransformerModel._encode``), with one deliberate difference: every random draw (the tie-break of
-``_digitize(side="both")`` and the random subset of over-long cells) comes from
-``np.random.default_rng((seed, cell_index))``, so a cell's tokens do not depend on its batch or order.
+``_digitize(side="both")`` and the random subset of over-long cells) is a counter-based draw
+(:mod:`.counter_rng`) keyed by (seed, stream, cell index, position in the cell's expressed genes), so a
+cell's tokens do not depend on its batch, block or order. :meth:`ScGPTTokenizer.tokenize` works on the
+whole block at once; :meth:`ScGPTTokenizer.tokenize_reference` restates the per-cell rule with the same
+draws (tests and ``benchmarks/tokenize.py`` compare the two).
 
 Checkpoint folder (as released): ``best_model.pt`` (a plain state dict, flash-attn ``Wqkv`` layout or
 torch ``in_proj_`` layout), ``args.json`` (model settings) and ``vocab.json`` (token -> id).
@@ -42,6 +45,7 @@ from .base import (
     TokenBatch,
     TokenizedBlock,
     canonical_rows,
+    leading_token_block,
 )
 from .checkpoints import (
     checkpoint_folder,
@@ -51,6 +55,7 @@ from .checkpoints import (
     refuse_unknown_options,
     sha256_file,
 )
+from .counter_rng import RNG_NAME, bits_at, cell_keys, random_order, random_subset, to_uniform, uniform
 from .layers import ContinuousValueEncoder, GeneEncoder, TorchEncoderLayer
 
 if TYPE_CHECKING:
@@ -67,7 +72,9 @@ VOCAB_FILE = "vocab.json"
 REQUIRED_FILES = (WEIGHTS_FILE, ARGS_FILE, VOCAB_FILE)
 OFFICIAL_N_BINS = 51  # DataCollator hard-codes binning(n_bins=51), whatever args.json says
 OFFICIAL_MAX_LENGTH = 1200  # embed_data's default
-TOKENIZER_VERSION = "scgpt-binning-1"
+TOKENIZER_VERSION = "scgpt-binning-2"  # 2: counter-based draws (were numpy default_rng per cell)
+TIE_STREAM = 0  # counter_rng stream of the binning tie-break
+SUBSET_STREAM = 1  # counter_rng stream of the random subset kept from an over-long cell
 # args.json key written by init_checkpoint so a random checkpoint is recognised as its preset
 PRESET_ARG = "cellstrata_preset"
 
@@ -397,7 +404,7 @@ class ScGPTTokenizer:
             "n_bins": self.n_bins,
             "max_length": self.max_length,
             "seed": self.seed,
-            "rng": "numpy default_rng((seed, cell_index))",
+            "rng": RNG_NAME,
             "over_length": "keep <cls> + random subset, random order",
             "pad_token": self.pad_token,
             "pad_id": self.pad_id,
@@ -434,60 +441,93 @@ class ScGPTTokenizer:
             "(Python: gene_column=...)."
         )
 
-    def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+    def _expressed(
+        self, block: CellBlock, mapping: GeneMapping
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every cell's expressed vocabulary genes, cell after cell: ``(genes, values, rows, counts, indices)``."""
         X, indices = canonical_rows(block, mapping)
         n_cells = X.shape[0]
-        token_ids = np.asarray(mapping.token_ids, dtype=np.int64)
-        tok = token_ids[X.indices]
+        tok = mapping.token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch .float()
         keep = (tok >= 0) & (data != 0)  # np.nonzero of the dense row: stored zeros are no tokens
-        rows_all = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
-        genes, values, rows = tok[keep], data[keep], rows_all[keep]
+        running = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
+        counts = running[X.indptr[1:]] - running[X.indptr[:-1]]
+        rows = np.repeat(np.arange(n_cells, dtype=np.int64), counts)
+        genes, values = tok[keep], data[keep]
         if not np.isfinite(values).all():
             bad = int(indices[rows[~np.isfinite(values)][0]])
             msg = f"the expression matrix holds NaN or infinite values (first in cell {bad})"
             raise InvalidValuesError(msg)
-        counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
+        return genes, values, rows, counts, indices
+
+    def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        """Token sequences of every cell, vectorised over the block (same tokens as :meth:`tokenize_reference`)."""
+        genes, values, rows, counts, indices = self._expressed(block, mapping)
         offsets = np.concatenate(([0], np.cumsum(counts)))
-
         if len(values):
-            left, right = _bin_edges_digits(values, rows, counts, self.n_bins)
+            digits, right = _bin_edges_digits(values, rows, counts, self.n_bins)
         else:
-            left = right = np.zeros(0, dtype=np.int64)
-        rands = np.empty(len(values), dtype=np.float64)
-        keep_lists: dict[int, np.ndarray] = {}
-        n_keep = self.max_length - 1
-        for i in range(n_cells):
-            n = int(counts[i])
-            if n == 0:
-                continue
-            rng = np.random.default_rng((self.seed, int(indices[i])))
-            rands[offsets[i] : offsets[i + 1]] = rng.random(n)
-            if n > n_keep:
-                keep_lists[i] = rng.permutation(n)[:n_keep]
-        digits = np.ceil(rands * (right - left) + left).astype(np.int64)
+            digits = right = np.zeros(0, dtype=np.int64)
+        tie = np.flatnonzero(digits != right)  # the value equals repeated edges: a random bin of its span
+        if len(tie):
+            keys = cell_keys(self.seed, TIE_STREAM, indices)[rows[tie]]
+            u = to_uniform(bits_at(keys, tie - offsets[rows[tie]]))
+            left = digits[tie]
+            digits[tie] = np.ceil(u * (right[tie] - left) + left).astype(np.int64)
+        kept = random_subset(self.seed, SUBSET_STREAM, indices, counts, self.max_length - 1)
+        n_kept = np.minimum(counts, self.max_length - 1)
+        return leading_token_block(
+            indices,
+            self.cls_id,
+            self.pad_value,
+            genes[kept],
+            digits[kept].astype(np.float32),
+            n_kept,
+            truncated=counts > n_kept,
+            empty=counts == 0,
+            n_expressed=counts,
+        )
 
-        total = len(values) + n_cells
-        out_genes = np.empty(total, dtype=np.int64)
-        out_values = np.empty(total, dtype=np.float32)
-        cls_pos = offsets[:-1] + np.arange(n_cells)
-        out_genes[cls_pos] = self.cls_id
-        out_values[cls_pos] = self.pad_value
-        gene_pos = np.arange(len(values)) + rows + 1
-        out_genes[gene_pos] = genes
-        out_values[gene_pos] = digits.astype(np.float32)
-        gene_list = np.split(out_genes, cls_pos[1:])
-        value_list = np.split(out_values, cls_pos[1:])
-        truncated = np.zeros(n_cells, dtype=bool)
-        for i, sel in keep_lists.items():
-            g, v = gene_list[i], value_list[i]
-            gene_list[i] = np.concatenate((g[:1], g[1:][sel]))
-            value_list[i] = np.concatenate((v[:1], v[1:][sel]))
-            truncated[i] = True
+    def tokenize_reference(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        """The official per-cell rule, one cell at a time, with the draws of :meth:`tokenize` (tests, benchmarks).
+
+        Per cell: ``bins = np.quantile(x, np.linspace(0, 1, n_bins - 1))``, ``_digitize(side="both")``
+        with ``u = uniform(seed, TIE_STREAM, cell, position)``, then ``<cls>`` + the first
+        ``max_length - 1`` of ``random_order(seed, SUBSET_STREAM, ...)`` when the cell is longer.
+        """
+        X, indices = canonical_rows(block, mapping)
+        genes_out: list[np.ndarray] = []
+        values_out: list[np.ndarray] = []
+        truncated = np.zeros(len(indices), dtype=bool)
+        counts = np.zeros(len(indices), dtype=np.int64)
+        n_keep = self.max_length - 1
+        for i, cell in enumerate(indices.tolist()):
+            sl = slice(int(X.indptr[i]), int(X.indptr[i + 1]))
+            ids = mapping.token_ids[X.indices[sl]]
+            x = np.asarray(X.data[sl]).astype(np.float32)
+            nz = (ids >= 0) & (x != 0)
+            g, x = ids[nz], x[nz]
+            if not np.isfinite(x).all():
+                msg = f"the expression matrix holds NaN or infinite values (first in cell {cell})"
+                raise InvalidValuesError(msg)
+            n = len(x)
+            counts[i] = n
+            digits = np.zeros(0, dtype=np.int64)
+            if n:
+                bins = np.quantile(x, np.linspace(0, 1, self.n_bins - 1))
+                left, right = np.digitize(x, bins), np.digitize(x, bins, right=True)
+                u = uniform(self.seed, TIE_STREAM, np.full(n, cell), np.arange(n))
+                digits = np.ceil(u * (right - left) + left).astype(np.int64)
+            if n > n_keep:
+                sel = random_order(self.seed, SUBSET_STREAM, [cell], np.zeros(n, dtype=np.int64), [n])[:n_keep]
+                g, digits = g[sel], digits[sel]
+                truncated[i] = True
+            genes_out.append(np.concatenate(([self.cls_id], g)).astype(np.int64))
+            values_out.append(np.concatenate(([self.pad_value], digits)).astype(np.float32))
         return TokenizedBlock(
             indices=indices.copy(),
-            genes=gene_list,
-            values=value_list,
+            genes=genes_out,
+            values=values_out,
             truncated=truncated,
             empty=counts == 0,
             n_expressed=counts,

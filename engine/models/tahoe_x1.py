@@ -3,10 +3,12 @@
 Reproduces the official embedding path of ``tahoebio/tahoe-x1`` (``scripts/inference/predict_embeddings.py``
 -> ``utils.util.loader_from_adata`` -> ``data.dataloader.CountDataset`` -> ``data.collator.DataCollator``
 (``do_mlm=False``, ``binning``) -> ``model.TXModel.transformer_generate`` -> ``cell_emb``), with one
-deliberate difference: the random subset kept from an over-long cell comes from
-``np.random.default_rng((seed, cell_index))`` instead of an unseeded ``torch.randperm``, so a cell's
-tokens do not depend on its batch or order (the rule is the same, the drawn subset differs from any one
-official run). The chemical (drug) token of the 3b model is not used: ``ComposerTX.from_hf`` and
+deliberate difference: the random subset kept from an over-long cell is a counter-based draw
+(:mod:`.counter_rng`, keyed by seed, stream, cell index and position) instead of an unseeded
+``torch.randperm``, so a cell's tokens do not depend on its batch, block or order (the rule is the same,
+the drawn subset differs from any one official run). :meth:`TahoeX1Tokenizer.tokenize` works on the whole
+block at once; :meth:`TahoeX1Tokenizer.tokenize_reference` restates the per-cell rule with the same draws.
+The chemical (drug) token of the 3b model is not used: ``ComposerTX.from_hf`` and
 ``utils.util.load_model`` switch it off by default (``use_chem_inf=False``), and so do we.
 
 Checkpoint folder (as published on Hugging Face, ``tahoebio/Tahoe-x1/{70m,1b,3b}-model/``):
@@ -53,6 +55,7 @@ from .base import (
     TokenBatch,
     TokenizedBlock,
     canonical_rows,
+    leading_token_block,
 )
 from .checkpoints import (
     check_state_dict,
@@ -64,6 +67,7 @@ from .checkpoints import (
     refuse_unknown_options,
     save_safetensors,
 )
+from .counter_rng import RNG_NAME, random_order, random_subset
 from .layers import ContinuousValueEncoder, GeneEncoder
 
 if TYPE_CHECKING:
@@ -84,7 +88,8 @@ KEY_PREFIX = "model."  # ComposerTX wraps TXModel as ``self.model``
 IGNORED_PREFIXES = ("expression_decoder.", "mvc_decoder.", "chem_encoder.")
 INFERENCE_MAX_LENGTH = 2048  # scripts/inference/configs/predict.yaml: predict.seq_len_dataset
 STORED_ZEROS = ("keep", "drop")  # keep: official CountDataset (every stored entry); drop: non-zero entries only
-TOKENIZER_VERSION = "tahoe-x1-binning-2"  # 2: explicit stored zeros are tokens in bin 1 (were dropped)
+TOKENIZER_VERSION = "tahoe-x1-binning-3"  # 2: stored zeros are tokens in bin 1; 3: counter-based draws
+SUBSET_STREAM = 1  # counter_rng stream of the random subset kept from an over-long cell
 PRESET_FIELD = "cellstrata_preset"  # model_config.yml field written by init_checkpoint
 # torch.nn.functional names the official ``resolve_ffn_act_fn({"name": ...})`` resolves (default arguments)
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -563,7 +568,7 @@ class TahoeX1Tokenizer:
             "keep_first_n_tokens": self.keep_first_n_tokens,
             "max_length": self.max_length,
             "seed": self.seed,
-            "rng": "numpy default_rng((seed, cell_index))",
+            "rng": RNG_NAME,
             "over_length": "keep the first keep_first_n_tokens + random subset, random order",
             "chem_token": False,
             "pad_id": self.pad_id,
@@ -602,29 +607,31 @@ class TahoeX1Tokenizer:
         )
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        """Token sequences of every cell, vectorised over the block (same tokens as :meth:`tokenize_reference`)."""
         X, indices = canonical_rows(block, mapping)
         n_cells = X.shape[0]
-        token_ids = np.asarray(mapping.token_ids, dtype=np.int64)
-        tok = token_ids[X.indices]
+        tok = mapping.token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch.tensor(dtype=torch.float)
         keep = tok >= 0  # every stored entry, explicit zeros included (CountDataset: row.indices, row.data)
         if self.stored_zeros == "drop":
             keep &= data != 0
-        rows_all = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
-        genes, values, rows = tok[keep], data[keep], rows_all[keep]
+        genes, values = tok[keep], data[keep]
+        running = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
+        counts = running[X.indptr[1:]] - running[X.indptr[:-1]]
+        rows = np.repeat(np.arange(n_cells, dtype=np.int64), counts)
         _check_counts(values, rows, indices)
         empty = np.bincount(rows[values != 0], minlength=n_cells) == 0
         if empty[rows].any():  # cells storing only zeros: the official binning raises; stored as empty
             full = ~empty[rows]
             genes, values, rows = genes[full], values[full], rows[full]
-        counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
+            counts = np.where(empty, 0, counts)
         offsets = np.concatenate(([0], np.cumsum(counts)))
 
         # binned: every gene at position >= keep_first_n_tokens of [<cls>, genes...]; a zero goes to bin 1,
         # the others to their bucket among the quantiles of the cell's non-zero binned values
-        skip = self.keep_first_n_tokens - 1
+        k = self.keep_first_n_tokens
         pos_in_cell = np.arange(len(values)) - offsets[rows]
-        binned = pos_in_cell >= skip
+        binned = pos_in_cell >= k - 1
         out_values = values.copy()
         out_values[binned & (values == 0)] = 1.0
         nonzero = binned & (values != 0)
@@ -632,31 +639,89 @@ class TahoeX1Tokenizer:
             n_binned = np.bincount(rows[nonzero], minlength=n_cells)
             out_values[nonzero] = bin_values(values[nonzero], n_binned[n_binned > 0], self.num_bins).astype(np.float32)
 
-        total = len(values) + n_cells
-        seq_genes = np.empty(total, dtype=np.int64)
-        seq_values = np.empty(total, dtype=np.float32)
-        cls_pos = offsets[:-1] + np.arange(n_cells)
-        seq_genes[cls_pos] = self.cls_id
-        seq_values[cls_pos] = self.pad_value
-        gene_pos = np.arange(len(values)) + rows + 1
-        seq_genes[gene_pos] = genes
-        seq_values[gene_pos] = out_values
-        gene_list = np.split(seq_genes, cls_pos[1:])
-        value_list = np.split(seq_values, cls_pos[1:])
-        truncated = counts + 1 > self.max_length
-        k = self.keep_first_n_tokens
-        for i in np.flatnonzero(truncated):
-            rng = np.random.default_rng((self.seed, int(indices[i])))
-            sel = np.concatenate((np.arange(k), rng.permutation(int(counts[i]) + 1 - k)[: self.max_length - k] + k))
-            gene_list[i] = gene_list[i][sel]
-            value_list[i] = value_list[i][sel]
-        return TokenizedBlock(
-            indices=indices.copy(),
-            genes=gene_list,
-            values=value_list,
-            truncated=truncated,
+        # over-long cells: the first k - 1 genes stay, then a random subset of the rest in random order
+        head = np.minimum(counts, k - 1)
+        kept_tail = random_subset(self.seed, SUBSET_STREAM, indices, counts - head, self.max_length - k)
+        n_tail = np.minimum(counts - head, self.max_length - k)
+        if k == 1:
+            kept = kept_tail
+        else:
+            tail_start = np.concatenate(([0], np.cumsum(counts - head)))
+            n_out = head + n_tail
+            out_start = np.concatenate(([0], np.cumsum(n_out)))
+            kept = np.empty(int(out_start[-1]), dtype=np.int64)
+            is_head = pos_in_cell < k - 1
+            kept[out_start[rows[is_head]] + pos_in_cell[is_head]] = np.flatnonzero(is_head)
+            tail_rows = np.repeat(np.arange(n_cells, dtype=np.int64), n_tail)
+            rank = np.arange(len(kept_tail)) - np.repeat(np.concatenate(([0], np.cumsum(n_tail)[:-1])), n_tail)
+            origin = kept_tail - tail_start[tail_rows] + offsets[tail_rows] + head[tail_rows]
+            kept[out_start[tail_rows] + head[tail_rows] + rank] = origin
+        return leading_token_block(
+            indices,
+            self.cls_id,
+            self.pad_value,
+            genes[kept],
+            out_values[kept],
+            head + n_tail,
+            truncated=counts + 1 > self.max_length,
             empty=empty,
             n_expressed=counts,  # gene tokens before sampling: stored zeros included, they take context too
+        )
+
+    def tokenize_reference(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        """The official per-cell rule, one cell at a time, with the draws of :meth:`tokenize` (tests, benchmarks).
+
+        Per cell: ``[<cls>, stored entries...]``, ``binning`` of the values after the first
+        ``keep_first_n_tokens`` (``torch.quantile`` of the non-zero ones, ``bucketize + 1``, zeros in bin 1),
+        then the first ``keep_first_n_tokens`` tokens + the first ``max_length - keep_first_n_tokens`` of
+        ``random_order(seed, SUBSET_STREAM, ...)`` over the rest when the cell is longer.
+        """
+        X, indices = canonical_rows(block, mapping)
+        k = self.keep_first_n_tokens
+        grades = torch.linspace(0, 1, self.num_bins - 1, dtype=torch.float32)
+        genes_out: list[np.ndarray] = []
+        values_out: list[np.ndarray] = []
+        n_cells = len(indices)
+        truncated, empty = np.zeros(n_cells, dtype=bool), np.zeros(n_cells, dtype=bool)
+        counts = np.zeros(n_cells, dtype=np.int64)
+        for i, cell in enumerate(indices.tolist()):
+            sl = slice(int(X.indptr[i]), int(X.indptr[i + 1]))
+            ids = mapping.token_ids[X.indices[sl]]
+            x = np.asarray(X.data[sl]).astype(np.float32)
+            stored = ids >= 0 if self.stored_zeros == "keep" else (ids >= 0) & (x != 0)
+            g, x = ids[stored], x[stored]
+            _check_counts(x, np.zeros(len(x), dtype=np.int64), np.array([cell]))
+            if not (x != 0).any():
+                genes_out.append(np.array([self.cls_id], dtype=np.int64))
+                values_out.append(np.array([self.pad_value], dtype=np.float32))
+                empty[i] = True
+                continue
+            counts[i] = len(x)
+            seq_genes = np.concatenate(([self.cls_id], g)).astype(np.int64)
+            expr = torch.from_numpy(np.concatenate(([self.pad_value], x)).astype(np.float32))
+            rest = expr[k:]
+            nz = rest != 0
+            binned = torch.ones_like(rest)
+            if bool(nz.any()):
+                edges = torch.quantile(rest[nz], grades)
+                binned[nz] = (torch.bucketize(rest[nz], edges) + 1).to(torch.float32)
+            expr[k:] = binned
+            seq_values = expr.numpy()
+            if len(seq_genes) > self.max_length:
+                m = len(seq_genes) - k
+                order = random_order(self.seed, SUBSET_STREAM, [cell], np.zeros(m, dtype=np.int64), [m])
+                sel = np.concatenate((np.arange(k), order[: self.max_length - k] + k))
+                seq_genes, seq_values = seq_genes[sel], seq_values[sel]
+                truncated[i] = True
+            genes_out.append(seq_genes)
+            values_out.append(seq_values)
+        return TokenizedBlock(
+            indices=indices.copy(),
+            genes=genes_out,
+            values=values_out,
+            truncated=truncated,
+            empty=empty,
+            n_expressed=counts,
         )
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from cellstrata.engine.datasets import gene_symbols
 from cellstrata.engine.models.base import GeneMapping, TokenBatch, TokenizedBlock
-from cellstrata.engine.models.scgpt import FAMILY, ScGPTTokenizer
+from cellstrata.engine.models.counter_rng import uniform
+from cellstrata.engine.models.scgpt import FAMILY, TIE_STREAM, ScGPTTokenizer
 from cellstrata.engine.sources import CellBlock
 from cellstrata.kernels import PoolSpec, pool_cast_torch
 
@@ -156,7 +157,7 @@ def _vocab(n_genes: int) -> dict[str, int]:
 @pytest.mark.parametrize("seed", [0, 12345])
 def test_tokens_match_official_collator(official_collator_module, monkeypatch, seed):
     """Same genes, order and bins as DataCollator(do_binning=True, ...) when its np.random.rand
-    draws are our per-cell generator's draws."""
+    draws are our counter-based draws (seed, tie stream, cell index, position in the cell)."""
     vocab = _vocab(600)
     names = _input_genes(600, 150)
     X = _counts(40, len(names), seed=3)
@@ -168,8 +169,8 @@ def test_tokens_match_official_collator(official_collator_module, monkeypatch, s
     examples = _official_examples(X.toarray(), names, vocab, tok.pad_value)
     nonempty = [i for i in range(len(examples)) if len(examples[i]["genes"]) > 1]
     assert 2 not in nonempty and 1 in nonempty  # the official binning cannot take an empty cell
-    draws = iter([np.random.default_rng((seed, int(cell_index[i]))) for i in nonempty])
-    monkeypatch.setattr(np.random, "rand", lambda n: next(draws).random(n))
+    draws = iter([int(cell_index[i]) for i in nonempty])
+    monkeypatch.setattr(np.random, "rand", lambda n: uniform(seed, TIE_STREAM, np.full(n, next(draws)), np.arange(n)))
     collator = official_collator_module.DataCollator(
         do_padding=True,
         pad_token_id=vocab["<pad>"],
@@ -221,8 +222,8 @@ def test_stored_zeros_are_not_tokens_as_official(official_collator_module, monke
     examples = _official_examples(X.toarray(), names, vocab, tok.pad_value)
     nonempty = [i for i in range(n_cells) if len(examples[i]["genes"]) > 1]
     assert ours.empty.tolist() == [i not in nonempty for i in range(n_cells)] and ours.empty[4]
-    draws = iter([np.random.default_rng((3, int(cell_index[i]))) for i in nonempty])
-    monkeypatch.setattr(np.random, "rand", lambda n: next(draws).random(n))
+    draws = iter([int(cell_index[i]) for i in nonempty])
+    monkeypatch.setattr(np.random, "rand", lambda n: uniform(3, TIE_STREAM, np.full(n, next(draws)), np.arange(n)))
     collator = official_collator_module.DataCollator(
         do_padding=True,
         pad_token_id=vocab["<pad>"],

@@ -27,6 +27,7 @@ from cellstrata.engine.errors import (
 )
 from cellstrata.engine.models import family_names, get_family
 from cellstrata.engine.models.base import SpecialLayout, TokenBatch
+from cellstrata.engine.models.counter_rng import RNG_NAME
 from cellstrata.engine.models.tahoe_x1 import (
     FAMILY,
     PRESETS,
@@ -512,8 +513,9 @@ def test_settings_describe_tokens():
     assert s["num_bins"] == 51 and s["max_length"] == 300 and s["seed"] == 3 and s["keep_first_n_tokens"] == 2
     assert s["pad_id"] == vocab["<pad>"] and s["pad_value"] == -2 and s["cls_id"] == vocab["<cls>"]
     assert s["vocab_size"] == 23 and len(s["vocab_sha256"]) == 64 and s["chem_token"] is False
-    # stored zeros became tokens in version 2: a store written by version 1 has another config hash
-    assert s["version"] == "tahoe-x1-binning-2" and s["stored_zeros"] == "keep"
+    # stored zeros became tokens in version 2, counter-based draws in 3: older stores have another config hash
+    assert s["version"] == "tahoe-x1-binning-3" and s["stored_zeros"] == "keep"
+    assert s["rng"] == RNG_NAME
     assert TahoeX1Tokenizer(vocab, max_length=300, seed=3, keep_first_n_tokens=2, stored_zeros="drop").settings() == {
         **s,
         "stored_zeros": "drop",

@@ -1,0 +1,181 @@
+"""scGPT and Tahoe-X1: the block-vectorised tokenizers against their per-cell references (same counter draws)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import cellstrata.engine.models.counter_rng as counter_rng
+from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols
+from cellstrata.engine.models.base import TokenizedBlock
+from cellstrata.engine.models.scgpt import ScGPTTokenizer
+from cellstrata.engine.models.tahoe_x1 import TahoeX1Tokenizer
+from cellstrata.engine.sources import CellBlock
+
+N_VOCAB = 700
+
+
+def _vocab(names: list[str]) -> dict[str, int]:
+    vocab = {g: i for i, g in enumerate(names)}
+    for t in ("<pad>", "<cls>", "<eoc>"):
+        vocab[t] = len(vocab)
+    return vocab
+
+
+def _messy_block(seed: int, n_cells: int, n_cols: int, max_len: int) -> CellBlock:
+    """Cells of every kind: empty, one gene, longer than the context, tie-heavy, float, stored zeros,
+    duplicate and unsorted columns (not canonical CSR), at scattered global indices."""
+    rng = np.random.default_rng(seed)
+    data, indices, indptr = [], [], [0]
+    for i in range(n_cells):
+        kind = i % 7
+        n = [0, 1, int(rng.integers(2, 30)), int(rng.integers(max_len, 3 * max_len))][kind % 4]
+        n = min(n, n_cols) if kind != 5 else int(rng.integers(2, 3 * max_len))
+        cols = rng.choice(n_cols, n, replace=kind == 5)  # kind 5: duplicate columns, summed
+        if kind in (1, 3):
+            vals = rng.integers(1, 4, n).astype(np.float64)  # ties
+        elif kind == 4:
+            vals = rng.lognormal(0, 2, n)  # floats
+        else:
+            vals = np.floor(rng.lognormal(1, 1.5, n)) + 1
+        vals[rng.random(n) < (1.0 if kind == 6 and i % 2 else 0.2)] = 0  # stored zeros, one cell only zeros
+        if kind != 5:
+            cols = np.sort(cols) if rng.random() < 0.5 else cols  # unsorted columns too
+        data.append(vals)
+        indices.append(cols)
+        indptr.append(indptr[-1] + n)
+    X = sp.csr_matrix(
+        (np.concatenate(data), np.concatenate(indices).astype(np.int32), np.array(indptr)), shape=(n_cells, n_cols)
+    )
+    cell_index = np.sort(rng.choice(10**7, n_cells, replace=False))
+    return CellBlock(cell_index, X)
+
+
+def _assert_same(got: TokenizedBlock, ref: TokenizedBlock) -> None:
+    assert len(got) == len(ref)
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_array_equal(got.truncated, ref.truncated)
+    np.testing.assert_array_equal(got.empty, ref.empty)
+    np.testing.assert_array_equal(got.n_expressed, ref.n_expressed)
+    for i in range(len(ref)):
+        np.testing.assert_array_equal(got.genes[i], ref.genes[i], err_msg=f"cell {i}")
+        np.testing.assert_array_equal(got.values[i], ref.values[i], err_msg=f"cell {i}")
+        assert got.genes[i].dtype == np.int64 and got.values[i].dtype == np.float32
+
+
+def _scgpt(seed: int, max_length: int) -> tuple[ScGPTTokenizer, list[str]]:
+    names = gene_symbols(N_VOCAB)
+    return ScGPTTokenizer(_vocab(names), max_length=max_length, seed=seed), names
+
+
+def _tahoe(seed: int, max_length: int, keep: int = 1, stored_zeros: str = "keep") -> tuple[TahoeX1Tokenizer, list]:
+    names = gene_ensembl_ids(N_VOCAB)
+    tok = TahoeX1Tokenizer(
+        _vocab(names), max_length=max_length, seed=seed, keep_first_n_tokens=keep, stored_zeros=stored_zeros
+    )
+    return tok, names
+
+
+def _columns(names: list[str], n_cols: int, seed: int) -> list[str]:
+    """Input columns: vocabulary genes in shuffled order and genes the vocabulary lacks."""
+    rng = np.random.default_rng(seed)
+    cols = [names[j] for j in rng.permutation(len(names))] + [f"ENSG9{j:010d}" for j in range(n_cols - len(names))]
+    return [cols[j] for j in rng.permutation(n_cols)]
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+@pytest.mark.parametrize("n_cells", [1, 23, 61])
+def test_scgpt_vectorised_equals_reference(seed, n_cells):
+    tok, names = _scgpt(seed, max_length=37)
+    block = _messy_block(seed + n_cells, n_cells, 811, max_len=37)
+    mapping = tok.map_genes(_columns(names, 811, seed))
+    got, ref = tok.tokenize(block, mapping), tok.tokenize_reference(block, mapping)
+    _assert_same(got, ref)
+    if n_cells > 20:  # the block holds every case the test means to cover
+        assert got.truncated.any() and got.empty.any() and (~got.truncated & ~got.empty).any()
+        assert any(len(np.unique(v[1:])) < len(v) - 1 for v in got.values)  # ties
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+@pytest.mark.parametrize(("keep", "stored_zeros"), [(1, "keep"), (2, "keep"), (1, "drop"), (3, "keep")])
+def test_tahoe_x1_vectorised_equals_reference(seed, keep, stored_zeros):
+    tok, names = _tahoe(seed, max_length=41, keep=keep, stored_zeros=stored_zeros)
+    block = _messy_block(seed + keep, 57, 777, max_len=41)
+    mapping = tok.map_genes(_columns(names, 777, seed))
+    got, ref = tok.tokenize(block, mapping), tok.tokenize_reference(block, mapping)
+    _assert_same(got, ref)
+    assert got.truncated.any() and got.empty.any() and (~got.truncated & ~got.empty).any()
+    if stored_zeros == "keep":  # stored zeros are tokens in bin 1
+        assert any((v[keep:] == 1).sum() > 0 for v, e in zip(got.values, got.empty) if not e)
+
+
+@pytest.mark.parametrize("family", ["scgpt", "tahoe-x1"])
+def test_tokens_do_not_depend_on_the_block_split_or_order(family):
+    tok, names = _scgpt(11, 29) if family == "scgpt" else _tahoe(11, 29, keep=2)
+    block = _messy_block(5, 45, 750, max_len=29)
+    mapping = tok.map_genes(_columns(names, 750, 1))
+    whole = tok.tokenize(block, mapping)
+    rng = np.random.default_rng(9)
+    order = rng.permutation(45)
+    for part in np.array_split(order, [1, 8, 9, 30]):
+        got = tok.tokenize(CellBlock(block.indices[part], block.X[part]), mapping)
+        for j, i in enumerate(part):
+            np.testing.assert_array_equal(got.genes[j], whole.genes[i])
+            np.testing.assert_array_equal(got.values[j], whole.values[i])
+            assert got.truncated[j] == whole.truncated[i]
+
+
+@pytest.mark.parametrize("family", ["scgpt", "tahoe-x1"])
+def test_draws_differ_across_seeds_and_cell_indices(family):
+    make = _scgpt if family == "scgpt" else _tahoe
+    (a, names), (b, _) = make(1, 25), make(2, 25)
+    block = _messy_block(3, 40, 720, max_len=25)
+    mapping = a.map_genes(_columns(names, 720, 2))
+    ta, tb = a.tokenize(block, mapping), b.tokenize(block, mapping)
+    moved = a.tokenize(CellBlock(block.indices + 1, block.X), mapping)
+    long = np.flatnonzero(ta.truncated)
+    assert len(long) > 3
+    for other in (tb, moved):
+        assert all(not np.array_equal(ta.genes[i], other.genes[i]) for i in long)  # another subset or order
+        for i in np.flatnonzero(~ta.truncated):  # the genes of a cell that fits never change
+            np.testing.assert_array_equal(ta.genes[i], other.genes[i])
+    if family == "scgpt":  # tie-breaks too: some bin of a cell that fits differs
+        short = np.flatnonzero(~ta.truncated & ~ta.empty)
+        assert any(not np.array_equal(ta.values[i], tb.values[i]) for i in short)
+
+
+def test_random_order_breaks_equal_top_bits_by_the_whole_key(monkeypatch):
+    """The packed sort keeps only the top bits of each key; runs that agree there follow the whole key
+    (then the position), exactly as a two-key lexsort of (segment, key)."""
+    real = counter_rng.bits_at
+    top = np.uint64(0xC000000000000000)
+    monkeypatch.setattr(counter_rng, "bits_at", lambda k, p: (real(k, p) & top) | (real(k, p) & np.uint64(0xFF)))
+    rng = np.random.default_rng(4)
+    counts = rng.integers(0, 60, 50)
+    rows = np.repeat(np.arange(50), counts)
+    cells = rng.integers(0, 10**6, 50)
+    offsets = np.concatenate(([0], np.cumsum(counts)))
+    keys = counter_rng.random_bits(3, 1, cells[rows], np.arange(len(rows)) - offsets[rows])
+    assert len(np.unique(keys)) < len(keys)  # equal whole keys too: the position decides
+    np.testing.assert_array_equal(counter_rng.random_order(3, 1, cells, rows, counts), np.lexsort((keys, rows)))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_random_order_equals_lexsort_and_random_subset_its_prefix(seed):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 400, 97)
+    counts[::10] = 0
+    rows = np.repeat(np.arange(97), counts)
+    cells = rng.integers(0, 10**9, 97)
+    offsets = np.concatenate(([0], np.cumsum(counts)))
+    keys = counter_rng.random_bits(seed, 2, cells[rows], np.arange(len(rows)) - offsets[rows])
+    perm = counter_rng.random_order(seed, 2, cells, rows, counts)
+    np.testing.assert_array_equal(perm, np.lexsort((keys, rows)))
+    size = rng.integers(1, 300, 97)
+    kept = counter_rng.random_subset(seed, 2, cells, counts, size)
+    expected = [
+        perm[offsets[k] : offsets[k] + size[k]] if counts[k] > size[k] else np.arange(offsets[k], offsets[k + 1])
+        for k in range(97)
+    ]
+    np.testing.assert_array_equal(kept, np.concatenate(expected))
