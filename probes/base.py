@@ -3,12 +3,14 @@
 A task is a small frozen settings object. The runner asks it to :meth:`Task.plan` which cells it needs
 per context (cell state), gives it the counts of those cells once to :meth:`Task.prepare` references
 that do not depend on the layer (HVG-PCA baseline features, reference pseudotime, DE profiles), and
-then calls :meth:`Task.evaluate` once per (pooling, layer) with that layer's rows, float32, in plan order.
+then calls :meth:`Task.evaluate` once per (pooling, layer) with that layer's rows, float32, in plan order
+(a :class:`StreamingTask` gets them one store chunk at a time through :class:`LayerRows` instead).
 Everything a task computes from arrays lives in pure functions next to it.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import hashlib
 import logging
@@ -138,11 +140,6 @@ class Task:
         """Validate ``obs`` (all cells, store order) and choose the cells of each context."""
         raise NotImplementedError
 
-    @property
-    def streaming(self) -> bool:
-        """True when :meth:`evaluate_stream` replaces :meth:`evaluate` (incremental learners over all rows)."""
-        return False
-
     def counts_rows(self, plan: ContextPlan) -> np.ndarray:
         """Positions (into ``plan.rows``) whose counts :meth:`prepare` receives; default every planned cell."""
         return np.arange(plan.n_cells, dtype=np.int64)
@@ -154,13 +151,21 @@ class Task:
         """Metrics of one layer: ``X`` is ``[plan.n_cells, W]`` float32 in plan row order."""
         raise NotImplementedError
 
-    def evaluate_stream(self, plan: ContextPlan, rows: LayerRows) -> list[Metric]:
-        """Metrics of one layer read chunk by chunk through ``rows`` (only when :attr:`streaming`)."""
-        raise NotImplementedError
-
     def evaluate_baseline(self, plan: ContextPlan) -> list[Metric]:
         """The same metrics on the HVG-PCA(50) baseline features (``plan.reference['baseline']``)."""
         return self.evaluate(plan, plan.reference["baseline"])
+
+
+class StreamingTask(Task, abc.ABC):
+    """A task whose layers are read one store chunk at a time: :meth:`evaluate_stream` replaces
+    :meth:`evaluate` for the layers (incremental learners over every planned cell, memory one chunk).
+
+    The baseline stays in memory (:meth:`evaluate_baseline`, on a subsample the task chooses).
+    """
+
+    @abc.abstractmethod
+    def evaluate_stream(self, plan: ContextPlan, rows: LayerRows) -> list[Metric]:
+        """Metrics of one layer read chunk by chunk through ``rows``."""
 
 
 class LayerRows:

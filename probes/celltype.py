@@ -11,6 +11,7 @@ held-out fold, and scored on the held-out fold; memory is one chunk, whatever th
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -24,7 +25,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..engine.errors import ProbeError
-from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, LayerRows, Metric
+from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, LayerRows, Metric, StreamingTask
 from .confidence import bootstrap_indices
 from .features import as_float32
 from .labels import LabelTask, prepare_labels, splits_of
@@ -95,6 +96,12 @@ class CellTypeTask(LabelTask):
     n_boot: int = DEFAULT_BOOTSTRAP
     seed: int = DEFAULT_SEED
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> CellTypeTask:
+        """``learner="sgd"`` builds a :class:`StreamingCellTypeTask` (same name, settings and cache key)."""
+        if cls is CellTypeTask and _learner(args, kwargs) == "sgd":
+            cls = StreamingCellTypeTask
+        return object.__new__(cls)
+
     def __post_init__(self) -> None:
         if self.learner not in LEARNERS:
             raise ProbeError(f"cell_type learner must be one of {', '.join(LEARNERS)}, got {self.learner!r}")
@@ -103,13 +110,29 @@ class CellTypeTask(LabelTask):
     def primary_metric(self) -> str:
         return "macro_f1"
 
-    @property
-    def streaming(self) -> bool:
-        return self.learner == "sgd"
+    def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
+        y_pred = linear_probe_predictions(X, plan.reference["y"], plan.reference["folds"], C=self.C, seed=self.seed)
+        return classification_metrics(plan, y_pred)
+
+
+@dataclass(frozen=True)
+class StreamingCellTypeTask(CellTypeTask, StreamingTask):
+    """The cell-type probe with ``learner="sgd"``: an incremental fit over each layer's store chunks.
+
+    Built by ``CellTypeTask(learner="sgd")`` (or this class directly); the same settings, so the same
+    results and cache keys. The baseline is the in-memory probe on ``baseline_max_cells`` cells.
+    """
+
+    learner: str = "sgd"
+
+    def __post_init__(self) -> None:
+        if self.learner != "sgd":
+            raise ProbeError(
+                f"StreamingCellTypeTask streams with learner='sgd', got {self.learner!r}; "
+                "use CellTypeTask for the other learners"
+            )
 
     def counts_rows(self, plan: ContextPlan) -> np.ndarray:
-        if not self.streaming:
-            return super().counts_rows(plan)
         labels = plan.obs[self.label_key].astype(str).to_numpy()
         pos, _ = stratified_cap(
             labels, max_per_class=None, max_total=self.baseline_max_cells, seed=plan.seed_for(self.seed, "baseline")
@@ -117,9 +140,6 @@ class CellTypeTask(LabelTask):
         return pos
 
     def prepare(self, plan: ContextPlan, counts: sp.csr_matrix | None, var_names: Any) -> None:
-        if not self.streaming:
-            super().prepare(plan, counts, var_names)
-            return
         prepare_labels(plan, None, label_key=self.label_key, group_key=self.group_key, n_boot=0, seed=self.seed)
         test = np.flatnonzero(plan.reference["folds"] == 0)
         plan.reference["test"] = test
@@ -132,13 +152,7 @@ class CellTypeTask(LabelTask):
             )
             plan.reference["baseline_plan"] = base
 
-    def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
-        y_pred = linear_probe_predictions(X, plan.reference["y"], plan.reference["folds"], C=self.C, seed=self.seed)
-        return classification_metrics(plan, y_pred)
-
     def evaluate_baseline(self, plan: ContextPlan) -> list[Metric]:
-        if not self.streaming:
-            return self.evaluate(plan, plan.reference["baseline"])
         base = plan.reference["baseline_plan"]
         return self.evaluate(base, base.reference["baseline"])
 
@@ -178,3 +192,12 @@ class CellTypeTask(LabelTask):
 
 
 LEARNERS = ("logistic", "sgd")
+
+
+def _learner(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The ``learner`` a ``CellTypeTask(*args, **kwargs)`` call asks for."""
+    if "learner" in kwargs:
+        return kwargs["learner"]
+    names = [f.name for f in dataclasses.fields(CellTypeTask)]
+    i = names.index("learner")
+    return args[i] if len(args) > i else "logistic"

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .base import ContextPlan, LayerRows, Metric, Task
+from .base import ContextPlan, LayerRows, Metric, StreamingTask, Task
 
 FLAG = "constant_features"
 NOTE = "constant features (every cell has the same vector): metrics undefined, NaN"
@@ -85,7 +85,7 @@ class _Watch:
 
 
 def evaluate_stream(
-    task: Task, plan: ContextPlan, read: Callable[[np.ndarray], np.ndarray], chunk_cells: int
+    task: StreamingTask, plan: ContextPlan, read: Callable[[np.ndarray], np.ndarray], chunk_cells: int
 ) -> list[Metric]:
     """``task.evaluate_stream`` over the plan's rows, or NaN metrics when they are all equal.
 

@@ -35,7 +35,7 @@ from ..engine.progress import ProbeProgress, progress_bar
 from ..engine.store import Store, open_store
 from ..engine.weights import weights_provenance
 from . import constant
-from .base import ContextPlan, Metric, Task
+from .base import ContextPlan, Metric, StreamingTask, Task
 from .chance import add_chance, class_counts_of
 from .confidence import gain_basis, reported_gain
 
@@ -95,15 +95,111 @@ def probe(
     ``layers``: ``"all"`` or store layer indices (0 = embedding output, L = last block; negative counts
     from the end). ``pooling``: names in the store (default: all of them).
     """
+    t_start = time.perf_counter()
+    run = _open_inputs(store, adata, tasks, layers=layers, pooling=pooling, counts_layer=counts_layer)
+    plans, caps = _plan(run)
+    t_plan = time.perf_counter()
+
+    work = _look_up(run, plans, _Cache(run.st, enabled=cache), baseline=baseline)
+    _prepare_references(run, plans, work)
+    t_prep = time.perf_counter()
+
+    with progress_bar(work.n_steps, enabled=progress, desc="probe", unit="evaluations") as bar:
+        tracker = ProbeProgress(bar, run.st.n_layers)
+        _evaluate_layers(run, plans, work, n_jobs=n_jobs, memory_budget=memory_budget, progress=tracker)
+        t_layers = time.perf_counter()
+        base_results = _evaluate_baselines(run, plans, work, progress=tracker) if baseline else {}
+    t_end = time.perf_counter()
+
+    out = _assemble(run.st, run.tasks, plans, run.poolings, run.layers, work.keys, work.results, base_results)
+    out.caps = caps
+    n_total = len(run.poolings) * len(run.layers)
+    n_computed = len(work.layer_todo)
+    out.timings = {
+        "plan_s": t_plan - t_start,
+        "references_s": t_prep - t_plan,
+        "layers_s": t_layers - t_prep,
+        "baseline_s": t_end - t_layers,
+        "total_s": t_end - t_start,
+        "layer_evaluations": float(n_computed),
+        "layer_evaluations_cached": float(n_total - n_computed),
+    }
+    log.info(
+        "probe finished in %.1f s (%d of %d layer evaluations computed, the rest from the cache)",
+        t_end - t_start,
+        n_computed,
+        n_total,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The steps of a run
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Inputs:
+    """What a run reads: the store, the annotation source, the tasks, the poolings and layers asked for.
+
+    ``obs`` holds the tasks' columns in store cell order; ``order`` is the input row of each store cell
+    (None when they are the same); ``valid`` marks cells with gene tokens (None when all have).
+    """
+
+    st: Store
+    source: Any
+    tasks: list[Task]
+    poolings: list[str]
+    layers: list[int]
+    obs: pd.DataFrame
+    order: np.ndarray | None
+    valid: np.ndarray | None
+
+
+@dataclass
+class _Work:
+    """The cache look-up of a run: what is known and what is left to compute.
+
+    ``keys[(pooling, layer, task, context)]`` is the cache key of each result (the baseline under
+    pooling ``hvg_pca50`` and layer -1); ``results[key]`` the metrics found or computed so far;
+    ``todo[(pooling, layer)]`` the (task, context) pairs still to compute there.
+    """
+
+    cache: _Cache
+    keys: dict[tuple[str, int, str, str], str] = field(default_factory=dict)
+    results: dict[str, list[Metric]] = field(default_factory=dict)
+    todo: dict[tuple[str, int], set[tuple[str, str]]] = field(default_factory=dict)
+
+    @property
+    def layer_todo(self) -> dict[tuple[str, int], set[tuple[str, str]]]:
+        """``todo`` without the baseline."""
+        return {k: v for k, v in self.todo.items() if k[0] != BASELINE_POOLING}
+
+    @property
+    def n_steps(self) -> int:
+        """Evaluations left: one per (task, context) per layer to compute, and per baseline."""
+        return sum(len(v) for v in self.layer_todo.values()) + len(self.todo.get((BASELINE_POOLING, -1), ()))
+
+
+def _open_inputs(
+    store: str | os.PathLike[str] | Store,
+    adata: Any,
+    tasks: Sequence[Task] | Task,
+    *,
+    layers: str | Iterable[int],
+    pooling: str | Sequence[str] | None,
+    counts_layer: str | None,
+) -> _Inputs:
+    """Open the store and the annotations, check the tasks, poolings and layers, and read the obs
+    columns the tasks need, aligned with the store's cells."""
     from ..engine.sources import open_source
 
-    t_start = time.perf_counter()
     st = store if isinstance(store, Store) else open_store(store)
     st.require_complete()
-    tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
-    if not tasks:
+    task_list = [tasks] if isinstance(tasks, Task) else list(tasks)
+    if not task_list:
         raise ProbeError("no probe task given; choose at least one (cell_type, knn_transfer, clustering, ...)")
-    names = [t.name for t in tasks]
+    names = [t.name for t in task_list]
     if len(set(names)) != len(names):
         raise ProbeError(f"each task may be given once per run, got {', '.join(names)}")
     poolings = _poolings(st, pooling)
@@ -113,23 +209,28 @@ def probe(
         source = open_source(adata, layer=src_layer)
     except CellstrataError as err:
         raise ProbeError(f"cannot read the annotations: {err}") from None
-    needed = sorted({c for t in tasks for c in t.required_columns()})
+    needed = sorted({c for t in task_list for c in t.required_columns()})
     try:
         obs_all = source.read_obs(needed) if needed else pd.DataFrame(index=source.obs_names)
     except CellstrataError as err:
-        users = {c: [t.name for t in tasks if c in t.required_columns()] for c in needed}
+        users = {c: [t.name for t in task_list if c in t.required_columns()] for c in needed}
         which = "; ".join(f"{c!r} (needed by {', '.join(u)})" for c, u in users.items())
         raise ProbeError(f"the tasks need obs columns {which}: {err}") from None
     order = _align(st, source.obs_names)
     obs = obs_all.iloc[order].reset_index(drop=True) if order is not None else obs_all.reset_index(drop=True)
     obs.index = pd.Index(st.obs_names())
-    valid = _valid_cells(st)
+    return _Inputs(st, source, task_list, poolings, layer_list, obs, order, _valid_cells(st))
 
+
+def _plan(run: _Inputs) -> tuple[dict[str, list[ContextPlan]], dict[str, dict[str, Any]]]:
+    """Every task's per-context plans over the cells with gene tokens (rows are store rows), and
+    ``caps["task/context"]``: what each plan's subsampling did."""
     plans: dict[str, list[ContextPlan]] = {}
     caps: dict[str, dict[str, Any]] = {}
-    for task in tasks:
-        sub = obs if valid is None else obs.iloc[np.flatnonzero(valid)]
-        task_plans = task.plan(sub, chunk_cells=st.chunk_cells)
+    valid = run.valid
+    for task in run.tasks:
+        sub = run.obs if valid is None else run.obs.iloc[np.flatnonzero(valid)]
+        task_plans = task.plan(sub, chunk_cells=run.st.chunk_cells)
         if valid is not None:  # plan rows are positions in ``sub``; make them store rows
             keep = np.flatnonzero(valid)
             for p in task_plans:
@@ -138,87 +239,81 @@ def probe(
         plans[task.name] = task_plans
         for p in task_plans:
             caps[f"{task.name}/{p.context}"] = dict(p.caps)
-    t_plan = time.perf_counter()
+    return plans, caps
 
-    cache_store = _Cache(st, enabled=cache)
-    fingerprint = source.fingerprint()
-    task_keys = {t.name: _store_key(st, obs, t.required_columns(), fingerprint) for t in tasks}
-    results: dict[str, list[Metric]] = {}
-    keys: dict[tuple[str, int, str, str], str] = {}
-    todo: dict[tuple[str, int], set[tuple[str, str]]] = {}
-    for pool in [*poolings, BASELINE_POOLING] if baseline else poolings:
-        for layer in [-1] if pool == BASELINE_POOLING else layer_list:
-            for task in tasks:
+
+def _look_up(run: _Inputs, plans: dict[str, list[ContextPlan]], cache: _Cache, *, baseline: bool) -> _Work:
+    """The cache key of every (pooling, layer, task, context), the results the cache holds, and the rest."""
+    work = _Work(cache)
+    fingerprint = run.source.fingerprint()
+    task_keys = {t.name: _store_key(run.st, run.obs, t.required_columns(), fingerprint) for t in run.tasks}
+    for pool in [*run.poolings, BASELINE_POOLING] if baseline else run.poolings:
+        for layer in [-1] if pool == BASELINE_POOLING else run.layers:
+            for task in run.tasks:
                 for p in plans[task.name]:
                     k = _result_key(task_keys[task.name], task, p, pool, layer)
-                    keys[(pool, layer, task.name, p.context)] = k
-                    hit = cache_store.get(k)
+                    work.keys[(pool, layer, task.name, p.context)] = k
+                    hit = cache.get(k)
                     if hit is None:
-                        todo.setdefault((pool, layer), set()).add((task.name, p.context))
+                        work.todo.setdefault((pool, layer), set()).add((task.name, p.context))
                     else:
-                        results[k] = hit
-    n_total = len(poolings) * len(layer_list)
-    layer_todo = {k: v for k, v in todo.items() if k[0] != BASELINE_POOLING}
+                        work.results[k] = hit
+    return work
 
-    # only the plans with something left to compute need their references (and so the counts)
-    pending = set().union(*todo.values()) if todo else set()
-    to_prepare = [(t, p) for t in tasks for p in plans[t.name] if (t.name, p.context) in pending]
-    if to_prepare:
-        wanted = [p.rows[t.counts_rows(p)] for t, p in to_prepare]
-        union = np.unique(np.concatenate(wanted))
-        rows = union if order is None else order[union]
-        counts = _read_counts(source, rows, any(t.needs_counts for t, _ in to_prepare))
-        for (task, p), w in zip(to_prepare, wanted, strict=True):
-            sub_counts = None if counts is None else counts[np.searchsorted(union, w)]
-            task.prepare(p, sub_counts, source.gene_names)
-        del counts  # the references are built; the layer phase does not need the counts
-    t_prep = time.perf_counter()
 
-    base_todo = len(todo.get((BASELINE_POOLING, -1), ()))
-    steps = sum(len(v) for v in layer_todo.values()) + base_todo
-    with progress_bar(steps, enabled=progress, desc="probe", unit="evaluations") as bar:
-        tracker = ProbeProgress(bar, st.n_layers)
-        if layer_todo:
-            computed = _compute(
-                st, layer_todo, tasks, plans, n_jobs=n_jobs, memory_budget=memory_budget, progress=tracker
-            )
-            for (pool, layer), per_task in computed.items():
-                for (task_name, context), metrics in per_task.items():
-                    k = keys[(pool, layer, task_name, context)]
-                    results[k] = metrics
-                    cache_store.put(k, metrics)
-        t_layers = time.perf_counter()
+def _prepare_references(run: _Inputs, plans: dict[str, list[ContextPlan]], work: _Work) -> None:
+    """Read the counts of the planned cells once and let each plan with something left to compute build
+    its layer-independent references (only those plans need them, so only their counts are read)."""
+    pending = set().union(*work.todo.values()) if work.todo else set()
+    to_prepare = [(t, p) for t in run.tasks for p in plans[t.name] if (t.name, p.context) in pending]
+    if not to_prepare:
+        return
+    wanted = [p.rows[t.counts_rows(p)] for t, p in to_prepare]
+    union = np.unique(np.concatenate(wanted))
+    rows = union if run.order is None else run.order[union]
+    counts = _read_counts(run.source, rows, any(t.needs_counts for t, _ in to_prepare))
+    for (task, p), w in zip(to_prepare, wanted, strict=True):
+        sub_counts = None if counts is None else counts[np.searchsorted(union, w)]
+        task.prepare(p, sub_counts, run.source.gene_names)
 
-        base_results: dict[tuple[str, str], list[Metric]] = {}
-        if baseline:
-            for task in tasks:
-                for p in plans[task.name]:
-                    k = keys[(BASELINE_POOLING, -1, task.name, p.context)]
-                    if k not in results:
-                        tracker.start(task.name, p.context, BASELINE_POOLING, None)
-                        results[k] = task.evaluate_baseline(p)
-                        tracker.finish()
-                        cache_store.put(k, results[k])
-                    base_results[(task.name, p.context)] = results[k]
-    t_end = time.perf_counter()
 
-    out = _assemble(st, tasks, plans, poolings, layer_list, keys, results, base_results)
-    out.caps = caps
-    out.timings = {
-        "plan_s": t_plan - t_start,
-        "references_s": t_prep - t_plan,
-        "layers_s": t_layers - t_prep,
-        "baseline_s": t_end - t_layers,
-        "total_s": t_end - t_start,
-        "layer_evaluations": float(len(layer_todo)),
-        "layer_evaluations_cached": float(n_total - len(layer_todo)),
-    }
-    log.info(
-        "probe finished in %.1f s (%d of %d layer evaluations computed, the rest from the cache)",
-        t_end - t_start,
-        len(layer_todo),
-        n_total,
+def _evaluate_layers(
+    run: _Inputs,
+    plans: dict[str, list[ContextPlan]],
+    work: _Work,
+    *,
+    n_jobs: int | None,
+    memory_budget: int,
+    progress: ProbeProgress,
+) -> None:
+    """Compute the missing layer results (:func:`_compute`), store them in ``work`` and in the cache."""
+    layer_todo = work.layer_todo
+    if not layer_todo:
+        return
+    computed = _compute(
+        run.st, layer_todo, run.tasks, plans, n_jobs=n_jobs, memory_budget=memory_budget, progress=progress
     )
+    for (pool, layer), per_task in computed.items():
+        for (task_name, context), metrics in per_task.items():
+            k = work.keys[(pool, layer, task_name, context)]
+            work.results[k] = metrics
+            work.cache.put(k, metrics)
+
+
+def _evaluate_baselines(
+    run: _Inputs, plans: dict[str, list[ContextPlan]], work: _Work, *, progress: ProbeProgress
+) -> dict[tuple[str, str], list[Metric]]:
+    """The HVG-PCA(50) baseline metrics of every (task, context): from the cache, or computed and cached."""
+    out: dict[tuple[str, str], list[Metric]] = {}
+    for task in run.tasks:
+        for p in plans[task.name]:
+            k = work.keys[(BASELINE_POOLING, -1, task.name, p.context)]
+            if k not in work.results:
+                progress.start(task.name, p.context, BASELINE_POOLING, None)
+                work.results[k] = task.evaluate_baseline(p)
+                progress.finish()
+                work.cache.put(k, work.results[k])
+            out[(task.name, p.context)] = work.results[k]
     return out
 
 
@@ -349,7 +444,7 @@ def _evaluate_layer(
             progress.finish()
 
     out: dict[tuple[str, str], list[Metric]] = {}
-    in_memory = [(t, p) for t, p in work if not t.streaming]
+    in_memory = [(t, p) for t, p in work if not isinstance(t, StreamingTask)]
     if in_memory:
         union = np.unique(np.concatenate([p.rows for _, p in in_memory]))
         X = read(union)
@@ -359,7 +454,7 @@ def _evaluate_layer(
             done()
         del X
     for task, p in work:
-        if task.streaming:
+        if isinstance(task, StreamingTask):
             step(task, p)
             out[(task.name, p.context)] = constant.evaluate_stream(task, p, read, st.chunk_cells)
             done()
@@ -368,7 +463,7 @@ def _evaluate_layer(
 
 def _rows_in_memory(work: list[tuple[Task, ContextPlan]]) -> int:
     """Rows one layer's in-memory tasks hold at once (streaming tasks hold one chunk)."""
-    rows = [p.rows for t, p in work if not t.streaming]
+    rows = [p.rows for t, p in work if not isinstance(t, StreamingTask)]
     return len(np.unique(np.concatenate(rows))) if rows else 0
 
 
