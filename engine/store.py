@@ -381,6 +381,9 @@ def create_or_resume(
             return group, True
         if not overwrite:
             old = dict(group.attrs[ATTR_KEY])
+            changed = _tokenizer_change(old.get("tokenizer"), spec.attrs.get("tokenizer"))
+            if changed:
+                raise StoreConfigMismatchError(f"{location}: {changed}; re-run with --overwrite or a new --out")
             msg = (
                 f"{location} was written with another configuration (model "
                 f"{old.get('model', {}).get('family')}, poolings {old.get('poolings')}, dtype "
@@ -400,6 +403,17 @@ def create_or_resume(
             raise StoreConfigMismatchError(msg)
         log.warning("%s: an earlier run was interrupted while it created this store; creating it again", location)
     return _create(location, spec), False
+
+
+def _tokenizer_change(old: Any, new: Any) -> str | None:
+    """``tokenizer A -> B: why`` when a store of the same family was written by another tokenizer version."""
+    if not isinstance(old, Mapping) or not isinstance(new, Mapping):
+        return None
+    before, after = old.get("version"), new.get("version")
+    if before is None or before == after or old.get("family") != new.get("family"):
+        return None
+    why = "the per-cell random draws changed" if old.get("rng") != new.get("rng") else "its rules changed"
+    return f"tokenizer {before} -> {after}: {why}"
 
 
 def _clear(location: StoreLocation) -> None:
