@@ -1,4 +1,9 @@
-"""Per-layer pooling + cast: the fused Triton kernel (CUDA, or the interpreter in tests) and its torch path."""
+"""Per-layer pooling + cast: the fused Triton kernels (CUDA, or the interpreter in tests) and their torch path.
+
+A leaf package: it imports nothing of cellstrata but :mod:`cellstrata.errors` (``tests/test_import_graph.py``).
+:mod:`.spec` (what a call asks for, the checks), :mod:`.reference` (the torch path), :mod:`.pool_cast_triton`
+(the Triton kernels and their launcher, imported on first use), :mod:`.pool_cast` (which path runs).
+"""
 
 from __future__ import annotations
 

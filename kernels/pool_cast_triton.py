@@ -17,34 +17,31 @@ result cast once and stored into ``out[layer, op, cell, :]``, and values that be
 counted with one atomic add per program and op. So max and the picks are bit-identical for every
 ``n_seg``; only the float32 summation order of sum/mean depends on it. The launcher splits when one
 pass would give too few programs to fill the GPU (:func:`segment_count`). The reference is
-:func:`~cellstrata.kernels.pool_cast.pool_cast_torch`.
+:func:`~cellstrata.kernels.reference.pool_cast_torch`.
 
-Without CUDA, importing this module (before anything else imports triton) switches Triton to its
-interpreter, as ``TRITON_INTERPRET=1`` would, so the same kernels run on CPU tensors in tests and
-with ``CELLSTRATA_POOL_BACKEND=triton``. ``tests/kernels/test_pool_cast_compiles.py`` compiles them for
-NVIDIA targets without a GPU, so they stay valid GPU Triton.
+The kernels run compiled on CUDA tensors. On CPU tensors they run only in Triton's interpreter, which
+``TRITON_INTERPRET=1`` selects when it is set before triton is first imported (triton builds its own
+jit helpers at import): the test configuration (``tests/conftest.py``) and the benchmarks that check
+the kernel on CPU set it; this module reads it (:data:`INTERPRETING`) and never sets it. Without it, a
+call on CPU tensors is refused by :func:`require_runnable` with what to do, before any launch.
+``tests/kernels/test_pool_cast_compiles.py`` compiles the kernels for NVIDIA targets without a GPU, so
+they stay valid GPU Triton.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 from functools import cache
 
 import torch
-
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    # No GPU: run the kernel in Triton's interpreter. The flag must be set before triton is imported,
-    # because triton.language's own jit helpers are built at import.
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import triton
 import triton.language as tl
 
-from .pool_cast import PoolSpec, check_args
+from ..errors import ConfigError
+from .spec import PoolSpec, check_args
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1" or bool(triton.knobs.runtime.interpret)
+# Whether @triton.jit below builds interpreted kernels: triton decides at decoration, from TRITON_INTERPRET.
+INTERPRETING = bool(triton.knobs.runtime.interpret)
 # Split until a launch has about PROGRAMS_PER_SM programs per SM, in segments of at least MIN_SEGMENT_TILES tiles
 # (GPU: 1,024 16-bit tokens). Measured on an H200 (bf16, 4 ops, profiler kernel times): 13 cells of 4,915 tokens,
 # hidden 512: 95 us in one pass, 31 us in 4 segments; hidden 2048: 110 -> 79 us (2-4 segments). But the split's
@@ -407,6 +404,17 @@ def _pool_finalize_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------- launch
+def require_runnable(device: torch.device) -> None:
+    """Refuse tensors on ``device`` that these kernels cannot run on (off CUDA, without the interpreter)."""
+    if device.type != "cuda" and not INTERPRETING:
+        msg = (
+            f"the triton pooling backend runs on CUDA tensors, not {device}: use CELLSTRATA_POOL_BACKEND=torch "
+            "(or leave it unset), or, to check the kernel on CPU in Triton's slow interpreter, start with "
+            "TRITON_INTERPRET=1 in the environment"
+        )
+        raise ConfigError(msg)
+
+
 _PICKS: dict[tuple[PoolSpec, torch.device], torch.Tensor] = {}
 
 
@@ -489,12 +497,7 @@ def pool_cast_triton(
     tile choice (powers of two) and ``n_seg`` the segments per cell (1: the single pass); for benchmarks.
     """
     shape = check_args(hidden, starts, lengths, spec, out_dtype, out, overflow, layered=True)
-    if hidden.device.type != "cuda" and not INTERPRETING:
-        msg = (
-            f"the triton pooling kernel needs CUDA tensors (got {hidden.device}); to run it on CPU, set "
-            "TRITON_INTERPRET=1 before starting (or use CELLSTRATA_POOL_BACKEND=torch)"
-        )
-        raise ValueError(msg)
+    require_runnable(hidden.device)
     if n_seg is not None and n_seg < 1:
         msg = f"n_seg must be >= 1, got {n_seg}"
         raise ValueError(msg)

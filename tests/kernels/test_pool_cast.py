@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cellstrata.engine.errors import ConfigError
-from cellstrata.kernels import FLOAT16_MAX, PoolSpec, pool_cast, pool_cast_layers
-from cellstrata.kernels.pool_cast import BACKEND_ENV, resolve_backend
+from cellstrata.errors import ConfigError
+from cellstrata.kernels import BACKEND_ENV, FLOAT16_MAX, PoolSpec, pool_cast, pool_cast_layers, resolve_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ("torch", "triton")

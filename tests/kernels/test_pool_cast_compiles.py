@@ -4,7 +4,8 @@ The interpreter runs the kernels' logic in the other tests; it does not check th
 GPU program. Triton compiles for a named target with no device present, down to a cubin with its
 bundled ``ptxas``, so every specialisation the launcher can produce is compiled here for Ampere (sm_80)
 and Hopper (sm_90): the single pass and both stages of the split (partial sums/maxima, finalize). This
-runs in a fresh interpreter, because this test process imported triton in interpreter mode.
+runs in a fresh interpreter without ``TRITON_INTERPRET``, because this test process imported triton in
+interpreter mode (the test configuration's switch for CPU runs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 
 SCRIPT = r"""
 import itertools, json, sys
-import triton  # imported first: the kernel module then keeps the compiled (not interpreted) kernel
+import triton
 from triton.backends.compiler import GPUTarget
 from cellstrata.kernels import pool_cast_triton as m
 
