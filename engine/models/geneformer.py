@@ -735,6 +735,76 @@ class GeneformerTokenizer:
         return self._cached[1]
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        """Token sequences of a block: normalisation, duplicate sums and assembly over the whole block at
+        once, the ranking per cell (:meth:`_rank`)."""
+        indices, x, tok, counts = self._prepare(block, mapping)
+        kept = np.minimum(counts, self.n_keep)
+        out_off = np.concatenate(([0], np.cumsum(kept + self.n_special))).astype(np.int64)
+        genes = np.empty(int(out_off[-1]), dtype=np.int64)
+        if self.special:
+            genes[out_off[:-1]] = self.cls_id
+            genes[out_off[1:] - 1] = self.eos_id
+        lead = 1 if self.special else 0
+        self._rank(x, tok, counts, genes, out_off[:-1] + lead)
+        cuts = out_off[1:-1].tolist()
+        return TokenizedBlock(
+            indices=indices.copy(),
+            genes=np.split(genes, cuts),
+            values=np.split(np.zeros(len(genes), dtype=np.float32), cuts),
+            truncated=counts > self.n_keep,
+            empty=counts == 0,
+            n_expressed=counts,
+        )
+
+    def tokenize_reference(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        """The same tokens, one cell at a time: ``tokenize_anndata``'s rule restated per cell.
+
+        The per-cell path :meth:`tokenize` is checked and benchmarked against; every step is the
+        official one on a single row (sums in column order, ``np.argsort(-x)`` on the cell's values).
+        """
+        X, indices = canonical_rows(block, mapping)
+        layout = self._layout_of(mapping)
+        genes: list[np.ndarray] = []
+        counts = np.zeros(X.shape[0], dtype=np.int64)
+        for i in range(X.shape[0]):
+            lo, hi = int(X.indptr[i]), int(X.indptr[i + 1])
+            data = np.asarray(X.data[lo:hi], dtype=np.float64)
+            if not np.isfinite(data).all():
+                msg = f"the expression matrix holds NaN or infinite values (first in cell {int(indices[i])})"
+                raise InvalidValuesError(msg)
+            n_counts = float(np.cumsum(data)[-1]) if len(data) else 0.0  # summed in column order
+            slot = layout.col_slot[X.indices[lo:hi]]
+            keep = slot >= 0
+            if self.stored_zeros == "drop":
+                keep &= data != 0
+            slot, vals = slot[keep], data[keep]
+            if n_counts == 0:
+                slot, vals = slot[:0], vals[:0]
+            if layout.has_duplicates and len(slot):
+                order = np.argsort(slot, kind="stable")
+                slot, start = np.unique(slot[order], return_index=True)
+                vals = np.add.reduceat(vals[order], start)
+                nonzero = (vals != 0) | (slot < layout.n_single)
+                slot, vals = slot[nonzero], vals[nonzero]
+            tok = layout.slot_token[slot]
+            x = vals / n_counts * TARGET_SUM / self._medians[tok] if len(tok) else vals
+            cell = tok[np.argsort(-x)][: self.n_keep]  # rank_genes, then format_cell_features' cut
+            if self.special:
+                cell = np.concatenate(([self.cls_id], cell, [self.eos_id]))
+            genes.append(np.asarray(cell, dtype=np.int64))
+            counts[i] = len(tok)
+        return TokenizedBlock(
+            indices=indices.copy(),
+            genes=genes,
+            values=[np.zeros(len(g), dtype=np.float32) for g in genes],
+            truncated=counts > self.n_keep,
+            empty=counts == 0,
+            n_expressed=counts,
+        )
+
+    def _prepare(self, block: CellBlock, mapping: GeneMapping) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(indices, x, tokens, counts)``: every ranked entry of the block, cell after cell, in column
+        (slot) order within a cell, with its normalised value ``x`` and token; ``counts`` per cell."""
         X, indices = canonical_rows(block, mapping)
         n_cells = X.shape[0]
         layout = self._layout_of(mapping)
@@ -764,46 +834,27 @@ class GeneformerTokenizer:
         # tokenize_anndata: X_view / n_counts * target_sum / norm_factor_vector, in this order
         x = vals / n_counts[rows] * TARGET_SUM / self._medians[tok]
         counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
-        ranked = self._rank(x, tok, rows, counts)
-        return self._assemble(indices, ranked, counts)
+        return indices, x, tok, counts
 
-    def _rank(self, x: np.ndarray, tok: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Token ids of every cell in ``rank_genes`` order (cells stay in block order)."""
-        order = np.lexsort((-x, rows))  # a total order wherever no two values of a cell are equal
-        ranked = tok[order]
-        sx, srows = x[order], rows[order]
-        tied = np.flatnonzero((srows[1:] == srows[:-1]) & (sx[1:] == sx[:-1]))
-        if len(tied):  # ties: the order is whatever np.argsort(-x) gives, as in rank_genes
-            offsets = np.concatenate(([0], np.cumsum(counts)))
-            for r in np.unique(srows[tied]):
-                lo, hi = offsets[r], offsets[r + 1]
-                ranked[lo:hi] = tok[lo:hi][np.argsort(-x[lo:hi])]
-        return ranked
+    def _rank(self, x: np.ndarray, tok: np.ndarray, counts: np.ndarray, out: np.ndarray, starts: np.ndarray) -> None:
+        """Write each cell's first ``n_keep`` tokens in ``rank_genes`` order to ``out[starts[i]:]``.
 
-    def _assemble(self, indices: np.ndarray, ranked: np.ndarray, counts: np.ndarray) -> TokenizedBlock:
-        n_cells = len(counts)
-        kept = np.minimum(counts, self.n_keep)
-        out_len = kept + self.n_special
-        out_off = np.concatenate(([0], np.cumsum(out_len)))
-        genes = np.empty(int(out_off[-1]), dtype=np.int64)
-        if self.special:
-            genes[out_off[:-1]] = self.cls_id
-            genes[out_off[1:] - 1] = self.eos_id
-        in_off = np.concatenate(([0], np.cumsum(counts)))
-        rows = np.repeat(np.arange(n_cells, dtype=np.int64), counts)
-        pos = np.arange(len(ranked), dtype=np.int64) - in_off[rows]
-        sel = pos < self.n_keep
-        lead = 1 if self.special else 0
-        genes[out_off[rows[sel]] + lead + pos[sel]] = ranked[sel]
-        cuts = out_off[1:-1]
-        return TokenizedBlock(
-            indices=indices.copy(),
-            genes=np.split(genes, cuts),
-            values=np.split(np.zeros(len(genes), dtype=np.float32), cuts),
-            truncated=counts > self.n_keep,
-            empty=counts == 0,
-            n_expressed=counts,
-        )
+        The order is ``np.argsort(-x)`` on the cell's own values, the official call: numpy's default sort
+        is not stable and orders equal values by its own partitioning (on AVX-512 hosts from 5 values
+        up), so ties can only be ordered exactly by that call on that cell. A loop of per-cell sorts is
+        also the fastest ranking measured (2-3x a single sort of the whole block, which leaves the cache).
+        """
+        neg = -x
+        offsets = np.concatenate(([0], np.cumsum(counts))).tolist()
+        n_keep = self.n_keep
+        for lo, hi, start in zip(offsets[:-1], offsets[1:], starts.tolist()):
+            if hi - lo > 1:
+                order = np.argsort(neg[lo:hi])
+                if hi - lo > n_keep:
+                    order = order[:n_keep]
+                out[start : start + len(order)] = tok[lo:hi][order]
+            elif hi > lo:
+                out[start] = tok[lo]
 
 
 # ------------------------------------------------------------------------------------------------

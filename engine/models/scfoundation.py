@@ -19,7 +19,8 @@ Departures from the official script (each documented where it is implemented):
   T/S only happens in degenerate cells (a total count <= 1, or a ``tgthighres`` that makes T <= 0), and
   would shift the official S/T pooling onto a gene token;
 - ``max_length`` (off by default, as the official code never truncates) keeps a random subset of a
-  cell's genes drawn from ``np.random.default_rng((seed, cell_index))``.
+  cell's genes drawn from :mod:`.counter_rng` (keyed by seed, cell index and position, so a cell's subset
+  does not depend on its block).
 
 Stored zeros: the script densifies the input (``adata.X.toarray()`` into a DataFrame, which also sums
 duplicate entries) and ``gatherData`` keeps the positions whose value is > 0, so an explicit zero stored
@@ -59,6 +60,7 @@ from .base import (
     canonical_rows,
 )
 from .checkpoints import check_state_dict, describe_files, load_torch_weights, refuse_unknown_options
+from .counter_rng import RNG_NAME, random_bits, random_order
 from .layers import TorchEncoderLayer
 
 if TYPE_CHECKING:
@@ -73,12 +75,14 @@ VERSIONS: dict[str, str] = {"ce": "cell", "rde": "rde"}
 ENTRIES = ("cell", "rde", "gene")
 PRE_NORMALIZED = ("F", "T", "A")
 DEFAULT_TGTHIGHRES = "t4"
-TOKENIZER_VERSION = "scfoundation-gather-1"
+TOKENIZER_VERSION = "scfoundation-gather-2"  # 2: the subset kept over max_length from counter_rng draws
 STATE_PREFIX = "model."
 # keys of the MAE decoder side (read and ignored: cell embeddings use the encoder only)
 DECODER_PREFIXES = ("decoder.", "decoder_embed.", "norm.", "to_final.")
 # config key written by init_checkpoint so a random checkpoint is recognised as its preset
 PRESET_KEY = "cellstrata_preset"
+# counter_rng stream of the subset kept over max_length
+SUBSET_STREAM = 0
 # a T-mode input whose values exceed this is not log1p-normalised (log1p(1e13) ~ 30)
 MAX_LOG1P_VALUE = 30.0
 
@@ -461,7 +465,8 @@ class ScFoundationTokenizer:
             "tgthighres": self.tgthighres,
             "max_length": self.max_length,
             "seed": self.seed,
-            "rng": "numpy default_rng((seed, cell_index))",
+            "rng": RNG_NAME,
+            "rng_stream": SUBSET_STREAM,
             "over_length": "keep a random subset of genes (gene-list order), then T and S",
             "count_tokens": "T and S always kept",
             "n_genes": self.n_genes,
@@ -532,15 +537,18 @@ class ScFoundationTokenizer:
         return t.astype(np.float32), s.astype(np.float32)
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        """Token sequences of a block, every step over the whole block at once (no loop per cell)."""
         X, indices = canonical_rows(block, mapping)
         n_cells = X.shape[0]
-        ids = np.asarray(mapping.token_ids, dtype=np.int64)[X.indices]
+        ids = np.asarray(mapping.token_ids, dtype=np.int64)
+        genes = ids[X.indices]
         data = np.asarray(X.data, dtype=np.float64)
         rows = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
-        keep = ids >= 0  # main_gene_selection: only the gene list's genes
-        genes, data, rows = ids[keep], data[keep], rows[keep]
+        keep = genes >= 0  # main_gene_selection: only the gene list's genes
+        if not keep.all():
+            genes, data, rows = genes[keep], data[keep], rows[keep]
         self._check_values(data, indices, rows)
-        total = np.bincount(rows, weights=data, minlength=n_cells)
+        total = np.bincount(rows, weights=data, minlength=n_cells)  # column order, as the reference
         if self.pre_normalized == "F":
             with np.errstate(divide="ignore", invalid="ignore"):
                 values64 = np.log1p(data / total[rows] * 1e4)
@@ -549,33 +557,84 @@ class ScFoundationTokenizer:
         expressed = values64 > 0  # gatherData keeps value > 0 (of the float64 input tensor): no stored zero
         genes, rows = genes[expressed], rows[expressed]
         values = values64[expressed].astype(np.float32)  # token_emb(x.float())
-        order = np.lexsort((genes, rows))  # gene-list order within each cell
-        genes, values, rows = genes[order], values[order], rows[order]
-
+        if not _ascending(ids):  # columns not in gene-list order: sort each cell by gene (keys are unique)
+            order = np.argsort(rows * self.n_genes + genes)
+            genes, values, rows = genes[order], values[order], rows[order]
         counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
+        truncated = np.zeros(n_cells, dtype=bool)
+        if self.max_length is not None and bool((counts > self.max_length - 2).any()):
+            chosen, truncated = self._subset(rows, counts, indices)
+            genes, values, rows = genes[chosen], values[chosen], rows[chosen]
+        kept = np.bincount(rows, minlength=n_cells).astype(np.int64)
         empty = counts == 0
         t_val, s_val = self._count_tokens(np.where(empty, 1.0, total))
-        lengths = np.where(empty, 0, counts + 2)
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
-        gene_starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-        out_genes = np.empty(int(lengths.sum()), dtype=np.int64)
-        out_values = np.empty(int(lengths.sum()), dtype=np.float32)
-        gene_pos = starts[rows] + np.arange(len(genes)) - gene_starts[rows]
-        out_genes[gene_pos] = genes
-        out_values[gene_pos] = values
-        full = np.flatnonzero(~empty)
-        t_pos = starts[full] + counts[full]
-        out_genes[t_pos], out_values[t_pos] = self.t_position, t_val[full]
-        out_genes[t_pos + 1], out_values[t_pos + 1] = self.s_position, s_val[full]
-        gene_list = np.split(out_genes, starts[1:])
-        value_list = np.split(out_values, starts[1:])
-        truncated = self._truncate(gene_list, value_list, counts, indices)
+        lengths = np.where(empty, 0, kept + 2)
+        ends = np.cumsum(lengths)
+        t_pos = (ends - 2)[~empty]
+        is_gene = np.ones(int(ends[-1]) if n_cells else 0, dtype=bool)
+        is_gene[t_pos] = False
+        is_gene[t_pos + 1] = False
+        out_genes = np.empty(len(is_gene), dtype=np.int64)
+        out_values = np.empty(len(is_gene), dtype=np.float32)
+        out_genes[is_gene], out_values[is_gene] = genes, values
+        out_genes[t_pos], out_values[t_pos] = self.t_position, t_val[~empty]
+        out_genes[t_pos + 1], out_values[t_pos + 1] = self.s_position, s_val[~empty]
+        cuts = ends[:-1].tolist()
         return TokenizedBlock(
             indices=indices.copy(),
-            genes=gene_list,
-            values=value_list,
+            genes=np.split(out_genes, cuts),
+            values=np.split(out_values, cuts),
             truncated=truncated,
             empty=empty,
+            n_expressed=counts,
+        )
+
+    def tokenize_reference(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        """The same tokens, one cell at a time: ``get_embedding.py``'s per-cell rule restated.
+
+        The per-cell path :meth:`tokenize` is checked and benchmarked against; the subset kept over
+        ``max_length`` uses the same counter draws (:meth:`_subset_of_cell`).
+        """
+        X, indices = canonical_rows(block, mapping)
+        ids = np.asarray(mapping.token_ids, dtype=np.int64)
+        n_cells = X.shape[0]
+        genes_out: list[np.ndarray] = []
+        values_out: list[np.ndarray] = []
+        truncated = np.zeros(n_cells, dtype=bool)
+        counts = np.zeros(n_cells, dtype=np.int64)
+        for i in range(n_cells):
+            lo, hi = int(X.indptr[i]), int(X.indptr[i + 1])
+            genes = ids[X.indices[lo:hi]]
+            data = np.asarray(X.data[lo:hi], dtype=np.float64)
+            genes, data = genes[genes >= 0], data[genes >= 0]
+            self._check_values(data, indices[i : i + 1], np.zeros(len(data), dtype=np.int64))
+            total = float(np.cumsum(data)[-1]) if len(data) else 0.0  # summed in column order
+            if self.pre_normalized == "F":
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    values64 = np.log1p(data / total * 1e4)
+            else:
+                values64 = data
+            order = np.argsort(genes)  # gene-list order
+            genes, values64 = genes[order], values64[order]
+            genes, values = genes[values64 > 0], values64[values64 > 0].astype(np.float32)
+            counts[i] = len(genes)
+            if not len(genes):
+                genes_out.append(np.zeros(0, dtype=np.int64))
+                values_out.append(np.zeros(0, dtype=np.float32))
+                continue
+            if self.max_length is not None and len(genes) > self.max_length - 2:
+                chosen = self._subset_of_cell(int(indices[i]), len(genes))
+                genes, values = genes[chosen], values[chosen]
+                truncated[i] = True
+            t_val, s_val = self._count_tokens(np.array([total]))
+            genes_out.append(np.concatenate((genes, [self.t_position, self.s_position])).astype(np.int64))
+            values_out.append(np.concatenate((values, t_val, s_val)).astype(np.float32))
+        return TokenizedBlock(
+            indices=indices.copy(),
+            genes=genes_out,
+            values=values_out,
+            truncated=truncated,
+            empty=counts == 0,
             n_expressed=counts,
         )
 
@@ -584,25 +643,41 @@ class ScFoundationTokenizer:
         """None by default (the official code never truncates); a seeded random subset with ``max_length``."""
         return NO_TRUNCATION if self.max_length is None else RANDOM_SUBSAMPLE
 
-    def _truncate(
-        self, gene_list: list[np.ndarray], value_list: list[np.ndarray], counts: np.ndarray, indices: np.ndarray
-    ) -> np.ndarray:
-        """Cells with more than ``max_length - 2`` genes keep a seeded random subset (in place).
+    def _subset_of_cell(self, cell: int, n: int) -> np.ndarray:
+        """Positions (ascending) of the ``max_length - 2`` genes a cell of ``n`` expressed genes keeps.
 
-        Not in the official code, which never truncates; values, T and S come from the whole cell.
+        Not in the official code, which never truncates. The genes with the smallest counter draws
+        ``random_bits(seed, SUBSET_STREAM, cell, position)`` are kept (position = the gene's place among
+        the cell's expressed genes in gene-list order; equal draws by position), in gene-list order.
         """
-        truncated = np.zeros(len(counts), dtype=bool)
-        if self.max_length is None:
-            return truncated
+        keys = random_bits(self.seed, SUBSET_STREAM, np.full(n, cell, dtype=np.int64), np.arange(n))
+        assert self.max_length is not None
+        return np.sort(np.argsort(keys, kind="stable")[: self.max_length - 2])
+
+    def _subset(self, rows: np.ndarray, counts: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_subset_of_cell` for a whole block: (kept flat positions ascending, truncated per cell)."""
+        assert self.max_length is not None
         n_keep = self.max_length - 2
-        for i in np.flatnonzero(counts > n_keep):
-            rng = np.random.default_rng((self.seed, int(indices[i])))
-            sel = np.sort(rng.choice(int(counts[i]), n_keep, replace=False))
-            sel = np.concatenate((sel, [counts[i], counts[i] + 1]))  # then T and S
-            gene_list[i] = gene_list[i][sel]
-            value_list[i] = value_list[i][sel]
-            truncated[i] = True
-        return truncated
+        over = counts > n_keep
+        in_over = over[rows]
+        over_cells = np.flatnonzero(over)
+        segment = np.cumsum(over) - 1  # cell -> its index among the over-length cells
+        seg_rows = segment[rows[in_over]]
+        seg_counts = counts[over_cells]
+        perm = random_order(self.seed, SUBSET_STREAM, indices[over_cells], seg_rows, seg_counts)
+        seg_off = np.concatenate(([0], np.cumsum(seg_counts)))
+        rank = np.arange(len(perm)) - seg_off[seg_rows]  # rank of perm[p] in its cell's random order
+        keep_over = np.zeros(len(perm), dtype=bool)
+        keep_over[perm[rank < n_keep]] = True
+        keep = np.ones(len(rows), dtype=bool)
+        keep[in_over] = keep_over
+        return np.flatnonzero(keep), over
+
+
+def _ascending(token_ids: np.ndarray) -> bool:
+    """Whether the mapped columns come in gene-list order (then canonical rows need no sort)."""
+    mapped = token_ids[token_ids >= 0]
+    return bool((mapped[1:] > mapped[:-1]).all())
 
 
 # ------------------------------------------------------------------------------------------------
