@@ -466,7 +466,6 @@ class ScFoundationTokenizer:
             "max_length": self.max_length,
             "seed": self.seed,
             "rng": RNG_NAME,
-            "rng_stream": SUBSET_STREAM,
             "over_length": "keep a random subset of genes (gene-list order), then T and S",
             "count_tokens": "T and S always kept",
             "n_genes": self.n_genes,

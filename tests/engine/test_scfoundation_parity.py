@@ -96,18 +96,19 @@ def test_tokens_match_official_script(pre_normalized, tgthighres):
     dense = dense.astype(np.float32).astype(np.float64)  # an AnnData's float32 X, read by both
     table = _official_table(dense, names, gene_list)
     tok = ScFoundationTokenizer(gene_list, pre_normalized=pre_normalized, tgthighres=tgthighres)
-    ours = tok.tokenize(CellBlock(np.arange(30), sp.csr_matrix(dense.astype(np.float32))), tok.map_genes(names))
-    n_compared = 0
-    for i in range(30):
-        row = table.iloc[i, :]
-        if row.sum() == 0:
-            assert ours.empty[i]
-            continue
-        values, ids = _official_cell(row, pre_normalized, tgthighres)
-        np.testing.assert_array_equal(ours.genes[i], ids.numpy())
-        np.testing.assert_array_equal(ours.values[i], values.numpy())
-        n_compared += 1
-    assert n_compared >= 25
+    block, mapping = CellBlock(np.arange(30), sp.csr_matrix(dense.astype(np.float32))), tok.map_genes(names)
+    for ours in (tok.tokenize(block, mapping), tok.tokenize_reference(block, mapping)):  # block and per-cell paths
+        n_compared = 0
+        for i in range(30):
+            row = table.iloc[i, :]
+            if row.sum() == 0:
+                assert ours.empty[i]
+                continue
+            values, ids = _official_cell(row, pre_normalized, tgthighres)
+            np.testing.assert_array_equal(ours.genes[i], ids.numpy())
+            np.testing.assert_array_equal(ours.values[i], values.numpy())
+            n_compared += 1
+        assert n_compared >= 25
 
 
 @pytest.mark.parametrize("pre_normalized", ["F", "T"])
