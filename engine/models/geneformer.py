@@ -816,10 +816,13 @@ class GeneformerTokenizer:
             raise InvalidValuesError(msg)
         n_counts = np.bincount(rows_all, weights=data, minlength=n_cells)
         slot = layout.col_slot[X.indices]
-        keep = (slot >= 0) & (n_counts[rows_all] != 0)  # stored zeros stay (tokenize_anndata ranks them)
+        keep = slot >= 0  # stored zeros stay (tokenize_anndata ranks them)
+        if not n_counts.all():
+            keep &= (n_counts != 0)[rows_all]
         if self.stored_zeros == "drop":
             keep &= data != 0
-        rows, slot, vals = rows_all[keep], slot[keep], data[keep]
+        every = bool(keep.all())
+        rows, slot, vals = (rows_all, slot, data) if every else (rows_all[keep], slot[keep], data[keep])
         if layout.has_duplicates:  # sum_ensembl_ids: one column per id, duplicates appended
             n_slots = len(layout.slot_token)
             key = rows * n_slots + slot
@@ -833,16 +836,22 @@ class GeneformerTokenizer:
         tok = layout.slot_token[slot]
         # tokenize_anndata: X_view / n_counts * target_sum / norm_factor_vector, in this order
         x = vals / n_counts[rows] * TARGET_SUM / self._medians[tok]
-        counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
+        if every and not layout.has_duplicates:
+            counts = np.diff(X.indptr).astype(np.int64)
+        else:
+            counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
         return indices, x, tok, counts
 
     def _rank(self, x: np.ndarray, tok: np.ndarray, counts: np.ndarray, out: np.ndarray, starts: np.ndarray) -> None:
         """Write each cell's first ``n_keep`` tokens in ``rank_genes`` order to ``out[starts[i]:]``.
 
-        The order is ``np.argsort(-x)`` on the cell's own values, the official call: numpy's default sort
-        is not stable and orders equal values by its own partitioning (on AVX-512 hosts from 5 values
-        up), so ties can only be ordered exactly by that call on that cell. A loop of per-cell sorts is
-        also the fastest ranking measured (2-3x a single sort of the whole block, which leaves the cache).
+        The order is ``np.argsort(-x)`` on the cell's own values, the official call. numpy's default sort
+        is not stable and the order it gives equal values depends on the host's SIMD sort (AVX-512, AVX2
+        and plain introsort give three different orders, the first from 5 or so values up), so ties are
+        only ordered as the official code orders them on the same host by that very call on that cell.
+        The loop is also the fastest exact ranking measured: each cell's sort runs in cache, where one
+        packed-key sort of the whole block (plus re-ranking the cells with ties) took twice as long and
+        ``np.lexsort`` over the block thirty times as long.
         """
         neg = -x
         offsets = np.concatenate(([0], np.cumsum(counts))).tolist()
