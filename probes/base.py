@@ -76,6 +76,22 @@ class Metric:
         return cls(**d, replicates=None if reps is None else np.asarray(reps, dtype=np.float64))
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    """What a task declares about one metric of a layer before computing it (:meth:`Task.metric_specs`).
+
+    ``n_replicates`` is the number of bootstrap replicates the metric carries (None: no replicates).
+    A layer whose features are the same for every cell gets NaN metrics built from these
+    (:mod:`.constant`), so they must match what :meth:`Task.evaluate` returns, in its order.
+    """
+
+    name: str
+    n_cells: int
+    n_replicates: int | None
+    features: str = "std"
+    higher_is_better: bool = True
+
+
 @dataclass
 class ContextPlan:
     """The cells one context of one task uses.
@@ -149,6 +165,11 @@ class Task:
 
     def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
         """Metrics of one layer: ``X`` is ``[plan.n_cells, W]`` float32 in plan row order."""
+        raise NotImplementedError
+
+    def metric_specs(self, plan: ContextPlan) -> list[MetricSpec]:
+        """The metrics one layer's evaluation returns for ``plan`` (prepared), in order: names, cells,
+        replicate counts, feature recipes and directions, known without the layer's features."""
         raise NotImplementedError
 
     def evaluate_baseline(self, plan: ContextPlan) -> list[Metric]:

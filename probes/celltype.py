@@ -25,11 +25,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ..engine.errors import ProbeError
-from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, LayerRows, Metric, StreamingTask
+from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, LayerRows, Metric, MetricSpec, StreamingTask
 from .confidence import bootstrap_indices
 from .features import as_float32
 from .labels import LabelTask, prepare_labels, splits_of
-from .metrics import label_metrics
+from .metrics import LABEL_METRICS, label_metrics
 from .sampling import stratified_cap
 
 
@@ -59,6 +59,12 @@ def classification_metrics(
             )
         )
     return out
+
+
+def classification_specs(plan: ContextPlan, *, prefix: str = "", features: str = "std") -> list[MetricSpec]:
+    """The metrics :func:`classification_metrics` returns for ``plan``."""
+    n_boot = len(plan.reference["boot"])
+    return [MetricSpec(prefix + name, plan.n_cells, n_boot, features) for name in LABEL_METRICS]
 
 
 def linear_probe_predictions(X: np.ndarray, y: np.ndarray, folds: np.ndarray, *, C: float, seed: int) -> np.ndarray:
@@ -110,6 +116,9 @@ class CellTypeTask(LabelTask):
     def primary_metric(self) -> str:
         return "macro_f1"
 
+    def metric_specs(self, plan: ContextPlan) -> list[MetricSpec]:
+        return classification_specs(plan)
+
     def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
         y_pred = linear_probe_predictions(X, plan.reference["y"], plan.reference["folds"], C=self.C, seed=self.seed)
         return classification_metrics(plan, y_pred)
@@ -151,6 +160,11 @@ class StreamingCellTypeTask(CellTypeTask, StreamingTask):
                 base, counts, label_key=self.label_key, group_key=self.group_key, n_boot=self.n_boot, seed=self.seed
             )
             plan.reference["baseline_plan"] = base
+
+    def metric_specs(self, plan: ContextPlan) -> list[MetricSpec]:
+        """The held-out fold's metrics (:meth:`evaluate_stream`)."""
+        n_test, n_boot = len(plan.reference["test"]), len(plan.reference["test_boot"])
+        return [MetricSpec(name, n_test, n_boot) for name in LABEL_METRICS]
 
     def evaluate_baseline(self, plan: ContextPlan) -> list[Metric]:
         base = plan.reference["baseline_plan"]

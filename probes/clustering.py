@@ -37,13 +37,13 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.neighbors import KNeighborsClassifier
 
 from ..engine.errors import ProbeError
-from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, Metric
-from .celltype import classification_metrics
+from .base import DEFAULT_BOOTSTRAP, DEFAULT_SEED, ContextPlan, Metric, MetricSpec
+from .celltype import classification_metrics, classification_specs
 from .confidence import bootstrap, bootstrap_indices
 from .diffusion import knn_search, umap_connectivities
 from .features import pca_recipe
 from .labels import LabelTask, splits_of
-from .metrics import partition_metrics
+from .metrics import PARTITION_METRICS, partition_metrics
 from .sampling import random_cap
 
 # scib-metrics' nmi_ari_cluster_labels_leiden sweep: resolutions 2x/n, x = 1..n, n = 10
@@ -139,6 +139,9 @@ class KnnTransferTask(LabelTask):
     def primary_metric(self) -> str:
         return "knn_macro_f1"
 
+    def metric_specs(self, plan: ContextPlan) -> list[MetricSpec]:
+        return classification_specs(plan, prefix="knn_", features="pca50")
+
     def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
         Z = pca_recipe(X, seed=self.seed)
         y, folds = plan.reference["y"], plan.reference["folds"]
@@ -197,6 +200,15 @@ class ClusteringTask(LabelTask):
         plan.reference["silhouette_cells"] = sil
         plan.reference["silhouette_boot"] = bootstrap_indices(len(sil), self.n_boot, plan.seed_for(self.seed, "sb"))
 
+    def metric_specs(self, plan: ContextPlan) -> list[MetricSpec]:
+        n, n_boot = plan.n_cells, len(plan.reference["boot"])
+        names = [self._leiden_name(m) for m in PARTITION_METRICS]
+        if self.kmeans:
+            names += [f"kmeans_{m}" for m in PARTITION_METRICS]
+        specs = [MetricSpec(name, n, n_boot, "pca50") for name in names]
+        sil = len(plan.reference["silhouette_cells"])
+        return [*specs, MetricSpec("silhouette", sil, len(plan.reference["silhouette_boot"]), "pca50")]
+
     def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
         Z = pca_recipe(X, seed=self.seed)
         y, boot = plan.reference["y"], plan.reference["boot"]
@@ -208,7 +220,7 @@ class ClusteringTask(LabelTask):
         k = min(self.n_neighbors, plan.n_cells)
         graph = leiden_graph(umap_connectivities(*knn_search(Z, k), k))
         sweep = leiden_sweep(graph, y, tuple(self.resolutions), self.leiden_seed, self.select)
-        for m in ("ari", "nmi"):
+        for m in PARTITION_METRICS:
             best = sweep[m]
             add(
                 self._leiden_name(m),
@@ -221,7 +233,7 @@ class ClusteringTask(LabelTask):
         if self.kmeans:
             km = KMeans(n_clusters=len(np.unique(y)), n_init=4, random_state=self.seed).fit_predict(Z)
             value, reps = partition_metrics(y, km), partition_metrics(y, km, boot)
-            for m in ("ari", "nmi"):
+            for m in PARTITION_METRICS:
                 add(f"kmeans_{m}", float(value[m][0]), reps[m], plan.n_cells)
         sil = plan.reference["silhouette_cells"]
         s = silhouette_samples(Z[sil], y[sil])

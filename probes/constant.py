@@ -4,8 +4,8 @@ Some layers carry no information about the cell by construction: Tahoe-X1's laye
 ``<cls>`` token's embedding, identical for every cell. A task run on such features does not fail; it
 returns numbers (a DPT on a degenerate graph gave a Spearman of -0.40 with a "significant" p-value) that
 mean nothing. The runner checks every (pooling, layer, context) before the task sees it: when all rows are
-equal, the task runs on seeded Gaussian stand-in features of the same shape only to name its metrics, and
-every metric is returned as NaN (value, interval, replicates, side numbers) with ``constant_features = 1``,
+equal, the task's declared metrics (:meth:`.base.Task.metric_specs`: names, cells, replicate counts,
+recipes, directions) are returned as NaN (value, interval, replicates) with ``constant_features = 1``,
 which the report turns into a note.
 """
 
@@ -15,11 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .base import ContextPlan, LayerRows, Metric, StreamingTask, Task
+from .base import ContextPlan, LayerRows, Metric, MetricSpec, StreamingTask, Task
 
 FLAG = "constant_features"
 NOTE = "constant features (every cell has the same vector): metrics undefined, NaN"
-STAND_IN_SEED = 0
 
 
 def is_constant(X: np.ndarray) -> bool:
@@ -28,39 +27,30 @@ def is_constant(X: np.ndarray) -> bool:
     return X.shape[0] > 1 and bool((X[0] == X).all())
 
 
-def stand_in(rows: np.ndarray, width: int) -> np.ndarray:
-    """Seeded Gaussian features ``[len(rows), width]`` float32, the same for the same rows."""
-    seed = [STAND_IN_SEED, len(rows), int(rows[0]) if len(rows) else 0]
-    return np.random.default_rng(seed).standard_normal((len(rows), width)).astype(np.float32)
-
-
-def undefined(metrics: list[Metric]) -> list[Metric]:
-    """NaN copies of ``metrics`` (names, direction, replicate count and features kept), flagged constant."""
-    out = []
-    for m in metrics:
-        reps = None if m.replicates is None else np.full(len(m.replicates), np.nan)
-        nan = float("nan")
-        out.append(
-            Metric(
-                context=m.context,
-                metric=m.metric,
-                value=nan,
-                n_cells=m.n_cells,
-                replicates=reps,
-                higher_is_better=m.higher_is_better,
-                features=m.features,
-                ci_low=nan,
-                ci_high=nan,
-                extra={FLAG: 1.0},
-            )
+def undefined(context: str, specs: list[MetricSpec]) -> list[Metric]:
+    """NaN metrics of ``context`` as ``specs`` declare them (NaN replicates of the declared count), flagged."""
+    nan = float("nan")
+    return [
+        Metric(
+            context=context,
+            metric=spec.name,
+            value=nan,
+            n_cells=spec.n_cells,
+            replicates=None if spec.n_replicates is None else np.full(spec.n_replicates, nan),
+            higher_is_better=spec.higher_is_better,
+            features=spec.features,
+            ci_low=nan,
+            ci_high=nan,
+            extra={FLAG: 1.0},
         )
-    return out
+        for spec in specs
+    ]
 
 
 def evaluate(task: Task, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
     """``task.evaluate(plan, X)``, or NaN metrics when ``X`` is constant over the plan's cells."""
     if is_constant(X):
-        return undefined(task.evaluate(plan, stand_in(plan.rows, X.shape[1])))
+        return undefined(plan.context, task.metric_specs(plan))
     return task.evaluate(plan, X)
 
 
@@ -71,11 +61,9 @@ class _Watch:
         self._read = read
         self.first: np.ndarray | None = None
         self.constant = True
-        self.width = 0
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         X = self._read(rows)
-        self.width = X.shape[1]
         if len(X):
             if self.first is None:
                 self.first = X[0].copy()
@@ -106,9 +94,7 @@ def evaluate_stream(
         for i in range(rows.n_chunks):
             rows.chunk(i)
         if full.constant:
-            width = full.width
-            stand = LayerRows(lambda r: stand_in(r, width), plan.rows, chunk_cells)
-            return undefined(task.evaluate_stream(plan, stand))
+            return undefined(plan.context, task.metric_specs(plan))
     if error is not None:
         raise error
     return metrics

@@ -12,6 +12,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+LABEL_METRICS = ("macro_f1", "balanced_accuracy", "accuracy")  # :func:`label_metrics`, in its order
+PARTITION_METRICS = ("ari", "nmi")  # :func:`partition_metrics`, in its order
+
 
 def encode(*arrays: np.ndarray) -> list[np.ndarray]:
     """Each array as int64 codes ``0..K-1`` (its own sorted unique values)."""
@@ -109,14 +112,12 @@ def label_metrics(y_true: np.ndarray, y_pred: np.ndarray, idx: np.ndarray | None
     labels = np.concatenate([np.asarray(y_true), np.asarray(y_pred)])
     codes = np.unique(labels, return_inverse=True)[1].astype(np.int64).ravel()
     a, b = codes[: len(y_true)], codes[len(y_true) :]
-    return {
-        "macro_f1": _batched(macro_f1_from, a, b, idx, square=True),
-        "balanced_accuracy": _batched(balanced_accuracy_from, a, b, idx, square=True),
-        "accuracy": _batched(accuracy_from, a, b, idx, square=True),
-    }
+    fns = (macro_f1_from, balanced_accuracy_from, accuracy_from)
+    return {name: _batched(fn, a, b, idx, square=True) for name, fn in zip(LABEL_METRICS, fns, strict=True)}
 
 
 def partition_metrics(labels: np.ndarray, clusters: np.ndarray, idx: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """ARI and NMI of a clustering against labels (per bootstrap row of ``idx``, or once)."""
     a, b = encode(labels, clusters)
-    return {"ari": _batched(ari_from, a, b, idx), "nmi": _batched(nmi_from, a, b, idx)}
+    fns = (ari_from, nmi_from)
+    return {name: _batched(fn, a, b, idx) for name, fn in zip(PARTITION_METRICS, fns, strict=True)}

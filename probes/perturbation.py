@@ -48,6 +48,7 @@ from .base import (
     DEFAULT_SEED,
     ContextPlan,
     Metric,
+    MetricSpec,
     SmallContextError,
     Task,
     plan_contexts,
@@ -394,6 +395,20 @@ class PerturbationTask(Task):
 
     # -- evaluate --------------------------------------------------------------------------------
 
+    def metric_specs(self, plan: ContextPlan) -> list[MetricSpec]:
+        """The metrics of one layer, in :meth:`evaluate`'s order; replicates resample perturbations."""
+        n_boot = len(plan.reference["boot"])
+        cells = _metric_cells(plan)
+        recipes = {
+            "semantic_similarity": "raw",
+            "semantic_similarity_delta": "std",
+            "auroc_median": "std",
+            "auroc_frac_above_0_6": "std",
+            "energy_fraction_significant": "pca50",
+            "energy_distance_ratio": "pca50",
+        }
+        return [MetricSpec(name, cells[name], n_boot, features) for name, features in recipes.items()]
+
     def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
         """All metrics of one layer (``X [plan.n_cells, W]`` in plan order)."""
         if X.shape[0] != plan.n_cells:
@@ -447,7 +462,7 @@ class PerturbationTask(Task):
             codes[perturbed],
             plan.reference["similarity_paper"],
             center=None,
-            n_cells=int(perturbed.sum()),
+            n_cells=_metric_cells(plan)["semantic_similarity"],
             features="raw",
         )
 
@@ -465,7 +480,7 @@ class PerturbationTask(Task):
             codes[perturbed],
             plan.reference["similarity_delta"],
             center=control,
-            n_cells=int(held_out.sum()),
+            n_cells=_metric_cells(plan)["semantic_similarity_delta"],
             features="std",
         )
 
@@ -475,7 +490,6 @@ class PerturbationTask(Task):
         auroc = np.full(len(plan.reference["perturbations"]), np.nan)
         for s in sets:
             auroc[s["perturbation"]] = oof_auroc(X[s["cells"]], s["y"], s["folds"])
-        used = len(np.unique(np.concatenate([s["cells"] for s in sets]))) if sets else 0
         resampled = auroc[plan.reference["boot"]]  # ineligible perturbations stay NaN and are skipped
         finite = np.isfinite(resampled)
         with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
@@ -485,7 +499,7 @@ class PerturbationTask(Task):
             above = float(np.mean(auroc[np.isfinite(auroc)] > AUROC_THRESHOLD)) if sets else np.nan
             above_reps = ((resampled > AUROC_THRESHOLD) & finite).sum(axis=1) / finite.sum(axis=1)
         extra = {"n_perturbations": float(len(sets)), "mean_auroc": float(np.nanmean(auroc)) if sets else np.nan}
-        common = {"n_cells": used, "features": "std", "bounds": (0.0, 1.0)}
+        common = {"n_cells": _metric_cells(plan)["auroc_median"], "features": "std", "bounds": (0.0, 1.0)}
         return [
             _metric(plan, "auroc_median", median, median_reps, extra=dict(extra), **common),
             _metric(plan, "auroc_frac_above_0_6", above, above_reps, extra=dict(extra), **common),
@@ -517,7 +531,7 @@ class PerturbationTask(Task):
             "control_spread": float(scale),
             "control_halves_ratio": float(energy_test(Z[half_a], Z[half_b], 0, 0)[0] / scale),
         }
-        common = {"n_cells": len(rows), "features": "pca50"}
+        common = {"n_cells": _metric_cells(plan)["energy_distance_ratio"], "features": "pca50"}
         return [
             _metric(
                 plan,
@@ -537,6 +551,22 @@ class PerturbationTask(Task):
                 **common,
             ),
         ]
+
+
+def _metric_cells(plan: ContextPlan) -> dict[str, int]:
+    """The cells each metric of a prepared plan uses: perturbed cells (paper similarity), the held-out
+    half (delta), the cells of the AUROC sets, the E-test rows."""
+    codes, sets = plan.reference["codes"], plan.reference["auroc"]
+    auroc = len(np.unique(np.concatenate([s["cells"] for s in sets]))) if sets else 0
+    energy = len(plan.reference["energy_rows"])
+    return {
+        "semantic_similarity": int((codes >= 0).sum()),
+        "semantic_similarity_delta": int(plan.reference["held_out"].sum()),
+        "auroc_median": auroc,
+        "auroc_frac_above_0_6": auroc,
+        "energy_fraction_significant": energy,
+        "energy_distance_ratio": energy,
+    }
 
 
 def _metric(

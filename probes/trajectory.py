@@ -48,7 +48,7 @@ import scipy.sparse as sp
 from sklearn.model_selection import KFold
 
 from ..engine.errors import ConfigError, ProbeError
-from .base import ContextPlan, Metric, SmallContextError, Task, plan_contexts, require_columns
+from .base import ContextPlan, Metric, MetricSpec, SmallContextError, Task, plan_contexts, require_columns
 from .confidence import bootstrap_indices
 from .correlation import boot_counts, spearman, spearman_boot
 from .diffusion import (
@@ -452,6 +452,26 @@ class TrajectoryTask(Task):
             out["boot_roots"] = bootstrap_roots(t, self.n_roots, self.n_boot, plan.seed_for(self.seed, "boot-roots"))
         return out
 
+    def metric_specs(self, plan: ContextPlan) -> list[MetricSpec]:
+        """The metrics of one layer (graph metrics on the ``features`` recipe)."""
+        return self._specs(plan, self.features)
+
+    def _specs(self, plan: ContextPlan, graph_recipe: str) -> list[MetricSpec]:
+        """Names, cells, replicate counts and recipes of the metrics, in order; ``dpt_spearman_reference``
+        only when :meth:`prepare` has stored a reference."""
+        d = self.draws(plan)
+        n_boot, n_ridge_boot = len(d["boot"]) or None, len(d["ridge_boot"]) or None
+        n_ridge = len(d["ridge_rows"])
+        reference = "reference_dpt" in plan.reference
+        specs = [
+            MetricSpec("dpt_spearman_time", plan.n_cells, n_boot, graph_recipe),
+            *([MetricSpec("dpt_spearman_reference", plan.n_cells, n_boot, graph_recipe)] if reference else []),
+            MetricSpec("ridge_r2", n_ridge, n_ridge_boot, "std"),
+            MetricSpec("ridge_spearman", n_ridge, n_ridge_boot, "std"),
+            MetricSpec("time_smoothness", plan.n_cells, n_boot, graph_recipe, higher_is_better=False),
+        ]
+        return specs
+
     def evaluate(self, plan: ContextPlan, X: np.ndarray) -> list[Metric]:
         """The metrics of one layer from its raw features ``X [plan.n_cells, W]``.
 
@@ -522,26 +542,19 @@ class TrajectoryTask(Task):
 
         graph = {"n_graph_components": float(dm.n_components), "frac_unreachable": float(np.isinf(pt).mean())}
         fit = {"alpha_median": float(np.median(alphas))}
-        spec = {  # name: (cells, feature recipe, extra)
-            "dpt_spearman_time": (plan.n_cells, graph_recipe, graph),
-            "dpt_spearman_reference": (plan.n_cells, graph_recipe, graph),
-            "ridge_r2": (len(rows), "std", fit),
-            "ridge_spearman": (len(rows), "std", fit),
-            "time_smoothness": (plan.n_cells, graph_recipe, {}),
-        }
+        extra = {"dpt_spearman_time": graph, "dpt_spearman_reference": graph, "ridge_r2": fit, "ridge_spearman": fit}
         return [
             Metric(
                 plan.context,
-                name,
-                values[name],
-                n,
-                replicates=reps[name] if len(reps[name]) else None,
-                higher_is_better=name != "time_smoothness",
-                features=features,
-                extra=dict(extra),
+                spec.name,
+                values[spec.name],
+                spec.n_cells,
+                replicates=reps[spec.name] if len(reps[spec.name]) else None,
+                higher_is_better=spec.higher_is_better,
+                features=spec.features,
+                extra=dict(extra.get(spec.name, {})),
             )
-            for name, (n, features, extra) in spec.items()
-            if name in values
+            for spec in self._specs(plan, graph_recipe)
         ]
 
     # ------------------------------------------------------------ helpers
