@@ -1,16 +1,19 @@
 """The lazy layer-wise runner: plan cells per task, read only those rows of only the asked layers, cache.
 
-``probe(store, adata, tasks)``:
+``probe(store, adata, tasks)`` runs these steps:
 
-1. reads the obs columns the tasks need and checks they align with the store's cells;
-2. asks every task for its per-context plans (sorted row subsets, capped and reported);
-3. reads the counts of the planned cells once, for the layer-independent references (HVG-PCA baseline,
-   reference pseudotime, DE profiles);
-4. builds one Dask task per (pooling, layer) that reads the union of planned rows of that one layer,
-   one store chunk at a time, and evaluates every task on it; the layers run in parallel on Dask's
+1. :func:`_open_inputs` reads the obs columns the tasks need and checks they align with the store's cells;
+2. :func:`_plan` asks every task for its per-context plans (sorted row subsets, capped and reported);
+3. :func:`_look_up` keys every (task settings, context, cells, pooling, layer) result and finds the ones
+   cached inside the store under ``probes/``, so re-running the same probe, or adding a task or layer,
+   only computes what is new;
+4. :func:`_prepare_references` reads the counts of the planned cells once, for the layer-independent
+   references (HVG-PCA baseline, reference pseudotime, DE profiles) of the plans left to compute;
+5. :func:`_evaluate_layers` builds one Dask task per (pooling, layer) that reads the union of planned rows
+   of that one layer, one store chunk at a time, and evaluates every task on it (a
+   :class:`~.base.StreamingTask` reads its rows chunk by chunk); the layers run in parallel on Dask's
    threaded scheduler;
-5. caches every (task settings, context, cells, pooling, layer) result inside the store under
-   ``probes/``, so re-running the same probe, or adding a task or layer, only computes what is new.
+6. :func:`_evaluate_baselines` evaluates the HVG-PCA(50) baseline; :func:`_assemble` makes the tidy table.
 """
 
 from __future__ import annotations
