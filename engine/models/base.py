@@ -14,7 +14,8 @@ only talks to these types, never to a family's internals:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -222,6 +223,47 @@ def canonical_rows(block: CellBlock, mapping: GeneMapping) -> tuple[sp.csr_matri
         X = X.copy()
         X.sum_duplicates()
     return X, indices
+
+
+# stored entries per piece when a tokenizer works through a block piece by piece (:func:`row_pieces`):
+# about 1 MB per float64 array, so its element-wise passes stay in cache (measured 1.6x faster than
+# passes over a whole block of 1,024 released-size cells)
+PIECE_ENTRIES = 1 << 17
+
+
+def row_pieces(
+    X: sp.csr_matrix, indices: np.ndarray, max_entries: int | None = None
+) -> Iterator[tuple[sp.csr_matrix, np.ndarray]]:
+    """Consecutive row ranges of a canonical CSR block (``canonical_rows``' result) and their cell indices,
+    each of about ``max_entries`` (default :data:`PIECE_ENTRIES`) stored entries, one row at least; views
+    of ``X``'s arrays, no copy."""
+    max_entries = PIECE_ENTRIES if max_entries is None else max(1, int(max_entries))
+    n_rows, nnz = X.shape[0], int(X.indptr[-1])
+    if nnz <= max_entries or n_rows < 2:
+        yield X, indices
+        return
+    cuts = np.searchsorted(X.indptr, np.arange(max_entries, nnz, max_entries))
+    bounds = np.unique(np.concatenate(([0], np.clip(cuts, 1, n_rows - 1), [n_rows]))).tolist()
+    for a, b in itertools.pairwise(bounds):
+        lo, hi = int(X.indptr[a]), int(X.indptr[b])
+        piece = sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[a : b + 1] - lo), shape=(b - a, X.shape[1]))
+        piece.has_canonical_format = True  # rows of a canonical matrix
+        yield piece, indices[a:b]
+
+
+def concat_blocks(parts: Sequence[TokenizedBlock]) -> TokenizedBlock:
+    """One :class:`TokenizedBlock` of consecutive parts (cells in the parts' order)."""
+    if len(parts) == 1:
+        return parts[0]
+    n_expressed = [p.n_expressed for p in parts]
+    return TokenizedBlock(
+        indices=np.concatenate([p.indices for p in parts]),
+        genes=[g for p in parts for g in p.genes],
+        values=[v for p in parts for v in p.values],
+        truncated=np.concatenate([p.truncated for p in parts]),
+        empty=np.concatenate([p.empty for p in parts]),
+        n_expressed=None if any(e is None for e in n_expressed) else np.concatenate(n_expressed),
+    )
 
 
 def leading_token_block(

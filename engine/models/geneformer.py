@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,7 +56,18 @@ from torch import nn
 from ..datasets import gene_ensembl_ids
 from ..errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
 from .attention import AttentionLayout, attend
-from .base import TOP_RANKED, GeneMapping, LoadedModel, SpecialLayout, Tap, TokenBatch, TokenizedBlock, canonical_rows
+from .base import (
+    TOP_RANKED,
+    GeneMapping,
+    LoadedModel,
+    SpecialLayout,
+    Tap,
+    TokenBatch,
+    TokenizedBlock,
+    canonical_rows,
+    concat_blocks,
+    row_pieces,
+)
 from .checkpoints import (
     check_state_dict,
     describe_files,
@@ -737,7 +749,13 @@ class GeneformerTokenizer:
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
         """Token sequences of a block: normalisation, duplicate sums and assembly over the whole block at
         once, the ranking per cell (:meth:`_rank`)."""
-        indices, x, tok, counts = self._prepare(block, mapping)
+        X, indices = canonical_rows(block, mapping)
+        layout = self._layout_of(mapping)
+        return concat_blocks([self._tokenize_rows(Xp, ip, layout) for Xp, ip in row_pieces(X, indices)])
+
+    def _tokenize_rows(self, X: sp.csr_matrix, indices: np.ndarray, layout: _Layout) -> TokenizedBlock:
+        """:meth:`tokenize` of canonical rows ``X`` (cells ``indices``)."""
+        x, tok, counts = self._prepare(X, indices, layout)
         kept = np.minimum(counts, self.n_keep)
         out_off = np.concatenate(([0], np.cumsum(kept + self.n_special))).astype(np.int64)
         genes = np.empty(int(out_off[-1]), dtype=np.int64)
@@ -802,12 +820,12 @@ class GeneformerTokenizer:
             n_expressed=counts,
         )
 
-    def _prepare(self, block: CellBlock, mapping: GeneMapping) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(indices, x, tokens, counts)``: every ranked entry of the block, cell after cell, in column
+    def _prepare(
+        self, X: sp.csr_matrix, indices: np.ndarray, layout: _Layout
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(x, tokens, counts)``: every ranked entry of canonical rows ``X``, cell after cell, in column
         (slot) order within a cell, with its normalised value ``x`` and token; ``counts`` per cell."""
-        X, indices = canonical_rows(block, mapping)
         n_cells = X.shape[0]
-        layout = self._layout_of(mapping)
         data = np.asarray(X.data, dtype=np.float64)
         rows_all = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
         if not np.isfinite(data).all():
@@ -840,7 +858,7 @@ class GeneformerTokenizer:
             counts = np.diff(X.indptr).astype(np.int64)
         else:
             counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
-        return indices, x, tok, counts
+        return x, tok, counts
 
     def _rank(self, x: np.ndarray, tok: np.ndarray, counts: np.ndarray, out: np.ndarray, starts: np.ndarray) -> None:
         """Write each cell's first ``n_keep`` tokens in ``rank_genes`` order to ``out[starts[i]:]``.

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,6 +59,8 @@ from .base import (
     TokenBatch,
     TokenizedBlock,
     canonical_rows,
+    concat_blocks,
+    row_pieces,
 )
 from .checkpoints import check_state_dict, describe_files, load_torch_weights, refuse_unknown_options
 from .counter_rng import RNG_NAME, random_bits, random_order
@@ -536,10 +539,16 @@ class ScFoundationTokenizer:
         return t.astype(np.float32), s.astype(np.float32)
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
-        """Token sequences of a block, every step over the whole block at once (no loop per cell)."""
+        """Token sequences of a block, every step over many cells at once (no loop per cell), in
+        cache-sized pieces of rows (:func:`~.base.row_pieces`)."""
         X, indices = canonical_rows(block, mapping)
-        n_cells = X.shape[0]
         ids = np.asarray(mapping.token_ids, dtype=np.int64)
+        in_order = _ascending(ids)
+        return concat_blocks([self._tokenize_rows(Xp, ip, ids, in_order) for Xp, ip in row_pieces(X, indices)])
+
+    def _tokenize_rows(self, X: sp.csr_matrix, indices: np.ndarray, ids: np.ndarray, in_order: bool) -> TokenizedBlock:
+        """:meth:`tokenize` of canonical rows ``X`` (cells ``indices``); ``in_order``: ``ids`` ascending."""
+        n_cells = X.shape[0]
         genes = ids[X.indices]
         data = np.asarray(X.data, dtype=np.float64)
         rows = np.repeat(np.arange(n_cells, dtype=np.int64), np.diff(X.indptr))
@@ -556,9 +565,8 @@ class ScFoundationTokenizer:
         expressed = values64 > 0  # gatherData keeps value > 0 (of the float64 input tensor): no stored zero
         genes, rows = genes[expressed], rows[expressed]
         values = values64[expressed].astype(np.float32)  # token_emb(x.float())
-        if not _ascending(ids):  # columns not in gene-list order: sort each cell by gene (keys are unique)
-            order = np.argsort(rows * self.n_genes + genes)
-            genes, values, rows = genes[order], values[order], rows[order]
+        if not in_order:  # columns not in gene-list order
+            rows, genes, values = _sort_by_gene(rows, genes, values, self.n_genes)
         counts = np.bincount(rows, minlength=n_cells).astype(np.int64)
         truncated = np.zeros(n_cells, dtype=bool)
         if self.max_length is not None and bool((counts > self.max_length - 2).any()):
@@ -671,6 +679,25 @@ class ScFoundationTokenizer:
         keep = np.ones(len(rows), dtype=bool)
         keep[in_over] = keep_over
         return np.flatnonzero(keep), over
+
+
+def _sort_by_gene(
+    rows: np.ndarray, genes: np.ndarray, values: np.ndarray, n_genes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each cell's genes in gene-list order (a cell holds a gene once).
+
+    One sort of uint64 keys ``(cell, gene, the float32 value's bits)`` carries the values along without
+    an argsort and its gathers; blocks whose ``cells x genes`` exceed 32 bits take an argsort.
+    """
+    cell_gene = rows * n_genes + genes
+    if len(cell_gene) and int(cell_gene[-1]) >= 1 << 32:  # rows ascending: the last is the largest cell
+        order = np.argsort(cell_gene)
+        return rows[order], genes[order], values[order]
+    key = (cell_gene.astype(np.uint64) << np.uint64(32)) | values.view(np.uint32).astype(np.uint64)
+    key.sort()
+    cell_gene = (key >> np.uint64(32)).astype(np.int64)
+    values = (key & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
+    return cell_gene // n_genes, cell_gene % n_genes, values
 
 
 def _ascending(token_ids: np.ndarray) -> bool:

@@ -13,6 +13,7 @@ import pytest
 import scipy.sparse as sp
 
 from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols
+from cellstrata.engine.models import base
 from cellstrata.engine.models.base import TokenizedBlock
 from cellstrata.engine.models.counter_rng import RNG_NAME
 from cellstrata.engine.models.geneformer import DuplicateGenesWarning, GeneDictionaries, GeneformerTokenizer
@@ -213,3 +214,35 @@ def test_geneformer_ties_follow_argsort_not_a_stable_order_and_block_order_does_
         stable_differs += not np.array_equal(out.genes[i][1:-1], stable)
     assert stable_differs > 0
     _splits_and_permutation(tok, X, np.arange(37) * 2, mapping, seed=9)
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces of a block
+
+
+def test_row_pieces_cover_the_block_in_order():
+    X = _block(50, 90, seed=11)
+    X.sum_duplicates()
+    indices = np.arange(50) * 3 + 1
+    pieces = list(base.row_pieces(X, indices, 101))
+    assert len(pieces) > 5
+    assert all(p.nnz <= 101 + 90 for p, _ in pieces)  # one row more at most
+    assert all(p.has_canonical_format for p, _ in pieces)
+    np.testing.assert_array_equal(np.concatenate([i for _, i in pieces]), indices)
+    assert (sp.vstack([p for p, _ in pieces]) != X).nnz == 0
+    assert [len(i) for _, i in base.row_pieces(X[:0], indices[:0], 101)] == [0]
+
+
+def test_tokenize_in_small_pieces_equals_the_reference(monkeypatch):
+    """Blocks cut into pieces of a few entries (a piece boundary inside every few cells) give the same tokens."""
+    monkeypatch.setattr(base, "PIECE_ENTRIES", 97)
+    names = _scf_names(211, seed=12, shuffled=True)
+    scf = ScFoundationTokenizer(gene_symbols(211), max_length=30, seed=3)
+    X = _block(71, len(names), seed=13, zeros=0.1)
+    block, mapping = CellBlock(np.arange(71) + 5, X), scf.map_genes(names)
+    assert len(list(base.row_pieces(X, block.indices))) > 10
+    _assert_same(scf.tokenize(block, mapping), scf.tokenize_reference(block, mapping))
+    gf = GeneformerTokenizer(_gf_dictionaries(157, seed=14, special=True, tied_medians=True), max_length=25)
+    mapping = gf.map_genes(gene_ensembl_ids(157))
+    block = CellBlock(np.arange(71), _block(71, 157, seed=15, zeros=0.1))
+    _assert_same(gf.tokenize(block, mapping), gf.tokenize_reference(block, mapping))
