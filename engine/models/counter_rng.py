@@ -26,10 +26,25 @@ _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic, a bijection of 64-bit words)."""
-    z = (z ^ (z >> _S30)) * _M1
-    z = (z ^ (z >> _S27)) * _M2
-    return z ^ (z >> _S31)
+    """SplitMix64's finaliser on a uint64 array (wrapping arithmetic, a bijection of 64-bit words).
+
+    Works in place on ``z`` (callers pass a fresh array) with one scratch array: at block sizes the
+    allocations of a chain of temporaries cost as much as the arithmetic.
+    """
+    z = np.asarray(z, dtype=np.uint64)
+    if z.ndim == 0:
+        z = (z ^ (z >> _S30)) * _M1
+        z = (z ^ (z >> _S27)) * _M2
+        return z ^ (z >> _S31)
+    t = np.right_shift(z, _S30)
+    z ^= t
+    z *= _M1
+    np.right_shift(z, _S27, out=t)
+    z ^= t
+    z *= _M2
+    np.right_shift(z, _S31, out=t)
+    z ^= t
+    return z
 
 
 def _as_u64(x: np.ndarray | int) -> np.ndarray:
@@ -53,7 +68,10 @@ def cell_keys(seed: int, stream: int, cells: np.ndarray) -> np.ndarray:
 def bits_at(keys: np.ndarray, positions: np.ndarray) -> np.ndarray:
     """The per-position half of :func:`random_bits`: ``keys`` from :func:`cell_keys` (broadcast)."""
     with np.errstate(over="ignore"):
-        return _mix(np.asarray(keys, dtype=np.uint64) ^ (_as_u64(positions) + np.uint64(1)) * _M2)
+        z = _as_u64(positions) + np.uint64(1)
+        z *= _M2
+        z ^= np.asarray(keys, dtype=np.uint64)
+        return _mix(z)
 
 
 def random_bits(seed: int, stream: int, cells: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -82,26 +100,36 @@ def random_order(seed: int, stream: int, cells: np.ndarray, rows: np.ndarray, co
     """
     counts = np.asarray(counts, dtype=np.int64)
     rows = np.asarray(rows, dtype=np.int64)
-    offsets = np.concatenate(([0], np.cumsum(counts)))
-    position = np.arange(len(rows), dtype=np.int64) - offsets[rows]
-    keys = bits_at(cell_keys(seed, stream, np.asarray(cells))[rows], position)
-    if not len(rows):
+    n = len(rows)
+    if not n:
         return np.zeros(0, dtype=np.int64)
-    # One uint64 sort of (segment | top bits of the key | position) instead of a two-key lexsort: the
-    # segment keeps segments in place, the position says where each sorted element came from.
+    offsets = np.concatenate(([0], np.cumsum(counts)))
+    cell_key = cell_keys(seed, stream, np.asarray(cells))
+    # bits_at(cell_key[rows], position), fused: one array, updated in place
+    with np.errstate(over="ignore"):
+        keys = np.arange(1, n + 1, dtype=np.uint64)
+        keys -= offsets.astype(np.uint64)[rows]  # position + 1
+        keys *= _M2
+        keys ^= cell_key[rows]
+        keys = _mix(keys)
+    # One uint64 sort of (segment | top bits of the key | flat index) instead of a two-key lexsort: the
+    # segment keeps segments in place, the index says where each sorted element came from.
     row_bits = int(len(counts) - 1).bit_length()
-    pos_bits = int(counts.max() - 1).bit_length()
-    key_bits = 64 - row_bits - pos_bits
+    index_bits = int(n - 1).bit_length()
+    key_bits = 64 - row_bits - index_bits
     if key_bits < 16:
         return np.lexsort((keys, rows))
-    packed = (keys >> np.uint64(64 - key_bits)) << np.uint64(pos_bits) | position.astype(np.uint64)
-    if row_bits:
-        packed |= rows.astype(np.uint64) << np.uint64(key_bits + pos_bits)
+    packed = keys >> np.uint64(64 - key_bits)
+    packed <<= np.uint64(index_bits)
+    index = np.arange(n, dtype=np.uint64)
+    if row_bits:  # segment | flat index (the index takes the low bits only)
+        index += np.repeat(np.arange(len(counts), dtype=np.uint64) << np.uint64(key_bits + index_bits), counts)
+    packed |= index
+    del index
     packed.sort()
-    head = packed >> np.uint64(pos_bits)
-    perm = offsets[(head >> np.uint64(key_bits)).astype(np.int64)] if row_bits else np.zeros(len(rows), np.int64)
-    perm += (packed & np.uint64((1 << pos_bits) - 1)).astype(np.int64)
+    perm = (packed & np.uint64((1 << index_bits) - 1)).astype(np.int64)
     if key_bits < 64:  # equal top bits (rare): order those runs by the whole key, then position
+        head = packed >> np.uint64(index_bits)
         tie = head[1:] == head[:-1]
         if tie.any():
             slots = np.flatnonzero(np.concatenate((tie, [False])) | np.concatenate(([False], tie)))
@@ -119,15 +147,29 @@ def random_subset(seed: int, stream: int, cells: np.ndarray, counts: np.ndarray,
     """
     counts = np.asarray(counts, dtype=np.int64)
     size = np.broadcast_to(np.asarray(size, dtype=np.int64), counts.shape)
-    offsets = np.concatenate(([0], np.cumsum(counts)))
-    rows = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
-    order = np.arange(len(rows), dtype=np.int64)
+    total = int(counts.sum())
     long = counts > size
-    if long.any():
-        long_rows = np.flatnonzero(long)
-        at = np.flatnonzero(long[rows])  # the elements of long segments, segment after segment
-        sub_counts = counts[long_rows]
-        sub_rows = np.repeat(np.arange(len(long_rows), dtype=np.int64), sub_counts)
-        order[at] = at[random_order(seed, stream, np.asarray(cells)[long_rows], sub_rows, sub_counts)]
-    keep = np.arange(len(rows), dtype=np.int64) - offsets[rows] < size[rows]
-    return order[keep]
+    if not long.any():
+        return np.arange(total, dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(counts)))
+    n_kept = np.where(long, size, counts)
+    kept_offsets = np.concatenate(([0], np.cumsum(n_kept)))
+    out = np.empty(int(kept_offsets[-1]), dtype=np.int64)
+    # segments that fit: their elements in place
+    short = np.flatnonzero(~long)
+    span = counts[short]
+    local = np.arange(int(span.sum()), dtype=np.int64) - np.repeat(np.cumsum(span) - span, span)
+    out[np.repeat(kept_offsets[short], span) + local] = np.repeat(offsets[short], span) + local
+    # longer segments: the first size[k] of their random order
+    lng = np.flatnonzero(long)
+    span, keep = counts[lng], size[lng]
+    first = np.cumsum(span) - span  # where each long segment starts among the long segments' elements
+    packed_first = np.cumsum(keep) - keep  # ... and among their kept elements
+    perm = random_order(seed, stream, np.asarray(cells)[lng], np.repeat(np.arange(len(lng)), span), span)
+    j = np.arange(int(keep.sum()), dtype=np.int64)
+    kept = perm[j + np.repeat(first - packed_first, keep)]
+    kept += np.repeat(offsets[lng] - first, keep)
+    if not len(short):
+        return kept
+    out[j + np.repeat(kept_offsets[lng] - packed_first, keep)] = kept
+    return out

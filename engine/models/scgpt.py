@@ -262,7 +262,10 @@ def _vocab_sha256(vocab: Mapping[str, int]) -> str:
 
 def _float_order_key(x: np.ndarray) -> np.ndarray:
     """float32 -> uint32 whose unsigned order is the float order (finite values; -0 and +0 differ)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    f = np.ascontiguousarray(x, dtype=np.float32)
+    u = f.view(np.uint32)
+    if not np.signbit(f).any():  # the common case (counts): set the sign bit
+        return u | np.uint32(0x80000000)
     return np.where(u >> np.uint32(31) != 0, ~u, u | np.uint32(0x80000000))
 
 
@@ -284,30 +287,51 @@ def _bin_edges_digits(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left/right ``np.digitize`` indices of every value against its own cell's quantile bins.
 
-    ``values`` (float32, > 0) are the expressed genes of all cells, cell by cell (``rows`` gives each
-    value's cell, ascending; ``counts`` the number of values per cell). Per cell this equals
+    ``values`` (float32, non-zero) are the expressed genes of all cells, cell by cell (``rows`` gives
+    each value's cell, ascending; ``counts`` the number of values per cell). Per cell this equals
     ``bins = np.quantile(cell_values, np.linspace(0, 1, n_bins - 1))`` followed by
     ``np.digitize(x, bins)`` and ``np.digitize(x, bins, right=True)``, bit for bit (numpy's 'linear'
     quantile: float32 differences, float64 interpolation), but vectorised over the block.
+    """
+    origin, left_sorted, right_sorted = _sorted_digits(values, rows, counts, n_bins)
+    left = np.empty(len(values), dtype=np.int64)
+    right = np.empty(len(values), dtype=np.int64)
+    left[origin] = left_sorted
+    right[origin] = right_sorted
+    return left, right
+
+
+def _sorted_digits(
+    values: np.ndarray, rows: np.ndarray, counts: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_bin_edges_digits` in sorted order: ``(origin, left, right)``.
+
+    Every cell's values sorted ascending, cells kept in order: ``origin[j]`` is the flat index of the
+    ``j``-th sorted value (so ``rows`` is also the cell of each sorted value), ``left[j]``/``right[j]``
+    its two ``np.digitize`` indices.
     """
     n_edges = n_bins - 1
     n = len(values)
     nonempty = np.flatnonzero(counts)
     nc = counts[nonempty].astype(np.int64)
     starts_all = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-    row_start = np.repeat(starts_all, counts)  # == starts_all[rows]
-    # Sort every cell's values: key (cell, value) and, when it fits, the value's position in its cell
-    # in the low 16 bits, so one uint64 sort also tells where each sorted value came from.
-    vkeys = (rows.astype(np.uint64) << np.uint64(32)) | _float_order_key(values).astype(np.uint64)
-    if len(counts) < 1 << 16 and int(counts.max()) < 1 << 16:
-        shift = np.uint64(16)
-        hay = np.sort((vkeys << shift) | (np.arange(n, dtype=np.int64) - row_start).astype(np.uint64))
-        origin = row_start + (hay & np.uint64(0xFFFF)).astype(np.int64)
+    # Sort every cell's values: key (cell, value) and, when it fits, the value's flat index in the low
+    # bits, so one uint64 sort also tells where each sorted value came from.
+    index_bits = int(max(n - 1, 1)).bit_length()
+    shift = np.uint64(index_bits)
+    if int(len(counts) - 1).bit_length() + 32 + index_bits <= 64:
+        hay = rows.astype(np.uint64)
+        hay <<= np.uint64(32)
+        hay |= _float_order_key(values)
+        hay <<= shift
+        hay |= np.arange(n, dtype=np.uint64)
+        hay.sort()
+        origin = (hay & np.uint64((1 << index_bits) - 1)).astype(np.int64)
     else:
         shift = np.uint64(0)
+        vkeys = (rows.astype(np.uint64) << np.uint64(32)) | _float_order_key(values).astype(np.uint64)
         origin = np.argsort(vkeys, kind="stable")
         hay = vkeys[origin]
-    del vkeys
 
     q = np.linspace(0.0, 1.0, n_edges)
     virtual = (nc - 1)[:, None] * q[None, :]
@@ -333,19 +357,18 @@ def _bin_edges_digits(
     down = (row_key | _float_order_key(_round_to_float32(edges, -np.inf)).astype(np.uint64)).ravel()
     low = (np.uint64(1) << shift) - np.uint64(1)
     # Place each edge among the sorted values; the values at or after an edge's place are >= (up)
-    # or > (down) it, so a running count of placed edges is np.digitize per value (minus the edges
-    # of earlier cells: they are all placed before this cell's values, later cells' after).
+    # or > (down) it, so the number of edges placed at or before a sorted value is np.digitize of it
+    # plus the edges of earlier cells (all placed before this cell's values, later cells' after).
     up_at = np.searchsorted(hay, up << shift, side="left")
     down_at = np.searchsorted(hay, (down << shift) | low, side="right")
     del hay
-    base = np.zeros(len(counts), dtype=np.int64)
-    base[nonempty] = np.arange(len(nonempty), dtype=np.int64) * n_edges
-    base = np.repeat(base, counts)  # the sorted values keep the cell order of ``rows``
-    left = np.empty(n, dtype=np.int64)
-    right = np.empty(n, dtype=np.int64)
-    left[origin] = np.cumsum(np.bincount(up_at, minlength=n + 1)[:n]) - base
-    right[origin] = np.cumsum(np.bincount(down_at, minlength=n + 1)[:n]) - base
-    return left, right
+    placed = np.arange(len(up) + 1, dtype=np.int64)
+    base = np.repeat(np.cumsum(counts > 0) - 1, counts) * n_edges  # the sorted values keep the cell order
+    left = np.repeat(placed, np.diff(up_at, prepend=0, append=n))
+    left -= base
+    right = np.repeat(placed, np.diff(down_at, prepend=0, append=n))
+    right -= base
+    return origin, left, right
 
 
 class ScGPTTokenizer:
@@ -464,16 +487,18 @@ class ScGPTTokenizer:
         """Token sequences of every cell, vectorised over the block (same tokens as :meth:`tokenize_reference`)."""
         genes, values, rows, counts, indices = self._expressed(block, mapping)
         offsets = np.concatenate(([0], np.cumsum(counts)))
+        bins = np.empty(len(values), dtype=np.float32)
         if len(values):
-            digits, right = _bin_edges_digits(values, rows, counts, self.n_bins)
-        else:
-            digits = right = np.zeros(0, dtype=np.int64)
-        tie = np.flatnonzero(digits != right)  # the value equals repeated edges: a random bin of its span
-        if len(tie):
-            keys = cell_keys(self.seed, TIE_STREAM, indices)[rows[tie]]
-            u = to_uniform(bits_at(keys, tie - offsets[rows[tie]]))
-            left = digits[tie]
-            digits[tie] = np.ceil(u * (right[tie] - left) + left).astype(np.int64)
+            # the digits come in sorted order (origin: each sorted value's flat index; the cells stay in
+            # order, so ``rows`` holds for them too); _digitize(side="both") is ceil(u * (right - left) +
+            # left), a random bin of the span of edges equal to the value (``left`` where there is none),
+            # with u drawn for the gene's position in its cell's expressed genes
+            origin, left, right = _sorted_digits(values, rows, counts, self.n_bins)
+            u = to_uniform(bits_at(cell_keys(self.seed, TIE_STREAM, indices)[rows], origin - offsets[rows]))
+            right -= left
+            u *= right
+            u += left
+            bins[origin] = np.ceil(u)
         kept = random_subset(self.seed, SUBSET_STREAM, indices, counts, self.max_length - 1)
         n_kept = np.minimum(counts, self.max_length - 1)
         return leading_token_block(
@@ -481,7 +506,7 @@ class ScGPTTokenizer:
             self.cls_id,
             self.pad_value,
             genes[kept],
-            digits[kept].astype(np.float32),
+            bins[kept],
             n_kept,
             truncated=counts > n_kept,
             empty=counts == 0,

@@ -421,20 +421,23 @@ def _sort_within_cells(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return values[np.lexsort((values, rows))]
 
 
-def quantile_edges(values: np.ndarray, counts: np.ndarray, num_bins: int) -> np.ndarray:
+def quantile_edges(
+    values: np.ndarray, counts: np.ndarray, num_bins: int, *, sorted_values: np.ndarray | None = None
+) -> np.ndarray:
     """``torch.quantile(cell, torch.linspace(0, 1, num_bins - 1))`` of every cell, bit for bit.
 
     ``values`` (float32) are the cells' values one cell after the other, ``counts`` (each >= 1) how many
-    belong to each cell. Returns ``[n_cells, num_bins - 1]`` float32. The quantile's steps (sort,
-    ``ranks = q * (n - 1)`` in float32, ``floor``/``ceil`` gathers, ``lerp``) run batched; where the two
-    possible lerp roundings of an edge differ, that cell is computed by ``torch.quantile`` itself.
+    belong to each cell; ``sorted_values``, when given, are the same values sorted within each cell.
+    Returns ``[n_cells, num_bins - 1]`` float32. The quantile's steps (sort, ``ranks = q * (n - 1)`` in
+    float32, ``floor``/``ceil`` gathers, ``lerp``) run batched; where the two possible lerp roundings of
+    an edge differ, that cell is computed by ``torch.quantile`` itself.
     """
     grades = torch.linspace(0, 1, num_bins - 1, dtype=torch.float32)
     counts = np.asarray(counts, dtype=np.int64)
     n_cells = len(counts)
     out = np.empty((n_cells, num_bins - 1), dtype=np.float32)
     starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
-    sorted_vals = _sort_within_cells(values, counts)
+    sorted_vals = _sort_within_cells(values, counts) if sorted_values is None else sorted_values
     for lo in range(0, n_cells, _EDGE_GROUP):
         hi = min(lo + _EDGE_GROUP, n_cells)
         c = counts[lo:hi]
@@ -461,23 +464,42 @@ def quantile_edges(values: np.ndarray, counts: np.ndarray, num_bins: int) -> np.
 def bin_values(values: np.ndarray, counts: np.ndarray, num_bins: int) -> np.ndarray:
     """Official ``binning(row, n_bins, right=False)`` of every cell: ``bucketize(v, edges) + 1`` (1..num_bins-1).
 
-    ``values`` (float32, all > 0) grouped by cell as in :func:`quantile_edges`. The bucketing is
-    ``torch.searchsorted`` (the kernel ``torch.bucketize`` runs) on each cell's own edges.
+    ``values`` (float32, all > 0) grouped by cell as in :func:`quantile_edges`. ``bucketize(v, edges)``
+    (``right=False``) is the number of the cell's edges below ``v``: every cell's values are sorted once
+    (key: cell, value bits, flat index), the edges placed among them, and a running count of placed
+    edges gives each sorted value its bucket.
     """
+    values = np.ascontiguousarray(values, dtype=np.float32)
     counts = np.asarray(counts, dtype=np.int64)
-    edges = quantile_edges(values, counts, num_bins)
-    out = np.empty(len(values), dtype=np.int64)
-    starts = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    for lo in range(0, len(counts), _EDGE_GROUP):
-        hi = min(lo + _EDGE_GROUP, len(counts))
-        c = counts[lo:hi]
-        width = int(c.max())
-        padded = np.zeros((hi - lo, width), dtype=np.float32)
-        local = np.arange(starts[lo], starts[hi]) - np.repeat(starts[lo:hi], c)
-        rows = np.repeat(np.arange(hi - lo), c)
-        padded[rows, local] = values[starts[lo] : starts[hi]]
-        digits = torch.searchsorted(torch.from_numpy(edges[lo:hi]), torch.from_numpy(padded), right=False)
-        out[starts[lo] : starts[hi]] = digits.numpy()[rows, local] + 1
+    n, n_cells, n_edges = len(values), len(counts), num_bins - 1
+    if not n:
+        return np.zeros(0, dtype=np.int64)
+    index_bits = int(max(n - 1, 1)).bit_length()
+    if int(n_cells - 1).bit_length() + 32 + index_bits > 64:  # a huge block: in parts that fit
+        half = n_cells // 2
+        cut = int(counts[:half].sum())
+        return np.concatenate(
+            (bin_values(values[:cut], counts[:half], num_bins), bin_values(values[cut:], counts[half:], num_bins))
+        )
+    shift = np.uint64(index_bits)
+    rows = np.repeat(np.arange(n_cells, dtype=np.uint64), counts)
+    hay = rows << np.uint64(32)
+    hay |= values.view(np.uint32)  # positive float32 bit patterns sort like the floats
+    hay <<= shift
+    hay |= np.arange(n, dtype=np.uint64)
+    hay.sort()
+    origin = (hay & np.uint64((1 << index_bits) - 1)).astype(np.int64)
+    sorted_values = ((hay >> shift) & np.uint64(0xFFFFFFFF)).astype(np.uint32).view(np.float32)
+    edges = quantile_edges(values, counts, num_bins, sorted_values=sorted_values)
+    # values <= edge sort before (cell | edge bits | all index bits set): the values after an edge's
+    # place are above it, so the edges placed at or before a sorted value are the edges below it
+    # (plus those of earlier cells, all placed before this cell's values)
+    edge_keys = (np.arange(n_cells, dtype=np.uint64)[:, None] << np.uint64(32)) | edges.view(np.uint32)
+    placed = np.searchsorted(hay, (edge_keys.ravel() << shift) | ((np.uint64(1) << shift) - np.uint64(1)), "right")
+    below = np.repeat(np.arange(len(placed) + 1, dtype=np.int64), np.diff(placed, prepend=0, append=n))
+    below -= np.repeat(np.arange(n_cells, dtype=np.int64) * n_edges, counts) - 1  # bucketize + 1
+    out = np.empty(n, dtype=np.int64)
+    out[origin] = below
     return out
 
 

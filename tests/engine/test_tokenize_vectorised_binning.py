@@ -14,6 +14,8 @@ from cellstrata.engine.models.tahoe_x1 import TahoeX1Tokenizer
 from cellstrata.engine.sources import CellBlock
 
 N_VOCAB = 700
+PINNED_BITS = [601575, 642046, 325373]  # random_bits as committed with counter_rng (last six digits)
+PINNED_ORDER = [5, 1, 3, 2, 4, 0, 9, 8, 7, 6]
 
 
 def _vocab(names: list[str]) -> dict[str, int]:
@@ -148,9 +150,9 @@ def test_draws_differ_across_seeds_and_cell_indices(family):
 def test_random_order_breaks_equal_top_bits_by_the_whole_key(monkeypatch):
     """The packed sort keeps only the top bits of each key; runs that agree there follow the whole key
     (then the position), exactly as a two-key lexsort of (segment, key)."""
-    real = counter_rng.bits_at
-    top = np.uint64(0xC000000000000000)
-    monkeypatch.setattr(counter_rng, "bits_at", lambda k, p: (real(k, p) & top) | (real(k, p) & np.uint64(0xFF)))
+    real = counter_rng._mix
+    kept_bits = np.uint64(0xC0000000000000FF)  # two top bits and eight low bits: many equal top bits
+    monkeypatch.setattr(counter_rng, "_mix", lambda z: real(z) & kept_bits)
     rng = np.random.default_rng(4)
     counts = rng.integers(0, 60, 50)
     rows = np.repeat(np.arange(50), counts)
@@ -179,3 +181,32 @@ def test_random_order_equals_lexsort_and_random_subset_its_prefix(seed):
         for k in range(97)
     ]
     np.testing.assert_array_equal(kept, np.concatenate(expected))
+
+
+@pytest.mark.slow
+def test_tahoe_x1_binning_of_a_huge_block_matches_torch_per_cell():
+    """A block whose (cell, value, index) key exceeds 64 bits is binned in parts; same buckets as torch."""
+    import torch
+
+    from cellstrata.engine.models.tahoe_x1 import bin_values
+
+    rng = np.random.default_rng(6)
+    counts = rng.integers(1, 6, 70_000)
+    values = (rng.poisson(2, counts.sum()) + 1).astype(np.float32)
+    assert int(len(counts) - 1).bit_length() + 32 + int(len(values) - 1).bit_length() > 64
+    digits = bin_values(values, counts, 51)
+    starts = np.concatenate(([0], np.cumsum(counts)))
+    grades = torch.linspace(0, 1, 50)
+    for c in rng.choice(len(counts), 300, replace=False):
+        cell = torch.from_numpy(values[starts[c] : starts[c + 1]].copy())
+        expected = (torch.bucketize(cell, torch.quantile(cell, grades)) + 1).numpy()
+        np.testing.assert_array_equal(digits[starts[c] : starts[c + 1]], expected)
+
+
+def test_draws_are_pinned():
+    """The counter draws are part of the stored tokens' definition (tokenizer versions scgpt-binning-2 and
+    tahoe-x1-binning-3): these values must never change without a version bump."""
+    bits = counter_rng.random_bits(7, 1, np.array([0, 5, 10**9]), np.array([0, 3, 1199]))
+    assert [int(b) % 10**6 for b in bits] == PINNED_BITS
+    order = counter_rng.random_order(3, 1, np.array([42, 7]), np.repeat([0, 1], [6, 4]), np.array([6, 4]))
+    assert order.tolist() == PINNED_ORDER
