@@ -235,8 +235,8 @@ def row_pieces(
     X: sp.csr_matrix, indices: np.ndarray, max_entries: int | None = None
 ) -> Iterator[tuple[sp.csr_matrix, np.ndarray]]:
     """Consecutive row ranges of a canonical CSR block (``canonical_rows``' result) and their cell indices,
-    each of about ``max_entries`` (default :data:`PIECE_ENTRIES`) stored entries, one row at least; views
-    of ``X``'s arrays, no copy."""
+    each of about ``max_entries`` (default :data:`PIECE_ENTRIES`) stored entries, one row at least; their
+    values and column indices are views of ``X``'s arrays."""
     max_entries = PIECE_ENTRIES if max_entries is None else max(1, int(max_entries))
     n_rows, nnz = X.shape[0], int(X.indptr[-1])
     if nnz <= max_entries or n_rows < 2:
