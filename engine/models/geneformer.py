@@ -38,6 +38,7 @@ Checkpoint folder (as published): ``config.json`` (``BertConfig`` fields), ``mod
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import pickle
@@ -764,11 +765,12 @@ class GeneformerTokenizer:
             genes[out_off[1:] - 1] = self.eos_id
         lead = 1 if self.special else 0
         self._rank(x, tok, counts, genes, out_off[:-1] + lead)
-        cuts = out_off[1:-1].tolist()
+        bounds = list(itertools.pairwise(out_off.tolist()))
+        zeros = np.zeros(len(genes), dtype=np.float32)
         return TokenizedBlock(
             indices=indices.copy(),
-            genes=np.split(genes, cuts),
-            values=np.split(np.zeros(len(genes), dtype=np.float32), cuts),
+            genes=[genes[a:b] for a, b in bounds],
+            values=[zeros[a:b] for a, b in bounds],
             truncated=counts > self.n_keep,
             empty=counts == 0,
             n_expressed=counts,
@@ -876,7 +878,7 @@ class GeneformerTokenizer:
         n_keep = self.n_keep
         for lo, hi, start in zip(offsets[:-1], offsets[1:], starts.tolist()):
             if hi - lo > 1:
-                order = np.argsort(neg[lo:hi])
+                order = neg[lo:hi].argsort()  # = np.argsort(-x) of the cell
                 if hi - lo > n_keep:
                     order = order[:n_keep]
                 out[start : start + len(order)] = tok[lo:hi][order]

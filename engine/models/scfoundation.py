@@ -32,6 +32,7 @@ only zeros is empty (NaN).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from collections import OrderedDict
@@ -586,11 +587,11 @@ class ScFoundationTokenizer:
         out_genes[is_gene], out_values[is_gene] = genes, values
         out_genes[t_pos], out_values[t_pos] = self.t_position, t_val[~empty]
         out_genes[t_pos + 1], out_values[t_pos + 1] = self.s_position, s_val[~empty]
-        cuts = ends[:-1].tolist()
+        bounds = list(itertools.pairwise([0, *ends.tolist()]))
         return TokenizedBlock(
             indices=indices.copy(),
-            genes=np.split(out_genes, cuts),
-            values=np.split(out_values, cuts),
+            genes=[out_genes[a:b] for a, b in bounds],
+            values=[out_values[a:b] for a, b in bounds],
             truncated=truncated,
             empty=empty,
             n_expressed=counts,
