@@ -691,7 +691,7 @@ def _sort_by_gene(
     an argsort and its gathers; blocks whose ``cells x genes`` exceed 32 bits take an argsort.
     """
     cell_gene = rows * n_genes + genes
-    if len(cell_gene) and int(cell_gene[-1]) >= 1 << 32:  # rows ascending: the last is the largest cell
+    if len(rows) and (int(rows[-1]) + 1) * n_genes > 1 << 32:  # rows ascending: the last is the largest
         order = np.argsort(cell_gene)
         return rows[order], genes[order], values[order]
     key = (cell_gene.astype(np.uint64) << np.uint64(32)) | values.view(np.uint32).astype(np.uint64)

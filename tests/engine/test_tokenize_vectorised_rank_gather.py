@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 
 from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols
-from cellstrata.engine.models import base
+from cellstrata.engine.models import base, scfoundation
 from cellstrata.engine.models.base import TokenizedBlock
 from cellstrata.engine.models.counter_rng import RNG_NAME
 from cellstrata.engine.models.geneformer import DuplicateGenesWarning, GeneDictionaries, GeneformerTokenizer
@@ -246,3 +246,20 @@ def test_tokenize_in_small_pieces_equals_the_reference(monkeypatch):
     mapping = gf.map_genes(gene_ensembl_ids(157))
     block = CellBlock(np.arange(71), _block(71, 157, seed=15, zeros=0.1))
     _assert_same(gf.tokenize(block, mapping), gf.tokenize_reference(block, mapping))
+
+
+@pytest.mark.parametrize("n_genes", [19_264, 3_000_000_019])  # packed uint64 sort, and the argsort beyond 32 bits
+def test_scfoundation_sort_by_gene_orders_each_cell(n_genes):
+    rng = np.random.default_rng(16)
+    counts = rng.integers(0, 40, 1500)
+    rows = np.repeat(np.arange(1500), counts)
+    genes = np.concatenate([rng.choice(min(n_genes, 10**6), k, replace=False) for k in counts]) * (
+        n_genes // 10**6 or 1
+    )
+    values = rng.random(len(rows)).astype(np.float32)
+    r, g, v = scfoundation._sort_by_gene(rows, genes, values, n_genes)
+    order = np.lexsort((genes, rows))
+    np.testing.assert_array_equal(r, rows[order])
+    np.testing.assert_array_equal(g, genes[order])
+    np.testing.assert_array_equal(v, values[order])
+    assert v.dtype == np.float32
