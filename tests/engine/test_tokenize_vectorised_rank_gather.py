@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols
 from cellstrata.engine.models import base, scfoundation
 from cellstrata.engine.models.base import TokenizedBlock
-from cellstrata.engine.models.counter_rng import RNG_NAME
+from cellstrata.engine.models.counter_rng import RNG_NAME, random_bits
 from cellstrata.engine.models.geneformer import DuplicateGenesWarning, GeneDictionaries, GeneformerTokenizer
 from cellstrata.engine.models.scfoundation import TOKENIZER_VERSION, ScFoundationTokenizer
 from cellstrata.engine.sources import CellBlock
@@ -127,6 +127,9 @@ def test_scfoundation_subset_is_uniform_and_follows_seed_and_cell():
     kept = np.bincount(np.concatenate([g[:-2] for g in out.genes]), minlength=n_genes) / n_cells
     assert np.allclose(kept, (max_length - 2) / n_genes, atol=0.04)
     assert len({tuple(g.tolist()) for g in out.genes[:50]}) == 50
+    for cell in (0, 1234, n_cells - 1):  # the genes with the smallest draws of (seed, stream 0, cell, position)
+        keys = random_bits(9, 0, np.full(n_genes, cell), np.arange(n_genes))
+        np.testing.assert_array_equal(out.genes[cell][:-2], np.sort(np.argsort(keys)[: max_length - 2]))
     other = ScFoundationTokenizer(gene_symbols(n_genes), max_length=max_length, seed=10)
     assert not np.array_equal(other.tokenize(CellBlock(np.arange(1), X[:1]), mapping).genes[0], out.genes[0])
     s = tok.settings()
