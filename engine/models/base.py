@@ -266,6 +266,22 @@ def concat_blocks(parts: Sequence[TokenizedBlock]) -> TokenizedBlock:
     )
 
 
+def kept_entries(indptr: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """The entries a CSR matrix keeps, row by row: ``(selector, counts)``.
+
+    ``selector`` is ``None`` when every entry is kept (use the arrays as they are), else the indices
+    of the kept entries; ``counts`` is the number kept per row. Counting the dropped entries (usually
+    few: genes outside the vocabulary, stored zeros) is cheaper than a running sum over all entries.
+    """
+    indptr = np.asarray(indptr, dtype=np.int64)
+    dropped = np.flatnonzero(~keep)
+    counts = np.diff(indptr)
+    if not len(dropped):
+        return None, counts
+    counts -= np.bincount(np.searchsorted(indptr, dropped, side="right") - 1, minlength=len(counts))
+    return np.flatnonzero(keep), counts
+
+
 def leading_token_block(
     indices: np.ndarray,
     token: int,

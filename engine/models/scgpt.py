@@ -45,6 +45,7 @@ from .base import (
     TokenBatch,
     TokenizedBlock,
     canonical_rows,
+    kept_entries,
     leading_token_block,
 )
 from .checkpoints import (
@@ -473,10 +474,9 @@ class ScGPTTokenizer:
         tok = mapping.token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch .float()
         keep = (tok >= 0) & (data != 0)  # np.nonzero of the dense row: stored zeros are no tokens
-        running = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
-        counts = running[X.indptr[1:]] - running[X.indptr[:-1]]
+        selector, counts = kept_entries(X.indptr, keep)
+        genes, values = (tok, data) if selector is None else (tok[selector], data[selector])
         rows = np.repeat(np.arange(n_cells, dtype=np.int64), counts)
-        genes, values = tok[keep], data[keep]
         if not np.isfinite(values).all():
             bad = int(indices[rows[~np.isfinite(values)][0]])
             msg = f"the expression matrix holds NaN or infinite values (first in cell {bad})"

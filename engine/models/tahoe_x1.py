@@ -55,6 +55,7 @@ from .base import (
     TokenBatch,
     TokenizedBlock,
     canonical_rows,
+    kept_entries,
     leading_token_block,
 )
 from .checkpoints import (
@@ -637,9 +638,8 @@ class TahoeX1Tokenizer:
         keep = tok >= 0  # every stored entry, explicit zeros included (CountDataset: row.indices, row.data)
         if self.stored_zeros == "drop":
             keep &= data != 0
-        genes, values = tok[keep], data[keep]
-        running = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
-        counts = running[X.indptr[1:]] - running[X.indptr[:-1]]
+        selector, counts = kept_entries(X.indptr, keep)
+        genes, values = (tok, data) if selector is None else (tok[selector], data[selector])
         rows = np.repeat(np.arange(n_cells, dtype=np.int64), counts)
         _check_counts(values, rows, indices)
         empty = np.bincount(rows[values != 0], minlength=n_cells) == 0
