@@ -210,3 +210,19 @@ def test_draws_are_pinned():
     assert [int(b) % 10**6 for b in bits] == PINNED_BITS
     order = counter_rng.random_order(3, 1, np.array([42, 7]), np.repeat([0, 1], [6, 4]), np.array([6, 4]))
     assert order.tolist() == PINNED_ORDER
+
+
+@pytest.mark.parametrize("share", [1.0, 0.9, 0.0])
+def test_kept_entries_counts_each_rows_kept_entries(share):
+    from cellstrata.engine.models.base import kept_entries
+
+    rng = np.random.default_rng(int(share * 10))
+    row_nnz = rng.integers(0, 9, 41)
+    row_nnz[[0, 7, 40]] = 0  # empty rows, first and last included
+    indptr = np.concatenate(([0], np.cumsum(row_nnz)))
+    keep = rng.random(indptr[-1]) < share
+    selector, counts = kept_entries(indptr, keep)
+    np.testing.assert_array_equal(counts, [keep[indptr[i] : indptr[i + 1]].sum() for i in range(41)])
+    assert (selector is None) == bool(keep.all())
+    if selector is not None:
+        np.testing.assert_array_equal(selector, np.flatnonzero(keep))
