@@ -13,6 +13,8 @@ order), so their draws are uncorrelated even at equal positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 __all__ = ["RNG_NAME", "bits_at", "cell_keys", "random_bits", "random_order", "random_subset", "to_uniform", "uniform"]
@@ -99,18 +101,24 @@ def random_order(seed: int, stream: int, cells: np.ndarray, rows: np.ndarray, co
     is a uniformly random ``m``-subset of cell ``k`` in random order, whatever block the cell was read in.
     """
     counts = np.asarray(counts, dtype=np.int64)
-    rows = np.asarray(rows, dtype=np.int64)
-    n = len(rows)
+    return _segment_order(seed, stream, np.asarray(cells), counts, lambda: np.asarray(rows, dtype=np.int64))
+
+
+def _segment_order(
+    seed: int, stream: int, cells: np.ndarray, counts: np.ndarray, rows: Callable[[], np.ndarray]
+) -> np.ndarray:
+    """:func:`random_order` from the segment sizes (per-element cell keys and positions by ``np.repeat``,
+    no gathers); ``rows()`` gives the segment of each element for the rare two-key fallback."""
+    n = int(counts.sum())
     if not n:
         return np.zeros(0, dtype=np.int64)
-    offsets = np.concatenate(([0], np.cumsum(counts)))
-    cell_key = cell_keys(seed, stream, np.asarray(cells))
-    # bits_at(cell_key[rows], position), fused: one array, updated in place
+    starts = np.cumsum(counts) - counts
+    # bits_at(cell_keys(...)[rows], position), fused: one array, updated in place
     with np.errstate(over="ignore"):
         keys = np.arange(1, n + 1, dtype=np.uint64)
-        keys -= offsets.astype(np.uint64)[rows]  # position + 1
+        keys -= np.repeat(starts.astype(np.uint64), counts)  # position + 1
         keys *= _M2
-        keys ^= cell_key[rows]
+        keys ^= np.repeat(cell_keys(seed, stream, cells), counts)
         keys = _mix(keys)
     # One uint64 sort of (segment | top bits of the key | flat index) instead of a two-key lexsort: the
     # segment keeps segments in place, the index says where each sorted element came from.
@@ -118,7 +126,7 @@ def random_order(seed: int, stream: int, cells: np.ndarray, rows: np.ndarray, co
     index_bits = int(n - 1).bit_length()
     key_bits = 64 - row_bits - index_bits
     if key_bits < 16:
-        return np.lexsort((keys, rows))
+        return np.lexsort((keys, rows()))
     packed = keys >> np.uint64(64 - key_bits)
     packed <<= np.uint64(index_bits)
     index = np.arange(n, dtype=np.uint64)
@@ -165,7 +173,7 @@ def random_subset(seed: int, stream: int, cells: np.ndarray, counts: np.ndarray,
     span, keep = counts[lng], size[lng]
     first = np.cumsum(span) - span  # where each long segment starts among the long segments' elements
     packed_first = np.cumsum(keep) - keep  # ... and among their kept elements
-    perm = random_order(seed, stream, np.asarray(cells)[lng], np.repeat(np.arange(len(lng)), span), span)
+    perm = _segment_order(seed, stream, np.asarray(cells)[lng], span, lambda: np.repeat(np.arange(len(lng)), span))
     j = np.arange(int(keep.sum()), dtype=np.int64)
     kept = perm[j + np.repeat(first - packed_first, keep)]
     kept += np.repeat(offsets[lng] - first, keep)
