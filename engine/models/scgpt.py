@@ -494,7 +494,8 @@ class ScGPTTokenizer:
             # left), a random bin of the span of edges equal to the value (``left`` where there is none),
             # with u drawn for the gene's position in its cell's expressed genes
             origin, left, right = _sorted_digits(values, rows, counts, self.n_bins)
-            u = to_uniform(bits_at(cell_keys(self.seed, TIE_STREAM, indices)[rows], origin - offsets[rows]))
+            position = origin - np.repeat(offsets[:-1], counts)
+            u = to_uniform(bits_at(np.repeat(cell_keys(self.seed, TIE_STREAM, indices), counts), position))
             right -= left
             u *= right
             u += left

@@ -652,7 +652,7 @@ class TahoeX1Tokenizer:
         # binned: every gene at position >= keep_first_n_tokens of [<cls>, genes...]; a zero goes to bin 1,
         # the others to their bucket among the quantiles of the cell's non-zero binned values
         k = self.keep_first_n_tokens
-        pos_in_cell = np.arange(len(values)) - offsets[rows]
+        pos_in_cell = np.arange(len(values)) - np.repeat(offsets[:-1], counts)
         binned = pos_in_cell >= k - 1
         out_values = values.copy()
         out_values[binned & (values == 0)] = 1.0
