@@ -309,8 +309,8 @@ def leading_token_block(
     out_values[gene_at] = values
     return TokenizedBlock(
         indices=np.asarray(indices).copy(),
-        genes=np.split(out_genes, starts[1:]),
-        values=np.split(out_values, starts[1:]),
+        genes=np.split(out_genes, starts[1:]) if n_cells else [],
+        values=np.split(out_values, starts[1:]) if n_cells else [],
         truncated=np.asarray(truncated, dtype=bool),
         empty=np.asarray(empty, dtype=bool),
         n_expressed=n_expressed,

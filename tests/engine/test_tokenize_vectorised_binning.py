@@ -99,6 +99,17 @@ def test_scgpt_vectorised_equals_reference(seed, n_cells):
         assert any(len(np.unique(v[1:])) < len(v) - 1 for v in got.values)  # ties
 
 
+@pytest.mark.parametrize("family", ["scgpt", "tahoe-x1"])
+def test_a_block_of_no_cells_or_only_empty_cells(family):
+    tok, names = _scgpt(0, 20) if family == "scgpt" else _tahoe(0, 20)
+    mapping = tok.map_genes(names)
+    for X in (sp.csr_matrix((0, len(names)), dtype=np.float32), sp.csr_matrix((3, len(names)), dtype=np.float32)):
+        block = CellBlock(np.arange(X.shape[0]), X)
+        got, ref = tok.tokenize(block, mapping), tok.tokenize_reference(block, mapping)
+        _assert_same(got, ref)
+        assert len(got) == X.shape[0] and got.empty.all() and all(g.tolist() == [tok.cls_id] for g in got.genes)
+
+
 @pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
 @pytest.mark.parametrize(("keep", "stored_zeros"), [(1, "keep"), (2, "keep"), (1, "drop"), (3, "keep")])
 def test_tahoe_x1_vectorised_equals_reference(seed, keep, stored_zeros):
