@@ -9,7 +9,7 @@ variant), each after a short warm-up on two short cells of a separate file:
     ``engine.batching.iter_batches`` with the same ``max_tokens``), the model's forward with a no-op
     tap, nothing pooled or stored. The floor: what the model alone costs on these batches.
 (b) **cellstrata**: what ``cellstrata.extract(h5ad, model=..., poolings=["all"], dtype="float16")``
-    runs once the model is loaded (``open_source`` + ``engine.pipeline.Extraction(...).run()``) into a
+    runs once the model is loaded (``open_source`` + ``engine.run.Extraction(...).run()``) into a
     compressed store: reading, tokenizing, pooling every layer every way the family offers, writing and
     committing chunks.
 (c) **the peers' approach** (scGPT ``embed_data``, Helical, Geneformer ``EmbExtractor``, the paper's
@@ -485,7 +485,8 @@ def load_model(spec: dict[str, Any]) -> Any:
 
 def _extraction(spec: dict[str, Any], loaded: Any, source: Any, n_cells: int, out: str) -> Any:
     """``extract``'s Extraction for these cells (nothing is written until ``run()``)."""
-    from cellstrata.engine.pipeline import Extraction, resolve_device
+    from cellstrata.engine.pipeline import resolve_device
+    from cellstrata.engine.run import Extraction
 
     return Extraction(
         source,
@@ -515,7 +516,8 @@ def run_forward_only(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int,
     import torch
 
     from cellstrata.engine.batching import iter_batches
-    from cellstrata.engine.pipeline import _select, resolve_device
+    from cellstrata.engine.pipeline import resolve_device
+    from cellstrata.engine.pipeline import select_cells as _select
     from cellstrata.engine.sources import check_values, open_source
 
     device = resolve_device(spec["device"])
@@ -658,7 +660,8 @@ def run_peers(
     import torch
 
     from cellstrata.engine.batching import collate
-    from cellstrata.engine.pipeline import _select, resolve_device
+    from cellstrata.engine.pipeline import resolve_device
+    from cellstrata.engine.pipeline import select_cells as _select
     from cellstrata.engine.sources import CellBlock
 
     device = resolve_device(spec["device"])

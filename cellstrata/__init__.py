@@ -19,7 +19,7 @@ from typing import Any
 __version__ = "0.2.0"  # the one version source (pyproject.toml reads it; see CHANGELOG.md)
 
 _PUBLIC = {
-    "extract": ("cellstrata.engine.pipeline", "extract"),
+    "extract": ("cellstrata.engine.run", "extract"),
     "open_store": ("cellstrata.engine.store", "open_store"),
     "Store": ("cellstrata.engine.store", "Store"),
     "CellstrataError": ("cellstrata.engine.errors", "CellstrataError"),

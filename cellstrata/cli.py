@@ -113,7 +113,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     from .engine.interrupts import during_startup
 
     with during_startup():  # importing torch takes seconds; extract() guards its own start-up the same way
-        from .engine.pipeline import extract
+        from .engine.run import extract
 
     store = extract(
         args.input,

@@ -9,7 +9,7 @@ from typing import Any
 from .engine.datasets import CONTROL, write_synthetic_h5ad
 from .engine.errors import ProbeError
 from .engine.models import get_family
-from .engine.pipeline import extract
+from .engine.run import extract
 from .engine.store import Store
 from .engine.weights import mark_random_init
 

@@ -1,9 +1,10 @@
 """Extraction on Dask distributed: one task per shard of whole chunks, Dask owns workers and retries.
 
-The driver never loads the model: a first task plans the store on a worker (which loads the model
-once and keeps it), the driver creates or resumes the store under its lease, then submits one task per
-shard of consecutive pending chunks. Each task reads its rows straight from the input, runs the same
-:class:`~.pipeline.Extraction` as a single-process run (so every chunk is bit-identical to one on the
+:class:`ShardExecutor` is the run driver's executor (:func:`~.run.drive`) for ``--cluster``. The
+driver never loads the model: a first task plans the store on a worker (which loads the model once and
+keeps it), the driver creates or resumes the store under its lease, then submits one task per shard of
+consecutive pending chunks. Each task reads its rows straight from the input, runs the same
+:class:`~.pipeline.DeviceLoop` as a single-process run (so every chunk is bit-identical to one on the
 same device type) and writes straight into the store. A task skips chunks already committed, so a
 shard retried after a worker died, or a re-run after the driver died, redoes only what is missing.
 
@@ -24,17 +25,19 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .errors import CellstrataError, ConfigError, StoreConfigMismatchError, WriteError
-from .interrupts import Interrupted, graceful_stop
-from .lease import Lease
+from .interrupts import Interrupted, StopRequest
 from .location import StoreLocation
-from .pipeline import Extraction, ExtractSettings, Telemetry, busy_label, log_start, record_run
-from .progress import ExtractProgress, ExtractStatus, ExtractTotals
-from .store import Store, create_or_resume, pending_chunks, refuse_foreign
+from .models.base import GeneMapping
+from .pipeline import DeviceLoop
+from .plan import RunPlan
+from .progress import ExtractProgress, ExtractStatus
+from .store import StoreSpec
+from .telemetry import Telemetry
 
 log = logging.getLogger("cellstrata")
 
@@ -47,16 +50,42 @@ TORCH_THREADS_ENV = "CELLSTRATA_TORCH_THREADS"
 # (reported in one line, the trace in the CLI's log file), so the workers' own logs are silenced
 QUIET_WORKERS = logging.CRITICAL
 
+
+class ShardRun(Protocol):
+    """What a worker uses of an opened run (:class:`~.run.Extraction`)."""
+
+    store_spec: StoreSpec
+    mapping: GeneMapping
+    device: Any
+    input_notes: tuple[str, ...]
+    loop: DeviceLoop
+
+    def preflight(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ShardSettings(Protocol):
+    """What the shard executor uses of a run's settings (:class:`~.run.ExtractSettings`, a frozen dataclass)."""
+
+    data: Any
+    out: str
+    checkpoint: str
+    device: str
+
+    def open(self, *, progress: bool = False) -> ShardRun: ...
+
+
 # keyed by repr(settings) (option values need not be hashable); the lock runs one shard at a time per
 # loaded model: a worker with several threads (or threaded workers sharing this process) would otherwise
 # share its buffers and counters
-_CACHE: dict[str, tuple[Extraction, threading.Lock]] = {}
+_CACHE: dict[str, tuple[ShardRun, threading.Lock]] = {}
 _CACHE_LOCK = threading.Lock()
 _LOADS = {"count": 0}
 
 
 # ------------------------------------------------------------------------------------------ worker side
-def _worker_settings(settings: ExtractSettings) -> ExtractSettings:
+def _worker_settings(settings: ShardSettings) -> ShardSettings:
     """Spread workers over GPUs when each sees several (without dask-cuda): worker ``name`` mod count."""
     import torch
 
@@ -71,8 +100,8 @@ def _worker_settings(settings: ExtractSettings) -> ExtractSettings:
     return settings
 
 
-def worker_extraction(settings: ExtractSettings) -> tuple[Extraction, threading.Lock]:
-    """This process's :class:`Extraction` for ``settings`` and its lock: the model is loaded once and reused."""
+def worker_extraction(settings: ShardSettings) -> tuple[ShardRun, threading.Lock]:
+    """This process's opened run (:class:`~.run.Extraction`) for ``settings`` and its lock: loaded once, reused."""
     key = repr(settings)
     with _CACHE_LOCK:
         if key not in _CACHE:
@@ -89,27 +118,27 @@ def worker_extraction(settings: ExtractSettings) -> tuple[Extraction, threading.
         return _CACHE[key]
 
 
-def plan_task(settings: ExtractSettings) -> dict[str, Any]:
+def plan_task(settings: ShardSettings) -> dict[str, Any]:
     """On a worker: check the input's first cells and return the store spec the workers will write."""
     run, _ = worker_extraction(settings)
-    run._preflight()
+    run.preflight()
     return {
         "spec": run.store_spec,
         "mapping": run.mapping,
         "device": str(run.device),
-        "overflow_names": run.overflow_names,
+        "overflow_names": run.loop.layout.overflow_names,
         "input_notes": run.input_notes,
     }
 
 
-def shard_task(settings: ExtractSettings, chunks: Sequence[int], config_hash: str) -> dict[str, Any]:
+def shard_task(settings: ShardSettings, chunks: Sequence[int], config_hash: str) -> dict[str, Any]:
     """On a worker: extract the chunks of ``chunks`` not yet committed; returns the shard's counters."""
     run, lock = worker_extraction(settings)
     with lock:
-        return _run_shard(run, settings, chunks, config_hash)
+        return run_shard(run, settings, chunks, config_hash)
 
 
-def _run_shard(run: Extraction, settings: ExtractSettings, chunks: Sequence[int], config_hash: str) -> dict[str, Any]:
+def run_shard(run: ShardRun, settings: ShardSettings, chunks: Sequence[int], config_hash: str) -> dict[str, Any]:
     have = run.store_spec.attrs["config_hash"]
     if have != config_hash:
         msg = (
@@ -120,11 +149,12 @@ def _run_shard(run: Extraction, settings: ExtractSettings, chunks: Sequence[int]
         raise StoreConfigMismatchError(msg)
     done = np.asarray(StoreLocation.of(settings.out).open_group("r")["done"][:])
     todo = [int(c) for c in chunks if not done[c]]
-    run.telemetry = run.fresh_telemetry()
+    loop = run.loop
+    loop.telemetry = loop.fresh_telemetry()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="cellstrata-write") as pool:
-        run.process(todo, pool)
-    counters = run.telemetry.counters()
+        loop.process(todo, pool)
+    counters = loop.telemetry.counters()
     counters.update(chunks=len(todo), skipped=len(chunks) - len(todo), seconds=time.perf_counter() - t0)
     counters.update(model_loads=_LOADS["count"], pid=os.getpid())
     return counters
@@ -227,7 +257,7 @@ def shards(pending: np.ndarray, n_workers: int) -> list[list[int]]:
     return [list(map(int, pending[i : i + size])) for i in range(0, len(pending), size)]
 
 
-def _check_inputs(settings: ExtractSettings, cluster: Any) -> ExtractSettings:
+def _check_inputs(settings: ShardSettings, cluster: Any) -> ShardSettings:
     if not isinstance(settings.data, str):
         msg = "--cluster needs the input as a path (or URL) every worker can read, not an in-memory AnnData"
         raise ConfigError(msg)
@@ -273,97 +303,102 @@ def shard_status(telemetry: Telemetry, chunks: int, seconds: float, workers: int
     )
 
 
-def run_on_cluster(
-    settings: ExtractSettings, cluster: Any, *, overwrite: bool, progress: bool, break_lock: bool
-) -> Store:
-    """Drive the extraction of ``settings`` on ``cluster``; see the module docstring."""
-    from distributed import wait
+class ShardExecutor:
+    """The run driver's executor on Dask: plans on a worker, one task per shard, counters merged here."""
 
-    settings = _check_inputs(settings, cluster)
-    location = StoreLocation.of(settings.out)
-    with graceful_stop() as stop:
-        client, close = connect(cluster, settings.device)
+    def __init__(self, settings: ShardSettings, cluster: Any):
+        self.settings = _check_inputs(settings, cluster)
+        self.cluster = cluster
+        self.client: Any = None
+        self._close: Callable[[], None] | None = None
+        self.n_workers = 1
+        self.plan: dict[str, Any] = {}
+        self.work: list[list[int]] = []
+
+    def start(self) -> RunPlan:
+        """Connect, then check the input and plan the store on a worker (which keeps the model loaded)."""
+        self.client, self._close = connect(self.cluster, self.settings.device)
+        self.n_workers = max(len(self.client.scheduler_info(n_workers=-1).get("workers", {})), 1)
+        self.plan = self.client.submit(plan_task, self.settings, pure=False, retries=RETRIES).result()
+        return RunPlan(
+            spec=self.plan["spec"],
+            mapping=self.plan["mapping"],
+            device_type=str(self.plan["device"]).split(":")[0],
+            input_notes=tuple(self.plan["input_notes"]),
+        )
+
+    def begin(self, pending: np.ndarray) -> None:
+        self.work = shards(pending, self.n_workers)
+        log.info(
+            "%d chunks in %d shards on %d Dask workers (%s)",
+            len(pending),
+            len(self.work),
+            self.n_workers,
+            self.plan["device"],
+        )
+
+    def execute(self, pending: np.ndarray, bar: ExtractProgress, stop: StopRequest) -> tuple[Telemetry, dict[str, Any]]:
+        """One task per shard; each finished shard's counters are added and advance the line."""
+        from distributed import wait
+
+        client, work, n_workers = self.client, self.work, self.n_workers
+        spec = self.plan["spec"]
+        device_type = str(self.plan["device"]).split(":")[0]
+        telemetry = Telemetry(
+            pooling_names=tuple(self.plan["overflow_names"]), device_type=device_type, workers=n_workers
+        )
+        cells_in = {i: spec.cells_in(shard) for i, shard in enumerate(work)}
+        token = uuid.uuid4().hex[:8]
+        futures = {
+            client.submit(
+                shard_task,
+                self.settings,
+                shard,
+                spec.attrs["config_hash"],
+                pure=False,
+                retries=RETRIES,
+                key=f"cellstrata-shard-{shard[0]}-{shard[-1]}-{token}",
+            ): i
+            for i, shard in enumerate(work)
+        }
+        loads: dict[int, int] = {}  # worker process -> models it loaded
+        chunks_done = 0
         try:
-            n_workers = max(len(client.scheduler_info(n_workers=-1).get("workers", {})), 1)
-            plan = client.submit(plan_task, settings, pure=False, retries=RETRIES).result()
-            spec = plan["spec"]
-            refuse_foreign(location)  # before the lease: a foreign --out is not written, even briefly
-            with Lease.acquire(location, break_lock=break_lock):
-                group, resumed = create_or_resume(location, spec, overwrite=overwrite)
-                pending = pending_chunks(group)
-                log_start(location, plan["mapping"], resumed=resumed, n_pending=len(pending), total=spec.n_chunks)
-                for note in plan["input_notes"]:
-                    log.warning("%s", note)
-                work = shards(pending, n_workers)
-                log.info(
-                    "%d chunks in %d shards on %d Dask workers (%s)", len(pending), len(work), n_workers, plan["device"]
-                )
-                device_type = str(plan["device"]).split(":")[0]
-                telemetry = Telemetry(
-                    pooling_names=tuple(plan["overflow_names"]), device_type=device_type, workers=n_workers
-                )
-                t_start = time.perf_counter()
-                cells_in = {i: spec.cells_in(shard) for i, shard in enumerate(work)}
-                totals = ExtractTotals(
-                    cells=spec.n_cells,
-                    chunks=spec.n_chunks,
-                    cells_before=spec.n_cells - sum(cells_in.values()),
-                    chunks_before=spec.n_chunks - len(pending),
-                    busy_label=busy_label(device_type),
-                )
-                token = uuid.uuid4().hex[:8]
-                futures = {
-                    client.submit(
-                        shard_task,
-                        settings,
-                        shard,
-                        spec.attrs["config_hash"],
-                        pure=False,
-                        retries=RETRIES,
-                        key=f"cellstrata-shard-{shard[0]}-{shard[-1]}-{token}",
-                    ): i
-                    for i, shard in enumerate(work)
-                }
-                loads: dict[int, int] = {}  # worker process -> models it loaded
-                chunks_done = 0
-                bar = ExtractProgress(totals, enabled=progress)
-                try:
-                    remaining = set(futures)
-                    while remaining:
-                        with contextlib.suppress(TimeoutError):  # wake up to check for a stop request
-                            wait(list(remaining), timeout=0.5, return_when="FIRST_COMPLETED")
-                        stop.check()
-                        finished = {f for f in remaining if f.done()}
-                        remaining -= finished
-                        for fut in finished:
-                            i = futures[fut]
-                            try:
-                                counters = fut.result()
-                            except Exception as err:
-                                raise _fail(err, work[i]) from err
-                            telemetry.add(counters)
-                            loads[counters["pid"]] = max(loads.get(counters["pid"], 0), counters["model_loads"])
-                            chunks_done += len(work[i])
-                            bar.advance(cells_in[i], shard_status(telemetry, chunks_done, bar.elapsed(), n_workers))
-                except BaseException as err:
-                    client.cancel(list(futures))
-                    if isinstance(err, Interrupted):
-                        log.warning("stopping: cancelled the shards not yet finished; committed chunks are kept")
-                    raise
-                finally:
-                    bar.close()
-                telemetry.seconds = time.perf_counter() - t_start
-                record_run(
-                    group,
-                    telemetry,
-                    resumed=resumed,
-                    cluster={
-                        "workers": n_workers,
-                        "shards": len(work),
-                        "worker_processes": len(loads),
-                        "model_loads": sum(loads.values()),
-                    },
-                )
-        finally:
+            remaining = set(futures)
+            while remaining:
+                with contextlib.suppress(TimeoutError):  # wake up to check for a stop request
+                    wait(list(remaining), timeout=0.5, return_when="FIRST_COMPLETED")
+                stop.check()
+                finished = {f for f in remaining if f.done()}
+                remaining -= finished
+                for fut in finished:
+                    i = futures[fut]
+                    try:
+                        counters = fut.result()
+                    except Exception as err:
+                        raise _fail(err, work[i]) from err
+                    telemetry.add(counters)
+                    loads[counters["pid"]] = max(loads.get(counters["pid"], 0), counters["model_loads"])
+                    chunks_done += len(work[i])
+                    bar.advance(cells_in[i], shard_status(telemetry, chunks_done, bar.elapsed(), n_workers))
+        except BaseException as err:
+            client.cancel(list(futures))
+            if isinstance(err, Interrupted):
+                log.warning("stopping: cancelled the shards not yet finished; committed chunks are kept")
+            raise
+        cluster = {
+            "workers": n_workers,
+            "shards": len(work),
+            "worker_processes": len(loads),
+            "model_loads": sum(loads.values()),
+        }
+        return telemetry, {"cluster": cluster}
+
+    def close(self) -> None:
+        """Close the client (and the local workers it started)."""
+        if self._close is not None:
+            close, self._close = self._close, None
             close()
-    return Store(location)
+
+
+__all__ = ["ShardExecutor", "connect", "plan_task", "shard_status", "shard_task", "shards", "worker_extraction"]

@@ -48,6 +48,11 @@ def fraction(part: float, whole: float) -> float | None:
     return min(max(part / whole, 0.0), 1.0)
 
 
+def busy_label(device_type: str) -> str:
+    """What the extract line's utilisation field measures on ``device_type``."""
+    return "GPU busy" if device_type == "cuda" else "forward"
+
+
 def format_duration(seconds: float | None) -> str:
     """``h:mm:ss`` or ``m:ss``; ``?`` when unknown."""
     if seconds is None:
@@ -309,6 +314,7 @@ __all__ = [
     "ExtractStatus",
     "ExtractTotals",
     "ProbeProgress",
+    "busy_label",
     "eta_seconds",
     "extract_fields",
     "extract_postfix",

@@ -30,7 +30,7 @@ def test_ruff_formatted():
 
 def test_one_version_source_and_its_changelog_entry():
     import cellstrata
-    from cellstrata.engine.pipeline import ENGINE_VERSION
+    from cellstrata.engine.plan import ENGINE_VERSION
 
     assert "dynamic" in (ROOT / "pyproject.toml").read_text() and cellstrata.__version__ == ENGINE_VERSION
     head = re.search(r"^## \[?(\d+\.\d+\.\d+)", (ROOT / "CHANGELOG.md").read_text(), re.M)

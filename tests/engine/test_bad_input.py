@@ -17,7 +17,7 @@ from cellstrata.cli import main
 from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import ConfigError
 from cellstrata.engine.models import get_family
-from cellstrata.engine.pipeline import duplicate_notes
+from cellstrata.engine.plan import duplicate_notes
 from cellstrata.engine.sources import open_source
 from cellstrata.engine.store import store_attributes
 
@@ -105,7 +105,7 @@ CHILD = """
 import sys, time
 from pathlib import Path
 import cellstrata.cli as cli
-import cellstrata.engine.pipeline as pipeline
+import cellstrata.engine.run as run
 
 ready, step, argv = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 
@@ -116,14 +116,14 @@ def stall(*args, **kwargs):
 if step == "parser":  # building the parser imports the probes
     cli.build_parser = stall
 elif step == "input":
-    pipeline.open_source = stall
+    run.open_source = stall
 else:
-    real = pipeline.get_family
+    real = run.get_family
     def get_family(name):
         family = real(name)
         family.load = stall
         return family
-    pipeline.get_family = get_family
+    run.get_family = get_family
 sys.exit(cli.main(argv))
 """
 

@@ -11,7 +11,7 @@ from cellstrata.cli import main
 from cellstrata.engine import writer as writer_mod
 from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
-from cellstrata.engine.pipeline import Extraction
+from cellstrata.engine.pipeline import DeviceLoop
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +44,13 @@ def test_slow_writer_shows_as_writer_wait(case, tmp_path, monkeypatch):
 
 
 def test_slow_input_shows_as_input_wait(case, tmp_path, monkeypatch):
-    real = Extraction._prepare
+    real = DeviceLoop._prepare
 
     def slow(self, chunks):
         time.sleep(0.5)
         return real(self, chunks)
 
-    monkeypatch.setattr(Extraction, "_prepare", slow)
+    monkeypatch.setattr(DeviceLoop, "_prepare", slow)
     store = run(case, tmp_path / "i.zarr")
     tele = store.attrs["telemetry"]
     assert tele["input_wait_seconds"] >= 0.4, tele
@@ -89,7 +89,7 @@ def test_batches_land_after_the_next_one_is_queued_across_chunks(case, tmp_path,
         progress=False,
     )
     events: list[tuple[str, int]] = []
-    real_land, real_submit = Extraction._land, Extraction._submit
+    real_land, real_submit = DeviceLoop._land, DeviceLoop._submit
 
     def land(self, transfer, job, rows, writer, bar):
         events.append(("land", job.index))
@@ -103,15 +103,15 @@ def test_batches_land_after_the_next_one_is_queued_across_chunks(case, tmp_path,
     def deferred(self, view):
         return transfer_mod.Transfer(view.clone(), None)
 
-    real_start = Extraction._start_chunk
+    real_start = DeviceLoop._start_chunk
 
     def start(self, c, bounds, tokens):
         events.append(("start", c))
         return real_start(self, c, bounds, tokens)
 
-    monkeypatch.setattr(Extraction, "_start_chunk", start)
-    monkeypatch.setattr(Extraction, "_land", land)
-    monkeypatch.setattr(Extraction, "_submit", submit)
+    monkeypatch.setattr(DeviceLoop, "_start_chunk", start)
+    monkeypatch.setattr(DeviceLoop, "_land", land)
+    monkeypatch.setattr(DeviceLoop, "_submit", submit)
     monkeypatch.setattr(transfer_mod.PooledBuffers, "to_host", deferred)
     real_init = transfer_mod.PooledBuffers.__init__
 

@@ -14,7 +14,6 @@ from cellstrata.engine import writer as writer_mod
 from cellstrata.engine.cluster import shard_status
 from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
-from cellstrata.engine.pipeline import Telemetry, describe_utilisation
 from cellstrata.engine.progress import (
     DeviceClock,
     ExtractProgress,
@@ -28,6 +27,7 @@ from cellstrata.engine.progress import (
     fraction,
     rate,
 )
+from cellstrata.engine.telemetry import Telemetry, describe_utilisation
 
 N_CELLS = 97  # three chunks of 32 and one of 1
 
@@ -179,7 +179,7 @@ def test_extract_prints_no_progress_into_a_pipe_and_records_telemetry(h5ad, ckpt
 
 def test_extract_line_when_drawn(h5ad, ckpt, tmp_path, monkeypatch):
     """With the line forced on, each chunk handed to the writer redraws it with this run's counters."""
-    from cellstrata.engine import pipeline
+    from cellstrata.engine import run
 
     out = io.StringIO()
     seen: list[ExtractProgress] = []
@@ -189,7 +189,7 @@ def test_extract_line_when_drawn(h5ad, ckpt, tmp_path, monkeypatch):
         seen.append(bar)
         return bar
 
-    monkeypatch.setattr(pipeline, "ExtractProgress", forced)
+    monkeypatch.setattr(run, "ExtractProgress", forced)
     extract(h5ad, ckpt, tmp_path / "s.zarr", limit=64, progress=True)
     text = out.getvalue()
     assert "64/64 cells" in text and "chunks " in text and "/2" in text and "forward " in text

@@ -21,7 +21,7 @@ from zarr.storage import LocalStore
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine import pipeline
+from cellstrata.engine import run
 from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
 
@@ -65,7 +65,7 @@ def creation_writes(case, tmp_path, monkeypatch) -> int:
     data, kw, _ = case
     counter = WriteCounter(monkeypatch)
     seen = []
-    original = pipeline.create_or_resume
+    original = run.create_or_resume
 
     def recorded(*args, **kwargs):
         out = original(*args, **kwargs)
@@ -73,7 +73,7 @@ def creation_writes(case, tmp_path, monkeypatch) -> int:
         return out
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "create_or_resume", recorded)
+        m.setattr(run, "create_or_resume", recorded)
         cs.extract(data, out=tmp_path / "count.zarr", **kw)
     monkeypatch.undo()
     assert len(seen) == 1 and seen[0] >= 8, seen  # root, pooled, 2 poolings, 4 cell arrays, checksum, attributes

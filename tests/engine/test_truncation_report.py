@@ -13,9 +13,9 @@ from cellstrata.cli import main
 from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
 from cellstrata.engine.models.base import NO_TRUNCATION, RANDOM_SUBSAMPLE, TOP_RANKED
-from cellstrata.engine.pipeline import Telemetry
 from cellstrata.engine.sources import open_source
 from cellstrata.engine.store import ATTR_KEY, describe_truncation, open_store, update_attrs
+from cellstrata.engine.telemetry import Telemetry
 
 N_CELLS = 120
 CHUNK = 40

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from cellstrata.engine.pipeline import ENGINE_VERSION
+from cellstrata.engine.plan import ENGINE_VERSION
 from cellstrata.engine.sources import open_source
 from cellstrata.engine.store import (
     Store,

@@ -219,7 +219,7 @@ def test_a_store_extracted_from_an_init_checkpoint_folder_reports_random_weights
     # scFoundation keeps its config inside models.ckpt, so only init-checkpoint's marker tells
     from cellstrata.cli import main
     from cellstrata.engine.datasets import write_synthetic_h5ad
-    from cellstrata.engine.pipeline import extract
+    from cellstrata.engine.run import extract
 
     data = tmp_path / "cells.h5ad"
     write_synthetic_h5ad(data, n_cells=240, seed=0, genes_per_cell=60)
