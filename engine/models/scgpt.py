@@ -486,28 +486,31 @@ class ScGPTTokenizer:
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
         """Token sequences of every cell, vectorised over the block (same tokens as :meth:`tokenize_reference`)."""
         genes, values, rows, counts, indices = self._expressed(block, mapping)
-        offsets = np.concatenate(([0], np.cumsum(counts)))
-        bins = np.empty(len(values), dtype=np.float32)
+        n_keep = self.max_length - 1
+        kept = random_subset(self.seed, SUBSET_STREAM, indices, counts, n_keep)  # flat indices, cell by cell
+        n_kept = np.minimum(counts, n_keep)
+        bins = np.zeros(len(kept), dtype=np.float32)
         if len(values):
-            # the digits come in sorted order (origin: each sorted value's flat index; the cells stay in
-            # order, so ``rows`` holds for them too); _digitize(side="both") is ceil(u * (right - left) +
-            # left), a random bin of the span of edges equal to the value (``left`` where there is none),
-            # with u drawn for the gene's position in its cell's expressed genes
+            # digits of every value against its cell's edges, in sorted order (origin: each sorted
+            # value's flat index); only the kept genes need their bin: _digitize(side="both") is
+            # ceil(u * (right - left) + left), a random bin of the span of edges equal to the value
+            # (``left`` where there is none), u drawn for the gene's position in its cell's expressed genes
             origin, left, right = _sorted_digits(values, rows, counts, self.n_bins)
-            position = origin - np.repeat(offsets[:-1], counts)
-            u = to_uniform(bits_at(np.repeat(cell_keys(self.seed, TIE_STREAM, indices), counts), position))
-            right -= left
-            u *= right
-            u += left
-            bins[origin] = np.ceil(u)
-        kept = random_subset(self.seed, SUBSET_STREAM, indices, counts, self.max_length - 1)
-        n_kept = np.minimum(counts, self.max_length - 1)
+            where = np.empty(len(values), dtype=np.int64)
+            where[origin] = np.arange(len(values), dtype=np.int64)
+            at = where[kept]
+            position = kept - np.repeat(np.cumsum(counts) - counts, n_kept)
+            u = to_uniform(bits_at(np.repeat(cell_keys(self.seed, TIE_STREAM, indices), n_kept), position))
+            low = left[at]
+            u *= right[at] - low
+            u += low
+            bins[:] = np.ceil(u)
         return leading_token_block(
             indices,
             self.cls_id,
             self.pad_value,
             genes[kept],
-            bins[kept],
+            bins,
             n_kept,
             truncated=counts > n_kept,
             empty=counts == 0,
