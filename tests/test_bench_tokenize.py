@@ -41,6 +41,7 @@ def test_quick_run_measures_every_path_and_compares_the_tokens(tmp_path):
         for path, rate in row["paths"].items():
             assert rate["tokens_per_s"] > 0 and rate["cells_per_s"] > 0, (family, path)
             assert rate["tokens_per_s"] == pytest.approx(row["tokens"] / rate["seconds"]), (family, path)
+            assert rate["wall_tokens_per_s"] == pytest.approx(row["tokens"] / rate["wall_seconds"]), (family, path)
         assert row["identical_reference_vectorised"] and row["identical_read_vectorised"], family
         assert "/before/cellstrata" in row["before_package"], family  # the exported tree, not the checkout
         diff = row["before_vs_now"]
