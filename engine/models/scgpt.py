@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -45,8 +46,10 @@ from .base import (
     TokenBatch,
     TokenizedBlock,
     canonical_rows,
+    concat_blocks,
     kept_entries,
     leading_token_block,
+    row_pieces,
 )
 from .checkpoints import (
     checkpoint_folder,
@@ -466,10 +469,9 @@ class ScGPTTokenizer:
         )
 
     def _expressed(
-        self, block: CellBlock, mapping: GeneMapping
+        self, X: sp.csr_matrix, indices: np.ndarray, mapping: GeneMapping
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every cell's expressed vocabulary genes, cell after cell: ``(genes, values, rows, counts, indices)``."""
-        X, indices = canonical_rows(block, mapping)
         n_cells = X.shape[0]
         tok = mapping.token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch .float()
@@ -484,8 +486,13 @@ class ScGPTTokenizer:
         return genes, values, rows, counts, indices
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
-        """Token sequences of every cell, vectorised over the block (same tokens as :meth:`tokenize_reference`)."""
-        genes, values, rows, counts, indices = self._expressed(block, mapping)
+        """Token sequences of every cell, vectorised over the block (same tokens as :meth:`tokenize_reference`),
+        in cache-sized pieces of rows (:func:`~.base.row_pieces`)."""
+        X, indices = canonical_rows(block, mapping)
+        return concat_blocks([self._tokenize_rows(Xp, ip, mapping) for Xp, ip in row_pieces(X, indices)])
+
+    def _tokenize_rows(self, X: sp.csr_matrix, indices: np.ndarray, mapping: GeneMapping) -> TokenizedBlock:
+        genes, values, rows, counts, indices = self._expressed(X, indices, mapping)
         n_keep = self.max_length - 1
         kept = random_subset(self.seed, SUBSET_STREAM, indices, counts, n_keep)  # flat indices, cell by cell
         n_kept = np.minimum(counts, n_keep)

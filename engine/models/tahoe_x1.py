@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,8 +56,10 @@ from .base import (
     TokenBatch,
     TokenizedBlock,
     canonical_rows,
+    concat_blocks,
     kept_entries,
     leading_token_block,
+    row_pieces,
 )
 from .checkpoints import (
     check_state_dict,
@@ -630,8 +633,12 @@ class TahoeX1Tokenizer:
         )
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
-        """Token sequences of every cell, vectorised over the block (same tokens as :meth:`tokenize_reference`)."""
+        """Token sequences of every cell, vectorised over the block (same tokens as :meth:`tokenize_reference`),
+        in cache-sized pieces of rows (:func:`~.base.row_pieces`)."""
         X, indices = canonical_rows(block, mapping)
+        return concat_blocks([self._tokenize_rows(Xp, ip, mapping) for Xp, ip in row_pieces(X, indices)])
+
+    def _tokenize_rows(self, X: sp.csr_matrix, indices: np.ndarray, mapping: GeneMapping) -> TokenizedBlock:
         n_cells = X.shape[0]
         tok = mapping.token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch.tensor(dtype=torch.float)

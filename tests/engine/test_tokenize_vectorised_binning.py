@@ -100,6 +100,23 @@ def test_scgpt_vectorised_equals_reference(seed, n_cells):
 
 
 @pytest.mark.parametrize("family", ["scgpt", "tahoe-x1"])
+@pytest.mark.parametrize("piece_entries", [1, 97, 1000])
+def test_pieces_of_rows_give_the_same_tokens(family, piece_entries, monkeypatch):
+    """tokenize works through a block in pieces of rows (base.row_pieces): any piece size, same tokens."""
+    import cellstrata.engine.models.base as base
+
+    tok, names = _scgpt(4, 33) if family == "scgpt" else _tahoe(4, 33, keep=2)
+    block = _messy_block(8, 53, 740, max_len=33)
+    mapping = tok.map_genes(_columns(names, 740, 3))
+    ref = tok.tokenize_reference(block, mapping)
+    whole = tok.tokenize(block, mapping)
+    monkeypatch.setattr(base, "PIECE_ENTRIES", piece_entries)
+    assert len(list(base.row_pieces(*base.canonical_rows(block, mapping)))) >= {1: 30, 97: 5, 1000: 2}[piece_entries]
+    _assert_same(tok.tokenize(block, mapping), ref)
+    _assert_same(whole, ref)
+
+
+@pytest.mark.parametrize("family", ["scgpt", "tahoe-x1"])
 def test_a_block_of_no_cells_or_only_empty_cells(family):
     tok, names = _scgpt(0, 20) if family == "scgpt" else _tahoe(0, 20)
     mapping = tok.map_genes(names)
