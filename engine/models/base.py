@@ -339,7 +339,11 @@ class Tokenizer(Protocol):
         ...
 
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
-        """Token sequences of every cell of ``block`` (randomness seeded per cell)."""
+        """Token sequences of every cell of ``block`` (randomness seeded per cell), the whole block at once."""
+        ...
+
+    def tokenize_reference(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
+        """The same tokens one cell at a time, restating the official per-cell rule (tests, benchmarks)."""
         ...
 
 
