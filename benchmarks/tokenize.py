@@ -15,7 +15,7 @@ Every worker process is pinned to one core with torch and BLAS threads at 1, so 
 The run asserts that ``reference``, ``vectorised`` and ``read+tokenize`` give identical tokens, and says
 per family which token columns differ between ``before`` and now (only where random draws are involved).
 
-    python benchmarks/tokenize.py                 # 4,096 cells per family, best of 3: ~3-5 min on 2 cores
+    python benchmarks/tokenize.py                 # 4,096 cells per family, best of 3: 1.5 min on 2 idle cores
     python benchmarks/tokenize.py --quick         # smoke run: 384 cells, blocks of 128, one repeat
     python benchmarks/tokenize.py --families scgpt,geneformer --cells 8192 --no-save
 """
