@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -297,17 +298,11 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     paths = write_report(results, args.out)
+    from .probes.report import print_answers
+
     print_answers(summarize(results))
     print(f"report: {paths['summary']}, {paths['results']}, {paths['plot']}")
     return 0
-
-
-def print_answers(summary: Any) -> None:
-    """Print the summary's one-line answers, one per task, context and pooling (as ``summary.md`` lists them)."""
-    from .probes.report import answer_line
-
-    for r in summary.itertuples():
-        print(answer_line(r.task, r.context, r.pooling, r.answer))
 
 
 def _add_init(sub: argparse._SubParsersAction) -> None:
@@ -552,10 +547,26 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+GOMP_SPINCOUNT = "1000"
+
+
+def short_openmp_spin(environ: MutableMapping[str, str]) -> None:
+    """Let torch's idle CPU threads sleep soon (``GOMP_SPINCOUNT``), unless the user set it.
+
+    libgomp spins up to 300,000 times before a waiting thread sleeps while its threads do not outnumber
+    the cores; on a shared host the spinning thread holds the core its partner needs, and a small model's
+    forward ran 3-50x slower (a busy 2-core host, ``benchmarks/README.md``). 1000 is libgomp's own count for
+    oversubscribed hosts. It takes effect only before torch is loaded, i.e. for the ``cellstrata`` command.
+    """
+    environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``cellstrata`` command; returns the exit code."""
     as_program = argv is None  # the console script and python -m: main's return ends the process
     argv = list(sys.argv[1:] if argv is None else argv)
+    if as_program:
+        short_openmp_spin(os.environ)
     from .engine.interrupts import StartupInterrupted, during_startup
 
     try:

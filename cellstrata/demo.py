@@ -93,8 +93,7 @@ def run_demo(
 
 def run_demo_probe(store: Store, data: Path, report: Path) -> None:
     """Every probe task on the demo store, per cell state; prints the answers and writes the report."""
-    from .cli import print_answers
-    from .probes.report import write_report
+    from .probes.report import print_answers, write_report
     from .probes.runner import probe
     from .probes.summary import summarize
     from .probes.tasks import make_task

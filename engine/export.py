@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -19,7 +19,21 @@ from .weights import weights_provenance
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from .store import Store
+
+class Store(Protocol):
+    """What the hand-off reads of a :class:`~.store.Store` (named here so export does not import store)."""
+
+    attrs: dict[str, Any]
+    path: Any
+    poolings: list[str]
+    n_layers: int
+    done: np.ndarray
+    complete: bool
+
+    def layers(self, pooling: str, **kwargs: Any) -> Any: ...
+
+    def obs_names(self) -> np.ndarray: ...
+
 
 UNS_KEY = "cellstrata"
 

@@ -325,3 +325,9 @@ def best_layers(summary: pd.DataFrame) -> dict[tuple[str, str, str], int]:
     return {
         (r.task, r.context, r.pooling): int(r.best_layer) for r in summary.itertuples() if np.isfinite(r.best_layer)
     }
+
+
+def print_answers(summary: Any) -> None:
+    """Print the summary's one-line answers, one per task, context and pooling (as ``summary.md`` lists them)."""
+    for r in summary.itertuples():
+        print(answer_line(r.task, r.context, r.pooling, r.answer))

@@ -400,7 +400,7 @@ def test_layers_figure_colour_per_pooling_style_per_context_legend_outside():
 
 
 def test_summary_md_opens_with_the_answers(tmp_path):
-    from cellstrata.cli import print_answers
+    from cellstrata.probes.report import print_answers
 
     res = grid_results()
     summary = summarize(res)
