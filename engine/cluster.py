@@ -41,6 +41,7 @@ from .telemetry import Telemetry
 
 log = logging.getLogger("cellstrata")
 
+NO_WORKERS_SECONDS = 120.0  # a cluster without a single worker this long ends the run instead of waiting forever
 RETRIES = 2  # a shard whose task raised is retried this often (a killed worker is rescheduled by Dask)
 SHARDS_PER_WORKER = 4  # enough shards to balance uneven workers, few enough to keep scheduling cheap
 MAX_SHARD_CHUNKS = 64
@@ -289,6 +290,41 @@ def _fail(err: BaseException, shard: list[int]) -> CellstrataError:
     return WriteError(msg) if isinstance(err, OSError) else CellstrataError(msg)
 
 
+class WorkerWatch:
+    """Ends a run whose cluster has had no worker at all for ``patience`` seconds.
+
+    Dask keeps tasks waiting while no worker exists (e.g. every local worker failed to start), which
+    would hang the run; a cluster with workers is waited on for as long as its tasks take.
+    """
+
+    def __init__(self, client: Any, patience: float = NO_WORKERS_SECONDS) -> None:
+        self.client, self.patience = client, patience
+        self.alone_since: float | None = None
+
+    def check(self) -> None:
+        if self.client.scheduler_info(n_workers=-1).get("workers"):
+            self.alone_since = None
+            return
+        now = time.monotonic()
+        self.alone_since = self.alone_since or now
+        if now - self.alone_since > self.patience:
+            msg = (
+                f"the Dask cluster has had no worker for {self.patience:.0f} s, so nothing can run; check that "
+                "workers can start (memory, the worker logs of your scheduler) and re-run the same command to resume"
+            )
+            raise CellstrataError(msg)
+
+
+def await_result(client: Any, future: Any, *, patience: float = NO_WORKERS_SECONDS) -> Any:
+    """``future.result()``, checking every 2 s that the cluster still has a worker (:class:`WorkerWatch`)."""
+    watch = WorkerWatch(client, patience)
+    while True:
+        try:
+            return future.result(timeout=2)
+        except TimeoutError:
+            watch.check()
+
+
 def shard_status(telemetry: Telemetry, chunks: int, seconds: float, workers: int) -> ExtractStatus:
     """The progress line's counters once some shards have finished (busy and wait summed over workers)."""
     cuda = telemetry.device_type == "cuda"
@@ -319,7 +355,7 @@ class ShardExecutor:
         """Connect, then check the input and plan the store on a worker (which keeps the model loaded)."""
         self.client, self._close = connect(self.cluster, self.settings.device)
         self.n_workers = max(len(self.client.scheduler_info(n_workers=-1).get("workers", {})), 1)
-        self.plan = self.client.submit(plan_task, self.settings, pure=False, retries=RETRIES).result()
+        self.plan = await_result(self.client, self.client.submit(plan_task, self.settings, pure=False, retries=RETRIES))
         return RunPlan(
             spec=self.plan["spec"],
             mapping=self.plan["mapping"],
@@ -362,6 +398,7 @@ class ShardExecutor:
             for i, shard in enumerate(work)
         }
         loads: dict[int, int] = {}  # worker process -> models it loaded
+        watch = WorkerWatch(client)
         chunks_done = 0
         try:
             remaining = set(futures)
@@ -369,6 +406,7 @@ class ShardExecutor:
                 with contextlib.suppress(TimeoutError):  # wake up to check for a stop request
                     wait(list(remaining), timeout=0.5, return_when="FIRST_COMPLETED")
                 stop.check()
+                watch.check()
                 finished = {f for f in remaining if f.done()}
                 remaining -= finished
                 for fut in finished:
@@ -401,4 +439,13 @@ class ShardExecutor:
             close()
 
 
-__all__ = ["ShardExecutor", "connect", "plan_task", "shard_status", "shard_task", "shards", "worker_extraction"]
+__all__ = [
+    "ShardExecutor",
+    "await_result",
+    "connect",
+    "plan_task",
+    "shard_status",
+    "shard_task",
+    "shards",
+    "worker_extraction",
+]
