@@ -1,4 +1,4 @@
-"""benchmarks/tokenize.py --quick: every family and path measured, tokens compared, results written (no timings)."""
+"""benchmarks/tokenizing.py --quick: every family and path measured, tokens compared, results written (no timings)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "tokenize.py"
+SCRIPT = ROOT / "benchmarks" / "tokenizing.py"
 FAMILIES = ("scgpt", "tahoe-x1", "scfoundation", "geneformer")
 PATHS = ("before", "reference", "vectorised", "read+tokenize")
 

@@ -35,3 +35,13 @@ def test_one_version_source_and_its_changelog_entry():
     assert "dynamic" in (ROOT / "pyproject.toml").read_text() and cellstrata.__version__ == ENGINE_VERSION
     head = re.search(r"^## \[?(\d+\.\d+\.\d+)", (ROOT / "CHANGELOG.md").read_text(), re.M)
     assert head and head.group(1) == cellstrata.__version__, "add the version's entry at the top of CHANGELOG.md"
+
+
+def test_no_script_shadows_a_standard_library_module():
+    """benchmarks/ goes on sys.path (its scripts import ``common``) and spawned Dask workers inherit that path:
+    a ``benchmarks/tokenize.py`` once replaced the standard library's ``tokenize`` in every local worker."""
+    for folder in ("benchmarks", "docs/examples", "tests"):
+        names = {p.stem for p in (ROOT / folder).rglob("*.py")}
+        assert not names & set(sys.stdlib_module_names), (
+            f"{folder}: rename {sorted(names & set(sys.stdlib_module_names))}"
+        )

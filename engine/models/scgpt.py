@@ -8,7 +8,7 @@ do_mlm=False, keep_first_n_tokens=1, sampling=True)`` -> ``preprocess.binning(n_
 (:mod:`.counter_rng`) keyed by (seed, stream, cell index, position in the cell's expressed genes), so a
 cell's tokens do not depend on its batch, block or order. :meth:`ScGPTTokenizer.tokenize` works on the
 whole block at once; :meth:`ScGPTTokenizer.tokenize_reference` restates the per-cell rule with the same
-draws (tests and ``benchmarks/tokenize.py`` compare the two).
+draws (tests and ``benchmarks/tokenizing.py`` compare the two).
 
 Checkpoint folder (as released): ``best_model.pt`` (a plain state dict, flash-attn ``Wqkv`` layout or
 torch ``in_proj_`` layout), ``args.json`` (model settings) and ``vocab.json`` (token -> id).

@@ -15,36 +15,28 @@ Every worker process is pinned to one core with torch and BLAS threads at 1, so 
 The run asserts that ``reference``, ``vectorised`` and ``read+tokenize`` give identical tokens, and says
 per family which token columns differ between ``before`` and now (only where random draws are involved).
 
-    python benchmarks/tokenize.py                 # 4,096 cells per family, best of 3: 1.5 min on 2 idle cores
-    python benchmarks/tokenize.py --quick         # smoke run: 384 cells, blocks of 128, one repeat
-    python benchmarks/tokenize.py --families scgpt,geneformer --cells 8192 --no-save
+    python benchmarks/tokenizing.py                 # 4,096 cells per family, best of 3: 1.5 min on 2 idle cores
+    python benchmarks/tokenizing.py --quick         # smoke run: 384 cells, blocks of 128, one repeat
+    python benchmarks/tokenizing.py --families scgpt,geneformer --cells 8192 --no-save
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import subprocess
 import sys
+import tarfile
+import time
+from io import BytesIO
 from pathlib import Path
+from typing import Any
 
-# This file shares its name with the standard library's ``tokenize`` (imported by ``inspect``, which torch
-# imports): keep its folder behind the standard library on sys.path so that ``import tokenize`` finds the
-# real one, while ``common`` is still found.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.append(str(_HERE))
-
-import argparse  # noqa: E402
-import datetime as dt  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tarfile  # noqa: E402
-import time  # noqa: E402
-from io import BytesIO  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-from common import (  # noqa: E402
+import numpy as np
+from common import (
     RESULTS,
     ROOT,
     cpu_pressure,
@@ -584,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {
         "benchmark": "tokenize",
         "created": stamp.isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/tokenize.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python", "benchmarks/tokenizing.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine_info(["numpy", "scipy", "torch", "anndata", "h5py"]),
         "git_commit": git_commit(),
         "repeats": args.repeats,
