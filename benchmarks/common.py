@@ -1,126 +1,21 @@
-"""Helpers shared by the benchmark scripts: machine facts, load, process memory, worker processes, owned
-folders, formatting.
-
-The scripts run as ``python benchmarks/NAME.py``, so this folder is on ``sys.path`` and they import it as
-``common``.
+"""Helpers of the benchmarks beside the harness (:mod:`benchmarks.harness`): file sizes, process memory, owned
+(marked) folders, report formatting.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import platform
 import resource
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-
-
-# ---------------------------------------------------------------------------------------------------- machine
-def shell_out(cmd: list[str]) -> str:
-    """The stripped stdout of ``cmd``; "" when it cannot run."""
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def version(module: str) -> str | None:
-    """The installed version of a distribution; None when it is not installed."""
-    from importlib import metadata
-
-    with contextlib.suppress(metadata.PackageNotFoundError):
-        return metadata.version(module)
-    return None
-
-
-def cpu_model() -> str:
-    """The CPU's model name from ``/proc/cpuinfo``, else ``platform.processor()``, else "cpu"."""
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return model or platform.processor() or "cpu"
-
-
-def meminfo_gib(key: str) -> float | None:
-    """A ``kB`` field of ``/proc/meminfo`` (``MemTotal``, ``MemAvailable``) in GiB; None off Linux."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) / 2**20
-    return None
-
-
-def git_commit(short: int | None = None) -> str:
-    """The checkout's ``HEAD`` commit (abbreviated to ``short`` digits when given); "" outside git."""
-    opt = [f"--short={short}"] if short else []
-    return shell_out(["git", "-C", str(ROOT), "rev-parse", *opt, "HEAD"])
-
-
-def machine_info(modules: Iterable[str], *, device: str = "cpu", torch_threads: bool = False) -> dict[str, Any]:
-    """CPU model and count, memory, library versions of ``modules``, torch threads (if asked), git commit."""
-    model = cpu_model()
-    mem = meminfo_gib("MemTotal")
-    cores = os.cpu_count()
-    info: dict[str, Any] = {
-        "device": device,
-        "device_name": f"{model}, {cores} CPUs",
-        "cpu_model": model,
-        "cpu_count": cores,
-        "memory_gib": None if mem is None else round(mem, 1),
-    }
-    if torch_threads:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-    info.update(
-        python=platform.python_version(),
-        platform=platform.platform(),
-        versions={m: version(m) for m in modules},
-        cellstrata_version=version("cellstrata"),
-        git_commit=git_commit(),
-        git_dirty=bool(shell_out(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])),
-    )
-    return info
-
-
-# ---------------------------------------------------------------------------------------------------- load
-def loadavg() -> float | None:
-    """1-minute load average: above the CPU count, other processes were competing for the cores."""
-    with contextlib.suppress(OSError, AttributeError):
-        return round(os.getloadavg()[0], 2)
-    return None
-
-
-def loadavgs() -> list[float] | None:
-    """1, 5 and 15-minute load averages."""
-    with contextlib.suppress(OSError, AttributeError):
-        return [round(x, 2) for x in os.getloadavg()]
-    return None
-
-
-def cpu_pressure() -> float | None:
-    """Share of the last 60 s in which some runnable task waited for a CPU (Linux PSI), in %."""
-    with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        return float(dict(kv.split("=") for kv in line.split()[1:])["avg60"])
-    return None
-
-
+# ---------------------------------------------------------------------------------------------------- files
 def du(path: Path) -> int:
     """Bytes of a file, or of every file below a folder."""
     if path.is_file():
@@ -169,52 +64,6 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
-
-
-# ---------------------------------------------------------------------------------------------------- workers
-def json_default(x: Any) -> Any:
-    """``json.dumps`` fallback: numpy scalars and arrays as Python values, anything else as ``str``."""
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
-def write_spec(spec: dict[str, Any], work: Path, script: str, prefix: str) -> tuple[Path, Path, list[str]]:
-    """Write ``spec`` for a worker under ``work``: its path, the result path, the ``--worker`` command line."""
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".json", dir=work)
-    os.close(fd)
-    spec_path = Path(name)
-    out_path = spec_path.with_suffix(".result.json")
-    spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))
-    return spec_path, out_path, [sys.executable, str(Path(script).resolve()), "--worker", str(spec_path)]
-
-
-def read_result(
-    spec: dict[str, Any], spec_path: Path, out_path: Path, failure: str | None, stderr: str | None
-) -> dict[str, Any]:
-    """The worker's result (both files removed), marked failed with ``failure`` and its stderr tail if it failed."""
-    try:
-        result = json.loads(out_path.read_text())
-    except (OSError, ValueError):
-        result = {"spec": spec, "ok": False, "error": failure or "no result written"}
-    finally:
-        for p in (spec_path, out_path):
-            remove_owned(p)
-    if failure and result.get("ok", False):
-        result.update(ok=False, error=failure)
-    if not result.get("ok"):
-        result["stderr_tail"] = (stderr or "")[-3000:]
-    return result
-
-
-def worker_main(spec_path: str, worker: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
-    """Run ``worker`` on the spec at ``spec_path`` and write its result where the spec says; 0 when it went ok."""
-    spec = json.loads(Path(spec_path).read_text())
-    result = worker(spec)
-    Path(spec["result_path"]).write_text(json.dumps(result, default=json_default))
-    return 0 if result.get("ok") else 1
 
 
 # ---------------------------------------------------------------------------------------------------- owned folders

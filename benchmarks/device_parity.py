@@ -14,8 +14,8 @@ float32 one, not a pooling error), the smallest per-cell cosine similarity of cu
 |cuda - cuda-torch| and |cuda - cuda-again| (the kernel against the torch path on the same GPU hidden
 states). Results: ``benchmarks/results/device-parity-<device>-<date>.{json,md}``.
 
-    python benchmarks/device_parity.py                    # every family, 2,000 cells each
-    python benchmarks/device_parity.py --models scgpt --cells 500
+    python -m benchmarks.device_parity                    # every family, 2,000 cells each
+    python -m benchmarks.device_parity --models scgpt --cells 500
 """
 
 from __future__ import annotations
@@ -34,7 +34,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import RESULTS
+
+if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``python -m benchmarks.device_parity``
+    _path = os.pathsep.join(filter(None, (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))
+    os.execve(
+        sys.executable,
+        [sys.executable, "-m", "benchmarks.device_parity", *sys.argv[1:]],
+        {**os.environ, "PYTHONPATH": _path},
+    )
+
+from .harness import RESULTS, command_line
 
 FAMILIES = ("scgpt", "tahoe-x1", "scfoundation", "geneformer")
 RUNS = ("cuda", "cuda-again", "cuda-torch", "cpu")
@@ -172,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     base = out / f"device-parity-{slug}-{stamp.strftime('%Y-%m-%d')}"
-    command = " ".join(["python", "benchmarks/device_parity.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("device_parity", argv)
     payload = {
         "benchmark": "device_parity",
         "created": stamp.isoformat(timespec="seconds"),

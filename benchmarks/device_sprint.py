@@ -8,7 +8,7 @@ the first cells of the same input. Model FLOPs come from the real token lengths;
 card's data-sheet dense bf16 peak and the measured matmul rate. Results are written after every shape
 (JSON + Markdown), so a run cut short keeps what it measured.
 
-    python benchmarks/device_sprint.py --device cuda --results DIR \
+    python -m benchmarks.device_sprint --device cuda --results DIR \
         --shapes tahoe-x1:1b=600,scgpt:whole-human=2000,geneformer:v2-104m=600,tahoe-x1:tiny=10000
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,11 +25,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``python -m benchmarks.device_sprint``
+    _path = os.pathsep.join(filter(None, (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))
+    os.execve(
+        sys.executable,
+        [sys.executable, "-m", "benchmarks.device_sprint", *sys.argv[1:]],
+        {**os.environ, "PYTHONPATH": _path},
+    )
 
-from common import RESULTS
-from roofline import measure
-from throughput import (
+from .harness import RESULTS, command_line
+from .roofline import measure
+from .throughput import (
     GENE_COLUMN,
     build_in_memory,
     machine_info,
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             payload = {
                 "benchmark": "device_sprint",
                 "created": stamp.isoformat(timespec="seconds"),
-                "command": " ".join(["python", "benchmarks/device_sprint.py", *(argv or sys.argv[1:])]),
+                "command": command_line("device_sprint", argv or None),
                 "machine": info,
                 "ceilings": ceilings,
                 "rows": rows,

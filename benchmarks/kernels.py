@@ -26,9 +26,9 @@ Input float32 on CPU, bfloat16 on CUDA. Timing: median of ``--repeats`` after a 
 (reported, never asserted): GPU >= 70% of copy bandwidth and >= 3x eager; CPU pooling of all layers
 <= 5% of the forward. Results: ``benchmarks/results/kernels-<device>-<date>.{json,md}``.
 
-    python benchmarks/kernels.py                 # CPU: torch backend, eager, compiled (~3.5 min on 2 cores)
-    python benchmarks/kernels.py --quick         # smoke run, under a minute
-    python benchmarks/kernels.py --device cuda   # GPU: adds the Triton kernel and the copy-bandwidth fraction
+    python -m benchmarks.kernels                 # CPU: torch backend, eager, compiled (~3.5 min on 2 cores)
+    python -m benchmarks.kernels --quick         # smoke run, under a minute
+    python -m benchmarks.kernels --device cuda   # GPU: adds the Triton kernel and the copy-bandwidth fraction
 """
 
 from __future__ import annotations
@@ -52,9 +52,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import RESULTS, cpu_model, cpu_pressure, git_commit, loadavg
+
+if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``python -m benchmarks.kernels``
+    _path = os.pathsep.join(filter(None, (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))
+    os.execve(
+        sys.executable, [sys.executable, "-m", "benchmarks.kernels", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path}
+    )
 
 from cellstrata.kernels.pool_cast import PoolSpec, pool_cast, resolve_backend
+
+from .harness import RESULTS, command_line, cpu_model, cpu_pressure, git_commit, loadavg, module_command, module_env
 
 POOLINGS = ("mean", "max", "cls", "official")
 SPEC = PoolSpec(ops=("mean", "max", "first", "first_l2"), n_leading=1, n_trailing=0)
@@ -643,8 +650,8 @@ def triton_smoke() -> dict[str, Any]:
 
     if not triton_installed():
         return {"ran": False, "reason": "triton is not installed"}
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--smoke-worker"]
+    env = module_env(dict(os.environ, TRITON_INTERPRET="1"))
+    cmd = module_command("kernels", "--smoke-worker")
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
@@ -1039,7 +1046,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"kernels-{device_tag(info)}-{stamp.strftime('%Y-%m-%d')}"
         out_dir = Path(args.results)
         out_dir.mkdir(parents=True, exist_ok=True)
-        command = " ".join(["python", "benchmarks/kernels.py", *(sys.argv[1:] if argv is None else argv)])
+        command = command_line("kernels", argv)
         payload = {
             "benchmark": "kernels",
             "created": stamp.isoformat(timespec="seconds"),

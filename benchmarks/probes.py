@@ -33,9 +33,9 @@ over the process after its imports, and per runner phase from a 20 ms RSS sample
 task used (the runner's caps: ``n_used`` of ``n_available`` per context), which is why memory and time
 stay bounded at 1M cells. Results: ``benchmarks/results/probes-cpu-<date>.{json,md}``.
 
-    python benchmarks/probes.py                      # 10k, 100k and 1M cells, 13 layers (~1-1.5 h, ~7.5 GiB)
-    python benchmarks/probes.py --quick              # smoke run: 10k cells, 5 layers
-    python benchmarks/probes.py --sizes 100000 --workdir /data/probe-bench   # keep and reuse the inputs
+    python -m benchmarks.probes                      # 10k, 100k and 1M cells, 13 layers (~1-1.5 h, ~7.5 GiB)
+    python -m benchmarks.probes --quick              # smoke run: 10k cells, 5 layers
+    python -m benchmarks.probes --sizes 100000 --workdir /data/probe-bench   # keep and reuse the inputs
 """
 
 from __future__ import annotations
@@ -59,25 +59,36 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import (
-    RESULTS,
-    cpu_pressure,
+
+if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``python -m benchmarks.probes``
+    _path = os.pathsep.join(filter(None, (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))
+    os.execve(
+        sys.executable, [sys.executable, "-m", "benchmarks.probes", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path}
+    )
+
+from .common import (
     du,
     growth,
     ints,
-    json_default,
-    loadavg,
-    machine_info,
     make_owned_dir,
     make_temp_dir,
     maxrss,
     mib,
     peak_rss,
     print_failure,
-    read_result,
     remove_owned,
     reset_peak_rss,
     rss_now,
+)
+from .harness import (
+    RESULTS,
+    command_line,
+    cpu_pressure,
+    json_default,
+    loadavg,
+    machine_info,
+    module_env,
+    read_result,
     worker_main,
     write_spec,
 )
@@ -469,10 +480,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_worker(spec: dict[str, Any], work: Path, timeout: float | None) -> dict[str, Any]:
     """``worker(spec)`` in a fresh interpreter; its result, or the reason it failed."""
-    spec_path, out_path, cmd = write_spec(spec, work, __file__, "probe-spec-")
+    spec_path, out_path, cmd = write_spec(spec, work, "probes", "probe-spec-")
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, env=module_env())
         failure = None if proc.returncode == 0 else f"worker exited with status {proc.returncode}"
         stderr = proc.stderr
     except subprocess.TimeoutExpired as exc:
@@ -849,7 +860,7 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str,
     name = f"probes-cpu-{stamp.strftime('%Y-%m-%d')}"
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", "benchmarks/probes.py", *ctx["argv"]])
+    command = command_line("probes", ctx["argv"])
     payload = {
         "benchmark": "probes",
         "created": stamp.isoformat(timespec="seconds"),

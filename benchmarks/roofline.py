@@ -20,8 +20,8 @@ achieved model FLOP/s is set against the measured matmul rate (and, on an H100 /
 bfloat16 peak), and cellstrata's extra time over the bare forward against the time its pooling must at
 least take: every layer's hidden states read once at the copy bandwidth.
 
-    python benchmarks/roofline.py                       # CPU: ~20 s; GPU: ~30 s
-    python benchmarks/roofline.py --throughput benchmarks/results/throughput-cpu-2026-11-25.json
+    python -m benchmarks.roofline                       # CPU: ~20 s; GPU: ~30 s
+    python -m benchmarks.roofline --throughput benchmarks/results/throughput-cpu-2026-11-25.json
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import time
@@ -37,8 +38,15 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, git_commit, machine_info
+if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``python -m benchmarks.roofline``
+    _path = os.pathsep.join(filter(None, (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))
+    os.execve(
+        sys.executable,
+        [sys.executable, "-m", "benchmarks.roofline", *sys.argv[1:]],
+        {**os.environ, "PYTHONPATH": _path},
+    )
+
+from .harness import RESULTS, command_line, git_commit, machine_info
 
 # dense bfloat16 tensor-core peak (no sparsity) of the cards we know, TFLOP/s, by a part of the name
 # ``torch.cuda.get_device_name`` gives ("NVIDIA H100 80GB HBM3" is the SXM part); others: measured rate only
@@ -352,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     ceilings = measure(device, quick=args.quick)
     shapes = shape_table()
     stamp = dt.datetime.now(dt.timezone.utc)
-    command = " ".join(["python", "benchmarks/roofline.py", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("roofline", argv)
     payload: dict[str, Any] = {
         "benchmark": "roofline",
         "created": stamp.isoformat(timespec="seconds"),
@@ -370,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(payload)
     print(text)
     if not args.no_save:
-        from throughput import _device_slug
+        from .throughput import _device_slug
 
         out = Path(args.results)
         out.mkdir(parents=True, exist_ok=True)

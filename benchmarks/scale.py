@@ -11,7 +11,7 @@ Inputs, written once per size into the work folder (reused when present): synthe
 the random tiny checkpoint. Cheap cells (~63 tokens each) keep the 500k-cell run to ~8 min on 2 quiet
 cores: the point is how cost grows with the cell count, which the genes per cell do not change.
 
-Measurements, each in a fresh Python process (``python benchmarks/scale.py --worker SPEC``) that
+Measurements, each in a fresh Python process (``python -m benchmarks.scale --worker SPEC``) that
 imports the libraries first, then times one call, end to end, into a fresh store:
 
     cellstrata.extract(h5ad, model="scgpt", checkpoint=DIR, out=STORE, poolings=["all"], dtype="float16",
@@ -69,9 +69,9 @@ Results (JSON with machine info, load average, command line and settings; the ta
 ``benchmarks/results/scale-cpu-<date>.{json,md}``, rewritten after every measurement (``"complete":
 false`` until the last one), so a long run that is cut short keeps what it measured.
 
-    python benchmarks/scale.py                 # 20k, 100k, 500k cells + the clusters at 100k: ~35 min on 2 cores
-    python benchmarks/scale.py --quick         # smoke run: 2,000 and 5,000 cells, clusters at 2,000; < 2 min
-    python benchmarks/scale.py --sizes 50000,200000 --cluster-size 50000 --workdir /data/scale-bench --keep
+    python -m benchmarks.scale                 # 20k, 100k, 500k cells + the clusters at 100k: ~35 min on 2 cores
+    python -m benchmarks.scale --quick         # smoke run: 2,000 and 5,000 cells, clusters at 2,000; < 2 min
+    python -m benchmarks.scale --sizes 50000,200000 --cluster-size 50000 --workdir /data/scale-bench --keep
 """
 
 from __future__ import annotations
@@ -92,28 +92,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import (
-    RESULTS,
-    ROOT,
-    cpu_pressure,
+
+if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``python -m benchmarks.scale``
+    _path = os.pathsep.join(filter(None, (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))
+    os.execve(
+        sys.executable, [sys.executable, "-m", "benchmarks.scale", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path}
+    )
+
+from .common import (
     du,
-    git_commit,
     growth,
     ints,
-    json_default,
-    loadavgs,
-    machine_info,
     make_owned_dir,
     make_temp_dir,
     maxrss,
     mib,
     peak_rss,
     print_failure,
-    read_result,
     remove_owned,
     reset_peak_rss,
     rss_now,
     status_bytes,
+)
+from .harness import (
+    RESULTS,
+    ROOT,
+    command_line,
+    cpu_pressure,
+    git_commit,
+    json_default,
+    loadavgs,
+    machine_info,
+    module_env,
+    read_result,
     worker_main,
     write_spec,
 )
@@ -386,7 +397,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_worker(spec: dict[str, Any], work: Path, timeout: float | None) -> dict[str, Any]:
     """``worker(spec)`` in a fresh interpreter (its own process group); its result, or why it failed."""
-    spec_path, out_path, cmd = write_spec(spec, work, __file__, "scale-spec-")
+    spec_path, out_path, cmd = write_spec(spec, work, "scale", "scale-spec-")
     commit = git_commit(short=10)  # what this run imports
     load0, psi0 = loadavgs(), cpu_pressure()
     cpu0, busy0 = _cpu_s(resource.RUSAGE_CHILDREN), busy_cpu_s()
@@ -394,7 +405,7 @@ def run_worker(spec: dict[str, Any], work: Path, timeout: float | None) -> dict[
     failure = None
     # its own session: a run that times out is killed with its Dask workers
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=module_env()
     ) as proc:
         try:
             _, stderr = proc.communicate(timeout=timeout)
@@ -936,7 +947,7 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str,
     name = f"scale-{DEVICE}-{ctx['date']}"  # the start's date: a run past midnight rewrites the same files
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
-    command = " ".join(["python", "benchmarks/scale.py", *ctx["argv"]])
+    command = command_line("scale", ctx["argv"])
     runs = _all_runs(results)
     loads = [x[0] for r in runs for x in (r.get("loadavg_before"), r.get("loadavg_after")) if x]
     payload = {

@@ -42,10 +42,10 @@ Random weights: the numbers are throughput only, which does not depend on the we
 (JSON with machine info, command line and settings, and the tables as Markdown) go to
 ``benchmarks/results/throughput-<device>-<date>.{json,md}``.
 
-    python benchmarks/throughput.py                    # every family, tiny + released sizes: ~23 min on 2 cores
-    python benchmarks/throughput.py --quick            # smoke run of the tiny shapes, under a minute
-    python benchmarks/throughput.py --models tahoe-x1 --presets tahoe-x1=tiny,70m,1b
-    python benchmarks/throughput.py --models scgpt --cells tiny=20000,whole-human=2000 --device cuda
+    python -m benchmarks.throughput                    # every family, tiny + released sizes: ~23 min on 2 cores
+    python -m benchmarks.throughput --quick            # smoke run of the tiny shapes, under a minute
+    python -m benchmarks.throughput --models tahoe-x1 --presets tahoe-x1=tiny,70m,1b
+    python -m benchmarks.throughput --models scgpt --cells tiny=20000,whole-human=2000 --device cuda
 """
 
 from __future__ import annotations
@@ -65,19 +65,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import (
-    RESULTS,
-    fresh_owned_dir,
-    git_commit,
-    loadavg,
-    make_owned_dir,
-    make_temp_dir,
-    maxrss,
-    meminfo_gib,
-    remove_owned,
-    shell_out,
-)
-from roofline import flop_shape, forward_flops, utilisation
+
+if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``python -m benchmarks.throughput``
+    _path = os.pathsep.join(filter(None, (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))
+    os.execve(
+        sys.executable,
+        [sys.executable, "-m", "benchmarks.throughput", *sys.argv[1:]],
+        {**os.environ, "PYTHONPATH": _path},
+    )
+
+from .common import fresh_owned_dir, make_owned_dir, make_temp_dir, maxrss, remove_owned
+from .harness import RESULTS, command_line, git_commit, loadavg, meminfo_gib, shell_out
+from .roofline import flop_shape, forward_flops, utilisation
 
 VARIANTS = ("forward", "cellstrata", "peers", "official")
 LABELS = {
@@ -1530,7 +1529,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     ceilings = None
     if not args.no_roofline:
-        from roofline import measure as measure_ceilings
+        from .roofline import measure as measure_ceilings
 
         ceilings = measure_ceilings(device, quick=args.quick)
         mm = ceilings["matmul"]
@@ -1771,7 +1770,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"throughput-{slug}-{stamp.strftime('%Y-%m-%d')}"
         out_dir = Path(args.results)
         out_dir.mkdir(parents=True, exist_ok=True)
-        command = " ".join(["python", "benchmarks/throughput.py", *(sys.argv[1:] if argv is None else argv)])
+        command = command_line("throughput", argv)
         payload = {
             "benchmark": "throughput",
             "created": stamp.isoformat(timespec="seconds"),
@@ -1840,7 +1839,7 @@ def main(argv: list[str] | None = None) -> int:
         (out_dir / f"{name}.md").write_text(header + body)
         print(f"saved {out_dir / name}.json and .md")
         if ceilings is not None:
-            import roofline
+            from . import roofline
 
             rname = f"roofline-{slug}-{stamp.strftime('%Y-%m-%d')}"
             rpay = {

@@ -15,9 +15,9 @@ Every worker process is pinned to one core with torch and BLAS threads at 1, so 
 The run asserts that ``reference``, ``vectorised`` and ``read+tokenize`` give identical tokens, and says
 per family which token columns differ between ``before`` and now (only where random draws are involved).
 
-    python benchmarks/tokenizing.py                 # 4,096 cells per family, best of 3: 1.5 min on 2 idle cores
-    python benchmarks/tokenizing.py --quick         # smoke run: 384 cells, blocks of 128, one repeat
-    python benchmarks/tokenizing.py --families scgpt,geneformer --cells 8192 --no-save
+    python -m benchmarks.tokenizing                 # 4,096 cells per family, best of 3: 1.5 min on 2 idle cores
+    python -m benchmarks.tokenizing --quick         # smoke run: 384 cells, blocks of 128, one repeat
+    python -m benchmarks.tokenizing --families scgpt,geneformer --cells 8192 --no-save
 """
 
 from __future__ import annotations
@@ -36,16 +36,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import (
+
+if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``python -m benchmarks.tokenizing``
+    _path = os.pathsep.join(filter(None, (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))
+    os.execve(
+        sys.executable,
+        [sys.executable, "-m", "benchmarks.tokenizing", *sys.argv[1:]],
+        {**os.environ, "PYTHONPATH": _path},
+    )
+
+from .common import make_owned_dir, make_temp_dir, remove_owned
+from .harness import (
     RESULTS,
     ROOT,
+    command_line,
     cpu_pressure,
     git_commit,
     loadavg,
     machine_info,
-    make_owned_dir,
-    make_temp_dir,
-    remove_owned,
+    module_command,
+    module_env,
 )
 
 FAMILIES = ("scgpt", "tahoe-x1", "scfoundation", "geneformer")
@@ -293,16 +303,17 @@ def _merge_digests(parts: list[dict[str, list[Any]]]) -> dict[str, list[Any]]:
 # ---------------------------------------------------------------------------------------------------- parent
 def run_worker(tree: str, pythonpath: Path | None, work: Path, args: argparse.Namespace, tag: str) -> dict[str, Any]:
     """One worker process (its own interpreter, one core, one thread); its JSON."""
+    work = work.resolve()
     out = work / f"result-{tree}-{tag}.json"
     env = dict(os.environ)
     env.update(dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), "1"))
     env.pop("PYTHONPATH", None)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", tree, "--out", str(out)]
+    # the tree's package first; the working folder (first on a ``-m`` run's path) is not the repository root
+    env = module_env(env, first=[str(pythonpath)] if pythonpath is not None else [])
+    cmd = module_command("tokenizing", "--worker", tree, "--out", str(out))
     cmd += ["--npz", str(work / "cells.npz"), "--h5ad", str(work / "cells.h5ad"), "--families", args.families]
     cmd += ["--block", str(args.block), "--repeats", "1", "--seed", str(args.seed)]
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=env, cwd=work)
     return json.loads(out.read_text())
 
 
@@ -576,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {
         "benchmark": "tokenize",
         "created": stamp.isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/tokenizing.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("tokenizing", argv),
         "machine": machine_info(["numpy", "scipy", "torch", "anndata", "h5py"]),
         "git_commit": git_commit(),
         "repeats": args.repeats,

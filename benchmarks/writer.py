@@ -26,8 +26,8 @@ about as much as real ones. Every variant's store files are compared byte for by
 and the values read back too (Blosc's own threads frame the compressed bytes differently, so that variant
 writes other bytes for the same values).
 
-    python benchmarks/writer.py                     # 8 chunks of 64 MB: ~1 min on 2 cores
-    python benchmarks/writer.py --chunks 4 --chunk-mb 16 --no-save
+    python -m benchmarks.writer                     # 8 chunks of 64 MB: ~1 min on 2 cores
+    python -m benchmarks.writer --chunks 4 --chunk-mb 16 --no-save
 """
 
 from __future__ import annotations
@@ -47,8 +47,14 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, cpu_pressure, git_commit, loadavg, machine_info, make_temp_dir, remove_owned
+if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``python -m benchmarks.writer``
+    _path = os.pathsep.join(filter(None, (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH"))))
+    os.execve(
+        sys.executable, [sys.executable, "-m", "benchmarks.writer", *sys.argv[1:]], {**os.environ, "PYTHONPATH": _path}
+    )
+
+from .common import make_temp_dir, remove_owned
+from .harness import RESULTS, command_line, cpu_pressure, git_commit, loadavg, machine_info
 
 VARIANTS = ("serial", "parallel", "serial+blosc", "serial+pipelined", "parallel+pipelined")
 
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-save", action="store_true", help="print only")
     args = ap.parse_args(argv)
 
-    from common import make_owned_dir
+    from .common import make_owned_dir
 
     work = make_owned_dir(Path(args.workdir)) if args.workdir else make_temp_dir("cellstrata-writer-")
     stamp = dt.datetime.now(dt.timezone.utc)
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     payload: dict[str, Any] = {
         "benchmark": "writer",
         "created": stamp.isoformat(timespec="seconds"),
-        "command": " ".join(["python", "benchmarks/writer.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": command_line("writer", argv),
         "machine": machine_info(["zarr", "numcodecs", "numpy"]),
         "git_commit": git_commit(),
         "repeats": args.repeats,

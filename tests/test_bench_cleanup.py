@@ -4,31 +4,18 @@ says so) or, where a benchmark would have to create it, refused with one line an
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_package import benchmark
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import scale  # noqa: E402
-import throughput  # noqa: E402
-from common import (  # noqa: E402
-    OWNED_MARKER,
-    NotOwnedError,
-    fresh_owned_dir,
-    is_owned,
-    make_owned_dir,
-    make_temp_dir,
-    remove_owned,
-)
-
-# benchmarks/probes.py under another name: ``probes`` is the project's probe package
-_spec = importlib.util.spec_from_file_location("bench_probes", BENCH / "probes.py")
-probes = sys.modules.setdefault("bench_probes", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(probes)
+scale = benchmark("scale")
+throughput = benchmark("throughput")
+probes = benchmark("probes")
+common = benchmark("common")
+OWNED_MARKER, NotOwnedError = common.OWNED_MARKER, common.NotOwnedError
+fresh_owned_dir, is_owned, make_owned_dir = common.fresh_owned_dir, common.is_owned, common.make_owned_dir
+make_temp_dir, remove_owned = common.make_temp_dir, common.remove_owned
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -101,7 +88,8 @@ def test_creating_over_a_users_path_is_refused(tmp_path):
 
 
 def test_probes_cache_clear_keeps_a_users_store(tmp_path, capsys):
-    """``probes.py`` clears ``<store>/probes`` before a cold run: not in a store that is not its own."""
+    """``python -m benchmarks.probes`` clears ``<store>/probes`` before a cold run: not in a store that is not
+    its own."""
     from cellstrata.probes.runner import CACHE_GROUP
 
     store = tmp_path / "store-1000-g2000-e50-L4-W64-s0.zarr"
@@ -119,7 +107,7 @@ def test_probes_cache_clear_keeps_a_users_store(tmp_path, capsys):
 
 
 def test_scale_inputs_leave_users_folders_intact(tmp_path, capsys):
-    """``scale.py`` writes partial inputs in its marked folder; the old temporary names in the workdir
+    """``python -m benchmarks.scale`` writes partial inputs in its marked folder; the old temporary names in the workdir
     (``.<name>.tmp``) and a user folder named like a store are never touched."""
     name = f"cells-20-g5-n{scale.N_GENES}-seed{scale.SEED}.h5ad"
     old_tmp = tmp_path / f".{name}.tmp"
@@ -141,8 +129,8 @@ def test_scale_inputs_leave_users_folders_intact(tmp_path, capsys):
 
 
 def test_throughput_refuses_a_workdir_of_user_files(tmp_path):
-    """``throughput.py`` replaces fixed names (``<family>-<preset>/``, ``cells-<kind>.h5ad``) in its work
-    folder, so a ``--workdir`` holding files it did not make is refused before anything is written."""
+    """``python -m benchmarks.throughput`` replaces fixed names (``<family>-<preset>/``, ``cells-<kind>.h5ad``)
+    in its work folder, so a ``--workdir`` holding files it did not make is refused before anything is written."""
     work = tmp_path / "bench"
     files = user_folder(work / "scgpt-tiny")
     with pytest.raises(NotOwnedError, match="refusing to use"):

@@ -6,18 +6,17 @@ model-FLOP count against a hand count, the peers' batch-size choice and the targ
 
 from __future__ import annotations
 
+import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from benchmark_package import FOLDER as BENCH
+from benchmark_package import ROOT, benchmark, package
 
 from cellstrata import cli
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import roofline  # noqa: E402
-import throughput  # noqa: E402
+roofline = benchmark("roofline")
+throughput = benchmark("throughput")
 
 
 def test_bench_help_shows_the_suite_options(capfd):
@@ -126,3 +125,18 @@ def test_known_cards_peak_and_unknown_cards():
     assert roofline.peak_bf16_tflops("NVIDIA A10G") is None
     u = roofline.utilisation(2e12, 2.0, {"matmul": {"tflops": 4.0}, "peak_bf16_tflops": None})
     assert u["tflops"] == pytest.approx(1.0) and u["of_matmul"] == pytest.approx(0.25) and u["mfu"] is None
+
+
+@pytest.mark.parametrize("name", package().BENCHMARKS)
+def test_every_benchmark_runs_as_a_module(name):
+    """``python -m benchmarks.NAME --help`` from the repository root: the package imports, the options parse."""
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("usage:") and "--results" in done.stdout, done.stdout[:500]
+
+
+def test_the_package_lists_every_benchmark():
+    modules = {p.stem for p in BENCH.glob("*.py")} - {"__init__", "harness", "common"}
+    assert set(package().BENCHMARKS) == modules

@@ -1,8 +1,10 @@
-"""benchmarks/tokenizing.py --quick: every family and path measured, tokens compared, results written (no timings)."""
+"""``python -m benchmarks.tokenizing --quick``: every family and path measured, tokens compared, results written
+(no timings)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "tokenizing.py"
 FAMILIES = ("scgpt", "tahoe-x1", "scfoundation", "geneformer")
 PATHS = ("before", "reference", "vectorised", "read+tokenize")
 
@@ -20,9 +21,10 @@ PATHS = ("before", "reference", "vectorised", "read+tokenize")
 def test_quick_run_measures_every_path_and_compares_the_tokens(tmp_path):
     seed = int(np.random.default_rng().integers(1 << 20))
     cells = 157  # odd: blocks of 128 + 29
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--cells", str(cells), "--seed", str(seed)]
+    cmd = [sys.executable, "-m", "benchmarks.tokenizing", "--quick", "--cells", str(cells), "--seed", str(seed)]
     cmd += ["--results", str(tmp_path / "results"), "--workdir", str(tmp_path / "work")]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "tokens identical: reference = vectorised = read+tokenize" in done.stdout
     assert not (tmp_path / "work").exists()  # the owned work folder is removed

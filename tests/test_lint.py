@@ -38,10 +38,24 @@ def test_one_version_source_and_its_changelog_entry():
 
 
 def test_no_script_shadows_a_standard_library_module():
-    """benchmarks/ goes on sys.path (its scripts import ``common``) and spawned Dask workers inherit that path:
-    a ``benchmarks/tokenize.py`` once replaced the standard library's ``tokenize`` in every local worker."""
+    """A folder on sys.path puts its modules ahead of the standard library's, and spawned Dask workers inherit
+    that path: a ``benchmarks/tokenize.py`` once replaced the standard library's ``tokenize`` in every local
+    worker. ``python benchmarks/NAME.py`` still puts benchmarks/ first, so its module names are checked too."""
     for folder in ("benchmarks", "docs/examples", "tests"):
         names = {p.stem for p in (ROOT / folder).rglob("*.py")}
         assert not names & set(sys.stdlib_module_names), (
             f"{folder}: rename {sorted(names & set(sys.stdlib_module_names))}"
         )
+
+
+def test_no_benchmark_changes_sys_path():
+    """The benchmarks are a package run as ``python -m benchmarks.NAME``: none puts a folder (benchmarks/ itself
+    least of all) on sys.path, where its module names would shadow others in every process that inherits it."""
+    pattern = re.compile(r"\bsys\.path\b")
+    found = [
+        f"{p.relative_to(ROOT)}:{n}"
+        for p in sorted((ROOT / "benchmarks").rglob("*.py"))
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line.split("#", 1)[0])
+    ]
+    assert not found, f"sys.path used in {', '.join(found)}: import the package's modules relatively"
