@@ -102,10 +102,9 @@ def find_dictionaries(
     of its parent (a Hugging Face snapshot), whose size equals ``config.json``'s ``vocab_size``; the other
     dictionaries are taken from the same folder with the same suffix.
     """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    given = {k: Path(v).expanduser() for k, v in (overrides or {}).items() if v is not None}
     found: dict[str, Path] = {}
-    for role, p in overrides.items():
-        path = Path(p).expanduser()
+    for role, path in given.items():
         if not path.is_file():
             msg = f"Geneformer {role.replace('_', ' ')} {path} does not exist"
             raise CheckpointError(msg)
@@ -135,6 +134,7 @@ def find_dictionaries(
             )
             raise CheckpointError(msg)
         found["token_dictionary"] = base / DICT_ROLES["token_dictionary"].format(suffix)
+    assert base is not None  # the token dictionary's folder, from either branch
     for role, pattern in DICT_ROLES.items():
         if role in found:
             continue
@@ -329,19 +329,13 @@ class GeneformerFamily(CheckpointFamily):
         return state
 
     def assemble(
-        self,
-        ckpt: FamilyCheckpoint,
-        model: nn.Module,
-        tokenizer: Tokenizer,
-        record: dict[str, Any],
-        *,
-        custom: bool = True,
+        self, ckpt: FamilyCheckpoint, model: nn.Module, tokenizer: Tokenizer, record: dict, **kw: Any
     ) -> LoadedModel:
         """The template's, with each dictionary read listed in the record's files by role (with its path)."""
         if record.get("files") is not None:  # read from a folder (not built in memory)
             for role, p in (ckpt.vocabulary.paths or {}).items():
                 record["files"][role] = {"path": str(p.resolve()), **describe_files(p.parent, [p.name])[p.name]}
-        return super().assemble(ckpt, model, tokenizer, record, custom=custom)
+        return super().assemble(ckpt, model, tokenizer, record, **kw)
 
     def preset_vocabulary(
         self, preset: str, genes: Sequence[str] | None, seed: int

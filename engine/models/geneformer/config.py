@@ -18,6 +18,15 @@ TOKENIZER_VERSION = "geneformer-rank-value-2"  # 2: duplicate columns, stored ze
 DUPLICATE_GENES = ("official", "sum")  # the duplicate_genes= option; official = sum_ensembl_ids' rule
 STORED_ZEROS = ("keep", "drop")  # the stored_zeros= option; keep = tokenize_anndata, drop = tokenize_loom
 PRESET_KEY = "cellstrata_preset"  # config.json key written by init_checkpoint
+# the config.json fields every checkpoint must give (the model's sizes; GeneformerConfig's first fields)
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
 SUPPORTED_ACTS = ("relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 
 # Dictionary file names as shipped in the geneformer package, per generation: V2 (gc104M), the 2024
@@ -64,15 +73,7 @@ class GeneformerConfig:
     position_embedding_type: str = "absolute"
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "type_vocab_size",
-        ):
+        for name in (*SIZE_FIELDS, "type_vocab_size"):
             if int(getattr(self, name)) <= 0:
                 msg = f"Geneformer config: {name} must be > 0, got {getattr(self, name)!r}"
                 raise ConfigError(msg)
@@ -95,32 +96,19 @@ class GeneformerConfig:
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> GeneformerConfig:
         """Build from an official ``config.json`` dict (missing optional fields take ``BertConfig``'s defaults)."""
-        required = (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        )
-        missing = [k for k in required if k not in cfg]
+        missing = [k for k in SIZE_FIELDS if k not in cfg]
         if missing:
-            msg = (
-                f"Geneformer {CONFIG_FILE} lacks the field(s) {', '.join(missing)}; it must give {', '.join(required)}"
-            )
+            need = ", ".join(SIZE_FIELDS)
+            msg = f"Geneformer {CONFIG_FILE} lacks the field(s) {', '.join(missing)}; it must give {need}"
             raise CheckpointError(msg)
         model_type = cfg.get("model_type", "bert")
         if model_type != "bert":
             msg = f"Geneformer {CONFIG_FILE} has model_type {model_type!r}; Geneformer checkpoints are 'bert'"
             raise CheckpointError(msg)
         try:
+            sizes: dict[str, Any] = {k: int(cfg[k]) for k in SIZE_FIELDS}
             return cls(
-                vocab_size=int(cfg["vocab_size"]),
-                hidden_size=int(cfg["hidden_size"]),
-                num_hidden_layers=int(cfg["num_hidden_layers"]),
-                num_attention_heads=int(cfg["num_attention_heads"]),
-                intermediate_size=int(cfg["intermediate_size"]),
-                max_position_embeddings=int(cfg["max_position_embeddings"]),
+                **sizes,
                 hidden_act=str(cfg.get("hidden_act", "gelu")),  # BertConfig's default
                 layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
                 type_vocab_size=int(cfg.get("type_vocab_size", 2)),

@@ -380,6 +380,7 @@ class GeneformerTokenizer(VocabularyTokenizer):
         out_off = np.concatenate(([0], np.cumsum(kept + self.n_special))).astype(np.int64)
         genes = np.empty(int(out_off[-1]), dtype=np.int64)
         if self.special:
+            assert self.cls_id is not None and self.eos_id is not None
             genes[out_off[:-1]] = self.cls_id
             genes[out_off[1:] - 1] = self.eos_id
         lead = 1 if self.special else 0
@@ -429,6 +430,7 @@ class GeneformerTokenizer(VocabularyTokenizer):
             x = vals / n_counts * TARGET_SUM / self._medians[tok] if len(tok) else vals
             cell = tok[np.argsort(-x)][: self.n_keep]  # rank_genes, then format_cell_features' cut
             if self.special:
+                assert self.cls_id is not None and self.eos_id is not None
                 cell = np.concatenate(([self.cls_id], cell, [self.eos_id]))
             genes.append(np.asarray(cell, dtype=np.int64))
             counts[i] = len(tok)
