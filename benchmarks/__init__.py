@@ -13,7 +13,7 @@ Run each from the repository root as ``python -m benchmarks.NAME [--help]``:
 - ``writer``: committing whole chunks: parts in turn vs side by side vs Blosc threads; a device loop's writer wait.
 - ``probes``: probe time and peak memory per layer and task at 10k / 100k / 1M cells.
 
-:mod:`benchmarks.harness` holds what they share: machine facts, load, timing, worker processes (which run the
+:mod:`benchmarks.harness` holds what they share: machine facts, load, worker processes (which run the
 same module, ``python -m benchmarks.NAME --worker SPEC``) and result files; :mod:`benchmarks.common` holds
 process memory, owned (marked) folders and formatting. No module here changes the import path.
 """

@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -43,7 +40,7 @@ if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``
         {**os.environ, "PYTHONPATH": _path},
     )
 
-from .harness import RESULTS, command_line
+from .harness import RESULTS, command_line, name_slug, result_name, save_results, utc_now
 
 FAMILIES = ("scgpt", "tahoe-x1", "scfoundation", "geneformer")
 RUNS = ("cuda", "cuda-again", "cuda-torch", "cpu")
@@ -176,11 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{fam}] seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
     table = markdown(rows)
     print(table)
-    stamp = dt.datetime.now(dt.timezone.utc)
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    base = out / f"device-parity-{slug}-{stamp.strftime('%Y-%m-%d')}"
+    stamp = utc_now()
     command = command_line("device_parity", argv)
     payload = {
         "benchmark": "device_parity",
@@ -192,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         "settings": vars(args),
         "families": rows,
     }
-    base.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     head = f"# The same extraction on CUDA and CPU ({stamp.strftime('%Y-%m-%d')}, {name})\n\n`{command}`\n\n"
-    base.with_suffix(".md").write_text(head + table)
-    print(f"saved {base}.json and .md")
+    save_results(
+        args.results, result_name("device-parity", name_slug(name, ""), stamp), payload, head + table, default=None
+    )
     return 0
 
 

@@ -15,7 +15,6 @@ card's data-sheet dense bf16 peak and the measured matmul rate. Results are writ
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import sys
@@ -33,12 +32,11 @@ if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``
         {**os.environ, "PYTHONPATH": _path},
     )
 
-from .harness import RESULTS, command_line
+from .harness import RESULTS, command_line, torch_machine_info, utc_now
 from .roofline import measure
 from .throughput import (
     GENE_COLUMN,
     build_in_memory,
-    machine_info,
     prepare_data,
     run_cellstrata,
     run_forward_only,
@@ -162,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         key, n = item.split("=")
         fam, preset = key.split(":")
         shapes.append((fam, preset, int(n)))
-    info = machine_info(args.device)
+    info = torch_machine_info(args.device)
     ceilings = measure(args.device)
     print(
         f"device {info.get('device_name')}: matmul {ceilings['matmul']['tflops']:.0f} TFLOP/s, copy "
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc)
+    stamp = utc_now()
     name = f"device-sprint-{stamp.strftime('%Y-%m-%d')}"
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cellstrata-sprint-") as tmp:

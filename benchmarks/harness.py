@@ -1,4 +1,4 @@
-"""The benchmarks' harness: machine facts, load, timing, worker processes and result files.
+"""The benchmarks' harness: machine facts, load, worker processes and result files.
 
 Every benchmark is a module of the package ``benchmarks`` and runs as ``python -m benchmarks.NAME`` from the
 repository root; its worker processes run the same module (:func:`module_command`, :func:`module_env`), and
@@ -12,11 +12,11 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,52 @@ def machine_info(modules: Iterable[str], *, device: str = "cpu", torch_threads: 
     return info
 
 
+def torch_machine_info(device: str) -> dict[str, Any]:
+    """The machine facts of the model benchmarks (throughput, device sprint): CPU from ``lscpu``, memory, torch
+    and its threads, the device's name and CUDA version, cellstrata's version and the commit."""
+    import torch
+
+    cpu_model = ""
+    for line in shell_out(["lscpu"]).splitlines():
+        if line.startswith("Model name:"):
+            cpu_model = line.split(":", 1)[1].strip()
+    mem = meminfo_gib("MemTotal")
+    info: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_model": cpu_model,
+        "memory_gb": None if mem is None else round(mem, 1),
+        "device": device,
+        "device_name": cpu_model or platform.processor() or "cpu",
+    }
+    if device.startswith("cuda"):
+        info["device_name"] = torch.cuda.get_device_name(0)
+        info["cuda_version"] = torch.version.cuda
+    import cellstrata
+
+    info["cellstrata_version"] = cellstrata.__version__
+    info["git_commit"] = git_commit()
+    return info
+
+
+def device_slug(device: str) -> str:
+    """ "cpu", or the CUDA card's name in lower case with dashes (``nvidia-h100-80gb-hbm3``): a result's tag."""
+    if not device.startswith("cuda"):
+        return "cpu"
+    import torch
+
+    return name_slug(torch.cuda.get_device_name(0), "cuda")
+
+
+def name_slug(name: str, fallback: str) -> str:
+    """``name`` in lower case, every run of other characters than letters and digits one dash."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or fallback
+
+
 # ---------------------------------------------------------------------------------------------------- load
 def loadavg() -> float | None:
     """1-minute load average: above the CPU count, other processes were competing for the cores."""
@@ -121,28 +167,6 @@ def cpu_pressure() -> float | None:
         line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
         return float(dict(kv.split("=") for kv in line.split()[1:])["avg60"])
     return None
-
-
-# ---------------------------------------------------------------------------------------------------- timing
-@contextlib.contextmanager
-def timed() -> Iterator[dict[str, float]]:
-    """``with timed() as t: ...`` then ``t["seconds"]``: the block's wall time (``time.perf_counter``)."""
-    t: dict[str, float] = {}
-    t0 = time.perf_counter()
-    try:
-        yield t
-    finally:
-        t["seconds"] = time.perf_counter() - t0
-
-
-def best_of(fn: Callable[[], Any], repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls of ``fn``, in seconds."""
-    best = float("inf")
-    for _ in range(max(repeats, 1)):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 # ---------------------------------------------------------------------------------------------------- processes
@@ -184,25 +208,17 @@ def save_results(
     *,
     default: Callable[[Any], Any] | None = float,
     note: str = "",
+    echo: bool = True,
 ) -> Path:
-    """Write ``NAME.json`` (indented, one final newline) and ``NAME.md`` into ``out_dir``; their stem."""
+    """Write ``NAME.json`` (indented, one final newline) and ``NAME.md`` into ``out_dir`` and, when ``echo``,
+    say so (with ``note``); their stem."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=default) + "\n")
     (out / f"{name}.md").write_text(markdown)
-    print(f"saved {out / name}.json and .md{note}")
+    if echo:
+        print(f"saved {out / name}.json and .md{note}")
     return out / name
-
-
-def ratio_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> str:
-    """A Markdown table: ``header``, then ``rows`` (cells as text); ``align`` one of ``l``/``r`` per column
-    (default: the first left, the others right)."""
-    header = list(header)
-    align = align or "l" + "r" * (len(header) - 1)
-    rule = "|" + "|".join("---" if a == "l" else "--:" for a in align) + "|"
-    lines = ["| " + " | ".join(header) + " |", rule]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------------- workers

@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -61,7 +59,20 @@ if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``
 
 from cellstrata.kernels.pool_cast import PoolSpec, pool_cast, resolve_backend
 
-from .harness import RESULTS, command_line, cpu_model, cpu_pressure, git_commit, loadavg, module_command, module_env
+from .harness import (
+    RESULTS,
+    command_line,
+    cpu_model,
+    cpu_pressure,
+    git_commit,
+    loadavg,
+    module_command,
+    module_env,
+    name_slug,
+    result_name,
+    save_results,
+    utc_now,
+)
 
 POOLINGS = ("mean", "max", "cls", "official")
 SPEC = PoolSpec(ops=("mean", "max", "first", "first_l2"), n_leading=1, n_trailing=0)
@@ -706,9 +717,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def device_tag(info: dict[str, Any]) -> str:
-    if info["device"] != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", info["device_name"].lower()).strip("-") or "cuda"
+    return "cpu" if info["device"] != "cuda" else name_slug(info["device_name"], "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -904,7 +913,24 @@ def _ints(text: str | None, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(t) for t in text.split(",") if t.strip()) if text else default
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Setup:
+    """A run's device and sizes, from the options."""
+
+    device: torch.device
+    with_triton: bool
+    repeats: int
+    budget: int
+    hiddens: tuple[int, ...]
+    tokens: tuple[int, ...]
+    in_dtype: torch.dtype
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--quick", action="store_true", help="smoke run under a minute (2 x 2 shapes, small batches)")
@@ -925,11 +951,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON and Markdown go")
     ap.add_argument("--no-save", action="store_true", help="print only")
     ap.add_argument("--smoke-worker", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.smoke_worker:
-        smoke_worker()
-        return 0
+    return ap, ap.parse_args(argv)
 
+
+def setup(ap: argparse.ArgumentParser, args: argparse.Namespace) -> Setup:
+    """Threads, the device (a missing CUDA stops here with the usage line), the sizes and the input dtype."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -943,23 +969,19 @@ def main(argv: list[str] | None = None) -> int:
         from cellstrata.kernels.pool_cast import triton_installed
 
         with_triton = triton_installed()
-    repeats = args.repeats or (2 if args.quick else REPEATS[device.type])
-    budget = int((args.budget or (QUICK_BUDGET if args.quick else BUDGET[device.type])) * args.scale)
-    hiddens = _ints(args.hiddens, QUICK_HIDDENS if args.quick else HIDDENS)
-    tokens = _ints(args.tokens, QUICK_TOKENS if args.quick else TOKENS)
-    in_dtype = torch.bfloat16 if gpu else torch.float32
-    info = machine(device)
-    t_start = time.perf_counter()
-    load0, psi0 = loadavg(), cpu_pressure()
-    print(
-        f"device: {info['device_name']}; torch {info['torch_version']} ({torch.get_num_threads()} threads), "
-        f"triton {info['triton_version']}; input {str(in_dtype)[6:]}, output float16, poolings {', '.join(POOLINGS)}"
+    return Setup(
+        device=device,
+        with_triton=with_triton,
+        repeats=args.repeats or (2 if args.quick else REPEATS[device.type]),
+        budget=int((args.budget or (QUICK_BUDGET if args.quick else BUDGET[device.type])) * args.scale),
+        hiddens=_ints(args.hiddens, QUICK_HIDDENS if args.quick else HIDDENS),
+        tokens=_ints(args.tokens, QUICK_TOKENS if args.quick else TOKENS),
+        in_dtype=torch.bfloat16 if gpu else torch.float32,
     )
-    if load0 is not None and info["cpu_count"] and load0 > info["cpu_count"] * 0.75:
-        print(f"note: load average {load0} on {info['cpu_count']} CPUs: other work competes for the cores")
-    copy = copy_bandwidth(device, repeats, COPY_BYTES[device.type] // (4 if args.quick else 1))
-    print(f"copy bandwidth: {copy['gb_s']:.1f} GB/s (y.copy_(x) of {copy['bytes'] / 2**20:.0f} MiB, read + write)")
 
+
+def compile_pool(args: argparse.Namespace) -> tuple[Callable[..., Any] | None, dict[str, Any]]:
+    """The ``torch.compile`` variant (None with --no-compile or when compiling fails) and its record."""
     compiled = None
     compile_state: dict[str, Any] = {
         "enabled": not args.no_compile,
@@ -972,31 +994,36 @@ def main(argv: list[str] | None = None) -> int:
             compiled = torch.compile(eager_pool, dynamic=True)
         except Exception as exc:
             compile_state["errors"].append(f"{type(exc).__name__}: {exc}")
+    return compiled, compile_state
 
+
+def run_shapes(st: Setup, args: argparse.Namespace, copy: dict[str, Any]) -> tuple[list[dict[str, Any]], dict]:
+    """Every shape's variants, timed and checked; the rows and the compile record."""
+    compiled, compile_state = compile_pool(args)
     rows: list[dict[str, Any]] = []
-    for i, shape in enumerate(shapes_for(device.type, hiddens, tokens, budget, args.quick)):
+    for i, shape in enumerate(shapes_for(st.device.type, st.hiddens, st.tokens, st.budget, args.quick)):
         if compiled is not None and len(compile_state["errors"]) >= 2:
             compiled = None  # compiling keeps failing: stop trying
         try:
-            case = make_case(shape, device, in_dtype, args.seed + i)
+            case = make_case(shape, st.device, st.in_dtype, args.seed + i)
         except torch.cuda.OutOfMemoryError as exc:
             print(f"[{shape.label} h={shape.hidden} t={shape.tokens}] skipped: {exc}")
             continue
         with torch.inference_mode():
             r = run_case(
                 case,
-                device,
-                repeats,
+                st.device,
+                st.repeats,
                 compiled,
                 compile_state,
-                with_triton,
+                st.with_triton,
                 copy["gb_s"],
-                per_op=not args.no_per_op and not gpu,
+                per_op=not args.no_per_op and not st.gpu,
                 sweep_tiles=args.sweep_tiles,
                 sweep_segments=args.sweep_segments,
             )
         del case
-        if gpu:
+        if st.gpu:
             torch.cuda.empty_cache()
         r["loadavg_1min"] = loadavg()
         rows.append(r)
@@ -1007,88 +1034,128 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(parts)
             + ("; MISMATCH: " + ", ".join(bad) if bad else "")
         )
+    return rows, compile_state
 
+
+def run_forward(st: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Pooling every layer against the forward pass, per cell length (none with --no-forward)."""
     overhead: list[dict[str, Any]] = []
-    if not args.no_forward:
-        from cellstrata.engine.budget import DEFAULT_MAX_TOKENS
+    if args.no_forward:
+        return overhead
+    from cellstrata.engine.budget import DEFAULT_MAX_TOKENS
 
-        max_tokens = QUICK_BUDGET // 2 if args.quick else DEFAULT_MAX_TOKENS[device.type]
-        with tempfile.TemporaryDirectory(prefix="cellstrata-kernels-") as work:
-            for preset in FORWARD_CELL_TOKENS:
-                r = forward_overhead(preset, device, max_tokens, repeats, args.seed, Path(work))
-                overhead.append(r)
-                print(
-                    f"[forward {preset}] {r['cells']} cells x ~{r['tokens_per_cell_nominal']} tokens: forward "
-                    f"{r['forward_noop_ms']:.1f} ms, with pooling {r['forward_pool_ms']:.1f} ms "
-                    f"({r['overhead_pct_forward_difference']:+.1f}%); pooling {r['layers'] + 1} layers alone "
-                    f"{r['pool_all_layers_ms']:.2f} ms = {r['pool_pct_of_forward']:.1f}% of the forward"
-                )
+    max_tokens = QUICK_BUDGET // 2 if args.quick else DEFAULT_MAX_TOKENS[st.device.type]
+    with tempfile.TemporaryDirectory(prefix="cellstrata-kernels-") as work:
+        for preset in FORWARD_CELL_TOKENS:
+            r = forward_overhead(preset, st.device, max_tokens, st.repeats, args.seed, Path(work))
+            overhead.append(r)
+            print(
+                f"[forward {preset}] {r['cells']} cells x ~{r['tokens_per_cell_nominal']} tokens: forward "
+                f"{r['forward_noop_ms']:.1f} ms, with pooling {r['forward_pool_ms']:.1f} ms "
+                f"({r['overhead_pct_forward_difference']:+.1f}%); pooling {r['layers'] + 1} layers alone "
+                f"{r['pool_all_layers_ms']:.2f} ms = {r['pool_pct_of_forward']:.1f}% of the forward"
+            )
+    return overhead
 
-    smoke = None
-    if not gpu:
-        smoke = triton_smoke()
-        if smoke["ran"]:
-            print(f"triton interpreter smoke check (tiny shape): {'OK' if smoke['ok'] else 'MISMATCH'}")
-        else:
-            print(f"triton interpreter smoke check not run: {smoke['reason']}")
+
+def run_smoke(st: Setup) -> dict[str, Any] | None:
+    """On the CPU: the Triton kernel through the interpreter on a tiny shape, in its own process."""
+    if st.gpu:
+        return None
+    smoke = triton_smoke()
+    if smoke["ran"]:
+        print(f"triton interpreter smoke check (tiny shape): {'OK' if smoke['ok'] else 'MISMATCH'}")
+    else:
+        print(f"triton interpreter smoke check not run: {smoke['reason']}")
+    return smoke
+
+
+def save(args: argparse.Namespace, argv: list[str] | None, st: Setup, run: dict[str, Any], tables: str) -> None:
+    """kernels-DEVICE-DATE.{json,md}; ``run`` holds the measured parts (machine, loads, rows, checks)."""
+    stamp = utc_now()
+    info, (load0, load1) = run["machine"], run["loadavg_1min"]
+    command = command_line("kernels", argv)
+    payload = {
+        "benchmark": "kernels",
+        "created": stamp.isoformat(timespec="seconds"),
+        "command": command,
+        "seconds": run["seconds"],
+        "machine": info,
+        "loadavg_1min": run["loadavg_1min"],
+        "cpu_pressure_some_avg60_pct": run["cpu_pressure_some_avg60_pct"],
+        "settings": {
+            "quick": args.quick,
+            "repeats": st.repeats,
+            "budget_tokens": st.budget,
+            "hiddens": list(st.hiddens),
+            "tokens_per_cell": list(st.tokens),
+            "length_spread": SPREAD,
+            "pad_value": PAD_VALUE,
+            "in_dtype": str(st.in_dtype).replace("torch.", ""),
+            "out_dtype": "float16",
+            "poolings": dict(zip(POOLINGS, SPEC.ops)),
+            "n_leading": SPEC.n_leading,
+            "variants": [v for v in VARIANTS if v not in TRITON_VARIANTS or st.with_triton],
+            "gb_s": "(real tokens x hidden x input bytes + P x cells x hidden x 2) / time",
+            "seed": args.seed,
+        },
+        **{k: run[k] for k in ("copy_bandwidth", "compile", "shapes", "forward_overhead")},
+        **{k: run[k] for k in ("triton_interpreter_smoke", "targets", "all_checks_ok")},
+    }
+    head = (
+        f"# pool_cast kernels ({stamp.strftime('%Y-%m-%d')}, {info['device_name']}, torch "
+        f"{info['torch_version']}, {torch.get_num_threads()} threads)\n\n`{command}`\n\n"
+        f"Input {str(st.in_dtype)[6:]}, output float16; poolings mean, max, cls (first), official (first_l2), "
+        f"n_leading=1; 1-min load average {load0}-{load1}.\n\n"
+    )
+    save_results(args.results, result_name("kernels", device_tag(info), stamp), payload, head + tables)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap, args = parse_args(argv)
+    if args.smoke_worker:
+        smoke_worker()
+        return 0
+    st = setup(ap, args)
+    info = machine(st.device)
+    t_start = time.perf_counter()
+    load0, psi0 = loadavg(), cpu_pressure()
+    print(
+        f"device: {info['device_name']}; torch {info['torch_version']} ({torch.get_num_threads()} threads), "
+        f"triton {info['triton_version']}; input {str(st.in_dtype)[6:]}, output float16, poolings "
+        f"{', '.join(POOLINGS)}"
+    )
+    if load0 is not None and info["cpu_count"] and load0 > info["cpu_count"] * 0.75:
+        print(f"note: load average {load0} on {info['cpu_count']} CPUs: other work competes for the cores")
+    copy = copy_bandwidth(st.device, st.repeats, COPY_BYTES[st.device.type] // (4 if args.quick else 1))
+    print(f"copy bandwidth: {copy['gb_s']:.1f} GB/s (y.copy_(x) of {copy['bytes'] / 2**20:.0f} MiB, read + write)")
+    rows, compile_state = run_shapes(st, args, copy)
+    overhead = run_forward(st, args)
+    smoke = run_smoke(st)
     load1, psi1 = loadavg(), cpu_pressure()
-    goal = targets(rows, overhead, gpu)
-    table = markdown(rows, gpu, copy)
+    table = markdown(rows, st.gpu, copy)
     table_fwd = markdown_overhead(overhead) if overhead else ""
     print()
     print(table)
     if table_fwd:
         print(table_fwd)
     all_ok = all(c["ok"] for r in rows for c in r["checks"].values()) and (smoke is None or smoke.get("ok", True))
-
     if not args.no_save:
-        stamp = dt.datetime.now(dt.timezone.utc)
-        name = f"kernels-{device_tag(info)}-{stamp.strftime('%Y-%m-%d')}"
-        out_dir = Path(args.results)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        command = command_line("kernels", argv)
-        payload = {
-            "benchmark": "kernels",
-            "created": stamp.isoformat(timespec="seconds"),
-            "command": command,
+        run = {
             "seconds": time.perf_counter() - t_start,
             "machine": info,
             "loadavg_1min": [load0, load1],
             "cpu_pressure_some_avg60_pct": [psi0, psi1],
-            "settings": {
-                "quick": args.quick,
-                "repeats": repeats,
-                "budget_tokens": budget,
-                "hiddens": list(hiddens),
-                "tokens_per_cell": list(tokens),
-                "length_spread": SPREAD,
-                "pad_value": PAD_VALUE,
-                "in_dtype": str(in_dtype).replace("torch.", ""),
-                "out_dtype": "float16",
-                "poolings": dict(zip(POOLINGS, SPEC.ops)),
-                "n_leading": SPEC.n_leading,
-                "variants": [v for v in VARIANTS if v not in TRITON_VARIANTS or with_triton],
-                "gb_s": "(real tokens x hidden x input bytes + P x cells x hidden x 2) / time",
-                "seed": args.seed,
-            },
             "copy_bandwidth": copy,
             "compile": compile_state,
             "shapes": rows,
             "forward_overhead": overhead,
             "triton_interpreter_smoke": smoke,
-            "targets": goal,
+            "targets": targets(rows, overhead, st.gpu),
             "all_checks_ok": all_ok,
         }
-        (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        head = (
-            f"# pool_cast kernels ({stamp.strftime('%Y-%m-%d')}, {info['device_name']}, torch "
-            f"{info['torch_version']}, {torch.get_num_threads()} threads)\n\n`{command}`\n\n"
-            f"Input {str(in_dtype)[6:]}, output float16; poolings mean, max, cls (first), official (first_l2), "
-            f"n_leading=1; 1-min load average {load0}-{load1}.\n\n"
-        )
-        body = head + table + ("\n## Pooling every layer vs the forward pass\n\n" + table_fwd if table_fwd else "")
-        (out_dir / f"{name}.md").write_text(body)
-        print(f"saved {out_dir / name}.json and .md")
+        body = table + ("\n## Pooling every layer vs the forward pass\n\n" + table_fwd if table_fwd else "")
+        save(args, argv, st, run, body)
     print(f"done in {time.perf_counter() - t_start:.0f} s; outputs match: {'yes' if all_ok else 'NO'}")
     return 0 if all_ok else 1
 

@@ -42,9 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import importlib
-import json
 import math
 import os
 import shutil
@@ -89,6 +87,9 @@ from .harness import (
     machine_info,
     module_env,
     read_result,
+    result_name,
+    save_results,
+    utc_now,
     worker_main,
     write_spec,
 )
@@ -856,10 +857,7 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str,
     load1, psi1 = loadavg(), cpu_pressure()
     elapsed = time.perf_counter() - ctx["t_start"]
     all_ok = all(r.get("ok") for s in results for r in [*s["single"].values(), *s["total"].values()])
-    stamp = dt.datetime.now(dt.timezone.utc)
-    name = f"probes-cpu-{stamp.strftime('%Y-%m-%d')}"
-    out_dir = Path(args.results)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = utc_now()
     command = command_line("probes", ctx["argv"])
     payload = {
         "benchmark": "probes",
@@ -897,7 +895,6 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str,
         "sizes": results,
         "all_ok": all_ok,
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
     done = ", ".join(f"{r['n_cells']:,}" for r in results)
     head = (
         f"# Probe runner: time and peak memory per layer and task ({stamp.strftime('%Y-%m-%d')}, "
@@ -922,8 +919,8 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str,
         + "\n## All tasks\n\n"
         + total_table(results)
     )
-    (out_dir / f"{name}.md").write_text(body)
-    print(f"saved {out_dir / name}.json and .md" + ("" if final else " (so far)"))
+    note = "" if final else " (so far)"
+    save_results(args.results, result_name("probes", "cpu", stamp), payload, body, default=json_default, note=note)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ least take: every layer's hidden states read once at the copy bandwidth.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import statistics
@@ -46,7 +45,16 @@ if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``
         {**os.environ, "PYTHONPATH": _path},
     )
 
-from .harness import RESULTS, command_line, git_commit, machine_info
+from .harness import (
+    RESULTS,
+    command_line,
+    device_slug,
+    git_commit,
+    machine_info,
+    result_name,
+    save_results,
+    utc_now,
+)
 
 # dense bfloat16 tensor-core peak (no sparsity) of the cards we know, TFLOP/s, by a part of the name
 # ``torch.cuda.get_device_name`` gives ("NVIDIA H100 80GB HBM3" is the SXM part); others: measured rate only
@@ -213,7 +221,7 @@ def utilisation(flops: float, seconds: float, ceilings: dict[str, Any] | None) -
 # ---------------------------------------------------------------------------------------------------- shapes
 def shape_table(families: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """FLOPs per cell for every preset the throughput script knows, at its data's median cell length."""
-    import throughput as tp
+    from . import throughput as tp
 
     rows = []
     for fam, presets in (families or {f: list(c) for f, c in tp.CELLS.items()}).items():
@@ -359,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ceilings = measure(device, quick=args.quick)
     shapes = shape_table()
-    stamp = dt.datetime.now(dt.timezone.utc)
+    stamp = utc_now()
     command = command_line("roofline", argv)
     payload: dict[str, Any] = {
         "benchmark": "roofline",
@@ -378,14 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(payload)
     print(text)
     if not args.no_save:
-        from .throughput import _device_slug
-
-        out = Path(args.results)
-        out.mkdir(parents=True, exist_ok=True)
-        name = f"roofline-{_device_slug(device)}-{stamp.strftime('%Y-%m-%d')}"
-        (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        (out / f"{name}.md").write_text(text)
-        print(f"saved {out / name}.json and .md")
+        save_results(args.results, result_name("roofline", device_slug(device), stamp), payload, text)
     return 0
 
 

@@ -78,8 +78,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
 import os
 import resource
 import signal
@@ -125,6 +123,8 @@ from .harness import (
     machine_info,
     module_env,
     read_result,
+    save_results,
+    utc_now,
     worker_main,
     write_spec,
 )
@@ -892,7 +892,7 @@ def main(argv: list[str] | None = None) -> int:
         "psi0": psi0,
         "sizes": sizes,
         "cluster_size": cluster_size,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        "date": utc_now().strftime("%Y-%m-%d"),
     }
     results: list[dict[str, Any]] = []
 
@@ -943,10 +943,8 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str,
     info = ctx["info"]
     load1, psi1 = loadavgs(), cpu_pressure()
     elapsed = time.perf_counter() - ctx["t_start"]
-    stamp = dt.datetime.now(dt.timezone.utc)
+    stamp = utc_now()
     name = f"scale-{DEVICE}-{ctx['date']}"  # the start's date: a run past midnight rewrites the same files
-    out_dir = Path(args.results)
-    out_dir.mkdir(parents=True, exist_ok=True)
     command = command_line("scale", ctx["argv"])
     runs = _all_runs(results)
     loads = [x[0] for r in runs for x in (r.get("loadavg_before"), r.get("loadavg_after")) if x]
@@ -991,7 +989,6 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str,
         "sizes": results,
         "all_ok": all_ok(results),
     }
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
     done = ", ".join(f"{r['n_cells']:,}" for r in results)
     load_text = f"{min(loads):.2f}–{max(loads):.2f}" if loads else "–"
     commits = list(dict.fromkeys(str(r.get("git_commit")) for r in runs if r.get("git_commit")))
@@ -1037,9 +1034,7 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace, ctx: dict[str,
             "the largest peak of its finished child processes (each at least the driver's RSS when it was "
             "started). Forward / wait seconds are summed over the workers.\n"
         )
-    (out_dir / f"{name}.md").write_text(body)
-    if final:
-        print(f"saved {out_dir / name}.json and .md")
+    save_results(args.results, name, payload, body, default=json_default, echo=final)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,10 @@ import datetime as dt
 import json
 import multiprocessing as mp
 import os
-import platform
-import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,17 @@ if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``
     )
 
 from .common import fresh_owned_dir, make_owned_dir, make_temp_dir, maxrss, remove_owned
-from .harness import RESULTS, command_line, git_commit, loadavg, meminfo_gib, shell_out
+from .harness import (
+    RESULTS,
+    command_line,
+    device_slug,
+    loadavg,
+    meminfo_gib,
+    result_name,
+    save_results,
+    torch_machine_info,
+    utc_now,
+)
 from .roofline import flop_shape, forward_flops, utilisation
 
 VARIANTS = ("forward", "cellstrata", "peers", "official")
@@ -873,45 +882,6 @@ def worker(spec_path: str) -> None:
 # driver side
 
 
-def machine_info(device: str) -> dict[str, Any]:
-    import torch
-
-    cpu_model = ""
-    for line in shell_out(["lscpu"]).splitlines():
-        if line.startswith("Model name:"):
-            cpu_model = line.split(":", 1)[1].strip()
-    mem = meminfo_gib("MemTotal")
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpu_model": cpu_model,
-        "memory_gb": None if mem is None else round(mem, 1),
-        "device": device,
-        "device_name": cpu_model or platform.processor() or "cpu",
-    }
-    if device.startswith("cuda"):
-        info["device_name"] = torch.cuda.get_device_name(0)
-        info["cuda_version"] = torch.version.cuda
-    import cellstrata
-
-    info["cellstrata_version"] = cellstrata.__version__
-    info["git_commit"] = git_commit()
-    return info
-
-
-def _device_slug(device: str) -> str:
-    if not device.startswith("cuda"):
-        return "cpu"
-    import torch
-
-    name = torch.cuda.get_device_name(0).lower()
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
-
-
 def prepare_data(kind: str, n_cells: int, work: Path, seed: int) -> dict[str, Any]:
     """The synthetic cells of a size class as an .h5ad, a short-cell warm-up file, and expressed genes per cell."""
     import h5py
@@ -1405,8 +1375,40 @@ def parse_cells(text: str | None) -> dict[str, int]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+@dataclass
+class Suite:
+    """What every step of a run shares: the options, the device, the work folder and the machine."""
+
+    args: argparse.Namespace
+    argv: list[str] | None
+    device: str
+    families: list[str]
+    selection: list[tuple[str, str, int]]
+    warmup: int
+    root: Path = Path()
+    own_tmp: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+    mem_total: float = float("inf")
+    device_total: float | None = None
+    ceilings: dict[str, Any] | None = None
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    builder_checks: list[dict[str, Any]] = field(default_factory=list)
+    shapes: list[dict[str, Any]] = field(default_factory=list)
+    ok: bool = True
+    t_start: float = 0.0
+
+    @property
+    def gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def kind_dev(self) -> str:
+        return "cuda" if self.gpu else "cpu"
+
+
+def _add_shape_options(ap: argparse.ArgumentParser) -> None:
+    """What is measured: families, presets, cells, device, the budgets of cellstrata and the peers."""
     ap.add_argument(
         "--models",
         default=",".join(FAMILIES),
@@ -1448,6 +1450,10 @@ def main(argv: list[str] | None = None) -> int:
         help="cells of (d), scFoundation's one cell at a time (the first of the input; default "
         f"{OFFICIAL_CELLS['cpu']} on CPU, {OFFICIAL_CELLS['cuda']:,} on CUDA, at most the shape's cells)",
     )
+
+
+def _add_run_options(ap: argparse.ArgumentParser) -> None:
+    """How it is measured and where the files go: ceilings, warm-up, threads, repeats, memory, folders."""
     ap.add_argument("--no-roofline", action="store_true", help="do not measure the matmul rate and copy bandwidth")
     ap.add_argument(
         "--warmup-cells",
@@ -1481,14 +1487,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--results", default=str(RESULTS), help="where the JSON and Markdown go")
     ap.add_argument("--no-save", action="store_true", help="print only")
-    args = ap.parse_args(argv)
 
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    _add_shape_options(ap)
+    _add_run_options(ap)
+    return ap, ap.parse_args(argv)
+
+
+def plan(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> Suite:
+    """The device and the (family, preset, cells) shapes to run; a bad option stops here with its usage line."""
     from cellstrata.engine.models import get_family
     from cellstrata.engine.pipeline import resolve_device
 
     device = str(resolve_device(args.device))
     gpu = device.startswith("cuda")
-    kind_dev = "cuda" if gpu else "cpu"
     families = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
@@ -1512,11 +1526,17 @@ def main(argv: list[str] | None = None) -> int:
     warmup = (
         args.warmup_cells if args.warmup_cells is not None else (QUICK_WARMUP_CELLS if args.quick else WARMUP_CELLS)
     )
-    own_tmp = args.workdir is None
+    return Suite(args=args, argv=argv, device=device, families=families, selection=selection, warmup=warmup)
+
+
+def open_suite(s: Suite) -> None:
+    """The work folder, the machine's facts and load, the ceilings (unless --no-roofline), the device's memory."""
+    args = s.args
+    s.own_tmp = args.workdir is None
     # the work folder is marked as the benchmark's own: only then are the fixed names in it replaced
-    root = make_temp_dir("cellstrata-bench-") if own_tmp else make_owned_dir(Path(args.workdir))
-    info = machine_info(device)
-    mem_total = meminfo_gib("MemTotal") or float("inf")
+    s.root = make_temp_dir("cellstrata-bench-") if s.own_tmp else make_owned_dir(Path(args.workdir))
+    info = s.info = torch_machine_info(s.device)
+    s.mem_total = meminfo_gib("MemTotal") or float("inf")
     print(
         f"machine: {info['cpu_count']} CPUs ({info['cpu_model'] or info['processor']}), {info['memory_gb']} GiB, "
         f"torch {info['torch_version']} with {args.threads or info['torch_threads']} threads, device "
@@ -1526,16 +1546,15 @@ def main(argv: list[str] | None = None) -> int:
     load = loadavg()
     if load is not None and info["cpu_count"] and load > info["cpu_count"]:
         print(f"WARNING: load average {load} exceeds the {info['cpu_count']} CPUs: other work competes for the cores")
-    t_start = time.perf_counter()
-    ceilings = None
+    s.t_start = time.perf_counter()  # the total: ceilings, inputs, checks and every variant
     if not args.no_roofline:
         from .roofline import measure as measure_ceilings
 
-        ceilings = measure_ceilings(device, quick=args.quick)
+        ceilings = s.ceilings = measure_ceilings(s.device, quick=args.quick)
         mm = ceilings["matmul"]
         print(
-            f"ceilings: matmul {mm['dtype']} {mm['tflops'] * (1 if gpu else 1e3):,.1f} "
-            f"{'TFLOP/s' if gpu else 'GFLOP/s'}, "
+            f"ceilings: matmul {mm['dtype']} {mm['tflops'] * (1 if s.gpu else 1e3):,.1f} "
+            f"{'TFLOP/s' if s.gpu else 'GFLOP/s'}, "
             f"copy {ceilings['copy']['gb_per_s']:,.0f} GB/s"
             + (
                 f", data-sheet bf16 peak {ceilings['peak_bf16_tflops']:,.1f} TFLOP/s"
@@ -1544,320 +1563,392 @@ def main(argv: list[str] | None = None) -> int:
             )
             + f" ({ceilings['seconds']:.1f} s)"
         )
-    device_total = None
-    if gpu:
+    if s.gpu:
         import torch
 
-        device_total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    shapes: list[dict[str, Any]] = []
-    builder_checks: list[dict[str, Any]] = []
-    data: dict[str, dict[str, Any]] = {}
-    ok = True
-    try:
-        # inputs: one file per size class (each shape reads its first cells), plus short warm-up cells
-        for kind in ("tiny", "released"):
-            need = [n for f, p, n in selection if size_class(p) == kind]
-            if need:
-                t0 = time.perf_counter()
-                data[kind] = prepare_data(kind, max(need), root, args.seed)
-                print(
-                    f"inputs ({kind}): {max(need):,} cells x {DATA[kind]['n_genes']:,} genes, "
-                    f"{time.perf_counter() - t0:.1f} s"
-                )
-        # tiny checkpoints (the families' real files and load path) and the in-memory builder's check
-        checkpoints: dict[str, str] = {}
-        for fam in dict.fromkeys(f for f, _, _ in selection):
-            t0 = time.perf_counter()
-            folder = get_family(fam).init_checkpoint("tiny", root / f"ckpt-{fam}-tiny", seed=args.seed)
-            checkpoints[fam] = str(folder)
-            builder_checks.append(check_builder(fam, "tiny", folder, args.seed))
-            if fam == "geneformer" and any(f == fam and p == "v1-10m" for f, p, _ in selection):
-                v1 = get_family(fam).init_checkpoint("v1-10m", root / "ckpt-geneformer-v1-10m", seed=args.seed)
-                builder_checks.append(check_builder(fam, "v1-10m", v1, args.seed))
-                remove_owned(v1)
-            verdict = ", ".join(
-                f"{bc['preset']} {'ok' if bc['ok'] else 'DIFFERS'}" for bc in builder_checks if bc["family"] == fam
-            )
-            print(
-                f"{fam}: tiny checkpoint written; in-memory builder vs init_checkpoint + load: {verdict} "
-                f"({time.perf_counter() - t0:.1f} s)"
-            )
-        for bc in builder_checks:
-            if not bc["ok"]:
-                bad = [k for k, v in bc.items() if v is False]
-                print(f"WARNING: in-memory {bc['family']} {bc['preset']} differs from init_checkpoint + load: {bad}")
-                ok = False
+        s.device_total = torch.cuda.get_device_properties(0).total_memory / 2**30
 
+
+def prepare_inputs(s: Suite) -> None:
+    """One input file per size class (each shape reads its first cells), plus short warm-up cells."""
+    for kind in ("tiny", "released"):
+        need = [n for f, p, n in s.selection if size_class(p) == kind]
+        if need:
+            t0 = time.perf_counter()
+            s.data[kind] = prepare_data(kind, max(need), s.root, s.args.seed)
+            print(
+                f"inputs ({kind}): {max(need):,} cells x {DATA[kind]['n_genes']:,} genes, "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
+
+
+def check_builders(s: Suite) -> None:
+    """Tiny checkpoints (the families' real files and load path) and the in-memory builder's check against them."""
+    from cellstrata.engine.models import get_family
+
+    seed = s.args.seed
+    for fam in dict.fromkeys(f for f, _, _ in s.selection):
+        t0 = time.perf_counter()
+        folder = get_family(fam).init_checkpoint("tiny", s.root / f"ckpt-{fam}-tiny", seed=seed)
+        s.checkpoints[fam] = str(folder)
+        s.builder_checks.append(check_builder(fam, "tiny", folder, seed))
+        if fam == "geneformer" and any(f == fam and p == "v1-10m" for f, p, _ in s.selection):
+            v1 = get_family(fam).init_checkpoint("v1-10m", s.root / "ckpt-geneformer-v1-10m", seed=seed)
+            s.builder_checks.append(check_builder(fam, "v1-10m", v1, seed))
+            remove_owned(v1)
+        verdict = ", ".join(
+            f"{bc['preset']} {'ok' if bc['ok'] else 'DIFFERS'}" for bc in s.builder_checks if bc["family"] == fam
+        )
+        print(
+            f"{fam}: tiny checkpoint written; in-memory builder vs init_checkpoint + load: {verdict} "
+            f"({time.perf_counter() - t0:.1f} s)"
+        )
+    for bc in s.builder_checks:
+        if not bc["ok"]:
+            bad = [k for k, v in bc.items() if v is False]
+            print(f"WARNING: in-memory {bc['family']} {bc['preset']} differs from init_checkpoint + load: {bad}")
+            s.ok = False
+
+
+def describe_input(s: Suite, fam: str, preset: str, n: int) -> dict[str, Any]:
+    """A shape's model, its cells' lengths and its model FLOPs per median cell."""
+    d = s.data[size_class(preset)]
+    expressed = d["expressed"][:n]
+    shape = {"family": fam, "preset": preset, "cells": n, "gene_column": GENE_COLUMN[fam]}
+    shape.update(describe_shape(fam, preset, None))
+    shape["longest_tokens"] = int(expressed.max()) + shape["n_special"]
+    shape["expressed"] = {
+        "median": float(np.median(expressed)),
+        "p10": float(np.percentile(expressed, 10)),
+        "p90": float(np.percentile(expressed, 90)),
+        "max": int(expressed.max()),
+    }
+    shape["data"] = {k: v for k, v in d.items() if k != "expressed"}
+    shape["device"] = s.device
+    median_len = float(np.median(expressed)) + shape["n_special"]
+    if shape["context"] is not None:
+        median_len = min(median_len, float(shape["context"]))
+    per_cell = forward_flops(shape["flop_shape"], [median_len])
+    linear = forward_flops({**shape["flop_shape"], "hidden": 0}, [median_len])
+    shape["flops"] = {
+        "median_tokens": round(median_len),
+        "gflops_per_cell": per_cell / 1e9,
+        "attention_share": 1 - linear / per_cell,
+    }
+    return shape
+
+
+def peer_batches(s: Suite, shape: dict[str, Any], n: int) -> tuple[list[int], list[int]]:
+    """The peers' batch sizes, forced or the sweep's candidates, and those of them that fit the memory; the
+    shape's ``memory_estimate`` is set to the largest that fits (else the smallest candidate)."""
+    limit = s.args.mem_fraction * s.mem_total
+    if s.args.peer_batch:
+        candidates = [int(s.args.peer_batch)]
+    else:
+        cand = PEER_SWEEP[s.kind_dev]
+        candidates = sorted({b for b in cand if b < n} | {min(n, max(cand))})
+    fits = []
+    for b in candidates:
+        e = memory_estimate(shape, n, b, shape["longest_tokens"])
+        host_ok = e["total_gib"] <= limit if not s.gpu else (e["weights_gib"] + 0.6 <= limit)
+        dev_ok = s.device_total is None or e["weights_gib"] + e["activations_gib"] <= 0.8 * s.device_total
+        if host_ok and dev_ok:
+            fits.append(b)
+    shape["memory_estimate"] = memory_estimate(
+        shape, n, (fits or candidates)[-1 if fits else 0], shape["longest_tokens"]
+    )
+    return candidates, fits
+
+
+def print_shape(shape: dict[str, Any], tag: str) -> None:
+    est, n = shape["memory_estimate"], shape["cells"]
+    print(
+        f"{tag} {shape['n_layers']} layers x {shape['hidden']}, {shape['params'] / 1e6:,.1f} M parameters, "
+        f"context {_context_text(shape)}; {n:,} cells, expressed genes per cell median "
+        f"{shape['expressed']['median']:,.0f} (p10 {shape['expressed']['p10']:,.0f}, p90 "
+        f"{shape['expressed']['p90']:,.0f}); {shape['flops']['gflops_per_cell']:,.3f} GFLOP per median cell; "
+        f"needs ~{est['total_gib']:.1f} GiB ({est['weights_gib']:.1f} GiB weights)"
+    )
+
+
+def mark_skipped(s: Suite, shape: dict[str, Any], candidates: list[int], tag: str) -> None:
+    """A shape whose smallest batch does not fit the memory: why, at length and in short."""
+    est, n = shape["memory_estimate"], shape["cells"]
+    limit = s.args.mem_fraction * s.mem_total
+    shape["skipped"] = (
+        f"{shape['params'] / 1e9:.2f} B parameters = {est['weights_gib']:.1f} GiB of float32 weights; "
+        f"with {min(n, candidates[0])} cell(s) of hidden states and the process ~{est['total_gib']:.1f} "
+        f"GiB, above {s.args.mem_fraction:.0%} of this machine's {s.mem_total:.1f} GiB (--mem-fraction)"
+        + (f" or 80% of the device's {s.device_total:.0f} GiB" if s.device_total else "")
+    )
+    shape["skipped_short"] = f"skipped: ~{est['total_gib']:.1f} GiB > {limit:.1f} GiB"
+    print(f"{tag} SKIPPED: {shape['skipped']}\n")
+
+
+def variant_settings(s: Suite, fam: str, preset: str, n: int, fits: list[int]) -> dict[str, Any]:
+    """What every variant process of a shape is given: input, warm-up, checkpoint, device, budgets, sweep."""
+    args, gpu, kind_dev = s.args, s.gpu, s.kind_dev
+    d = s.data[size_class(preset)]
+    sweep_cells = min(n, PEER_SWEEP_CELLS["quick" if args.quick and not gpu else kind_dev])
+    # few cells (CPU, the billion-parameter shapes): one batch of all of them, no sweep
+    sweep = None
+    if len(fits) > 1 and n >= 8:
+        budget = PEER_SWEEP_SECONDS / (2 if args.quick else 1)
+        sweep = {"candidates": fits, "cells": sweep_cells, "budget_s": budget}
+    if gpu:  # the first cells of the same input: its real lengths and batch shapes
+        warm_h5ad = d["h5ad"]
+        warm_cells = (
+            args.warmup_cells
+            if args.warmup_cells is not None
+            else min(n, max(CUDA_WARMUP_MIN, int(CUDA_WARMUP_SHARE * n)))
+        )
+    else:
+        warm_h5ad, warm_cells = d["warmup_h5ad"], s.warmup
+    return {
+        "family": fam,
+        "preset": preset,
+        "cells": n,
+        "official_cells": min(
+            n, args.official_cells or OFFICIAL_CELLS["quick" if args.quick and not gpu else kind_dev]
+        ),
+        "h5ad": d["h5ad"],
+        "warmup_h5ad": warm_h5ad,
+        "gene_column": GENE_COLUMN[fam],
+        "checkpoint": s.checkpoints[fam] if preset == "tiny" else None,
+        "device": s.device,
+        "dtype": "float16",
+        "max_tokens": args.max_tokens,
+        "peer_batch": fits[-1],
+        "peer_sweep": sweep,
+        "warmup_cells": warm_cells,
+        "threads": args.threads,
+        "seed": args.seed,
+    }
+
+
+def run_round_robin(
+    ctx: Any, base: dict[str, Any], work: Path, variants: list[str], repeats: int, tag: str
+) -> dict[str, dict[str, Any]]:
+    """Every variant ``repeats`` times, in turn, so slow phases of a busy machine hit each; the fastest run of
+    each variant, with every run's seconds in ``all_seconds``."""
+    results: dict[str, dict[str, Any]] = {}
+    for rep in range(repeats):
+        for v in variants:
+            r = run_variant(ctx, v, base, work)
+            la = r["loadavg_1min"]
+            print(
+                f"{tag} {LABELS[v]:<32} {r['seconds']:8.1f} s  {r['cells'] / r['seconds']:9.2f} cells/s  "
+                f"{r['tokens'] / r['seconds']:9.0f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MB"
+                + (f"  GPU {r['device_peak_mb']:,.0f} MB" if r.get("device_peak_mb") else "")
+                + f"  (load {r['load_seconds']:.1f} s, warm-up {r['warmup_seconds']:.1f} s, process "
+                f"{r['process_seconds']:.0f} s, load avg {la[0]} -> {la[1]}"
+                + (f", repeat {rep + 1}/{repeats})" if repeats > 1 else ")"),
+                flush=True,
+            )
+            seconds = [*results.get(v, {}).get("all_seconds", []), r["seconds"]]
+            if v not in results or r["seconds"] < results[v]["seconds"]:
+                results[v] = r
+            results[v]["all_seconds"] = seconds
+    return results
+
+
+def print_checks(shape: dict[str, Any], results: dict[str, dict[str, Any]], gpu: bool, tag: str) -> None:
+    """The output check and cellstrata's telemetry of a measured shape, one line each."""
+    ck, rows, n = shape["check"], shape["rows"], shape["cells"]
+    ulps = ", ".join(f"{nm} {ck[nm]['max_float16_ulps']:.2f}" for nm in ck["poolings_compared"])
+    d_ok = all(v["close"] for k, v in ck.items() if k.startswith("official_") and isinstance(v, dict))
+    print(
+        f"{tag} check: forward ran cellstrata's tokens and batches: "
+        f"{ck['forward_same_tokens_and_batches_as_cellstrata']}; same model FLOPs: {ck['same_model_flops']}; "
+        f"cellstrata vs peers at {len(ck['cells_compared'])} cells x {ck['mean']['layers']} layers, "
+        f"max float16 ULP: {ulps}, min cosine {min(ck[nm]['min_cosine'] for nm in ck['poolings_compared']):.6f}"
+        + (("; vs (d) " + ("ok" if d_ok else "DIFFERS")) if "official" in results else "")
+        + f" -> {'OK' if ck['ok'] else 'MISMATCH'}; "
+        f"{shape['truncated_cells']:,} of {n:,} cells cut to the context"
+    )
+    bt = results["cellstrata"]["breakdown"]
+    q = shape["ratios"]
+    b_row = next(r for r in rows if r["key"] == "cellstrata")
+    print(
+        f"{tag} cellstrata telemetry: setup {bt['setup_s']:.1f} s, pipeline {bt['pipeline_s']:.1f} s "
+        f"(forward+pool {bt['forward_and_pool_s']:.1f} s, input wait {bt['input_wait_s']:.1f} s, "
+        f"writer wait {bt['writer_wait_s']:.1f} s); max_tokens {results['cellstrata']['max_tokens']:,}, "
+        f"attention {results['cellstrata']['attention']}; b/a {q['b_over_a']:.2f}, b/c {q['b_over_c']:.2f} "
+        f"(peer batch {results['peers']['batch_size']})"
+        + (f", b/d {q['b_over_d']:.2f}" if q["b_over_d"] is not None else "")
+        + f"; model {_rate_text(b_row, gpu)}\n"
+    )
+
+
+def run_shape(s: Suite, ctx: Any, fam: str, preset: str, n: int) -> dict[str, Any]:
+    """One shape: its input and memory plan, then every variant (or a skip), the check and the ratios."""
+    tag = f"[{fam} {preset}]"
+    shape = describe_input(s, fam, preset, n)
+    candidates, fits = peer_batches(s, shape, n)
+    print_shape(shape, tag)
+    if not fits:
+        mark_skipped(s, shape, candidates, tag)
+        return shape
+    work = fresh_owned_dir(s.root / f"{fam}-{preset}")
+    base = variant_settings(s, fam, preset, n, fits)
+    repeats = s.args.repeats or (1 if s.args.quick or s.gpu else REPEATS[size_class(preset)])
+    variants = [v for v in VARIANTS if v != "official" or fam in OFFICIAL_FAMILIES]
+    results = run_round_robin(ctx, base, work, variants, repeats, tag)
+    rows = summarize(shape, results, s.ceilings)
+    ck = check_outputs(results, n, gpu=s.gpu)
+    s.ok = s.ok and ck["ok"]
+    shape.update(
+        rows=rows,
+        ratios=ratios(rows),
+        check=ck,
+        truncated_cells=results["cellstrata"]["truncated_cells"],
+        model_source="init_checkpoint + load" if preset == "tiny" else "built in memory",
+        settings=base,
+        results=results,
+        repeats=repeats,
+    )
+    print_checks(shape, results, s.gpu, tag)
+    return shape
+
+
+def run_suite(s: Suite) -> None:
+    """Inputs, checkpoints and every shape's variants in the work folder (removed afterwards when temporary)."""
+    try:
+        prepare_inputs(s)
+        check_builders(s)
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(PRELOAD)
         print()
-        for fam, preset, n in selection:
-            kind = size_class(preset)
-            d = data[kind]
-            expressed = d["expressed"][:n]
-            shape = {
-                "family": fam,
-                "preset": preset,
-                "cells": n,
-                "gene_column": GENE_COLUMN[fam],
-                **describe_shape(fam, preset, None),
-            }
-            shape["longest_tokens"] = int(expressed.max()) + shape["n_special"]
-            shape["expressed"] = {
-                "median": float(np.median(expressed)),
-                "p10": float(np.percentile(expressed, 10)),
-                "p90": float(np.percentile(expressed, 90)),
-                "max": int(expressed.max()),
-            }
-            shape["data"] = {k: v for k, v in d.items() if k != "expressed"}
-            shape["device"] = device
-            median_len = float(np.median(expressed)) + shape["n_special"]
-            if shape["context"] is not None:
-                median_len = min(median_len, float(shape["context"]))
-            per_cell = forward_flops(shape["flop_shape"], [median_len])
-            linear = forward_flops({**shape["flop_shape"], "hidden": 0}, [median_len])
-            shape["flops"] = {
-                "median_tokens": round(median_len),
-                "gflops_per_cell": per_cell / 1e9,
-                "attention_share": 1 - linear / per_cell,
-            }
-            # the peers' batch sizes: forced, or the sweep's candidates that fit the memory
-            limit = args.mem_fraction * mem_total
-            if args.peer_batch:
-                candidates = [int(args.peer_batch)]
-            else:
-                cand = PEER_SWEEP[kind_dev]
-                candidates = sorted({b for b in cand if b < n} | {min(n, max(cand))})
-            fits = []
-            for b in candidates:
-                e = memory_estimate(shape, n, b, shape["longest_tokens"])
-                host_ok = e["total_gib"] <= limit if not gpu else (e["weights_gib"] + 0.6 <= limit)
-                dev_ok = device_total is None or e["weights_gib"] + e["activations_gib"] <= 0.8 * device_total
-                if host_ok and dev_ok:
-                    fits.append(b)
-            est = memory_estimate(shape, n, (fits or candidates)[-1 if fits else 0], shape["longest_tokens"])
-            shape["memory_estimate"] = est
-            tag = f"[{fam} {preset}]"
-            print(
-                f"{tag} {shape['n_layers']} layers x {shape['hidden']}, {shape['params'] / 1e6:,.1f} M parameters, "
-                f"context {_context_text(shape)}; {n:,} cells, expressed genes per cell median "
-                f"{shape['expressed']['median']:,.0f} (p10 {shape['expressed']['p10']:,.0f}, p90 "
-                f"{shape['expressed']['p90']:,.0f}); {shape['flops']['gflops_per_cell']:,.3f} GFLOP per median cell; "
-                f"needs ~{est['total_gib']:.1f} GiB ({est['weights_gib']:.1f} GiB weights)"
-            )
-            if not fits:
-                shape["skipped"] = (
-                    f"{shape['params'] / 1e9:.2f} B parameters = {est['weights_gib']:.1f} GiB of float32 weights; "
-                    f"with {min(n, candidates[0])} cell(s) of hidden states and the process ~{est['total_gib']:.1f} "
-                    f"GiB, above {args.mem_fraction:.0%} of this machine's {mem_total:.1f} GiB (--mem-fraction)"
-                    + (f" or 80% of the device's {device_total:.0f} GiB" if device_total else "")
-                )
-                shape["skipped_short"] = f"skipped: ~{est['total_gib']:.1f} GiB > {limit:.1f} GiB"
-                print(f"{tag} SKIPPED: {shape['skipped']}\n")
-                shapes.append(shape)
-                continue
-            sweep_cells = min(n, PEER_SWEEP_CELLS["quick" if args.quick and not gpu else kind_dev])
-            # few cells (CPU, the billion-parameter shapes): one batch of all of them, no sweep
-            sweep = None
-            if len(fits) > 1 and n >= 8:
-                budget = PEER_SWEEP_SECONDS / (2 if args.quick else 1)
-                sweep = {"candidates": fits, "cells": sweep_cells, "budget_s": budget}
-            work = fresh_owned_dir(root / f"{fam}-{preset}")
-            if gpu:  # the first cells of the same input: its real lengths and batch shapes
-                warm_h5ad = d["h5ad"]
-                warm_cells = (
-                    args.warmup_cells
-                    if args.warmup_cells is not None
-                    else min(n, max(CUDA_WARMUP_MIN, int(CUDA_WARMUP_SHARE * n)))
-                )
-            else:
-                warm_h5ad, warm_cells = d["warmup_h5ad"], warmup
-            base = {
-                "family": fam,
-                "preset": preset,
-                "cells": n,
-                "official_cells": min(
-                    n, args.official_cells or OFFICIAL_CELLS["quick" if args.quick and not gpu else kind_dev]
-                ),
-                "h5ad": d["h5ad"],
-                "warmup_h5ad": warm_h5ad,
-                "gene_column": GENE_COLUMN[fam],
-                "checkpoint": checkpoints[fam] if preset == "tiny" else None,
-                "device": device,
-                "dtype": "float16",
-                "max_tokens": args.max_tokens,
-                "peer_batch": fits[-1],
-                "peer_sweep": sweep,
-                "warmup_cells": warm_cells,
-                "threads": args.threads,
-                "seed": args.seed,
-            }
-            repeats = args.repeats or (1 if args.quick or gpu else REPEATS[kind])
-            variants = [v for v in VARIANTS if v != "official" or fam in OFFICIAL_FAMILIES]
-            results: dict[str, dict[str, Any]] = {}
-            for rep in range(repeats):  # round robin, so slow phases of a busy machine hit every variant
-                for v in variants:
-                    r = run_variant(ctx, v, base, work)
-                    la = r["loadavg_1min"]
-                    print(
-                        f"{tag} {LABELS[v]:<32} {r['seconds']:8.1f} s  {r['cells'] / r['seconds']:9.2f} cells/s  "
-                        f"{r['tokens'] / r['seconds']:9.0f} tokens/s  peak RSS {r['peak_rss_mb']:7.0f} MB"
-                        + (f"  GPU {r['device_peak_mb']:,.0f} MB" if r.get("device_peak_mb") else "")
-                        + f"  (load {r['load_seconds']:.1f} s, warm-up {r['warmup_seconds']:.1f} s, process "
-                        f"{r['process_seconds']:.0f} s, load avg {la[0]} -> {la[1]}"
-                        + (f", repeat {rep + 1}/{repeats})" if repeats > 1 else ")"),
-                        flush=True,
-                    )
-                    seconds = [*results.get(v, {}).get("all_seconds", []), r["seconds"]]
-                    if v not in results or r["seconds"] < results[v]["seconds"]:
-                        results[v] = r
-                    results[v]["all_seconds"] = seconds
-            rows = summarize(shape, results, ceilings)
-            ck = check_outputs(results, n, gpu=gpu)
-            ok = ok and ck["ok"]
-            shape.update(
-                rows=rows,
-                ratios=ratios(rows),
-                check=ck,
-                truncated_cells=results["cellstrata"]["truncated_cells"],
-                model_source="init_checkpoint + load" if preset == "tiny" else "built in memory",
-                settings=base,
-                results=results,
-                repeats=repeats,
-            )
-            ulps = ", ".join(f"{nm} {ck[nm]['max_float16_ulps']:.2f}" for nm in ck["poolings_compared"])
-            d_ok = all(v["close"] for k, v in ck.items() if k.startswith("official_") and isinstance(v, dict))
-            print(
-                f"{tag} check: forward ran cellstrata's tokens and batches: "
-                f"{ck['forward_same_tokens_and_batches_as_cellstrata']}; same model FLOPs: {ck['same_model_flops']}; "
-                f"cellstrata vs peers at {len(ck['cells_compared'])} cells x {ck['mean']['layers']} layers, "
-                f"max float16 ULP: {ulps}, min cosine {min(ck[nm]['min_cosine'] for nm in ck['poolings_compared']):.6f}"
-                + (("; vs (d) " + ("ok" if d_ok else "DIFFERS")) if "official" in results else "")
-                + f" -> {'OK' if ck['ok'] else 'MISMATCH'}; "
-                f"{shape['truncated_cells']:,} of {n:,} cells cut to the context"
-            )
-            bt = results["cellstrata"]["breakdown"]
-            q = shape["ratios"]
-            b_row = next(r for r in rows if r["key"] == "cellstrata")
-            print(
-                f"{tag} cellstrata telemetry: setup {bt['setup_s']:.1f} s, pipeline {bt['pipeline_s']:.1f} s "
-                f"(forward+pool {bt['forward_and_pool_s']:.1f} s, input wait {bt['input_wait_s']:.1f} s, "
-                f"writer wait {bt['writer_wait_s']:.1f} s); max_tokens {results['cellstrata']['max_tokens']:,}, "
-                f"attention {results['cellstrata']['attention']}; b/a {q['b_over_a']:.2f}, b/c {q['b_over_c']:.2f} "
-                f"(peer batch {results['peers']['batch_size']})"
-                + (f", b/d {q['b_over_d']:.2f}" if q["b_over_d"] is not None else "")
-                + f"; model {_rate_text(b_row, gpu)}\n"
-            )
-            shapes.append(shape)
+        for fam, preset, n in s.selection:
+            s.shapes.append(run_shape(s, ctx, fam, preset, n))
     finally:
-        if own_tmp:
-            remove_owned(root)
+        if s.own_tmp:
+            remove_owned(s.root)
 
-    total_s = time.perf_counter() - t_start
-    table = summary_table(shapes)
-    skipped = skipped_text(shapes)
-    goal = targets(shapes, device)
-    print(table)
-    if official_table(shapes):
-        print(official_table(shapes))
-    print(targets_table(goal))
+
+def print_summary(s: Suite, total_s: float) -> None:
+    print(summary_table(s.shapes))
+    if official_table(s.shapes):
+        print(official_table(s.shapes))
+    print(targets_table(targets(s.shapes, s.device)))
+    skipped = skipped_text(s.shapes)
     if skipped:
         print("Skipped:\n" + skipped)
     print(f"total {total_s / 60:.1f} min")
-    if not args.no_save:
-        stamp = dt.datetime.now(dt.timezone.utc)
-        slug = _device_slug(device)
-        name = f"throughput-{slug}-{stamp.strftime('%Y-%m-%d')}"
-        out_dir = Path(args.results)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        command = command_line("throughput", argv)
-        payload = {
-            "benchmark": "throughput",
+
+
+def payload(s: Suite, stamp: dt.datetime, command: str, total_s: float) -> dict[str, Any]:
+    """The JSON result: machine, ceilings, settings, builder checks, targets and every shape."""
+    args, gpu, kind_dev = s.args, s.gpu, s.kind_dev
+    return {
+        "benchmark": "throughput",
+        "created": stamp.isoformat(timespec="seconds"),
+        "command": command,
+        "total_seconds": total_s,
+        "note": "random weights: throughput only (speed does not depend on the weights); model loading not timed",
+        "machine": s.info,
+        "ceilings": s.ceilings,
+        "settings": {
+            "quick": args.quick,
+            "device": s.device,
+            "max_tokens": args.max_tokens,
+            "peer_batch": args.peer_batch or "sweep",
+            "peer_sweep": {"candidates": PEER_SWEEP[kind_dev], "cells": PEER_SWEEP_CELLS[kind_dev]},
+            "official_cells": args.official_cells or OFFICIAL_CELLS[kind_dev],
+            "warmup": "first cells of the same input" if gpu else "short cells of a separate file",
+            "warmup_cells": args.warmup_cells if args.warmup_cells is not None else (None if gpu else s.warmup),
+            "warmup_genes_per_cell": None if gpu else WARMUP_GENES_PER_CELL,
+            "threads": args.threads,
+            "seed": args.seed,
+            "repeats": args.repeats or ("1" if args.quick or gpu else REPEATS),
+            "mem_fraction": args.mem_fraction,
+            "data": DATA,
+            "gene_column": GENE_COLUMN,
+            "cellstrata_poolings": "all",
+            "cellstrata_dtype": "float16",
+            "peers_poolings": "mean + the family's first single-token pooling (cls / s_token), float32",
+        },
+        "builder_checks": s.builder_checks,
+        "targets": targets(s.shapes, s.device),
+        "shapes": s.shapes,
+    }
+
+
+def markdown(s: Suite, stamp: dt.datetime, command: str, total_s: float) -> str:
+    """The Markdown result: how it was measured, then the tables."""
+    args, gpu, info, shapes = s.args, s.gpu, s.info, s.shapes
+    loads = [x for sh in shapes for r in sh.get("rows", []) for x in (r["loadavg_1min"] or []) if x is not None]
+    load_text = f"; 1-min load average {min(loads):.2f}-{max(loads):.2f} during the runs" if loads else ""
+    if args.repeats or args.quick or gpu:
+        rep_text = f"fastest of {args.repeats or 1} round-robin run(s)"
+    else:
+        rep_text = f"fastest of {REPEATS['tiny']} round-robin runs (tiny), {REPEATS['released']} (released sizes)"
+    warm_text = (
+        "an untimed warm-up run of the same variant on the first cells of the same input"
+        if gpu
+        else "a warm-up on short cells"
+    )
+    header = (
+        f"# Throughput ({stamp.strftime('%Y-%m-%d')}, {info['device_name']}, {info['cpu_count']} CPUs, "
+        f"{info['memory_gb']} GiB, torch {info['torch_version']}, "
+        f"{info['torch_threads'] if not args.threads else args.threads} threads)"
+        f"\n\n`{command}` ({total_s / 60:.1f} min)\n\nRandom weights: throughput only. Model loading is not "
+        f"timed. Each variant in its own process after {warm_text}; the peers' batch size is the fastest of a "
+        f"sweep on the first cells unless forced; {rep_text}{load_text}. b/a, b/c, b/d: tokens/s ratios. "
+        f"Model FLOP/s: forward FLOPs of the real tokens over the variant's wall time"
+        + (" (MFU: of the card's dense bf16 peak)" if gpu else "")
+        + ".\n\n"
+    )
+    skipped = skipped_text(shapes)
+    body = summary_table(shapes) + ("\nSkipped:\n\n" + skipped if skipped else "")
+    body += "\nTargets:\n\n" + targets_table(targets(shapes, s.device))
+    if official_table(shapes):
+        body += "\nscFoundation, (d) the official get_embedding.py way (one cell per forward pass):\n\n"
+        body += official_table(shapes)
+    if sweep_table(shapes):
+        body += "\nThe peers' batch-size sweep:\n\n" + sweep_table(shapes)
+    body += "\nModel FLOPs:\n\n" + flops_table(shapes, s.ceilings)
+    body += "\nInputs and output check:\n\n" + inputs_table(shapes)
+    body += "\nPer variant:\n\n" + detail_table(shapes)
+    return header + body
+
+
+def write(s: Suite, total_s: float) -> None:
+    """throughput-DEVICE-DATE.{json,md} and, when the ceilings were measured, roofline-DEVICE-DATE.{json,md}."""
+    from . import roofline
+
+    stamp = utc_now()
+    slug = device_slug(s.device)
+    name = result_name("throughput", slug, stamp)
+    out_dir = Path(s.args.results)
+    command = command_line("throughput", s.argv)
+    save_results(out_dir, name, payload(s, stamp, command, total_s), markdown(s, stamp, command, total_s))
+    if s.ceilings is not None:
+        rpay = {
+            "benchmark": "roofline",
             "created": stamp.isoformat(timespec="seconds"),
             "command": command,
-            "total_seconds": total_s,
-            "note": "random weights: throughput only (speed does not depend on the weights); model loading not timed",
-            "machine": info,
-            "ceilings": ceilings,
-            "settings": {
-                "quick": args.quick,
-                "device": device,
-                "max_tokens": args.max_tokens,
-                "peer_batch": args.peer_batch or "sweep",
-                "peer_sweep": {"candidates": PEER_SWEEP[kind_dev], "cells": PEER_SWEEP_CELLS[kind_dev]},
-                "official_cells": args.official_cells or OFFICIAL_CELLS[kind_dev],
-                "warmup": "first cells of the same input" if gpu else "short cells of a separate file",
-                "warmup_cells": args.warmup_cells if args.warmup_cells is not None else (None if gpu else warmup),
-                "warmup_genes_per_cell": None if gpu else WARMUP_GENES_PER_CELL,
-                "threads": args.threads,
-                "seed": args.seed,
-                "repeats": args.repeats or ("1" if args.quick or gpu else REPEATS),
-                "mem_fraction": args.mem_fraction,
-                "data": DATA,
-                "gene_column": GENE_COLUMN,
-                "cellstrata_poolings": "all",
-                "cellstrata_dtype": "float16",
-                "peers_poolings": "mean + the family's first single-token pooling (cls / s_token), float32",
-            },
-            "builder_checks": builder_checks,
-            "targets": goal,
-            "shapes": shapes,
+            "device": s.device,
+            "machine": s.info,
+            "ceilings": s.ceilings,
+            "shapes": roofline.shape_table({f: [p for ff, p, _ in s.selection if ff == f] for f in s.families}),
+            "throughput": str(out_dir / f"{name}.json"),
+            "configurations": roofline.against_throughput(out_dir / f"{name}.json", s.ceilings),
+            "total_seconds": s.ceilings["seconds"],
         }
-        (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        loads = [x for sh in shapes for r in sh.get("rows", []) for x in (r["loadavg_1min"] or []) if x is not None]
-        load_text = f"; 1-min load average {min(loads):.2f}-{max(loads):.2f} during the runs" if loads else ""
-        if args.repeats or args.quick or gpu:
-            rep_text = f"fastest of {args.repeats or 1} round-robin run(s)"
-        else:
-            rep_text = f"fastest of {REPEATS['tiny']} round-robin runs (tiny), {REPEATS['released']} (released sizes)"
-        warm_text = (
-            "an untimed warm-up run of the same variant on the first cells of the same input"
-            if gpu
-            else "a warm-up on short cells"
-        )
-        header = (
-            f"# Throughput ({stamp.strftime('%Y-%m-%d')}, {info['device_name']}, {info['cpu_count']} CPUs, "
-            f"{info['memory_gb']} GiB, torch {info['torch_version']}, "
-            f"{info['torch_threads'] if not args.threads else args.threads} threads)"
-            f"\n\n`{command}` ({total_s / 60:.1f} min)\n\nRandom weights: throughput only. Model loading is not "
-            f"timed. Each variant in its own process after {warm_text}; the peers' batch size is the fastest of a "
-            f"sweep on the first cells unless forced; {rep_text}{load_text}. b/a, b/c, b/d: tokens/s ratios. "
-            f"Model FLOP/s: forward FLOPs of the real tokens over the variant's wall time"
-            + (" (MFU: of the card's dense bf16 peak)" if gpu else "")
-            + ".\n\n"
-        )
-        body = table + ("\nSkipped:\n\n" + skipped if skipped else "")
-        body += "\nTargets:\n\n" + targets_table(goal)
-        if official_table(shapes):
-            body += "\nscFoundation, (d) the official get_embedding.py way (one cell per forward pass):\n\n"
-            body += official_table(shapes)
-        if sweep_table(shapes):
-            body += "\nThe peers' batch-size sweep:\n\n" + sweep_table(shapes)
-        body += "\nModel FLOPs:\n\n" + flops_table(shapes, ceilings)
-        body += "\nInputs and output check:\n\n" + inputs_table(shapes)
-        body += "\nPer variant:\n\n" + detail_table(shapes)
-        (out_dir / f"{name}.md").write_text(header + body)
-        print(f"saved {out_dir / name}.json and .md")
-        if ceilings is not None:
-            from . import roofline
+        save_results(out_dir, result_name("roofline", slug, stamp), rpay, roofline.markdown(rpay))
 
-            rname = f"roofline-{slug}-{stamp.strftime('%Y-%m-%d')}"
-            rpay = {
-                "benchmark": "roofline",
-                "created": stamp.isoformat(timespec="seconds"),
-                "command": command,
-                "device": device,
-                "machine": info,
-                "ceilings": ceilings,
-                "shapes": roofline.shape_table({f: [p for ff, p, _ in selection if ff == f] for f in families}),
-                "throughput": str(out_dir / f"{name}.json"),
-                "configurations": roofline.against_throughput(out_dir / f"{name}.json", ceilings),
-                "total_seconds": ceilings["seconds"],
-            }
-            (out_dir / f"{rname}.json").write_text(json.dumps(rpay, indent=2, default=float) + "\n")
-            (out_dir / f"{rname}.md").write_text(roofline.markdown(rpay))
-            print(f"saved {out_dir / rname}.json and .md")
-    return 0 if ok else 1
+
+def main(argv: list[str] | None = None) -> int:
+    ap, args = parse_args(argv)
+    suite = plan(ap, args, argv)
+    open_suite(suite)
+    run_suite(suite)
+    total_s = time.perf_counter() - suite.t_start
+    print_summary(suite, total_s)
+    if not args.no_save:
+        write(suite, total_s)
+    return 0 if suite.ok else 1
 
 
 if __name__ == "__main__":

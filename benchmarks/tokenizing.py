@@ -23,7 +23,6 @@ per family which token columns differ between ``before`` and now (only where ran
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import os
@@ -56,6 +55,9 @@ from .harness import (
     machine_info,
     module_command,
     module_env,
+    result_name,
+    save_results,
+    utc_now,
 )
 
 FAMILIES = ("scgpt", "tahoe-x1", "scfoundation", "geneformer")
@@ -577,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         args.cells, args.block, args.repeats = min(args.cells, 384), min(args.block, 128), 1
 
     work = make_owned_dir(Path(args.workdir)) if args.workdir else make_temp_dir("cellstrata-tokenize-")
-    stamp = dt.datetime.now(dt.timezone.utc)
+    stamp = utc_now()
     load_before = loadavg()
     t0 = time.perf_counter()
     try:
@@ -601,12 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(payload)
     print(text)
     if not args.no_save:
-        out = Path(args.results)
-        out.mkdir(parents=True, exist_ok=True)
-        name = f"tokenize-cpu-{stamp.strftime('%Y-%m-%d')}" + ("-quick" if args.quick else "")
-        (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        (out / f"{name}.md").write_text(text)
-        print(f"saved {out / name}.json and .md")
+        name = result_name("tokenize", "cpu", stamp, "-quick" if args.quick else "")
+        save_results(args.results, name, payload, text)
     bad = [
         f
         for f, row in result["families"].items()

@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import hashlib
-import json
 import os
 import sys
 import time
@@ -54,7 +52,17 @@ if not __package__:  # run as a file (``cellstrata bench`` does): the same as ``
     )
 
 from .common import make_temp_dir, remove_owned
-from .harness import RESULTS, command_line, cpu_pressure, git_commit, loadavg, machine_info
+from .harness import (
+    RESULTS,
+    command_line,
+    cpu_pressure,
+    git_commit,
+    loadavg,
+    machine_info,
+    result_name,
+    save_results,
+    utc_now,
+)
 
 VARIANTS = ("serial", "parallel", "serial+blosc", "serial+pipelined", "parallel+pipelined")
 
@@ -312,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     from .common import make_owned_dir
 
     work = make_owned_dir(Path(args.workdir)) if args.workdir else make_temp_dir("cellstrata-writer-")
-    stamp = dt.datetime.now(dt.timezone.utc)
+    stamp = utc_now()
     load_before = loadavg()
     t0 = time.perf_counter()
     try:
@@ -335,12 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(payload)
     print(text)
     if not args.no_save:
-        out = Path(args.results)
-        out.mkdir(parents=True, exist_ok=True)
-        name = f"writer-cpu-{stamp.strftime('%Y-%m-%d')}"
-        (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        (out / f"{name}.md").write_text(text)
-        print(f"saved {out / name}.json and .md")
+        save_results(args.results, result_name("writer", "cpu", stamp), payload, text)
     # the engine's variants must write the same bytes; Blosc's own threads may frame them otherwise
     engine = ("serial", "parallel", "serial+pipelined", "parallel+pipelined")
     bad = [r["variant"] for r in result["rows"] if not r["same_values_as_serial"]]
