@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import numpy as np
 import zarr
@@ -56,7 +57,8 @@ def digest(values: np.ndarray) -> int:
             if nan.any():
                 a = np.where(nan, np.array(np.nan, dtype=a.dtype), a)
         h.update(f"{a.dtype.name}{a.shape}".encode())
-        h.update(a.reshape(-1).view(np.uint8))
+        # numpy's stubs give ndarray __buffer__ only for Python >= 3.12; an array is a buffer on every version
+        h.update(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     return int.from_bytes(h.digest()[:8], "little") or 1
 
 
@@ -117,5 +119,5 @@ def write_checksums(
 ) -> None:
     """Write ``checksum[index, :]`` for one chunk's data, in the order of the array's ``parts`` attribute
     (so the same call serves every store format)."""
-    row = chunk_digests(pooled, obs_names, n_tokens, truncated, parts=list(arr.attrs["parts"]))
+    row = chunk_digests(pooled, obs_names, n_tokens, truncated, parts=list(cast(Sequence[str], arr.attrs["parts"])))
     arr[index : index + 1, :] = row[None, :]

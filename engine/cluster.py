@@ -25,13 +25,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
 from .errors import CellstrataError, ConfigError, StoreConfigMismatchError, WriteError
 from .interrupts import Interrupted, StopRequest
-from .location import StoreLocation
+from .location import StoreLocation, member_array
 from .models.base import GeneMapping
 from .pipeline import DeviceLoop
 from .plan import RunPlan
@@ -69,10 +69,19 @@ class ShardRun(Protocol):
 class ShardSettings(Protocol):
     """What the shard executor uses of a run's settings (:class:`~.run.ExtractSettings`, a frozen dataclass)."""
 
-    data: Any
-    out: str
-    checkpoint: str
-    device: str
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # a dataclass: dataclasses.replace derives new settings
+
+    @property
+    def data(self) -> Any: ...
+
+    @property
+    def out(self) -> str: ...
+
+    @property
+    def checkpoint(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
 
     def open(self, *, progress: bool = False) -> ShardRun: ...
 
@@ -148,7 +157,7 @@ def run_shard(run: ShardRun, settings: ShardSettings, chunks: Sequence[int], con
             "checkpoint and package versions"
         )
         raise StoreConfigMismatchError(msg)
-    done = np.asarray(StoreLocation.of(settings.out).open_group("r")["done"][:])
+    done = np.asarray(member_array(StoreLocation.of(settings.out).open_group("r"), "done")[:])
     todo = [int(c) for c in chunks if not done[c]]
     loop = run.loop
     loop.telemetry = loop.fresh_telemetry()

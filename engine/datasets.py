@@ -349,7 +349,7 @@ class _Generator:
         comps = C + len(self.others)
         D, S, Q = len(self.donors), len(self.states), self.n_perturbations + 1
         self.table_shape = (comps, D, S, Q)
-        self.table = np.empty((comps, D, S, Q, self.n_vars), np.float32)
+        self.table: np.ndarray = np.empty((comps, D, S, Q, self.n_vars), np.float32)
         state_lfc = np.zeros((S, self.n_vars))
         state_lfc[:, self.programs.activation] = (_ACTIVATION_LFC * self.activation)[:, None]
         pert_lfc = np.concatenate([np.zeros((S, 1, self.n_vars)), self.effects], axis=1)  # [S, Q, G]

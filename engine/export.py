@@ -25,12 +25,20 @@ class Store(Protocol):
 
     attrs: dict[str, Any]
     path: Any
-    poolings: list[str]
-    n_layers: int
-    done: np.ndarray
-    complete: bool
 
-    def layers(self, pooling: str, **kwargs: Any) -> Any: ...
+    @property
+    def poolings(self) -> list[str]: ...
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def done(self) -> np.ndarray: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+    def layers(self, pooling: str) -> Any: ...
 
     def obs_names(self) -> np.ndarray: ...
 

@@ -425,7 +425,7 @@ def describe_hub(attrs: Mapping[str, Any]) -> str | None:
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def _first_line(exc: BaseException | None) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 

@@ -49,7 +49,7 @@ class StopRequest:
 
 def _install(handler: Any) -> dict[int, Any]:
     """Install ``handler`` for :data:`SIGNALS`; returns the handlers it replaced (for :func:`_restore`)."""
-    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    previous: dict[int, Any] = {s: signal.getsignal(s) for s in SIGNALS}
     for s in SIGNALS:
         signal.signal(s, handler)
     return previous

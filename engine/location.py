@@ -17,7 +17,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal, cast
 
 import zarr
 
@@ -54,6 +54,15 @@ def _open_write(fs: Any, path: str, data: bytes, *, exclusive: bool) -> bool:
     except FileExistsError:
         return False
     return True
+
+
+def member_array(group: zarr.Group, *names: str) -> zarr.Array:
+    """``group[names[0]][names[1]]...``, typed as the array a store's layout keeps there (zarr types a group's
+    member as an array or a group)."""
+    node: Any = group
+    for name in names:
+        node = node[name]
+    return cast(zarr.Array, node)
 
 
 @dataclass(frozen=True)
@@ -202,7 +211,7 @@ class StoreLocation:
                 tmp.unlink(missing_ok=True)
         return _open_write(fs, path, data, exclusive=exclusive)
 
-    def open_group(self, mode: str, **kwargs: Any) -> zarr.Group:
+    def open_group(self, mode: Literal["r", "r+", "a", "w", "w-"], **kwargs: Any) -> zarr.Group:
         """The zarr group here, read from its own files: a store's consolidated metadata, an index for readers
         such as xarray, lists only its data nodes (docs/design.md section 3), not the probe cache."""
         kwargs.setdefault("use_consolidated", False)

@@ -257,7 +257,12 @@ class DeviceLoop:
         )
 
     def _run_window(
-        self, window: Window, writer: ChunkWriter, overflow: torch.Tensor, in_flight: list, bar: ExtractProgress | None
+        self,
+        window: Window,
+        writer: ChunkWriter,
+        overflow: torch.Tensor,
+        in_flight: list[tuple[Transfer, ChunkJob, np.ndarray]],
+        bar: ExtractProgress | None,
     ) -> None:
         """Every batch of every chunk of ``window``, each landing while the device runs the next one.
 
@@ -295,7 +300,7 @@ class DeviceLoop:
             if job.outstanding == 0:  # every batch landed already (CPU, or a chunk of empty cells)
                 self._submit(job, writer, bar)
 
-    def process(self, chunks: Sequence[int], executor: Any, bar: ExtractProgress | None = None) -> None:
+    def process(self, chunks: Sequence[int] | np.ndarray, executor: Any, bar: ExtractProgress | None = None) -> None:
         """Extract ``chunks`` into the existing store, writing through ``executor``.
 
         ``executor`` is a Dask client or a ``concurrent.futures`` executor. Reading and tokenizing run
@@ -313,7 +318,7 @@ class DeviceLoop:
         overflow = torch.zeros(
             (self.loaded.n_layers + 1, len(self.layout.overflow_names)), dtype=torch.int64, device=self.device
         )
-        in_flight: list = []
+        in_flight: list[tuple[Transfer, ChunkJob, np.ndarray]] = []
         n_proc = input_processes(self.plan.input_workers, self.device.type, self.source, len(windows))
         self.telemetry.input_processes = n_proc
 

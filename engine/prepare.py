@@ -15,7 +15,7 @@ import signal
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -117,7 +117,8 @@ class InputPool:
         self._pool: Executor
         if processes:
             ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-            init = (source.path, getattr(source, "layer", None), getattr(source, "gene_column", None), spec)
+            # processes only for a source with a file (input_processes): its path is a str
+            init = (cast(str, source.path), getattr(source, "layer", None), getattr(source, "gene_column", None), spec)
             self._pool = ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=init)
         else:
             self._pool = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="cellstrata-input")

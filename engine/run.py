@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from .lease import Lease
 from .location import StoreLocation
 from .models import get_family
 from .models.attention import ATTENTION_CHOICES, resolve_attention
-from .models.base import GeneMapping, LoadedModel
+from .models.base import CellModel, GeneMapping, LoadedModel
 from .pipeline import DeviceLoop, autocast, resolve_device
 from .plan import (
     DevicePlan,
@@ -180,7 +180,7 @@ def head_dim(model: torch.nn.Module) -> int:
     for module in model.modules():
         heads = getattr(module, "n_heads", None)
         if isinstance(heads, int) and heads > 0:
-            return int(model.hidden_size) // heads
+            return int(cast(CellModel, model).hidden_size) // heads
     msg = f"{type(model).__name__} has no attention module with n_heads"
     raise TypeError(msg)
 

@@ -73,7 +73,7 @@ class DuplicateNames:
         return f"{self.repeated} {names} more than once in {self.where} ({self.extra} extra {units}): {listed}{more}"
 
 
-def duplicate_names(names: Sequence[Any], where: str, show: int = 5) -> DuplicateNames:
+def duplicate_names(names: Sequence[Any] | np.ndarray, where: str, show: int = 5) -> DuplicateNames:
     """The repeated entries of ``names`` (compared as strings)."""
     index = pd.Index(np.asarray(names, dtype=object).astype(str))
     dup = index.duplicated(keep="first")
@@ -295,6 +295,8 @@ class CellSource:
 class _FileSource(CellSource):
     """A matrix in an ``.h5ad`` file or AnnData ``.zarr`` store, read lazily through h5py or zarr."""
 
+    path: str
+
     def __init__(self, path: str | os.PathLike[str], *, layer: str | None, gene_column: str | None) -> None:
         super().__init__()
         p = Path(path).expanduser()
@@ -359,7 +361,7 @@ class _FileSource(CellSource):
 
     def _inspect_unchecked(self, root: Any) -> None:
         keys = set(root.keys())
-        layer_group = root["layers"] if "layers" in keys and _is_group(root["layers"]) else None
+        layer_group: Any = root["layers"] if "layers" in keys and _is_group(root["layers"]) else None
         layer_names = tuple(layer_group.keys()) if layer_group is not None else ()
         has_raw = "raw" in keys and _is_group(root["raw"]) and "X" in root["raw"]
         self.layers = layer_names + (("raw",) if has_raw else ())

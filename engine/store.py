@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -48,7 +48,7 @@ from .errors import (
     StoreError,
 )
 from .lease import LEASE_NODE, check_lease_folder
-from .location import StoreLocation
+from .location import StoreLocation, member_array
 from .metadata_backup import expected_nodes, metadata_problem, read_json, write_backup, write_json
 
 FORMAT_VERSION = 2
@@ -115,7 +115,7 @@ class StoreSpec:
         """Cells ``[start, stop)`` of chunk ``c``."""
         return c * self.chunk_cells, min((c + 1) * self.chunk_cells, self.n_cells)
 
-    def cells_in(self, chunks: Sequence[int]) -> int:
+    def cells_in(self, chunks: Sequence[int] | np.ndarray) -> int:
         """Number of cells in ``chunks``."""
         return sum(stop - start for start, stop in map(self.chunk_bounds, chunks))
 
@@ -216,7 +216,7 @@ def _is_store(location: StoreLocation) -> bool:
 
 
 def _hash_of(group: zarr.Group) -> str | None:
-    return dict(group.attrs.get(ATTR_KEY, {})).get("config_hash")
+    return dict(cast(Mapping[str, Any], group.attrs.get(ATTR_KEY, {}))).get("config_hash")
 
 
 # Creation marker: the first file a store's creation writes and the last it deletes, so a folder left by a
@@ -380,7 +380,7 @@ def create_or_resume(
             _remove_partial_writes(location)
             return group, True
         if not overwrite:
-            old = dict(group.attrs[ATTR_KEY])
+            old = dict(cast(Mapping[str, Any], group.attrs[ATTR_KEY]))
             changed = _tokenizer_change(old.get("tokenizer"), spec.attrs.get("tokenizer"))
             if changed:
                 raise StoreConfigMismatchError(f"{location}: {changed}; re-run with --overwrite or a new --out")
@@ -507,7 +507,7 @@ def _create_coordinates(group: zarr.Group, spec: StoreSpec) -> None:
         )
         _creation_step(node)
     layer, depth = layer_values(spec.n_layers)
-    describe = {"long_name": "layer", "description": LAYER_INDEX}
+    describe: dict[str, Any] = {"long_name": "layer", "description": LAYER_INDEX}
     arr = group.create_array(
         "pooled/layer", shape=layer.shape, chunks=layer.shape, dtype="int64", fill_value=-1,
         dimension_names=("layer",), attributes=describe,
@@ -525,7 +525,7 @@ def _create_coordinates(group: zarr.Group, spec: StoreSpec) -> None:
 
 def format_of(group: zarr.Group) -> int:
     """The store format of ``group`` (its ``format_version`` attribute; 1 when absent)."""
-    return int(dict(group.attrs.get(ATTR_KEY, {})).get("format_version", 1))
+    return int(dict(cast(Mapping[str, Any], group.attrs.get(ATTR_KEY, {}))).get("format_version", 1))
 
 
 def name_arrays(group: zarr.Group) -> tuple[str, ...]:
@@ -566,12 +566,12 @@ def write_consolidated(group: zarr.Group) -> None:
 
 def pending_chunks(group: zarr.Group) -> np.ndarray:
     """Indices of the chunks whose ``done`` flag is 0."""
-    return np.flatnonzero(np.asarray(group["done"][:]) == 0)
+    return np.flatnonzero(np.asarray(member_array(group, "done")[:]) == 0)
 
 
 def update_attrs(group: zarr.Group, **values: Any) -> None:
     """Merge ``values`` into the ``cellstrata`` attribute (and its copy in the metadata backup)."""
-    attrs = dict(group.attrs[ATTR_KEY])
+    attrs = dict(cast(Mapping[str, Any], group.attrs[ATTR_KEY]))
     attrs.update(values)
     group.attrs[ATTR_KEY] = attrs
     write_consolidated(group)
@@ -595,7 +595,7 @@ class Store:
         if ATTR_KEY not in self.group.attrs:
             msg = f"{self.path} is a zarr group but not a cellstrata store (no '{ATTR_KEY}' attribute)"
             raise StoreError(msg)
-        self.attrs: dict[str, Any] = dict(self.group.attrs[ATTR_KEY])
+        self.attrs: dict[str, Any] = dict(cast(Mapping[str, Any], self.group.attrs[ATTR_KEY]))
         self._warned: set[int] = set()  # committed-chunk counts already warned about
         version = self.attrs.get("format_version")
         if version not in FORMATS:
@@ -624,7 +624,7 @@ class Store:
 
     @property
     def done(self) -> np.ndarray:
-        return np.asarray(self.group["done"][:])
+        return np.asarray(member_array(self.group, "done")[:])
 
     @property
     def complete(self) -> bool:
@@ -692,7 +692,7 @@ class Store:
         if pooling not in self.poolings:
             msg = f"pooling {pooling!r} is not in {self.path}; it has {', '.join(self.poolings)}"
             raise StoreError(msg)
-        return da.from_zarr(self.group["pooled"][pooling])
+        return da.from_zarr(member_array(self.group, "pooled", pooling))
 
     def _nan_uncommitted(self, arr: Any, done: np.ndarray) -> Any:
         """``arr`` with the cells of uncommitted chunks as NaN: committed runs are slices of ``arr``, the others
@@ -713,7 +713,7 @@ class Store:
         return da.concatenate(pieces, axis=1)
 
     def obs_names(self) -> np.ndarray:
-        return np.asarray(self.group["obs_names"][:]).astype(object).astype(str)
+        return np.asarray(member_array(self.group, "obs_names")[:]).astype(object).astype(str)
 
     def truncation(self) -> dict[str, Any]:
         """Cells longer than the model's context, counted over the committed chunks of the ``truncated`` array.
@@ -725,7 +725,7 @@ class Store:
         """
         done = self.done.astype(bool)
         committed = np.repeat(done, self.chunk_cells)[: self.n_cells]
-        flags = np.asarray(self.group["truncated"][:], dtype=bool)
+        flags = np.asarray(member_array(self.group, "truncated")[:], dtype=bool)
         n_truncated = int((flags & committed).sum())
         recorded = self.attrs.get("truncation") or {}
         out: dict[str, Any] = {
@@ -801,7 +801,7 @@ class Store:
         a = self.attrs
         m = a["model"]
         done = self.done
-        widths = {n: self.group["pooled"][n].shape[2] for n in self.poolings}
+        widths = {n: member_array(self.group, "pooled", n).shape[2] for n in self.poolings}
         lines = [
             f"store       {self.path}",
             f"model       {m['family']} (preset {m.get('preset') or 'custom'}), {m['n_layers']} layers, "

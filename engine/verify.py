@@ -12,18 +12,20 @@ opens can be verified.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
+from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
 from zarr.storage._common import StorePath
 
 from .checksums import CELL_COORDS, CHECKSUM, digest, part_names
 from .errors import StoreCorruptError, StoreError
+from .location import member_array
 from .metadata_backup import BACKUP_NODE, MetadataDamage, metadata_damage, read_json, restore_metadata, store_path
 from .store import ATTR_KEY, layer_values, update_attrs
 
@@ -298,7 +300,8 @@ def _layout(group: zarr.Group | _Nodes, attrs: dict[str, Any], structure: list[s
         if arr is not None and arr.shape[2] != arr.chunks[2]:
             structure.append(f"pooled/{name} is chunked {arr.chunks} along its features; expected whole rows")
             arr = None
-        dims = arr.metadata.dimension_names if arr is not None else None
+        # a store is zarr format 3 (create_or_resume), whose array metadata names the dimensions
+        dims = cast(ArrayV3Metadata, arr.metadata).dimension_names if arr is not None else None
         if arr is not None and dims and dims[-1] == "feature" and hidden and arr.shape[2] != hidden:
             structure.append(f"pooled/{name} has {arr.shape[2]} features; the model's hidden size is {hidden}")
             arr = None
@@ -318,7 +321,7 @@ def _layout(group: zarr.Group | _Nodes, attrs: dict[str, Any], structure: list[s
     if has_checksums:
         k = len(parts)
         checksum = _check_array(group, CHECKSUM, (n_chunks, k), (1, k), lambda d: d == np.uint64, structure)
-        if checksum is not None and list(checksum.attrs.get("parts", [])) != parts:
+        if checksum is not None and list(cast(Sequence[str], checksum.attrs.get("parts", []))) != parts:
             structure.append(f"{CHECKSUM} lists other parts than the store's poolings and layers")
             checksum = None
     return _Layout(n, c, n_layers, n_chunks, parts, arrays, checksum, has_checksums)
@@ -523,7 +526,7 @@ def _check_all(layout: _Layout, chunks: list[int], report: VerifyReport, *, prog
 def _reset(url: str, chunks: list[int]) -> None:
     """Mark ``chunks`` as not written, so the same extract command rewrites them."""
     group = zarr.open_group(url, mode="r+")
-    done = group["done"]
+    done = member_array(group, "done")
     for c in chunks:
         done[c : c + 1] = np.zeros(1, dtype=np.uint8)
     update_attrs(group, complete=False)

@@ -28,6 +28,7 @@ import zarr
 
 from .checksums import checksum_array, write_checksums
 from .errors import WriteError
+from .location import member_array
 from .store import name_arrays
 
 
@@ -72,7 +73,7 @@ def write_chunk(path: str, chunk: ChunkData, *, threads: int | None = None) -> i
     threads = WRITE_THREADS if threads is None else threads
     group = zarr.open_group(path, mode="r+", use_consolidated=False)  # the store's own files, not its index
     sl = slice(chunk.start, chunk.stop)
-    arrays = {name: group["pooled"][name] for name in chunk.pooled}
+    arrays = {name: member_array(group, "pooled", name) for name in chunk.pooled}
     # the digests cover the values as stored
     stored = {name: np.asarray(data, dtype=arrays[name].dtype) for name, data in chunk.pooled.items()}
 
@@ -84,9 +85,9 @@ def write_chunk(path: str, chunk: ChunkData, *, threads: int | None = None) -> i
 
     def per_cell() -> None:
         for name in name_arrays(group):  # obs_names, and from store format 2 on the cell coordinates
-            group[name][sl] = chunk.obs_names
-        group["n_tokens"][sl] = chunk.n_tokens
-        group["truncated"][sl] = chunk.truncated
+            member_array(group, name)[sl] = chunk.obs_names
+        member_array(group, "n_tokens")[sl] = chunk.n_tokens
+        member_array(group, "truncated")[sl] = chunk.truncated
 
     calls = [pooled(name) for name in chunk.pooled] + [per_cell]
     checksums = checksum_array(group)
@@ -99,7 +100,7 @@ def write_chunk(path: str, chunk: ChunkData, *, threads: int | None = None) -> i
 
         calls.append(sums)
     _run_all(calls, threads)
-    group["done"][chunk.index : chunk.index + 1] = np.ones(1, dtype=np.uint8)
+    member_array(group, "done")[chunk.index : chunk.index + 1] = np.ones(1, dtype=np.uint8)
     return chunk.index
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import cache
+from typing import cast
 
 import torch
 import triton
@@ -519,7 +520,7 @@ def pool_cast_triton(
             msg = f"{name} must be a power of two, got {v}"
             raise ValueError(msg)
     count = overflow is not None and out_dtype == torch.float16
-    ovf = overflow if count else out  # never read when COUNT_OVERFLOW is False
+    ovf = cast(torch.Tensor, overflow) if count else out  # count: overflow is given; never read when False
     slots = {"SLOT_MEAN": spec.slot("mean"), "SLOT_SUM": spec.slot("sum"), "SLOT_MAX": spec.slot("max")}
     do_sum = slots["SLOT_MEAN"] >= 0 or slots["SLOT_SUM"] >= 0
     do_max = slots["SLOT_MAX"] >= 0
