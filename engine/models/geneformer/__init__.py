@@ -1,6 +1,6 @@
 """Geneformer (Theodoris et al. 2023; V2: Chen et al. 2024): tokenizer, per-layer model, checkpoint reader/writer.
 
-The model is ``transformers.BertForMaskedLM`` (post-LN BERT) run on rank-value-encoded cells. This module
+The model is ``transformers.BertForMaskedLM`` (post-LN BERT) run on rank-value-encoded cells. This package
 reproduces the official ``geneformer`` package (Hugging Face ``ctheodoris/Geneformer``, 2025-06 code):
 
 - tokenization = ``tokenizer.TranscriptomeTokenizer.tokenize_anndata`` (+ ``sum_ensembl_ids`` with
@@ -33,6 +33,10 @@ Input rules, as ``tokenize_anndata`` (each restated in tests/engine/test_genefor
 
 Checkpoint folder (as published): ``config.json`` (``BertConfig`` fields), ``model.safetensors`` or
 ``pytorch_model.bin`` and the gene dictionaries of the model's generation, found by :func:`find_dictionaries`.
+
+The package: ``config`` (constants, :class:`GeneformerConfig`, presets, released key shapes), ``tokenizer``
+(:class:`GeneformerTokenizer`), ``modeling`` (:class:`GeneformerModel`) and ``checkpoint`` (the dictionaries,
+the weights and :class:`GeneformerFamily` over the loading template).
 """
 
 from .checkpoint import (

@@ -248,22 +248,22 @@ class GeneformerFamily(CheckpointFamily):
     def locate(self, checkpoint: str | Path, options: Mapping[str, Any]) -> Path:
         """The folder, holding ``config.json`` and one of the two weight files (one ``CheckpointError`` otherwise)."""
         folder = Path(checkpoint).expanduser()
+        weights = " or ".join(WEIGHTS_FILES)
         if not folder.is_dir():
-            msg = (
-                f"Geneformer checkpoint folder {folder} does not exist or is not a folder; it must contain "
-                f"{CONFIG_FILE} and {' or '.join(WEIGHTS_FILES)} (a released model folder such as Geneformer-V2-104M)"
+            problem = (
+                f"does not exist or is not a folder; it must contain {CONFIG_FILE} and {weights} "
+                "(a released model folder such as Geneformer-V2-104M)"
             )
-            raise CheckpointError(msg)
-        absent = [CONFIG_FILE] if not (folder / CONFIG_FILE).is_file() else []
-        if not any((folder / f).is_file() for f in WEIGHTS_FILES):
-            absent.append(" or ".join(WEIGHTS_FILES))
-        if absent:
-            msg = (
-                f"Geneformer checkpoint folder {folder} lacks {', '.join(absent)}; it must contain {CONFIG_FILE} "
-                f"(model settings) and {' or '.join(WEIGHTS_FILES)} (weights)"
-            )
-            raise CheckpointError(msg)
-        return folder
+        else:
+            present = {
+                CONFIG_FILE: (folder / CONFIG_FILE).is_file(),
+                weights: any(folder.joinpath(f).is_file() for f in WEIGHTS_FILES),
+            }
+            if all(present.values()):
+                return folder
+            absent = ", ".join(name for name, here in present.items() if not here)
+            problem = f"lacks {absent}; it must contain {CONFIG_FILE} (model settings) and {weights} (weights)"
+        raise CheckpointError(f"Geneformer checkpoint folder {folder} {problem}")
 
     def read_checkpoint(self, folder: Path, options: Mapping[str, Any]) -> FamilyCheckpoint:
         weights = next(f for f in WEIGHTS_FILES if (folder / f).is_file())
