@@ -857,7 +857,7 @@ class Store:
         return "\n".join(lines)
 
 
-def open_store(path: str | Path) -> Store:
+def open_store(path: str | os.PathLike[str]) -> Store:
     """Open an extracted store (a local path or a URL such as ``s3://bucket/run.zarr``) for reading."""
     location = StoreLocation.of(path)
     if not location.exists():

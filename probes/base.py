@@ -142,7 +142,7 @@ class Task:
 
     def settings(self) -> dict[str, Any]:
         """The task's settings as JSON-able values (part of the cache key and of the results)."""
-        out = {"task": self.name}
+        out: dict[str, Any] = {"task": self.name}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             v = getattr(self, f.name)
             out[f.name] = list(v) if isinstance(v, tuple) else v

@@ -18,7 +18,7 @@ rare). Metrics whose chance value depends on sample sizes (``energy_distance_rat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,7 +57,7 @@ def base_metric(metric: str) -> str:
     return metric
 
 
-def chance_level(metric: str, class_counts: Mapping[str, int] | np.ndarray | None = None) -> float:
+def chance_level(metric: str, class_counts: Mapping[str, int] | Sequence[int] | np.ndarray | None = None) -> float:
     """The chance level of ``metric`` (NaN when it has none, or needs class counts that are not given)."""
     name = base_metric(metric)
     if name in ("macro_f1", "balanced_accuracy", "accuracy"):

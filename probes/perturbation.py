@@ -348,20 +348,20 @@ class PerturbationTask(Task):
         if counts is None:
             msg = f"task {self.name} needs the raw counts of the plan's cells (its DE references come from them)"
             raise ProbeError(msg)
-        counts = sp.csr_matrix(counts)
-        if counts.shape[0] != plan.n_cells or counts.shape[1] != len(var_names):
+        csr = sp.csr_matrix(counts)
+        if csr.shape[0] != plan.n_cells or csr.shape[1] != len(var_names):
             msg = (
-                f"task {self.name}, context {plan.context!r}: counts are {counts.shape[0]} x {counts.shape[1]} "
+                f"task {self.name}, context {plan.context!r}: counts are {csr.shape[0]} x {csr.shape[1]} "
                 f"but the plan has {plan.n_cells} cells and there are {len(var_names)} gene names"
             )
             raise ProbeError(msg)
-        if counts.nnz and (not np.isfinite(counts.data).all() or counts.data.min() < 0):
+        if csr.nnz and (not np.isfinite(csr.data).all() or csr.data.min() < 0):
             msg = (
                 f"task {self.name}: the counts have negative or non-finite values; the DE references need "
                 "raw counts (use .raw or the counts layer)"
             )
             raise ProbeError(msg)
-        return counts
+        return csr
 
     def _energy_rows(self, plan: ContextPlan, codes: np.ndarray, P: int) -> np.ndarray:
         """Sorted positions (into the plan) of the E-test cells: a fixed random subsample of at most
@@ -499,7 +499,11 @@ class PerturbationTask(Task):
             above = float(np.mean(auroc[np.isfinite(auroc)] > AUROC_THRESHOLD)) if sets else np.nan
             above_reps = ((resampled > AUROC_THRESHOLD) & finite).sum(axis=1) / finite.sum(axis=1)
         extra = {"n_perturbations": float(len(sets)), "mean_auroc": float(np.nanmean(auroc)) if sets else np.nan}
-        common = {"n_cells": _metric_cells(plan)["auroc_median"], "features": "std", "bounds": (0.0, 1.0)}
+        common: dict[str, Any] = {
+            "n_cells": _metric_cells(plan)["auroc_median"],
+            "features": "std",
+            "bounds": (0.0, 1.0),
+        }
         return [
             _metric(plan, "auroc_median", median, median_reps, extra=dict(extra), **common),
             _metric(plan, "auroc_frac_above_0_6", above, above_reps, extra=dict(extra), **common),
@@ -531,7 +535,7 @@ class PerturbationTask(Task):
             "control_spread": float(scale),
             "control_halves_ratio": float(energy_test(Z[half_a], Z[half_b], 0, 0)[0] / scale),
         }
-        common = {"n_cells": _metric_cells(plan)["energy_distance_ratio"], "features": "pca50"}
+        common: dict[str, Any] = {"n_cells": _metric_cells(plan)["energy_distance_ratio"], "features": "pca50"}
         return [
             _metric(
                 plan,

@@ -206,7 +206,7 @@ def layers_figure(results: ProbeResults, summary: pd.DataFrame) -> Any:
     for ax in axes.ravel()[n:]:
         ax.set_visible(False)
     L = results.n_layers
-    drawn = {"chance": False, "baseline": set(), "constant": False, "star": False}
+    drawn: dict[str, Any] = {"chance": False, "baseline": set(), "constant": False, "star": False}
     for ax, task in zip(axes.ravel(), tasks, strict=False):
         metric = results.primary[task]
         t = table[(table["task"] == task) & (table["metric"] == metric)]

@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ import scipy.sparse as sp
 import zarr
 
 from ..engine.errors import CellstrataError, ProbeError
+from ..engine.location import member_array
 from ..engine.progress import ProbeProgress, progress_bar
 from ..engine.store import Store, open_store
 from ..engine.weights import weights_provenance
@@ -375,7 +376,7 @@ def _align(st: Store, input_names: np.ndarray) -> np.ndarray | None:
 
 def _valid_cells(st: Store) -> np.ndarray | None:
     """Mask of cells with at least one gene token (None when all have); empty cells' gene poolings are NaN."""
-    n_tokens = np.asarray(st.group["n_tokens"][:])
+    n_tokens = np.asarray(member_array(st.group, "n_tokens")[:])
     valid = n_tokens > 0
     return None if valid.all() else valid
 
@@ -413,7 +414,7 @@ def read_layer_rows(array: zarr.Array, layer: int, rows: np.ndarray, chunk_cells
         if len(part) == 0:
             continue
         lo, hi = int(rows[part[0]]), int(rows[part[-1]]) + 1
-        block = array[layer, lo:hi]
+        block = cast(np.ndarray, array[layer, lo:hi])  # a region of an array: an ndarray
         out[part] = block[rows[part] - lo]
     return out
 
@@ -431,7 +432,7 @@ def _evaluate_layer(
     chunk at a time through :class:`.base.LayerRows`. Features equal for every cell give NaN metrics
     (:mod:`.constant`).
     """
-    array = st.group["pooled"][pooling]
+    array = member_array(st.group, "pooled", pooling)
 
     def read(rows: np.ndarray) -> np.ndarray:
         X = read_layer_rows(array, layer, rows, st.chunk_cells)
@@ -500,7 +501,7 @@ def _compute(
         for key, pairs in todo.items()
     }
     n_rows = max(max(_rows_in_memory(w), 2 * st.chunk_cells) for w in work.values())
-    width = max(st.group["pooled"][pool].shape[2] for pool, _ in work)
+    width = max(member_array(st.group, "pooled", pool).shape[2] for pool, _ in work)
     per_layer = max(n_rows * width * 4 * 4, 1)  # the rows, a standardised copy, PCA and slack
     cpus = os.cpu_count() or 1
     workers = n_jobs or min(cpus, len(work))
@@ -558,7 +559,7 @@ class _Cache:
         except KeyError:
             return None
         try:
-            return [Metric.from_json(m) for m in entry.attrs["result"]]
+            return [Metric.from_json(m) for m in cast(list[dict[str, Any]], entry.attrs["result"])]
         except Exception:  # a partial or older entry: recompute it
             return None
 
@@ -607,8 +608,8 @@ def _assemble(
     table = _add_final(table, L)
     reps = {}
     for k, v in replicates.items():
-        if all(r is not None for r in v) and len({len(r) for r in v}) == 1:
-            reps[k] = np.vstack(v)
+        if all(r is not None for r in v) and len({len(cast(np.ndarray, r)) for r in v}) == 1:
+            reps[k] = np.vstack(cast(list[np.ndarray], v))  # none is None
     return ProbeResults(
         table=table,
         replicates=reps,

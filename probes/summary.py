@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -91,7 +92,10 @@ def _summarize_series(
     if reps is not None:
         if len(final_pos):
             if basis == "relative":
-                gain_lo, gain_hi = percentile_ci(relative_gain(reps[b], reps[final_pos[0]]), center=float(gain))
+                # relative_gain of two arrays is an array
+                gain_lo, gain_hi = percentile_ci(
+                    cast(np.ndarray, relative_gain(reps[b], reps[final_pos[0]])), center=float(gain)
+                )
             diff_lo, diff_hi = percentile_ci(reps[b] - reps[final_pos[0]], center=diff)
         final_row = int(final_pos[0]) if len(final_pos) else None
         sel = selection_adjusted(reps, final_row, higher_is_better=higher, level=CI_LEVEL)
@@ -141,7 +145,7 @@ def _summarize_series(
     return row
 
 
-def format_layers(layers: np.ndarray) -> str:
+def format_layers(layers: np.ndarray | Sequence[int]) -> str:
     """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
     layers = sorted({int(x) for x in layers})
     if not layers:

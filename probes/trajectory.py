@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -251,7 +251,10 @@ def dpt_root_replicates(
 
 
 def ridge_cv_predict(
-    X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]], alphas: Sequence[float]
+    X: np.ndarray,
+    y: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    alphas: Sequence[float] | np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold predictions of ``make_pipeline(StandardScaler(), RidgeCV(alphas))`` and each fold's alpha.
 
@@ -547,7 +550,7 @@ class TrajectoryTask(Task):
             Metric(
                 plan.context,
                 spec.name,
-                values[spec.name],
+                cast(float, values[spec.name]),  # 1-D inputs: a float (numpy's float64)
                 spec.n_cells,
                 replicates=reps[spec.name] if len(reps[spec.name]) else None,
                 higher_is_better=spec.higher_is_better,
