@@ -231,15 +231,15 @@ def json_default(x: Any) -> Any:
     return str(x)
 
 
-def write_spec(spec: dict[str, Any], work: Path, name: str, prefix: str) -> tuple[Path, Path, list[str]]:
+def write_spec(spec: dict[str, Any], work: Path, benchmark: str, prefix: str) -> tuple[Path, Path, list[str]]:
     """Write ``spec`` for a worker under ``work``: its path, the result path, the ``--worker`` command line of
-    the benchmark ``name`` (run it with ``env=`` :func:`module_env`)."""
-    fd, name = tempfile.mkstemp(prefix=prefix, suffix=".json", dir=work)
+    the module ``benchmarks.BENCHMARK`` (run it with ``env=`` :func:`module_env`)."""
+    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".json", dir=work)
     os.close(fd)
-    spec_path = Path(name)
+    spec_path = Path(path)
     out_path = spec_path.with_suffix(".result.json")
     spec_path.write_text(json.dumps({**spec, "result_path": str(out_path)}))
-    return spec_path, out_path, module_command(name, "--worker", str(spec_path))
+    return spec_path, out_path, module_command(benchmark, "--worker", str(spec_path))
 
 
 def read_result(

@@ -140,3 +140,29 @@ def test_every_benchmark_runs_as_a_module(name):
 def test_the_package_lists_every_benchmark():
     modules = {p.stem for p in BENCH.glob("*.py")} - {"__init__", "harness", "common"}
     assert set(package().BENCHMARKS) == modules
+
+
+def test_workers_run_the_same_module_from_any_folder(tmp_path):
+    """A worker's command line is ``python -m benchmarks.NAME --worker SPEC``; with :func:`module_env` it runs
+    whatever the working folder (the root is not on the path there)."""
+    harness = benchmark("harness")
+    spec_path, out_path, cmd = harness.write_spec({"n": 1}, tmp_path, "scale", "spec-")
+    assert cmd == [sys.executable, "-m", "benchmarks.scale", "--worker", str(spec_path)]
+    assert spec_path.parent == tmp_path and out_path == spec_path.with_suffix(".result.json")
+    done = subprocess.run(
+        harness.module_command("writer", "--help"),
+        cwd=tmp_path,
+        env=harness.module_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "--chunk-mb" in done.stdout, done.stderr[-3000:]
+    name = harness.result_name("kernels", harness.name_slug("NVIDIA H100 80GB HBM3", "cuda"), _day(), "-quick")
+    assert name == "kernels-nvidia-h100-80gb-hbm3-2026-12-06-quick"
+
+
+def _day():
+    import datetime as dt
+
+    return dt.datetime(2026, 12, 6, 13, 0, tzinfo=dt.timezone.utc)
