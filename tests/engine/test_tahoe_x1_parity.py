@@ -180,7 +180,7 @@ def test_batched_quantile_equals_torch_quantile_per_cell():
 
 
 def test_ambiguous_lerp_falls_back_to_torch_quantile(monkeypatch):
-    import cellstrata.engine.models.tahoe_x1 as mod
+    import cellstrata.engine.models.tahoe_x1.tokenizer as mod
 
     real = mod._lerp_both_paths
 
