@@ -45,8 +45,6 @@ from .config import (
 from .modeling import OfficialPooling, ScFoundationModel
 from .tokenizer import ScFoundationTokenizer, check_options
 
-LAYOUT = SpecialLayout(n_leading=0, n_trailing=2, has_cls=False)
-
 # ------------------------------------------------------------------------------------------------
 # files
 
@@ -237,7 +235,7 @@ class ScFoundationFamily(CheckpointFamily):
             preset=preset,
             vocabulary=genes,
             settings=settings,
-            layout=LAYOUT,
+            layout=SpecialLayout(n_leading=0, n_trailing=2, has_cls=False),  # genes, then T and S
             official_layer=config.depth,
             weights_file=WEIGHTS_FILE,
             files=(WEIGHTS_FILE, GENE_LIST_FILE),

@@ -7,7 +7,7 @@ The config is read from each entry of ``models.ckpt`` as the official ``load.con
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,19 +64,22 @@ class ScFoundationConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        problem = next(self.problems(), None)
+        if problem is not None:
+            msg = f"scFoundation config: {problem}"
+            raise ConfigError(msg)
+
+    def problems(self) -> Iterator[str]:
+        """What makes this config unbuildable, in the order it is checked (lazily: ``heads > 0`` first)."""
         for name in ("hidden_dim", "depth", "heads", "bin_num", "decoder_hidden_dim", "decoder_heads"):
             if int(getattr(self, name)) <= 0:
-                msg = f"scFoundation config: {name} must be > 0, got {getattr(self, name)!r}"
-                raise ConfigError(msg)
+                yield f"{name} must be > 0, got {getattr(self, name)!r}"
         if self.decoder_depth < 0 or self.decoder_dim_head <= 0:
-            msg = "scFoundation config: decoder depth must be >= 0 and dim_head > 0"
-            raise ConfigError(msg)
+            yield "decoder depth must be >= 0 and dim_head > 0"
         if self.seq_len < 3:
-            msg = f"scFoundation config: seq_len must be >= 3 (genes + T + S), got {self.seq_len}"
-            raise ConfigError(msg)
+            yield f"seq_len must be >= 3 (genes + T + S), got {self.seq_len}"
         if self.hidden_dim % self.heads:
-            msg = f"scFoundation config: hidden_dim {self.hidden_dim} is not divisible by heads {self.heads}"
-            raise ConfigError(msg)
+            yield f"hidden_dim {self.hidden_dim} is not divisible by heads {self.heads}"
 
     @property
     def n_genes(self) -> int:
@@ -128,9 +131,7 @@ class ScFoundationConfig:
             raise CheckpointError(msg)
         try:
             return cls(
-                hidden_dim=int(enc["hidden_dim"]),
-                depth=int(enc["depth"]),
-                heads=int(enc["heads"]),
+                **{k: int(enc[k]) for k in ("hidden_dim", "depth", "heads")},
                 seq_len=int(config["seq_len"]),
                 dim_head=int(enc.get("dim_head", 64)),
                 bin_num=int(config["bin_num"]),
@@ -138,9 +139,7 @@ class ScFoundationConfig:
                 pad_token_id=int(config["pad_token_id"]),
                 mask_token_id=int(config["mask_token_id"]),
                 n_class=int(config.get("n_class", 104)),
-                decoder_hidden_dim=int(dec["hidden_dim"]),
-                decoder_depth=int(dec["depth"]),
-                decoder_heads=int(dec["heads"]),
+                **{f"decoder_{k}": int(dec[k]) for k in ("hidden_dim", "depth", "heads")},
                 decoder_dim_head=int(dec.get("dim_head", 64)),
             )
         except (TypeError, ValueError, ConfigError) as exc:

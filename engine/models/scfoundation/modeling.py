@@ -6,13 +6,14 @@ Only the encoder is built: cell embeddings never run the MAE decoder.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .... import kernels
+from ..attention import AttentionLayout
 from ..base import Tap, TokenBatch
 from ..layers import TorchEncoderLayer
 from .config import ScFoundationConfig
@@ -45,12 +46,24 @@ class AutoDiscretizationEmbedding(nn.Module):
 
 
 class _Encoder(nn.Module):
-    """``pytorchTransformerModule``: ``transformer_encoder`` (a ModuleList) and the final ``norm``."""
+    """``pytorchTransformerModule``: ``transformer_encoder`` (a ModuleList of post-norm blocks with a
+    ``4 * hidden_dim`` ReLU FFN) and the final ``norm``."""
 
-    def __init__(self, layers: Iterable[nn.Module], d: int, eps: float) -> None:
+    def __init__(self, config: ScFoundationConfig) -> None:
         super().__init__()
-        self.transformer_encoder = nn.ModuleList(layers)
+        d, eps = config.hidden_dim, config.layer_norm_eps
+        self.transformer_encoder = nn.ModuleList(
+            TorchEncoderLayer(d, config.heads, config.ffn_dim, eps) for _ in range(config.depth)
+        )
         self.norm = nn.LayerNorm(d, eps=eps)
+
+    def hidden_states(self, h: torch.Tensor, layout: AttentionLayout) -> Iterator[torch.Tensor]:
+        """``h`` (the embedding), then the output of each block in turn: the official forward without
+        ``norm``, one state held at a time."""
+        yield h
+        for layer in self.transformer_encoder:
+            h = layer(h, layout)
+            yield h
 
 
 class ScFoundationModel(nn.Module):
@@ -70,11 +83,7 @@ class ScFoundationModel(nn.Module):
             d, config.bin_num, config.bin_alpha, config.mask_token_id, config.pad_token_id
         )
         self.pos_emb = nn.Embedding(config.pos_rows, d)
-        self.encoder = _Encoder(
-            (TorchEncoderLayer(d, config.heads, config.ffn_dim, config.layer_norm_eps) for _ in range(config.depth)),
-            d,
-            config.layer_norm_eps,
-        )
+        self.encoder = _Encoder(config)
 
     def embed(self, batch: TokenBatch) -> torch.Tensor:
         """Layer 0: ``token_emb(values) + pos_emb(position ids)``."""
@@ -82,10 +91,7 @@ class ScFoundationModel(nn.Module):
 
     def forward(self, batch: TokenBatch, tap: Tap) -> None:
         layout = batch.attention_layout()
-        h = self.embed(batch)
-        tap(0, h)
-        for i, layer in enumerate(self.encoder.transformer_encoder, start=1):
-            h = layer(h, layout)
+        for i, h in enumerate(self.encoder.hidden_states(self.embed(batch), layout)):
             tap(i, h)
         del h
 
