@@ -44,6 +44,8 @@ from .config import (
 from .modeling import OfficialPooling, TahoeX1Model
 from .tokenizer import TahoeX1Tokenizer, is_special
 
+LAYOUT = SpecialLayout(n_leading=1, n_trailing=0, has_cls=True)  # <cls> first, nothing after the genes
+
 
 @dataclass(frozen=True)
 class TahoeX1Vocabulary:
@@ -226,25 +228,18 @@ class TahoeX1Family(CheckpointFamily):
                 "chem_token": False,
             }
         )
-        return FamilyCheckpoint(
-            config=config,
-            preset=preset,
-            vocabulary=vocabulary,
-            settings=settings,
-            layout=SpecialLayout(n_leading=1, n_trailing=0, has_cls=True),
-            official_layer=config.n_layers,
-            weights_file=WEIGHTS_FILE,
-        )
+        # official layer: the last block (predict_embeddings.py's cell_emb is its final-norm CLS); weights file
+        return FamilyCheckpoint(config, preset, vocabulary, settings, LAYOUT, config.n_layers, WEIGHTS_FILE)
 
     def make_tokenizer(self, ckpt: FamilyCheckpoint, options: Mapping[str, Any]) -> TahoeX1Tokenizer:
-        config: TahoeX1Config = ckpt.config
+        config, vocabulary = ckpt.config, ckpt.vocabulary
         return TahoeX1Tokenizer(
-            ckpt.vocabulary.tokens,
+            vocabulary.tokens,
             max_length=config.max_length,
             seed=options.get("seed", ckpt.extra.get("seed", 0)),
             num_bins=config.num_bins,
             keep_first_n_tokens=config.keep_first_n_tokens,
-            pad_token_id=ckpt.vocabulary.pad_id,
+            pad_token_id=vocabulary.pad_id,
             pad_value=config.pad_value,
             stored_zeros=options.get("stored_zeros", "keep"),
         )

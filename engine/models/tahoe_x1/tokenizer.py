@@ -19,7 +19,6 @@ import torch
 from ...errors import ConfigError, InvalidValuesError
 from ..base import (
     RANDOM_SUBSAMPLE,
-    GeneMapping,
     TokenizedBlock,
     canonical_rows,
     concat_blocks,
@@ -41,6 +40,7 @@ from .config import (
 
 if TYPE_CHECKING:
     from ...sources import CellBlock
+    from ..base import GeneMapping
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,12 +236,12 @@ class TahoeX1Tokenizer(VocabularyTokenizer):
         self.cls_id = int(vocab[CLS_TOKEN])
         self.pad_value = float(pad_value)
         self.stored_zeros = stored_zeros
-        self._n_genes = sum(not is_special(t) for t in self.vocab)
+        self._genes = {t: i for t, i in self.vocab.items() if not is_special(t)}  # special tokens never match
         self.vocab_sha256 = _vocab_sha256(self.vocab)
 
     @property
     def n_vocab_genes(self) -> int:
-        return self._n_genes
+        return len(self._genes)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -265,16 +265,11 @@ class TahoeX1Tokenizer(VocabularyTokenizer):
         }
 
     def gene_ids(self, names: list[Any]) -> np.ndarray:
-        get = self.vocab.get
-        return np.fromiter(
-            (get(g, -1) if isinstance(g, str) and not is_special(g) else -1 for g in names),
-            dtype=np.int64,
-            count=len(names),
-        )
+        genes = self._genes
+        return np.fromiter((genes.get(g, -1) if isinstance(g, str) else -1 for g in names), np.int64, len(names))
 
     def vocabulary_examples(self) -> str:
-        by_id = sorted(self.vocab.items(), key=lambda kv: kv[1])
-        return "holds e.g.: " + ", ".join([t for t, _ in by_id if not is_special(t)][:3])
+        return "holds e.g.: " + ", ".join(sorted(self._genes, key=self._genes.__getitem__)[:3])
 
     def mismatch_hint(self, names: list[Any]) -> str:
         return "" if looks_like_ensembl(names) else " The input looks like gene symbols, not Ensembl ids."
