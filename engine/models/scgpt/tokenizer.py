@@ -15,16 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import ConfigError, InvalidValuesError
-from ..base import (
-    RANDOM_SUBSAMPLE,
-    GeneMapping,
-    TokenizedBlock,
-    canonical_rows,
-    concat_blocks,
-    kept_entries,
-    leading_token_block,
-    row_pieces,
-)
+from .. import base
+from ..base import GeneMapping, TokenizedBlock
 from ..counter_rng import RNG_NAME, bits_at, cell_keys, random_order, random_subset, to_uniform, uniform
 from ..family import VocabularyTokenizer, looks_like_ensembl
 from .config import (
@@ -168,7 +160,7 @@ class ScGPTTokenizer(VocabularyTokenizer):
     plus a random subset in random order.
     """
 
-    truncation_rule = RANDOM_SUBSAMPLE
+    truncation_rule = base.RANDOM_SUBSAMPLE
     title = "scGPT"
 
     def __init__(
@@ -194,19 +186,16 @@ class ScGPTTokenizer(VocabularyTokenizer):
             msg = f"the scGPT vocabulary has no {absent[0]!r} token"
             raise ConfigError(msg)
         self.vocab: dict[str, int] = dict(vocab)
-        self.max_length = int(max_length)
-        self.seed = int(seed)
-        self.n_bins = int(n_bins)
+        self.vocab_size = len(self.vocab)  # special tokens included
+        self.vocab_sha256 = _vocab_sha256(self.vocab)
+        self._specials = {t for t in (*SPECIAL_TOKENS, pad_token) if t in self.vocab}
         self.pad_token = pad_token
         self.pad_id = int(vocab[pad_token])
         self.cls_id = int(vocab[CLS_TOKEN])
-        self.pad_value = float(pad_value)
-        self._specials = {t for t in (*SPECIAL_TOKENS, pad_token) if t in self.vocab}
-        self.vocab_sha256 = _vocab_sha256(self.vocab)
-
-    @property
-    def n_vocab_genes(self) -> int:
-        return len(self.vocab) - len(self._specials)
+        self.pad_value = float(pad_value)  # also the value of <cls>
+        self.max_length = int(max_length)
+        self.seed = int(seed)
+        self.n_bins = int(n_bins)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -222,9 +211,13 @@ class ScGPTTokenizer(VocabularyTokenizer):
             "pad_value": self.pad_value,
             "cls_id": self.cls_id,
             "cls_value": self.pad_value,
-            "vocab_size": len(self.vocab),
+            "vocab_size": self.vocab_size,
             "vocab_sha256": self.vocab_sha256,
         }
+
+    @property
+    def n_vocab_genes(self) -> int:
+        return len(self.vocab) - len(self._specials)
 
     # gene mapping (VocabularyTokenizer.map_genes): exact symbols, special tokens never match
     def gene_ids(self, names: list[Any]) -> np.ndarray:
@@ -256,7 +249,7 @@ class ScGPTTokenizer(VocabularyTokenizer):
         tok = mapping.token_ids[X.indices]
         data = np.asarray(X.data).astype(np.float32, copy=False)  # official: torch .float()
         keep = (tok >= 0) & (data != 0)  # np.nonzero of the dense row: stored zeros are no tokens
-        selector, counts = kept_entries(X.indptr, keep)
+        selector, counts = base.kept_entries(X.indptr, keep)
         genes, values = (tok, data) if selector is None else (tok[selector], data[selector])
         rows = np.repeat(np.arange(n_cells, dtype=np.int64), counts)
         if not np.isfinite(values).all():
@@ -268,8 +261,8 @@ class ScGPTTokenizer(VocabularyTokenizer):
     def tokenize(self, block: CellBlock, mapping: GeneMapping) -> TokenizedBlock:
         """Token sequences of every cell, vectorised over the block (same tokens as :meth:`tokenize_reference`),
         in cache-sized pieces of rows (:func:`~.base.row_pieces`)."""
-        X, indices = canonical_rows(block, mapping)
-        return concat_blocks([self._tokenize_rows(Xp, ip, mapping) for Xp, ip in row_pieces(X, indices)])
+        X, indices = base.canonical_rows(block, mapping)
+        return base.concat_blocks([self._tokenize_rows(Xp, ip, mapping) for Xp, ip in base.row_pieces(X, indices)])
 
     def _tokenize_rows(self, X: sp.csr_matrix, indices: np.ndarray, mapping: GeneMapping) -> TokenizedBlock:
         genes, values, rows, counts, indices = self._expressed(X, indices, mapping)
@@ -292,7 +285,7 @@ class ScGPTTokenizer(VocabularyTokenizer):
             u *= right[at] - low
             u += low
             bins[:] = np.ceil(u)
-        return leading_token_block(
+        return base.leading_token_block(
             indices,
             self.cls_id,
             self.pad_value,
@@ -311,7 +304,7 @@ class ScGPTTokenizer(VocabularyTokenizer):
         with ``u = uniform(seed, TIE_STREAM, cell, position)``, then ``<cls>`` + the first
         ``max_length - 1`` of ``random_order(seed, SUBSET_STREAM, ...)`` when the cell is longer.
         """
-        X, indices = canonical_rows(block, mapping)
+        X, indices = base.canonical_rows(block, mapping)
         genes_out: list[np.ndarray] = []
         values_out: list[np.ndarray] = []
         truncated = np.zeros(len(indices), dtype=bool)
