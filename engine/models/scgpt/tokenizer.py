@@ -328,7 +328,8 @@ class ScGPTTokenizer(VocabularyTokenizer):
                 u = uniform(self.seed, TIE_STREAM, np.full(n, cell), np.arange(n))
                 digits = np.ceil(u * (right - left) + left).astype(np.int64)
             if n > n_keep:
-                sel = random_order(self.seed, SUBSET_STREAM, [cell], np.zeros(n, dtype=np.int64), [n])[:n_keep]
+                cell_n = np.array([cell]), np.zeros(n, dtype=np.int64), np.array([n])  # one cell of n genes
+                sel = random_order(self.seed, SUBSET_STREAM, *cell_n)[:n_keep]
                 g, digits = g[sel], digits[sel]
                 truncated[i] = True
             genes_out.append(np.concatenate(([self.cls_id], g)).astype(np.int64))
