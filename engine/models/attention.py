@@ -53,6 +53,13 @@ class AttentionLayout:
     def packed(self) -> bool:
         return self.cu_seqlens is not None
 
+    @property
+    def cu(self) -> torch.Tensor:
+        """``cu_seqlens`` of a packed layout."""
+        if self.cu_seqlens is None:
+            raise ValueError("a padded layout has no cu_seqlens; varlen attention needs a packed batch")
+        return self.cu_seqlens
+
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
     """Bidirectional attention of ``q, k, v`` ``[b, s, heads, head_dim]``; returns ``[b, s, heads, head_dim]``."""
@@ -85,24 +92,25 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Attent
 def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
-    cu, m = layout.cu_seqlens, layout.max_len
+    cu, m = layout.cu, layout.max_len
     return flash_attn_varlen_func(q, k, v, cu, cu, m, m, 0.0, causal=False)
 
 
 def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    cu, m = layout.cu_seqlens, layout.max_len
-    return varlen_attn(q, k, v, cu, cu, m, m)
+    cu, m = layout.cu, layout.max_len
+    out = varlen_attn(q, k, v, cu, cu, m, m)  # a tensor: no auxiliary outputs asked for
+    return out if isinstance(out, torch.Tensor) else out[0]
 
 
 def _aten_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-    cu, m = layout.cu_seqlens, layout.max_len
+    cu, m = layout.cu, layout.max_len
     return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, m, m, 0.0, False, False)[0]
 
 
 def _nested(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
-    offsets = layout.cu_seqlens.to(torch.int64)
+    offsets = layout.cu.to(torch.int64)
     m = layout.max_len
 
     def jag(t: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -255,14 +255,15 @@ def concat_blocks(parts: Sequence[TokenizedBlock]) -> TokenizedBlock:
     """One :class:`TokenizedBlock` of consecutive parts (cells in the parts' order)."""
     if len(parts) == 1:
         return parts[0]
-    n_expressed = [p.n_expressed for p in parts]
+    counts = [p.n_expressed for p in parts]
+    n_expressed = None if any(c is None for c in counts) else np.concatenate(cast(list[np.ndarray], counts))
     return TokenizedBlock(
         indices=np.concatenate([p.indices for p in parts]),
         genes=[g for p in parts for g in p.genes],
         values=[v for p in parts for v in p.values],
         truncated=np.concatenate([p.truncated for p in parts]),
         empty=np.concatenate([p.empty for p in parts]),
-        n_expressed=None if any(e is None for e in n_expressed) else np.concatenate(n_expressed),
+        n_expressed=n_expressed,
     )
 
 
@@ -325,10 +326,17 @@ class Tokenizer(Protocol):
     :data:`TOP_RANKED` or :data:`NO_TRUNCATION`).
     """
 
-    pad_id: int
-    pad_value: float
-    max_length: int | None
-    truncation_rule: str
+    @property
+    def pad_id(self) -> int: ...
+
+    @property
+    def pad_value(self) -> float: ...
+
+    @property
+    def max_length(self) -> int | None: ...
+
+    @property
+    def truncation_rule(self) -> str: ...
 
     def settings(self) -> dict[str, Any]:
         """Every setting that changes the tokens (goes into the store's attributes and config hash)."""
@@ -410,11 +418,11 @@ class LoadedModel:
 
     @property
     def n_layers(self) -> int:
-        return int(self.model.n_layers)
+        return int(cast(CellModel, self.model).n_layers)
 
     @property
     def hidden_size(self) -> int:
-        return int(self.model.hidden_size)
+        return int(cast(CellModel, self.model).hidden_size)
 
 
 class ModelFamily(Protocol):

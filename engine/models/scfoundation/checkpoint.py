@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ...datasets import gene_symbols
 from ...errors import CheckpointError, ConfigError
-from ..base import SpecialLayout
+from ..base import CustomPooling, SpecialLayout
 from ..checkpoints import check_state_dict, load_torch_weights
 from ..family import FAN_IN, NORM_WEIGHT, CheckpointFamily, FamilyCheckpoint, random_tensors
 from .config import (
@@ -268,7 +269,9 @@ class ScFoundationFamily(CheckpointFamily):
         ckpt.info["ignored_keys"] = ignored
         return ours
 
-    def custom_poolings(self, model: ScFoundationModel, ckpt: FamilyCheckpoint) -> dict[str, OfficialPooling]:
+    def custom_poolings(self, model: nn.Module, ckpt: FamilyCheckpoint) -> dict[str, CustomPooling]:
+        """``official``: the S-token embedding after the encoder's final norm (:class:`OfficialPooling`)."""
+        assert isinstance(model, ScFoundationModel)
         return {"official": OfficialPooling(model.encoder.norm)}
 
     def preset_vocabulary(

@@ -386,7 +386,8 @@ class TahoeX1Tokenizer(VocabularyTokenizer):
             seq_values = expr.numpy()
             if len(seq_genes) > self.max_length:
                 m = len(seq_genes) - k
-                order = random_order(self.seed, SUBSET_STREAM, [cell], np.zeros(m, dtype=np.int64), [m])
+                rows = np.zeros(m, dtype=np.int64)
+                order = random_order(self.seed, SUBSET_STREAM, np.array([cell]), rows, np.array([m]))
                 sel = np.concatenate((np.arange(k), order[: self.max_length - k] + k))
                 seq_genes, seq_values = seq_genes[sel], seq_values[sel]
                 truncated[i] = True
