@@ -58,7 +58,6 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,223 +183,22 @@ def size_class(preset: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# models: released sizes built in memory with the family's own classes, helpers and tokenizer
-
-
-def _materialise(make: Callable[[], Any], state: Callable[[], dict[str, Any]] | None, device: Any) -> Any:
-    """The family's module built on the meta device, then given ``state``'s tensors without a copy.
-
-    ``state()`` returns the family's ``random_state_dict`` renamed to the module's keys (heads included,
-    dropped here). Peak memory stays at one set of weights (``load`` would hold two: module and file).
-    ``state=None`` leaves the module on the meta device (for counting parameters).
-    """
-    import torch
-
-    with torch.device("meta"):
-        model = make()
-    if state is None:
-        return model
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    tensors = state()
-    missing = [k for k in expected if k not in tensors]
-    misshaped = [k for k in expected if k in tensors and tensors[k].shape != expected[k]]
-    if missing or misshaped:
-        msg = f"random_state_dict does not match {type(model).__name__}: missing {missing}, misshaped {misshaped}"
-        raise RuntimeError(msg)
-    model.load_state_dict({k: tensors[k] for k in expected}, strict=True, assign=True)
-    del tensors
-    model.requires_grad_(False)
-    model.eval()
-    return model.to(device)
-
-
-IN_MEMORY = {"path": None, "sha256": None, "built": "in memory: random_state_dict assigned to the meta-device model"}
-
-
-def _build_scgpt(preset: str, seed: int, device: Any, max_length: int | None, weights: bool) -> Any:
-    """As ``init_checkpoint`` (vocabulary ``gene_symbols`` + specials) then ``load``, without the files."""
-    from dataclasses import replace
-
-    from cellstrata.engine.datasets import gene_symbols
-    from cellstrata.engine.models import scgpt as m
-    from cellstrata.engine.models.base import LoadedModel, SpecialLayout
-
-    base = m.PRESETS[preset]
-    vocab = {g: i for i, g in enumerate(gene_symbols(base.vocab_size - len(m.SPECIAL_TOKENS)))}
-    for tok in m.SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
-    config = replace(base, vocab_size=len(vocab), max_length=int(max_length or base.max_length))
-    model = _materialise(
-        lambda: m.ScGPTModel(config),
-        (lambda: m.random_state_dict(config, seed=seed, layout="torch")) if weights else None,
-        device,
-    )
-    tokenizer = m.ScGPTTokenizer(
-        vocab,
-        max_length=config.max_length,
-        seed=seed,
-        n_bins=m.OFFICIAL_N_BINS,
-        pad_token=config.pad_token,
-        pad_value=config.pad_value,
-    )
-    return LoadedModel(
-        family=m.FAMILY_NAME,
-        preset=preset,
-        model=model,
-        tokenizer=tokenizer,
-        config={"preset": preset, **config.to_args(), "vocab_size": len(vocab), "max_length": config.max_length},
-        layout=SpecialLayout(n_leading=1, n_trailing=0, has_cls=True),
-        pool_ops=dict(m.FAMILY.pool_ops),
-        default_poolings=m.FAMILY.default_poolings,
-        checkpoint=dict(IN_MEMORY),
-        official_layer=config.nlayers,
-    )
-
-
-def _build_tahoe(preset: str, seed: int, device: Any, max_length: int | None, weights: bool) -> Any:
-    """As ``init_checkpoint`` (vocabulary ``gene_ensembl_ids`` + specials) then ``load``, without the files."""
-    from dataclasses import replace
-
-    from cellstrata.engine.datasets import gene_ensembl_ids
-    from cellstrata.engine.models import tahoe_x1 as m
-    from cellstrata.engine.models.base import LoadedModel, SpecialLayout
-
-    base = m.PRESETS[preset]
-    vocab = {g: i for i, g in enumerate(gene_ensembl_ids(base.vocab_size - len(m.SPECIAL_TOKENS)))}
-    for tok in m.SPECIAL_TOKENS:
-        vocab[tok] = len(vocab)
-    config = replace(base, vocab_size=len(vocab), max_length=int(max_length or base.max_length))
-    pad_id = vocab[m.PAD_TOKEN]
-    cut = len(m.KEY_PREFIX)
-
-    def state() -> dict[str, Any]:
-        raw = m.random_state_dict(config, seed=seed, pad_id=pad_id)
-        return {k[cut:]: t for k, t in raw.items() if not k[cut:].startswith(m.IGNORED_PREFIXES)}
-
-    model = _materialise(lambda: m.TahoeX1Model(config, pad_id), state if weights else None, device)
-    tokenizer = m.TahoeX1Tokenizer(
-        vocab,
-        max_length=config.max_length,
-        seed=seed,
-        num_bins=config.num_bins,
-        keep_first_n_tokens=config.keep_first_n_tokens,
-        pad_token_id=pad_id,
-        pad_value=config.pad_value,
-    )
-    return LoadedModel(
-        family=m.FAMILY_NAME,
-        preset=preset,
-        model=model,
-        tokenizer=tokenizer,
-        config={"preset": preset, "d_model": config.d_model, "n_layers": config.n_layers, "vocab_size": len(vocab)},
-        layout=SpecialLayout(n_leading=1, n_trailing=0, has_cls=True),
-        pool_ops=dict(m.FAMILY.pool_ops),
-        default_poolings=m.FAMILY.default_poolings,
-        checkpoint=dict(IN_MEMORY),
-        custom_poolings={"official": m.OfficialPooling(model.final_norm)} if weights else {},
-        official_layer=config.n_layers,
-    )
-
-
-def _build_scfoundation(preset: str, seed: int, device: Any, max_length: int | None, weights: bool) -> Any:
-    """As ``init_checkpoint`` (gene list ``gene_symbols``; entry ``cell``) then ``load``, without the files."""
-    from dataclasses import replace
-
-    from cellstrata.engine.datasets import gene_symbols
-    from cellstrata.engine.models import scfoundation as m
-    from cellstrata.engine.models.base import LoadedModel, SpecialLayout
-
-    base = m.PRESETS[preset]
-    genes = gene_symbols(base.n_genes)
-    config = replace(base, seq_len=len(genes) + 2)
-    # init_checkpoint seeds entry k of ENTRIES with seed * len(ENTRIES) + k; load(version="ce") reads "cell"
-    entry_seed = int(seed) * len(m.ENTRIES) + m.ENTRIES.index(m.VERSIONS["ce"])
-    model = _materialise(
-        lambda: m.ScFoundationModel(config),
-        (lambda: m.random_state_dict(config, seed=entry_seed)) if weights else None,
-        device,
-    )
-    tokenizer = m.ScFoundationTokenizer(
-        genes,
-        seed=seed,
-        pad_token_id=config.pad_token_id,
-        mask_token_id=config.mask_token_id,
-        pre_normalized="F",
-        tgthighres=m.DEFAULT_TGTHIGHRES,
-        max_length=max_length,
-    )
-    return LoadedModel(
-        family=m.FAMILY_NAME,
-        preset=preset,
-        model=model,
-        tokenizer=tokenizer,
-        config={"preset": preset, "hidden_dim": config.hidden_dim, "depth": config.depth, "n_genes": config.n_genes},
-        layout=SpecialLayout(n_leading=0, n_trailing=2, has_cls=False),
-        pool_ops=dict(m.FAMILY.pool_ops),
-        default_poolings=m.FAMILY.default_poolings,
-        checkpoint=dict(IN_MEMORY),
-        custom_poolings={"official": m.OfficialPooling(model.encoder.norm)} if weights else {},
-        official_layer=config.depth,
-    )
-
-
-def _build_geneformer(preset: str, seed: int, device: Any, max_length: int | None, weights: bool) -> Any:
-    """As ``init_checkpoint`` (the preset's dictionary generation, seeded medians) then ``load``, without the files."""
-    from dataclasses import replace
-
-    from cellstrata.engine.datasets import gene_ensembl_ids
-    from cellstrata.engine.models import geneformer as m
-    from cellstrata.engine.models.base import LoadedModel, SpecialLayout
-
-    base = m.PRESETS[preset]
-    v1 = m._PRESET_SUFFIX[preset] == "_gc30M"  # V1 dictionaries: no <cls>/<eos>
-    specials = (m.PAD_TOKEN, m.MASK_TOKEN) if v1 else m.SPECIAL_TOKENS
-    genes = gene_ensembl_ids(base.vocab_size - len(specials))
-    config = replace(base, vocab_size=len(genes) + len(specials))
-    token = {t: i for i, t in enumerate(specials)}
-    token.update({g: len(specials) + i for i, g in enumerate(genes)})
-    medians = np.exp(np.random.default_rng((int(seed), 7)).normal(0.5, 0.7, len(genes)))
-    dictionaries = m.GeneDictionaries(token=token, median={g: float(x) for g, x in zip(genes, medians)})
-    tokenizer = m.GeneformerTokenizer(
-        dictionaries, max_length=int(max_length or config.max_position_embeddings), pad_token_id=config.pad_token_id
-    )
-    buffers = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
-
-    def state() -> dict[str, Any]:
-        raw = m.random_state_dict(config, seed=seed)
-        return {k[len("bert.") :]: t for k, t in raw.items() if k.startswith("bert.") and k not in buffers}
-
-    model = _materialise(lambda: m.GeneformerModel(config), state if weights else None, device)
-    special = tokenizer.special
-    return LoadedModel(
-        family=m.FAMILY_NAME,
-        preset=preset,
-        model=model,
-        tokenizer=tokenizer,
-        config={"preset": preset, **config.to_config(), "max_length": tokenizer.max_length},
-        layout=SpecialLayout(n_leading=1, n_trailing=1, has_cls=True) if special else SpecialLayout(0, 0, False),
-        pool_ops={"mean": "mean", "max": "max"}
-        | ({"cls": "first"} if special else {})
-        | {"official": "first" if special else "mean"},  # EmbExtractor's default: <cls> for V2, gene mean for V1
-        default_poolings=("mean", "cls") if special else ("mean",),
-        checkpoint=dict(IN_MEMORY),
-        official_layer=config.num_hidden_layers - 1,
-    )
-
-
-BUILDERS: dict[str, Callable[..., Any]] = {
-    "scgpt": _build_scgpt,
-    "tahoe-x1": _build_tahoe,
-    "scfoundation": _build_scfoundation,
-    "geneformer": _build_geneformer,
-}
+# models: released sizes built in memory by the family (build_random), no checkpoint files
 
 
 def build_in_memory(
     family: str, preset: str, *, seed: int = 0, device: Any = "cpu", max_length: int | None = None, weights: bool = True
 ) -> Any:
-    """A :class:`LoadedModel` of ``family``/``preset`` with random weights, without writing a checkpoint."""
-    return BUILDERS[family](preset, seed, device, max_length, weights)
+    """A :class:`LoadedModel` of ``family``/``preset`` with random weights, without writing a checkpoint.
+
+    The family's own ``build_random``: what ``init_checkpoint`` + ``load`` give (checked by
+    :func:`check_builder`), built on the meta device and given the random tensors without a copy, so peak
+    memory is one set of weights; ``weights=False`` leaves it on the meta device (for counting parameters).
+    """
+    from cellstrata.engine.models import get_family
+
+    options = {} if max_length is None else {"max_length": int(max_length)}
+    return get_family(family).build_random(preset, seed=seed, device=device, weights=weights, **options)
 
 
 def check_builder(family: str, preset: str, folder: Path, seed: int) -> dict[str, Any]:
