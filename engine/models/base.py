@@ -15,6 +15,7 @@ only talks to these types, never to a family's internals:
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +365,7 @@ class CellModel(Protocol):
     def forward(self, batch: TokenBatch, tap: Tap) -> None: ...
 
 
-class CustomPooling(Protocol):
+class CustomPooling(ABC):
     """A pooling the fused kernel cannot express alone, e.g. a model's final norm applied before pooling.
 
     Called once per layer with that layer's ``hidden`` and ``lengths [B]``: padded ``hidden [B, S, H]``
@@ -372,9 +373,11 @@ class CustomPooling(Protocol):
     layout of :func:`~cellstrata.kernels.pool_cast`). Writes ``out [B, width]`` (the store dtype, any
     strides) and adds the number of values that became inf in float16 to ``overflow`` (a 0-d int64
     tensor) when it is given. ``backend`` is passed on to :func:`~cellstrata.kernels.pool_cast`.
+    A subclass writes :meth:`pool`; ``n_counters`` is the length of the overflow counts it fills.
     """
 
     width: int
+    n_counters: int = 1
 
     def __call__(
         self,
@@ -385,7 +388,23 @@ class CustomPooling(Protocol):
         backend: str | None,
         *,
         starts: torch.Tensor | None = None,
-    ) -> None: ...
+    ) -> None:
+        counts = torch.zeros(self.n_counters, dtype=torch.int64, device=hidden.device)
+        self.pool(hidden, starts, lengths, out, counts, backend)
+        if overflow is not None:
+            overflow += counts.sum()
+
+    @abstractmethod
+    def pool(
+        self,
+        hidden: torch.Tensor,
+        starts: torch.Tensor | None,
+        lengths: torch.Tensor,
+        out: torch.Tensor,
+        counts: torch.Tensor,
+        backend: str | None,
+    ) -> None:
+        """Write ``out`` and count float16 overflows into ``counts`` (int64 ``[n_counters]``)."""
 
 
 @dataclass

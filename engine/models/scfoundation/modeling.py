@@ -14,7 +14,7 @@ from torch import nn
 
 from .... import kernels
 from ..attention import AttentionLayout
-from ..base import Tap, TokenBatch
+from ..base import CustomPooling, Tap, TokenBatch
 from ..layers import TorchEncoderLayer
 from .config import ScFoundationConfig
 
@@ -103,7 +103,7 @@ class ScFoundationModel(nn.Module):
 OFFICIAL_SPEC = kernels.PoolSpec(("from_end:1", "from_end:2", "max", "mean"), n_leading=0, n_trailing=2)
 
 
-class OfficialPooling:
+class OfficialPooling(CustomPooling):
     """The published ``pool_type='all'`` embedding at every layer: ``[S, T, max, mean]`` of ``encoder.norm(h)``.
 
     ``get_embedding.py`` concatenates ``geneemb[:, -1]`` (S), ``geneemb[:, -2]`` (T) and the max and the
@@ -114,21 +114,18 @@ class OfficialPooling:
     def __init__(self, norm: nn.LayerNorm) -> None:
         self.norm = norm
         self.width = 4 * int(norm.normalized_shape[0])
+        self.n_counters = 4
 
-    def __call__(
+    def pool(
         self,
         hidden: torch.Tensor,
+        starts: torch.Tensor | None,
         lengths: torch.Tensor,
         out: torch.Tensor,
-        overflow: torch.Tensor | None,
+        counts: torch.Tensor,
         backend: str | None,
-        *,
-        starts: torch.Tensor | None = None,
     ) -> None:
         normed = self.norm(hidden)
         view = out.unflatten(-1, (4, hidden.shape[-1])).transpose(0, 1)  # [4, B, H] view of [B, 4H]
-        ovf = torch.zeros(4, dtype=torch.int64, device=hidden.device) if overflow is not None else None
-        kernels.pool_cast(normed, starts, lengths, OFFICIAL_SPEC, out.dtype, view, ovf, backend=backend)
+        kernels.pool_cast(normed, starts, lengths, OFFICIAL_SPEC, out.dtype, view, counts, backend=backend)
         del normed
-        if overflow is not None and ovf is not None:
-            overflow += ovf.sum()

@@ -15,7 +15,7 @@ from torch import nn
 
 from ....kernels import PoolSpec, pool_cast
 from ..attention import AttentionLayout, attend
-from ..base import Tap, TokenBatch
+from ..base import CustomPooling, Tap, TokenBatch
 from ..layers import ContinuousValueEncoder, GeneEncoder
 from .config import ACTIVATIONS, TahoeX1Config
 
@@ -104,7 +104,7 @@ class TahoeX1Model(nn.Module):
         del h
 
 
-class OfficialPooling:
+class OfficialPooling(CustomPooling):
     """The published cell embedding at any layer: ``L2-normalise(final_norm(h[:, 0]))``.
 
     At the last layer this is ``predict_embeddings.py``'s ``cell_emb`` (CLS of the final-norm output)
@@ -115,22 +115,18 @@ class OfficialPooling:
         self.norm = norm
         self.width = int(norm.normalized_shape[0])
 
-    def __call__(
+    def pool(
         self,
         hidden: torch.Tensor,
+        starts: torch.Tensor | None,
         lengths: torch.Tensor,
         out: torch.Tensor,
-        overflow: torch.Tensor | None,
+        counts: torch.Tensor,
         backend: str | None,
-        *,
-        starts: torch.Tensor | None = None,
     ) -> None:
         n = self.norm
         first = hidden[:, 0, :] if starts is None else hidden[starts]
         cls = F.layer_norm(first.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
         ones = torch.ones(cls.shape[0], dtype=lengths.dtype, device=cls.device)
-        ovf = torch.zeros(1, dtype=torch.int64, device=cls.device)
         spec = PoolSpec(("first_l2",))
-        pool_cast(cls.unsqueeze(1), None, ones, spec, out.dtype, out.unsqueeze(0), ovf, backend=backend)
-        if overflow is not None:
-            overflow += ovf.sum()
+        pool_cast(cls.unsqueeze(1), None, ones, spec, out.dtype, out.unsqueeze(0), counts, backend=backend)
