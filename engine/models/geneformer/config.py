@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...errors import CheckpointError, ConfigError
+from ..family import check_sizes
 
 FAMILY_NAME = "geneformer"
 CONFIG_FILE = "config.json"
@@ -73,16 +74,8 @@ class GeneformerConfig:
     position_embedding_type: str = "absolute"
 
     def __post_init__(self) -> None:
-        for name in (*SIZE_FIELDS, "type_vocab_size"):
-            if int(getattr(self, name)) <= 0:
-                msg = f"Geneformer config: {name} must be > 0, got {getattr(self, name)!r}"
-                raise ConfigError(msg)
-        if self.hidden_size % self.num_attention_heads:
-            msg = (
-                f"Geneformer config: hidden_size {self.hidden_size} is not divisible by "
-                f"num_attention_heads {self.num_attention_heads}"
-            )
-            raise ConfigError(msg)
+        sizes = (*SIZE_FIELDS, "type_vocab_size")
+        check_sizes("Geneformer", self, sizes, width="hidden_size", heads="num_attention_heads")
         if self.hidden_act not in SUPPORTED_ACTS:
             msg = f"Geneformer config: hidden_act {self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTS}"
             raise ConfigError(msg)

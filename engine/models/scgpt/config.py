@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ...errors import CheckpointError, ConfigError
+from ...errors import CheckpointError
+from ..family import check_sizes
 
 FAMILY_NAME = "scgpt"
 PAD_TOKEN = "<pad>"
@@ -53,13 +54,8 @@ class ScGPTConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("embsize", "nheads", "d_hid", "nlayers", "vocab_size"):
-            if int(getattr(self, name)) <= 0:
-                msg = f"scGPT config: {name} must be > 0, got {getattr(self, name)!r}"
-                raise ConfigError(msg)
-        if self.embsize % self.nheads:
-            msg = f"scGPT config: embsize {self.embsize} is not divisible by nheads {self.nheads}"
-            raise ConfigError(msg)
+        sizes = ("embsize", "nheads", "d_hid", "nlayers", "vocab_size")
+        check_sizes("scGPT", self, sizes, width="embsize", heads="nheads")
 
     @property
     def head_dim(self) -> int:

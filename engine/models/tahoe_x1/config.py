@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ...errors import CheckpointError, ConfigError
 from ..checkpoints import read_yaml
+from ..family import check_sizes
 
 FAMILY_NAME = "tahoe-x1"
 PAD_TOKEN = "<pad>"
@@ -75,13 +76,8 @@ class TahoeX1Config:
     max_length: int = INFERENCE_MAX_LENGTH
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "expansion_ratio", "num_bins"):
-            if int(getattr(self, name)) <= 0:
-                msg = f"Tahoe-X1 config: {name} must be > 0, got {getattr(self, name)!r}"
-                raise ConfigError(msg)
-        if self.d_model % self.n_heads:
-            msg = f"Tahoe-X1 config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}"
-            raise ConfigError(msg)
+        sizes = ("d_model", "n_layers", "n_heads", "vocab_size", "expansion_ratio", "num_bins")
+        check_sizes("Tahoe-X1", self, sizes, width="d_model", heads="n_heads")
         for name in ("transformer_activation", "expression_activation"):
             if getattr(self, name) not in ACTIVATIONS:
                 msg = f"Tahoe-X1 config: {name} {getattr(self, name)!r} is not one of {', '.join(ACTIVATIONS)}"
