@@ -11,6 +11,7 @@ mkdir -p "$OUT"
 status=0
 python -m pytest tests/engine/test_packed_cuda.py tests/kernels -q -p no:cacheprovider || status=1
 python -m benchmarks.device_sprint --device cuda --results "$OUT" \
-  --shapes tahoe-x1:1b=3000,scgpt:whole-human=20000,tahoe-x1:70m=10000,geneformer:tiny=100000 || status=1
+  --shapes tahoe-x1:1b=3000,scgpt:whole-human=20000,geneformer:v2-104m=20000,tahoe-x1:70m=10000,geneformer:tiny=100000 \
+  || status=1
 python -m benchmarks.throughput --device cuda --results "$OUT" || status=1
 exit $status

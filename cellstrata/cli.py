@@ -555,7 +555,7 @@ def short_openmp_spin(environ: MutableMapping[str, str]) -> None:
 
     libgomp spins up to 300,000 times before a waiting thread sleeps while its threads do not outnumber
     the cores; on a shared host the spinning thread holds the core its partner needs, and a small model's
-    forward ran 3-50x slower (a busy 2-core host, ``benchmarks/README.md``). 1000 is libgomp's own count for
+    forward ran 3-50x slower (a busy 2-core host, README "Small models on a busy CPU"). 1000 is libgomp's own count for
     oversubscribed hosts. It takes effect only before torch is loaded, i.e. for the ``cellstrata`` command.
     """
     environ.setdefault("GOMP_SPINCOUNT", GOMP_SPINCOUNT)
