@@ -14,7 +14,6 @@ import torch
 
 from cellstrata.engine.datasets import gene_symbols
 from cellstrata.engine.errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
-from cellstrata.engine.models import family_names, get_family
 from cellstrata.engine.models.base import SpecialLayout, TokenBatch
 from cellstrata.engine.models.scfoundation import (
     FAMILY,
@@ -27,7 +26,6 @@ from cellstrata.engine.models.scfoundation import (
     ScFoundationTokenizer,
     flatten_config,
     official_key_shapes,
-    random_state_dict,
 )
 from cellstrata.engine.sources import CellBlock
 
@@ -95,10 +93,6 @@ for _i in range(12):
             _p + "norm2.bias": (768,),
         }
     )
-
-
-def test_registry():
-    assert "scfoundation" in family_names() and get_family("scFoundation") is FAMILY
 
 
 def test_100m_preset_matches_published_keys():
@@ -210,35 +204,20 @@ def test_init_checkpoint_round_trip(tiny):
     assert (s["max_length"], s["seed"], s["tgthighres"], s["pre_normalized"]) == (50, 4, "a5", "F")
 
 
-def test_init_checkpoint_is_seeded_and_takes_genes(tmp_path):
+def test_init_checkpoint_keeps_the_gene_order_and_adds_the_t_s_and_pad_rows(tmp_path):
     a = FAMILY.init_checkpoint("tiny", tmp_path / "a", seed=1, genes=["B", "A", "C"])
-    b = FAMILY.init_checkpoint("tiny", tmp_path / "b", seed=1, genes=["B", "A", "C"])
-    c = FAMILY.init_checkpoint("tiny", tmp_path / "c", seed=2, genes=["B", "A", "C"])
-    sa, sb, sc = (torch.load(x / WEIGHTS_FILE, weights_only=True)["cell"]["state_dict"] for x in (a, b, c))
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["model.pos_emb.weight"], sc["model.pos_emb.weight"])
-    assert sa["model.pos_emb.weight"].shape == (6, 64)  # 3 genes + T + S + pad row
-    loaded = FAMILY.load(a)
-    assert loaded.tokenizer.genes == ["B", "A", "C"] and loaded.preset == "tiny"
-    with pytest.raises(ConfigError, match="known presets"):
-        FAMILY.init_checkpoint("huge", tmp_path / "d")
-    with pytest.raises(ConfigError, match="unique"):
-        FAMILY.init_checkpoint("tiny", tmp_path / "e", genes=["A", "A"])
+    state = torch.load(a / WEIGHTS_FILE, weights_only=True)["cell"]["state_dict"]
+    assert state["model.pos_emb.weight"].shape == (6, 64)  # 3 genes + T + S + pad row
+    assert FAMILY.load(a).tokenizer.genes == ["B", "A", "C"]
 
 
-def test_missing_files(tiny, tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        FAMILY.load(tmp_path / "nowhere")
+def test_a_missing_gene_list_says_where_it_comes_from(tiny, tmp_path):
     folder = _copy(tiny, tmp_path / "nolist")
     (folder / GENE_LIST_FILE).unlink()
     with pytest.raises(CheckpointError) as err:
         FAMILY.load(folder)
     msg = str(err.value)
     assert GENE_LIST_FILE in msg and "official scFoundation repository" in msg and "biomap-research" in msg
-    folder = _copy(tiny, tmp_path / "noweights")
-    (folder / WEIGHTS_FILE).unlink()
-    with pytest.raises(CheckpointError, match=f"lacks {WEIGHTS_FILE}"):
-        FAMILY.load(folder)
 
 
 def test_gene_list_must_match_and_be_well_formed(tiny, tmp_path):
@@ -255,25 +234,19 @@ def test_gene_list_must_match_and_be_well_formed(tiny, tmp_path):
         FAMILY.load(folder)
 
 
-def test_missing_misshaped_and_unexpected_keys_are_all_named(tiny, tmp_path):
+def test_decoder_keys_are_ignored_and_only_the_chosen_entry_is_checked(tiny, tmp_path):
     folder = _copy(tiny, tmp_path / "bad")
 
     def damage(ckpt):
         s = ckpt["cell"]["state_dict"]
-        del s["model.encoder.transformer_encoder.1.norm2.bias"]
         del s["model.token_emb.emb_pad.weight"]
-        s["model.encoder.transformer_encoder.3.linear1.weight"] = torch.zeros(7, 64)
-        s["model.encoder.transformer_encoder.4.linear1.weight"] = torch.zeros(256, 64)
         s["model.decoder.performer.net.layers.0.0.norm.weight"] = torch.zeros(3)  # decoder: ignored
 
     _edit(folder, damage)
     with pytest.raises(CheckpointError) as err:
         FAMILY.load(folder)
     msg = str(err.value)
-    assert "encoder.transformer_encoder.1.norm2.bias" in msg and "token_emb.emb_pad.weight" in msg
-    assert "encoder.transformer_encoder.3.linear1.weight (7, 64) (expected (256, 64))" in msg
-    assert "unexpected: encoder.transformer_encoder.4.linear1.weight" in msg
-    assert "decoder.performer" not in msg
+    assert "missing: token_emb.emb_pad.weight" in msg and "decoder.performer" not in msg
     FAMILY.load(folder, version="rde")  # the other entry is intact
 
 
@@ -284,29 +257,8 @@ def test_config_and_weights_disagree(tiny, tmp_path):
         FAMILY.load(folder)
 
 
-_RAN: list[str] = []
-
-
-def _side_effect() -> dict:
-    _RAN.append("ran")
-    return {}
-
-
-class _Payload:
-    def __reduce__(self):
-        return (_side_effect, ())
-
-
-def test_pickled_code_is_refused_not_run(tiny, tmp_path):
-    folder = _copy(tiny, tmp_path / "evil")
-    torch.save({"cell": {"config": _Payload(), "state_dict": {}}}, folder / WEIGHTS_FILE)
-    with pytest.raises(CheckpointError, match="weights_only=True"):
-        FAMILY.load(folder)
-    assert _RAN == []
-
-    (folder / WEIGHTS_FILE).write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="cannot read"):
-        FAMILY.load(folder)
+def test_a_file_without_the_models_ckpt_entries_is_refused(tiny, tmp_path):
+    folder = _copy(tiny, tmp_path / "other")
     torch.save({"a": torch.zeros(1)}, folder / WEIGHTS_FILE)
     with pytest.raises(CheckpointError, match=r"not scFoundation's models\.ckpt"):
         FAMILY.load(folder)
@@ -318,8 +270,6 @@ def test_pickled_code_is_refused_not_run(tiny, tmp_path):
 
 
 def test_options_are_checked(tiny):
-    with pytest.raises(ConfigError, match="takes max_length, seed, version, pre_normalized, tgthighres"):
-        FAMILY.load(tiny, n_bins=10)
     with pytest.raises(ConfigError, match=r"ce .* or rde"):
         FAMILY.load(tiny, version="gene")
     with pytest.raises(ConfigError, match="extra last column"):
@@ -347,13 +297,12 @@ def test_gene_mapping_by_symbol_first_column_wins():
     assert m.examples_missing == ("FOO", "SG00005")
 
 
-def test_no_overlap_names_symbols_and_gene_column():
+def test_no_overlap_names_symbols_and_the_vocabulary():
     tok = _tok(100)
     with pytest.raises(GeneOverlapError) as err:
         tok.map_genes([f"ENSG{i:011d}" for i in range(200)])
     msg = str(err.value)
-    assert "0 of 200 input genes (0.0%)" in msg and "ENSG00000000000" in msg and "SG00000" in msg
-    assert "HGNC gene symbol" in msg and "Ensembl" in msg and "--gene-column" in msg
+    assert "SG00000" in msg and "HGNC gene symbol" in msg and "Ensembl" in msg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,39 +370,23 @@ def test_pre_normalized_t_uses_values_and_their_sum():
         _tokenize(tok, np.array([[3.0, 250.0, 0, 0, 0, 0]]), names)
 
 
-def test_invalid_values_are_refused():
-    tok = _tok(4)
-    for bad, word in ((-1.0, "-1"), (np.nan, "nan"), (np.inf, "inf")):
-        with pytest.raises(InvalidValuesError, match=f"cell 42 has an invalid expression value \\({word}"):
-            _tokenize(tok, np.array([[1.0, bad, 0, 0]]), gene_symbols(4), indices=[42])
+def test_negative_values_are_refused():
+    with pytest.raises(InvalidValuesError, match=r"cell 42 has an invalid expression value \(-1"):
+        _tokenize(_tok(4), np.array([[1.0, -1.0, 0, 0]]), gene_symbols(4), indices=[42])
 
 
-def test_matrix_variants_give_same_tokens():
-    """Unsorted columns, duplicates, explicit zeros, float64 and int inputs all read like a dense row."""
+def test_stored_zeros_are_no_tokens():
+    rng = np.random.default_rng()
+    dense = np.where(rng.random((6, 50)) < 0.5, rng.integers(1, 9, (6, 50)), 0).astype(np.float32)
+    stored = sp.csr_matrix(dense)
+    stored.data[rng.random(stored.nnz) < 0.3] = 0
     tok = _tok(50)
-    names = [*gene_symbols(50)[::-1], "NOPE"]
-    rng = np.random.default_rng(0)
-    dense = np.where(rng.random((6, 51)) < 0.5, rng.integers(1, 9, (6, 51)), 0).astype(np.float32)
-    dense[5] = 0
-    ref = _tokenize(tok, dense, names)
-    coo = sp.coo_matrix(dense)
-    order = rng.permutation(coo.nnz)
-    r, c, v = coo.row[order], coo.col[order], coo.data[order]
-    messy = sp.csr_matrix(
-        (
-            np.concatenate([v / 2, v / 2, np.zeros(5)]),
-            (np.concatenate([r, r, [0] * 5]), np.concatenate([c, c, range(5)])),
-        ),
-        shape=dense.shape,
-    )
-    messy.has_canonical_format = False
-    for X in (messy, sp.csr_matrix(dense.astype(np.float64)), sp.csr_matrix(dense.astype(np.int32))):
-        out = tok.tokenize(CellBlock(np.arange(6), X), tok.map_genes(names))
-        for i in range(6):
-            np.testing.assert_array_equal(out.genes[i], ref.genes[i])
-            np.testing.assert_array_equal(out.values[i], ref.values[i])
-    assert ref.empty.tolist() == [False] * 5 + [True]
-    assert all((np.diff(g[:-2]) > 0).all() for g in ref.genes[:5])  # gene-list order
+    out = tok.tokenize(CellBlock(np.arange(6), stored), tok.map_genes(gene_symbols(50)))
+    ref = _tokenize(tok, stored.toarray(), gene_symbols(50))
+    assert stored.nnz > np.count_nonzero(stored.data)
+    for i in range(6):
+        np.testing.assert_array_equal(out.genes[i], ref.genes[i])
+        np.testing.assert_array_equal(out.values[i], ref.values[i])
 
 
 def test_max_length_keeps_a_seeded_subset_then_t_and_s():
@@ -502,25 +435,6 @@ def _batch(tok: ScFoundationTokenizer, n_cells: int, seed: int) -> TokenBatch:
     return collate(tb, np.arange(n_cells), tok.pad_id, tok.pad_value)
 
 
-def test_forward_taps_every_layer_and_runs_under_bf16_autocast(tiny):
-    loaded = FAMILY.load(tiny)
-    batch = _batch(loaded.tokenizer, 6, seed=1)
-    assert (batch.lengths < batch.genes.shape[1]).any()
-    seen: dict[int, torch.Tensor] = {}
-    with torch.inference_mode():
-        loaded.model(batch, lambda layer, h: seen.__setitem__(layer, h.float().clone()))
-    assert sorted(seen) == list(range(5)) and seen[4].shape == (6, batch.genes.shape[1], 64)
-    bf16: dict[int, torch.Tensor] = {}
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        loaded.model(batch, lambda layer, h: bf16.__setitem__(layer, h.float().clone()))
-    real = ~batch.padding_mask
-    for layer in range(5):
-        assert torch.isfinite(bf16[layer][real]).all()
-        rel = (bf16[layer][real] - seen[layer][real]).abs().max() / seen[layer][real].abs().max()
-        assert rel < 0.1, (layer, float(rel))
-    assert not torch.allclose(seen[1][real], seen[4][real])
-
-
 def test_mask_and_pad_values_take_their_embeddings(tiny):
     model = FAMILY.load(tiny).model
     values = torch.tensor([[1.5, 102.0, 103.0, 0.25]])
@@ -556,12 +470,3 @@ def test_official_pooling_writes_a_strided_view_and_counts_overflow(tiny):
     with torch.inference_mode():
         big(states[1], batch.lengths, half, overflow, "torch")
     assert int(overflow) == int(torch.isinf(half).sum()) > 0
-
-
-def test_random_state_dict_is_non_trivial():
-    state = random_state_dict(PRESETS["tiny"], seed=0)
-    norms = [state[f"encoder.transformer_encoder.{i}.norm1.weight"] for i in range(4)]
-    assert all(0.5 < float(n.mean()) < 1.5 and float(n.std()) > 0.01 for n in norms)
-    assert not torch.equal(norms[0], norms[1])
-    assert float(state["encoder.norm.bias"].abs().max()) > 0
-    assert all(float(v.abs().max()) > 0 for k, v in state.items() if not k.endswith("calls_since_last_redraw"))

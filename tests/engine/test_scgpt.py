@@ -14,9 +14,8 @@ import scipy.sparse as sp
 import torch
 
 from cellstrata.engine.datasets import gene_symbols
-from cellstrata.engine.errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
-from cellstrata.engine.models import family_names, get_family
-from cellstrata.engine.models.base import SpecialLayout, TokenBatch
+from cellstrata.engine.errors import CheckpointError, ConfigError, GeneOverlapError
+from cellstrata.engine.models.base import SpecialLayout
 from cellstrata.engine.models.scgpt import (
     FAMILY,
     PRESETS,
@@ -24,7 +23,6 @@ from cellstrata.engine.models.scgpt import (
     ScGPTTokenizer,
     _bin_edges_digits,
     official_key_shapes,
-    random_state_dict,
 )
 from cellstrata.engine.sources import CellBlock
 
@@ -67,12 +65,6 @@ def _edit_state(folder: Path, edit) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # registry and presets
-
-
-def test_registry():
-    assert "scgpt" in family_names() and get_family("scGPT") is FAMILY
-    with pytest.raises(ConfigError, match=r"known models: .*scgpt"):
-        get_family("scbert")
 
 
 def test_whole_human_preset_matches_published_keys():
@@ -155,18 +147,10 @@ def test_init_checkpoint_round_trip(tiny):
     assert again.tokenizer.max_length == 100 and again.tokenizer.settings()["seed"] == 9
 
 
-def test_init_checkpoint_is_seeded(tmp_path):
+def test_init_checkpoint_puts_the_three_specials_after_the_genes(tmp_path):
     a = FAMILY.init_checkpoint("tiny", tmp_path / "a", seed=1, genes=gene_symbols(50))
-    b = FAMILY.init_checkpoint("tiny", tmp_path / "b", seed=1, genes=gene_symbols(50))
-    c = FAMILY.init_checkpoint("tiny", tmp_path / "c", seed=2, genes=gene_symbols(50))
-    sa, sb, sc = (torch.load(x / "best_model.pt", weights_only=True) for x in (a, b, c))
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert not torch.equal(sa["encoder.embedding.weight"], sc["encoder.embedding.weight"])
-    assert sa["encoder.embedding.weight"].shape == (53, 64)
-    with pytest.raises(ConfigError, match="known presets"):
-        FAMILY.init_checkpoint("huge", tmp_path / "d")
-    with pytest.raises(ConfigError, match="unique"):
-        FAMILY.init_checkpoint("tiny", tmp_path / "e", genes=["A", "A"])
+    assert torch.load(a / "best_model.pt", weights_only=True)["encoder.embedding.weight"].shape == (53, 64)
+    assert list(json.loads((a / "vocab.json").read_text()))[-4:] == ["SG00049", "<pad>", "<cls>", "<eoc>"]
 
 
 def test_layouts_load_to_identical_weights(tiny, tmp_path):
@@ -186,9 +170,7 @@ def test_layouts_load_to_identical_weights(tiny, tmp_path):
         assert loaded.checkpoint["weights_layout"] == ("torch" if name == "torch" else "flash")
 
 
-def test_missing_files(tiny, tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        FAMILY.load(tmp_path / "nowhere")
+def test_a_missing_file_is_named_with_the_released_files(tiny, tmp_path):
     for f in ("vocab.json", "args.json", "best_model.pt"):
         folder = _copy(tiny, tmp_path / f.replace(".", "_"))
         (folder / f).unlink()
@@ -196,22 +178,6 @@ def test_missing_files(tiny, tmp_path):
             FAMILY.load(folder)
         msg = str(err.value)
         assert f"lacks {f}" in msg and "best_model.pt" in msg and "args.json" in msg and "vocab.json" in msg
-
-
-def test_missing_and_misshaped_keys_are_all_named(tiny, tmp_path):
-    folder = _copy(tiny, tmp_path / "bad")
-
-    def damage(s):
-        del s["transformer_encoder.layers.1.norm2.bias"]
-        del s["value_encoder.norm.weight"]
-        s["transformer_encoder.layers.3.linear1.weight"] = torch.zeros(7, 64)
-
-    _edit_state(folder, damage)
-    with pytest.raises(CheckpointError) as err:
-        FAMILY.load(folder)
-    msg = str(err.value)
-    assert "transformer_encoder.layers.1.norm2.bias" in msg and "value_encoder.norm.weight" in msg
-    assert "transformer_encoder.layers.3.linear1.weight (7, 64) (expected (128, 64))" in msg
 
 
 def test_args_vocab_weights_disagree(tiny, tmp_path):
@@ -245,38 +211,14 @@ def test_vocab_without_specials_gets_them_appended(tiny, tmp_path):
     assert loaded.tokenizer.vocab == vocab
 
 
-_RAN: list[str] = []
-
-
-def _side_effect() -> dict:
-    _RAN.append("ran")
-    return {}
-
-
-class _Payload:
-    def __reduce__(self):
-        return (_side_effect, ())
-
-
-def test_pickled_code_is_refused_not_run(tiny, tmp_path):
-    folder = _copy(tiny, tmp_path / "evil")
-    torch.save({"encoder.embedding.weight": torch.zeros(1), "x": _Payload()}, folder / "best_model.pt")
-    with pytest.raises(CheckpointError, match="weights_only=True"):
-        FAMILY.load(folder)
-    assert _RAN == []
-
-    (folder / "best_model.pt").write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="cannot read"):
-        FAMILY.load(folder)
-
+def test_a_torch_file_that_is_not_a_state_dict_is_refused(tiny, tmp_path):
+    folder = _copy(tiny, tmp_path / "nested")
     torch.save({"model": {"a": torch.zeros(1)}}, folder / "best_model.pt")
     with pytest.raises(CheckpointError, match="not a state dict"):
         FAMILY.load(folder)
 
 
-def test_unknown_options(tiny):
-    with pytest.raises(ConfigError, match="takes max_length, seed"):
-        FAMILY.load(tiny, n_bins=10)
+def test_max_length_is_checked(tiny):
     with pytest.raises(ConfigError, match="max_length"):
         FAMILY.load(tiny, max_length=1)
 
@@ -295,33 +237,22 @@ def test_gene_mapping_overlap_report():
     assert m.report() == "31 of 34 input genes (91.2%) are in the model's vocabulary of 100 genes"
 
 
-def test_no_overlap_raises_with_report():
+def test_no_overlap_shows_the_vocabulary_and_spots_ensembl_ids():
     tok = ScGPTTokenizer(_vocab(100))
-    names = [f"ENSG{i:011d}" for i in range(200)]
     with pytest.raises(GeneOverlapError) as err:
-        tok.map_genes(names)
-    msg = str(err.value)
-    assert "0 of 200 input genes (0.0%)" in msg and "ENSG00000000000" in msg and "SG00000" in msg
-    assert "--gene-column" in msg and "Ensembl" in msg
+        tok.map_genes([f"ENSG{i:011d}" for i in range(200)])
+    assert "SG00000" in str(err.value) and "Ensembl" in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------------
 # tokenizer
 
 
-def test_tokens_do_not_depend_on_block_or_order():
+def test_the_same_cell_at_another_index_is_another_draw():
     tok = ScGPTTokenizer(_vocab(300), max_length=92, seed=5)
     names = gene_symbols(300)
     whole = _block(20, 300, seed=1, start=100)
     ref = tok.tokenize(whole, tok.map_genes(names))
-    assert ref.truncated.any() and not ref.truncated.all()
-    for rows in ([7], [3, 7, 19], list(range(19, -1, -1)), [0, 7, 8]):
-        part = tok.tokenize(CellBlock(whole.indices[rows], whole.X[rows]), tok.map_genes(names))
-        for j, r in enumerate(rows):
-            np.testing.assert_array_equal(part.genes[j], ref.genes[r])
-            np.testing.assert_array_equal(part.values[j], ref.values[r])
-            assert part.truncated[j] == ref.truncated[r]
-    # the same cell at another global index is another draw
     moved = tok.tokenize(CellBlock(whole.indices[[7]] + 1, whole.X[[7]]), tok.map_genes(names))
     assert not np.array_equal(moved.values[0], ref.values[7])
 
@@ -366,43 +297,23 @@ def test_truncation_keeps_cls_first():
     assert exact.max_length == 16
 
 
-def test_matrix_variants_give_same_tokens():
-    """Unsorted columns, duplicates, explicit zeros, float64 and int inputs all read like a dense row."""
+def test_stored_zeros_are_no_tokens_and_an_empty_cell_is_cls_alone():
     vocab = _vocab(50)
     tok = ScGPTTokenizer(vocab, seed=4)
-    names = [*gene_symbols(50), "NOPE"]
-    rng = np.random.default_rng(0)
-    dense = np.where(rng.random((6, 51)) < 0.5, rng.integers(1, 9, (6, 51)), 0).astype(np.float32)
+    rng = np.random.default_rng()
+    dense = np.where(rng.random((6, 50)) < 0.5, rng.integers(1, 9, (6, 50)), 0).astype(np.float32)
     dense[5] = 0
-    ref = _tokens(tok, sp.csr_matrix(dense), np.arange(6), names)
+    ref = _tokens(tok, sp.csr_matrix(dense), np.arange(6), gene_symbols(50))
     assert ref.empty.tolist() == [False] * 5 + [True]
     assert ref.genes[5].tolist() == [vocab["<cls>"]] and ref.values[5].tolist() == [-2.0]
-
-    coo = sp.coo_matrix(dense)
-    order = rng.permutation(coo.nnz)
-    r, c, v = coo.row[order], coo.col[order], coo.data[order]
-    # split every value in two duplicate entries and add explicit zeros
-    messy = sp.csr_matrix(
-        (
-            np.concatenate([v / 2, v / 2, np.zeros(5)]),
-            (np.concatenate([r, r, [0] * 5]), np.concatenate([c, c, range(5)])),
-        ),
-        shape=dense.shape,
-    )
-    messy.has_canonical_format = False
-    for X in (messy, sp.csr_matrix(dense.astype(np.float64)), sp.csr_matrix(dense.astype(np.int32))):
-        out = _tokens(tok, X, np.arange(6), names)
-        for i in range(6):
-            np.testing.assert_array_equal(out.genes[i], ref.genes[i])
-            np.testing.assert_array_equal(out.values[i], ref.values[i])
-            assert out.genes[i].dtype == np.int64 and out.values[i].dtype == np.float32
-
-
-def test_nan_values_are_refused():
-    tok = ScGPTTokenizer(_vocab(10))
-    X = sp.csr_matrix(np.array([[1.0, np.nan, 0, 0, 0, 0, 0, 0, 0, 0]]))
-    with pytest.raises(InvalidValuesError, match="NaN"):
-        _tokens(tok, X, [42], gene_symbols(10))
+    stored = sp.csr_matrix(dense)
+    stored.data[rng.random(stored.nnz) < 0.3] = 0  # zeros stored in the matrix: read like absent entries
+    out = _tokens(tok, stored, np.arange(6), gene_symbols(50))
+    dropped = _tokens(tok, sp.csr_matrix(stored.toarray()), np.arange(6), gene_symbols(50))
+    assert stored.nnz > np.count_nonzero(stored.data)
+    for i in range(6):
+        np.testing.assert_array_equal(out.genes[i], dropped.genes[i])
+        np.testing.assert_array_equal(out.values[i], dropped.values[i])
 
 
 def test_settings_describe_tokens():
@@ -417,37 +328,3 @@ def test_settings_describe_tokens():
 
 # ------------------------------------------------------------------------------------------------
 # model
-
-
-def test_forward_taps_every_layer_and_runs_under_bf16_autocast(tiny):
-    loaded = FAMILY.load(tiny)
-    tok = loaded.tokenizer
-    tb = tok.tokenize(_block(5, 2000, seed=4), tok.map_genes(gene_symbols(2000)))
-    lengths = np.minimum(tb.lengths, [256, 40, 7, 2, 100])
-    s = int(lengths.max())
-    genes = torch.full((5, s), tok.pad_id)
-    values = torch.full((5, s), tok.pad_value)
-    for i in range(5):
-        genes[i, : lengths[i]] = torch.from_numpy(tb.genes[i][: lengths[i]])
-        values[i, : lengths[i]] = torch.from_numpy(tb.values[i][: lengths[i]])
-    batch = TokenBatch(genes, values, torch.from_numpy(lengths), np.arange(5))
-    seen: dict[int, torch.Tensor] = {}
-    with torch.inference_mode():
-        loaded.model(batch, lambda layer, h: seen.__setitem__(layer, h.float().clone()))
-    assert sorted(seen) == list(range(5)) and seen[4].shape == (5, s, 64)
-    bf16: dict[int, torch.Tensor] = {}
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        loaded.model(batch, lambda layer, h: bf16.__setitem__(layer, h.float().clone()))
-    real = ~batch.padding_mask
-    for layer in range(5):
-        assert torch.isfinite(bf16[layer][real]).all()
-        rel = (bf16[layer][real] - seen[layer][real]).abs().max() / seen[layer][real].abs().max()
-        assert rel < 0.1, (layer, float(rel))
-
-
-def test_random_state_dict_is_non_trivial():
-    state = random_state_dict(PRESETS["tiny"], seed=0)
-    norms = [state[f"transformer_encoder.layers.{i}.norm1.weight"] for i in range(4)]
-    assert all(0.5 < float(n.mean()) < 1.5 and float(n.std()) > 0.01 for n in norms)
-    assert not torch.equal(norms[0], norms[1])
-    assert all(float(v.abs().max()) > 0 for v in state.values())

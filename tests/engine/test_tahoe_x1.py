@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import shutil
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from cellstrata.engine.errors import (
     InvalidValuesError,
     StoreConfigMismatchError,
 )
-from cellstrata.engine.models import family_names, get_family
 from cellstrata.engine.models.base import SpecialLayout, TokenBatch
 from cellstrata.engine.models.counter_rng import RNG_NAME
 from cellstrata.engine.models.tahoe_x1 import (
@@ -85,11 +83,6 @@ def _edit_yaml(path: Path, edit) -> None:
 # registry and presets
 
 
-def test_registry():
-    assert "tahoe-x1" in family_names() and get_family("Tahoe-X1") is FAMILY
-    assert FAMILY.name == "tahoe-x1" and set(FAMILY.presets) == {"70m", "1b", "3b", "tiny"}
-
-
 def test_released_presets_follow_the_training_configs():
     # configs/gcloud/tahoe_x1-70m-merged.yaml, tahoe_x1-1_3b-merged.yaml, configs/mcli/tahoe_x1-3b-v2-cont-train.yaml
     expect = {
@@ -104,6 +97,7 @@ def test_released_presets_follow_the_training_configs():
         assert cfg.keep_first_n_tokens == keep and cfg.expansion_ratio == 4 and cfg.ffn_size == 4 * d
         assert cfg.norm_eps == 1e-5 and cfg.num_bins == 51 and cfg.pad_value == -2 and cfg.max_value == 512
         assert cfg.max_length == 2048  # predict.yaml seq_len_dataset
+    assert set(PRESETS) == {"70m", "1b", "3b", "tiny"}
     tiny = PRESETS["tiny"]
     assert (tiny.d_model, tiny.n_layers, tiny.n_heads, tiny.vocab_size) == (64, 4, 4, 2003)
 
@@ -182,63 +176,32 @@ def test_init_checkpoint_round_trip(tiny):
     assert again.tokenizer.max_length == 100 and again.tokenizer.settings()["seed"] == 9
 
 
-def test_init_checkpoint_is_seeded_and_takes_genes(tmp_path):
+def test_init_checkpoint_writes_the_genes_before_the_specials_and_refuses_angle_brackets(tmp_path):
     genes = [f"ENSG{i:011d}" for i in range(50, 100)]
     a = FAMILY.init_checkpoint("tiny", tmp_path / "a", seed=1, genes=genes)
-    b = FAMILY.init_checkpoint("tiny", tmp_path / "b", seed=1, genes=genes)
-    c = FAMILY.init_checkpoint("tiny", tmp_path / "c", seed=2, genes=genes)
-    sa, sb, sc = (load_file(str(x / "model.safetensors")) for x in (a, b, c))
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    key = "model.gene_encoder.embedding.weight"
-    assert not torch.equal(sa[key], sc[key]) and sa[key].shape == (53, 64)
-    assert list(json.loads((a / "vocab.json").read_text()))[:2] == genes[:2]
-    assert FAMILY.load(a).tokenizer.n_vocab_genes == 50
-    with pytest.raises(ConfigError, match="known presets"):
-        FAMILY.init_checkpoint("huge", tmp_path / "d")
-    with pytest.raises(ConfigError, match="unique"):
-        FAMILY.init_checkpoint("tiny", tmp_path / "e", genes=["A", "A"])
+    assert load_file(str(a / "model.safetensors"))["model.gene_encoder.embedding.weight"].shape == (53, 64)
+    assert list(json.loads((a / "vocab.json").read_text())) == [*genes, "<pad>", "<cls>", "<eoc>"]
     with pytest.raises(ConfigError, match="'<'"):
         FAMILY.init_checkpoint("tiny", tmp_path / "f", genes=["A", "<drug>"])
 
 
-def test_random_state_dict_is_non_trivial():
-    state = random_state_dict(PRESETS["tiny"], seed=0, pad_id=2001)
-    norms = [state[f"model.transformer_encoder.layers.{i}.norm1.weight"] for i in range(4)]
-    assert all(0.5 < float(n.mean()) < 1.5 and float(n.std()) > 0.01 for n in norms)
-    assert not torch.equal(norms[0], norms[1])
-    assert float(state["model.transformer_encoder.norm.bias"].abs().max()) > 0.01
-    emb = state["model.gene_encoder.embedding.weight"]
+def test_random_weights_keep_the_pad_embedding_zero():
+    emb = random_state_dict(PRESETS["tiny"], seed=0, pad_id=2001)["model.gene_encoder.embedding.weight"]
     assert float(emb[2001].abs().max()) == 0 and float(emb[0].abs().max()) > 0
-    assert all(float(v.abs().max()) > 0 for v in state.values())
 
 
-def test_missing_files_and_folder(tiny, tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        FAMILY.load(tmp_path / "nowhere")
-    broken = _copy(tiny, tmp_path / "b")
-    (broken / "collator_config.yml").unlink()
-    with pytest.raises(CheckpointError, match=r"lacks collator_config\.yml"):
-        FAMILY.load(broken)
-
-
-def test_missing_misshaped_and_unexpected_keys_are_all_named(tiny, tmp_path):
+def test_head_keys_are_dropped_and_keys_named_without_the_model_prefix(tiny, tmp_path):
     broken = _copy(tiny, tmp_path / "b")
 
     def edit(state):
-        del state["model.transformer_encoder.layers.1.up_proj.bias"]
         del state["model.flag_encoder.weight"]
-        state["model.transformer_encoder.norm.weight"] = torch.ones(65)
-        state["model.transformer_encoder.layers.0.gate_proj.weight"] = torch.ones(256, 64)
         state["model.mvc_decoder.extra"] = torch.ones(1)  # a head: dropped, never an error
 
     _edit_state(broken, edit)
     with pytest.raises(CheckpointError) as err:
         FAMILY.load(broken)
     msg = str(err.value)
-    assert "transformer_encoder.layers.1.up_proj.bias" in msg and "flag_encoder.weight" in msg
-    assert "transformer_encoder.norm.weight (65,) (expected (64,))" in msg
-    assert "unexpected: transformer_encoder.layers.0.gate_proj.weight" in msg
-    assert "mvc_decoder" not in msg
+    assert "missing: flag_encoder.weight" in msg and "mvc_decoder" not in msg
 
 
 def test_unprefixed_keys_are_refused(tiny, tmp_path):
@@ -284,23 +247,7 @@ def test_vocab_without_specials_gets_them_appended(tiny, tmp_path):
     assert loaded.tokenizer.cls_id == vocab["<cls>"] and loaded.tokenizer.pad_id == vocab["<pad>"]
 
 
-def test_pickled_code_is_refused_not_run(tiny, tmp_path):
-    folder = _copy(tiny, tmp_path / "evil")
-    marker = tmp_path / "ran"
-
-    class Evil:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
-
-    (folder / "model.safetensors").write_bytes(pickle.dumps({"model.x": Evil()}))
-    with pytest.raises(CheckpointError, match="safetensors"):
-        FAMILY.load(folder)
-    assert not marker.exists()
-
-
-def test_unknown_options(tiny):
-    with pytest.raises(ConfigError, match="does not take the option"):
-        FAMILY.load(tiny, n_bins=3)
+def test_max_length_and_stored_zeros_options(tiny):
     with pytest.raises(ConfigError, match="max_length"):
         FAMILY.load(tiny, max_length=1)
     with pytest.raises(ConfigError, match="stored_zeros must be one of keep, drop"):
@@ -326,8 +273,7 @@ def test_symbols_raise_with_the_identifier_type():
     tok = TahoeX1Tokenizer(_vocab(100))
     with pytest.raises(GeneOverlapError) as err:
         tok.map_genes(gene_symbols(100))
-    msg = str(err.value)
-    assert "0 of 100" in msg and "Ensembl" in msg and "gene symbols" in msg and "--gene-column" in msg
+    assert "Ensembl" in str(err.value) and "gene symbols" in str(err.value)
 
 
 def test_tokens_by_hand():
@@ -367,19 +313,15 @@ def test_keep_first_two_tokens_keeps_the_first_gene_raw():
         assert rest.min() >= 1 and rest.max() <= 50 and np.all(rest == np.round(rest))
 
 
-def test_tokens_do_not_depend_on_block_or_order():
-    tok = TahoeX1Tokenizer(_vocab(400), max_length=60, seed=7)
+def test_the_seed_changes_only_which_genes_a_long_cell_keeps():
     names = gene_ensembl_ids(400)
     big = _block(12, 400, seed=5, start=100, density=0.15)
-    whole = _tokens(tok, big, names)
+    whole = _tokens(TahoeX1Tokenizer(_vocab(400), max_length=60, seed=7), big, names)
     assert whole.truncated.any() and (~whole.truncated).any()
-    part = _tokens(tok, CellBlock(big.indices[5:9], big.X[5:9]), names)
-    for j, i in enumerate(range(5, 9)):
-        assert np.array_equal(part.genes[j], whole.genes[i]) and np.array_equal(part.values[j], whole.values[i])
     other_seed = _tokens(TahoeX1Tokenizer(_vocab(400), max_length=60, seed=8), big, names)
     for i in range(12):
         same = np.array_equal(other_seed.genes[i], whole.genes[i])
-        assert same != bool(whole.truncated[i])  # the seed changes only which genes a long cell keeps
+        assert same != bool(whole.truncated[i])
 
 
 def test_truncation_keeps_cls_and_a_subset():
@@ -393,21 +335,6 @@ def test_truncation_keeps_cls_and_a_subset():
         kept = cut.genes[i][1:].tolist()
         assert len(set(kept)) == 29 and all(pairs[g] == v for g, v in zip(kept, cut.values[i][1:].tolist()))
         assert kept != sorted(kept)  # random order, as torch.randperm
-
-
-def test_matrix_variants_give_same_tokens():
-    tok = TahoeX1Tokenizer(_vocab(200), max_length=40)
-    block = _block(5, 200, seed=3)
-    ref = _tokens(tok, block, gene_ensembl_ids(200))
-    X = block.X.tocoo()
-    order = np.random.default_rng(0).permutation(X.nnz)
-    shuffled = sp.csr_matrix((X.data[order], (X.row[order], X.col[order])), shape=X.shape)
-    shuffled.has_sorted_indices = False
-    variants = [block.X.toarray(), block.X.astype(np.float64), block.X.astype(np.int32), shuffled]
-    for X2 in variants:
-        got = tok.tokenize(CellBlock(block.indices, X2), tok.map_genes(gene_ensembl_ids(200)))
-        assert all(np.array_equal(a, b) for a, b in zip(got.genes, ref.genes))
-        assert all(np.array_equal(a, b) for a, b in zip(got.values, ref.values))
 
 
 def test_stored_zeros_by_hand():
@@ -499,12 +426,11 @@ def test_stored_zeros_survive_every_reader(fmt, tmp_path):
     assert seen == n_cells and n_stored_zeros == int((X.data == 0).sum()) > 100
 
 
-def test_bad_values_are_refused():
+def test_negative_values_are_refused():
     tok = TahoeX1Tokenizer(_vocab(10))
-    for bad, word in ((np.nan, "NaN"), (-1.0, "negative")):
-        X = sp.csr_matrix(np.array([[1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [2.0, bad, 0, 0, 0, 0, 0, 0, 0, 0]]))
-        with pytest.raises(InvalidValuesError, match=f"{word}.*cell 43"):
-            _tokens(tok, CellBlock(np.array([42, 43]), X), gene_ensembl_ids(10))
+    X = sp.csr_matrix(np.array([[1.0, 0, 0, 0, 0, 0, 0, 0, 0, 0], [2.0, -1.0, 0, 0, 0, 0, 0, 0, 0, 0]]))
+    with pytest.raises(InvalidValuesError, match=r"negative.*cell 43"):
+        _tokens(tok, CellBlock(np.array([42, 43]), X), gene_ensembl_ids(10))
 
 
 def test_settings_describe_tokens():
@@ -526,34 +452,6 @@ def test_settings_describe_tokens():
 
 # ------------------------------------------------------------------------------------------------
 # model
-
-
-def test_forward_taps_every_layer_and_runs_under_bf16_autocast(tiny):
-    loaded = FAMILY.load(tiny)
-    tok = loaded.tokenizer
-    tb = tok.tokenize(_block(5, 2000, seed=4, density=0.05), tok.map_genes(gene_ensembl_ids(2000)))
-    lengths = np.minimum(tb.lengths, [256, 40, 7, 2, 100])
-    s = int(lengths.max())
-    genes = torch.full((5, s), tok.pad_id)
-    values = torch.full((5, s), tok.pad_value)
-    for i in range(5):
-        genes[i, : lengths[i]] = torch.from_numpy(tb.genes[i][: lengths[i]])
-        values[i, : lengths[i]] = torch.from_numpy(tb.values[i][: lengths[i]])
-    batch = TokenBatch(genes, values, torch.from_numpy(lengths), np.arange(5))
-    seen: dict[int, torch.Tensor] = {}
-    with torch.inference_mode():
-        loaded.model(batch, lambda layer, h: seen.__setitem__(layer, h.float().clone()))
-    assert sorted(seen) == list(range(5)) and seen[4].shape == (5, s, 64)
-    real = ~batch.padding_mask
-    for a, b in zip(range(4), range(1, 5)):  # every block changes the states
-        assert float((seen[a][real] - seen[b][real]).abs().mean()) > 1e-2
-    bf16: dict[int, torch.Tensor] = {}
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        loaded.model(batch, lambda layer, h: bf16.__setitem__(layer, h.float().clone()))
-    for layer in range(5):
-        assert torch.isfinite(bf16[layer][real]).all()
-        rel = (bf16[layer][real] - seen[layer][real]).abs().max() / seen[layer][real].abs().max()
-        assert rel < 0.1, (layer, float(rel))
 
 
 def test_official_pooling_counts_float16_overflow(tiny):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cellstrata.engine.datasets import gene_symbols
+from cellstrata.engine.errors import ConfigError
 from cellstrata.engine.models.base import NO_TRUNCATION, SpecialLayout, canonical_rows, kept_entries
 from cellstrata.engine.models.base import leading_token_block as lead
 from cellstrata.engine.models.checkpoints import check_state_dict, load_state_dict, read_json, save_safetensors
@@ -29,6 +30,7 @@ from cellstrata.engine.models.family import (
     random_tensors,
 )
 from cellstrata.engine.models.layers import TorchEncoderLayer
+from cellstrata.engine.sources import CellBlock, check_values
 
 
 class ToyTokenizer(VocabularyTokenizer):
@@ -54,10 +56,12 @@ class ToyTokenizer(VocabularyTokenizer):
 
     def tokenize(self, block: Any, mapping: Any) -> Any:
         X, cells = canonical_rows(block, mapping)
+        check_values(CellBlock(cells, X), require_counts=False)
         ids = mapping.token_ids[X.indices]
         kept, counts = kept_entries(X.indptr, (ids >= 0) & (X.data > 0))
         genes, values = (ids, X.data) if kept is None else (ids[kept], X.data[kept])
-        return lead(cells, self.cls_id, 0.0, genes, np.log1p(values), counts, truncated=counts < 0, empty=counts == 0)
+        values = np.log1p(np.asarray(values, dtype=np.float32))  # float32 first: any input dtype, same tokens
+        return lead(cells, self.cls_id, 0.0, genes, values, counts, truncated=counts < 0, empty=counts == 0)
 
     tokenize_reference = tokenize
 
@@ -106,6 +110,8 @@ class ToyFamily(CheckpointFamily):
 
     def preset_vocabulary(self, preset: str, genes: Any, seed: int) -> tuple[dict[str, Any], dict[str, int]]:
         config = dict(self.preset_config(preset))
+        if genes is not None and len(set(genes)) != len(genes):
+            raise ConfigError("genes must be unique")
         names = [*(genes or gene_symbols(config["n_genes"])), "<pad>", "<cls>"]
         return {**config, "vocab_size": len(names), "preset": preset}, {g: i for i, g in enumerate(names)}
 
