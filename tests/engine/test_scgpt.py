@@ -21,7 +21,7 @@ from cellstrata.engine.models.scgpt import (
     PRESETS,
     ScGPTModel,
     ScGPTTokenizer,
-    _bin_edges_digits,
+    bin_edges_digits,
     official_key_shapes,
 )
 from cellstrata.engine.sources import CellBlock
@@ -271,7 +271,7 @@ def test_seed_changes_only_tie_breaks():
         np.testing.assert_array_equal(a.genes[i], b.genes[i])
         x = block.X[i].data
         counts = np.array([len(x)])
-        left, right = _bin_edges_digits(x, np.zeros(len(x), dtype=np.int64), counts, 51)
+        left, right = bin_edges_digits(x, np.zeros(len(x), dtype=np.int64), counts, 51)
         fixed = left == right
         np.testing.assert_array_equal(a.values[i][1:][fixed], left[fixed])  # no tie: exact bin
         np.testing.assert_array_equal(b.values[i][1:][fixed], left[fixed])

@@ -269,7 +269,7 @@ def test_truncation_is_a_subset_of_the_official_full_sequence(official_collator_
 
 def test_quantile_edges_bit_identical_to_numpy():
     """The vectorised binning equals np.quantile + np.digitize on awkward float data."""
-    from cellstrata.engine.models.scgpt import _bin_edges_digits
+    from cellstrata.engine.models.scgpt import bin_edges_digits
 
     rng = np.random.default_rng(0)
     cells = [
@@ -283,7 +283,7 @@ def test_quantile_edges_bit_identical_to_numpy():
     values = np.concatenate(cells)
     counts = np.array([len(c) for c in cells])
     rows = np.repeat(np.arange(len(cells)), counts)
-    left, right = _bin_edges_digits(values, rows, counts, 51)
+    left, right = bin_edges_digits(values, rows, counts, 51)
     start = 0
     for c in cells:
         bins = np.quantile(c, np.linspace(0, 1, 50))
@@ -504,13 +504,13 @@ def test_flash_layer_norm_schemes_match_official(official_model_module, monkeypa
 
 def test_binning_fallback_for_huge_blocks_matches_numpy():
     """Blocks of >= 65536 cells take the argsort path; same digits as np.quantile + np.digitize."""
-    from cellstrata.engine.models.scgpt import _bin_edges_digits
+    from cellstrata.engine.models.scgpt import bin_edges_digits
 
     rng = np.random.default_rng(1)
     counts = rng.integers(0, 6, 66_000)
     values = rng.integers(1, 5, counts.sum()).astype(np.float32)
     rows = np.repeat(np.arange(len(counts)), counts)
-    left, right = _bin_edges_digits(values, rows, counts, 51)
+    left, right = bin_edges_digits(values, rows, counts, 51)
     starts = np.concatenate(([0], np.cumsum(counts)))
     for c in rng.choice(np.flatnonzero(counts), 300, replace=False):
         x = values[starts[c] : starts[c + 1]]

@@ -47,8 +47,7 @@ from .config import (
     official_key_shapes,
 )
 from .modeling import ScGPTModel
-from .tokenizer import ScGPTTokenizer
-from .tokenizer import _bin_edges_digits as _bin_edges_digits  # tests compare it with numpy's digitize
+from .tokenizer import ScGPTTokenizer, bin_edges_digits
 
 __all__ = [
     "ARGS_FILE",
@@ -73,6 +72,7 @@ __all__ = [
     "ScGPTFamily",
     "ScGPTModel",
     "ScGPTTokenizer",
+    "bin_edges_digits",
     "init_rule",
     "match_preset",
     "official_key_shapes",

@@ -62,7 +62,7 @@ def _round_to_float32(x: np.ndarray, direction: float) -> np.ndarray:
     return np.where(back < x, step, f) if direction > 0 else np.where(back > x, step, f)
 
 
-def _bin_edges_digits(
+def bin_edges_digits(
     values: np.ndarray, rows: np.ndarray, counts: np.ndarray, n_bins: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left/right ``np.digitize`` indices of every value against its own cell's quantile bins.
@@ -84,7 +84,7 @@ def _bin_edges_digits(
 def _sorted_digits(
     values: np.ndarray, rows: np.ndarray, counts: np.ndarray, n_bins: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_bin_edges_digits` in sorted order: ``(origin, left, right)``.
+    """:func:`bin_edges_digits` in sorted order: ``(origin, left, right)``.
 
     Every cell's values sorted ascending, cells kept in order: ``origin[j]`` is the flat index of the
     ``j``-th sorted value (so ``rows`` is also the cell of each sorted value), ``left[j]``/``right[j]``
