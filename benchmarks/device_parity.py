@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         ap.error("needs a CUDA device")
-    from cellstrata.engine.datasets import write_synthetic_h5ad
+    from cellstrata.engine.input.datasets import write_synthetic_h5ad
 
     name = torch.cuda.get_device_name(0)
     print(f"device: {name}; torch {torch.__version__}")

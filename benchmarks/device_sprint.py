@@ -65,7 +65,7 @@ def run_shape(family: str, preset: str, n: int, data: dict[str, Any], work: Path
     """(a), (b), (c) of one shape on one loaded model."""
     import torch
 
-    from cellstrata.engine.pipeline import resolve_device
+    from cellstrata.engine.device.pipeline import resolve_device
 
     device = resolve_device(args.device)
     t0 = time.perf_counter()

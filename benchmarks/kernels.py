@@ -631,7 +631,7 @@ def forward_overhead(
         "hidden_dtype_in_tap": sorted(dtypes),
         "pool_backend": backend,
         "pool_call": "pool_cast(h, None, lengths, spec, float16, out=<[P, B, H] view of the [L+1, B, P*H] buffer>, "
-        "overflow=overflow[layer], backend=resolve_backend(device)), as engine/pipeline.py",
+        "overflow=overflow[layer], backend=resolve_backend(device)), as engine/device/pipeline.py",
         "model_load_s": load_s,
         "forward_noop_ms": fwd,
         "forward_pool_ms": fwd_pool,
@@ -1042,7 +1042,7 @@ def run_forward(st: Setup, args: argparse.Namespace) -> list[dict[str, Any]]:
     overhead: list[dict[str, Any]] = []
     if args.no_forward:
         return overhead
-    from cellstrata.engine.budget import DEFAULT_MAX_TOKENS
+    from cellstrata.engine.device.budget import DEFAULT_MAX_TOKENS
 
     max_tokens = QUICK_BUDGET // 2 if args.quick else DEFAULT_MAX_TOKENS[st.device.type]
     with tempfile.TemporaryDirectory(prefix="cellstrata-kernels-") as work:

@@ -219,7 +219,7 @@ def store_location(settings: BuildSettings, work: Path) -> Path:
 
 def build_h5ad(settings: BuildSettings, work: Path) -> tuple[Path, float, bool]:
     """The counts + annotations file (written to a partial name first, so a finished file is always whole)."""
-    from cellstrata.engine.datasets import write_synthetic_h5ad
+    from cellstrata.engine.input.datasets import write_synthetic_h5ad
 
     path = work / settings.h5ad_name
     if path.exists():
@@ -236,7 +236,7 @@ def build_h5ad(settings: BuildSettings, work: Path) -> tuple[Path, float, bool]:
 
 def _store_spec(settings: BuildSettings, source: Any, model: LayerModel) -> Any:
     import cellstrata
-    from cellstrata.engine.store import StoreSpec, default_chunk_cells, store_attributes
+    from cellstrata.engine.storage.store import StoreSpec, default_chunk_cells, store_attributes
 
     L, W = settings.n_layers, settings.width
     chunk_cells = default_chunk_cells(settings.n_cells, W, DTYPE)
@@ -282,9 +282,9 @@ def _store_spec(settings: BuildSettings, source: Any, model: LayerModel) -> Any:
 
 def build_store(settings: BuildSettings, h5ad: Path, work: Path) -> tuple[Path, float, int]:
     """The store of the h5ad's cells; returns (path, seconds, chunks written now). Resumes a partial build."""
-    from cellstrata.engine.sources import open_source
-    from cellstrata.engine.store import create_or_resume, open_store, pending_chunks, update_attrs
-    from cellstrata.engine.writer import ChunkData, write_chunk
+    from cellstrata.engine.input.sources import open_source
+    from cellstrata.engine.storage.store import create_or_resume, open_store, pending_chunks, update_attrs
+    from cellstrata.engine.storage.writer import ChunkData, write_chunk
 
     path = scratch_dir(work) / settings.store_name
     source = open_source(h5ad)
@@ -381,7 +381,7 @@ class RssSampler(threading.Thread):
 
 
 def task_shared() -> dict[str, Any]:
-    from cellstrata.engine.datasets import CONTROL
+    from cellstrata.engine.input.datasets import CONTROL
 
     return {"context_key": CONTEXT_KEY, "control": CONTROL}
 
@@ -620,7 +620,7 @@ def available_tasks(names: list[str], settings: dict[str, dict[str, str]]) -> tu
 
 
 def measure_size(settings: BuildSettings, work: Path, tasks: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    from cellstrata.engine.store import open_store
+    from cellstrata.engine.storage.store import open_store
 
     n = settings.n_cells
     print(f"\n== {n:,} cells: inputs in {work}")

@@ -202,7 +202,7 @@ def build_checkpoint(work: Path) -> tuple[Path, float | None]:
 
 def build_h5ad(n_cells: int, genes_per_cell: float, work: Path) -> tuple[Path, float | None]:
     """``n_cells`` synthetic cells as an ``.h5ad`` (written once, under a temporary name until complete)."""
-    from cellstrata.engine.datasets import write_synthetic_h5ad
+    from cellstrata.engine.input.datasets import write_synthetic_h5ad
 
     path = work / f"cells-{n_cells}-g{genes_per_cell:g}-n{N_GENES}-seed{SEED}.h5ad"
     if path.exists():
@@ -331,8 +331,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     import cellstrata as cs
     import cellstrata.engine.cluster
+    import cellstrata.engine.device.pipeline
     import cellstrata.engine.models.scgpt
-    import cellstrata.engine.pipeline
 
     warnings.simplefilter("ignore", FutureWarning)
     logging.basicConfig(level=logging.WARNING)

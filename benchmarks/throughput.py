@@ -170,7 +170,7 @@ PRELOAD = [
     "anndata",
     "zarr",
     "distributed",
-    "cellstrata.engine.pipeline",
+    "cellstrata.engine.device.pipeline",
     "cellstrata.engine.models.scgpt",
     "cellstrata.engine.models.tahoe_x1",
     "cellstrata.engine.models.scfoundation",
@@ -280,8 +280,8 @@ def _require_counts(loaded: Any) -> bool:
 
 def load_model(spec: dict[str, Any]) -> Any:
     """``tiny``: the family's ``load`` of the ``init_checkpoint`` folder; released sizes: built in memory."""
+    from cellstrata.engine.device.pipeline import resolve_device
     from cellstrata.engine.models import get_family
-    from cellstrata.engine.pipeline import resolve_device
 
     device = resolve_device(spec["device"])
     if spec["checkpoint"]:
@@ -291,7 +291,7 @@ def load_model(spec: dict[str, Any]) -> Any:
 
 def _extraction(spec: dict[str, Any], loaded: Any, source: Any, n_cells: int, out: str) -> Any:
     """``extract``'s Extraction for these cells (nothing is written until ``run()``)."""
-    from cellstrata.engine.pipeline import resolve_device
+    from cellstrata.engine.device.pipeline import resolve_device
     from cellstrata.engine.run import Extraction
 
     return Extraction(
@@ -321,10 +321,10 @@ def run_forward_only(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int,
     """
     import torch
 
-    from cellstrata.engine.batching import iter_batches
-    from cellstrata.engine.pipeline import resolve_device
-    from cellstrata.engine.pipeline import select_cells as _select
-    from cellstrata.engine.sources import check_values, open_source
+    from cellstrata.engine.device.batching import iter_batches
+    from cellstrata.engine.device.pipeline import resolve_device
+    from cellstrata.engine.device.pipeline import select_cells as _select
+    from cellstrata.engine.input.sources import check_values, open_source
 
     device = resolve_device(spec["device"])
     fshape = flop_shape(loaded.model)
@@ -383,8 +383,8 @@ def run_forward_only(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int,
 
 def run_cellstrata(spec: dict[str, Any], loaded: Any, h5ad: str, n_cells: int, out: str) -> dict[str, Any]:
     """(b): ``extract``'s body after the model load; the store's telemetry says where the time went."""
-    from cellstrata.engine.pipeline import resolve_device
-    from cellstrata.engine.sources import open_source
+    from cellstrata.engine.device.pipeline import resolve_device
+    from cellstrata.engine.input.sources import open_source
 
     device = resolve_device(spec["device"])
     fshape = flop_shape(loaded.model)
@@ -465,10 +465,10 @@ def run_peers(
     import anndata as ad
     import torch
 
-    from cellstrata.engine.batching import collate
-    from cellstrata.engine.pipeline import resolve_device
-    from cellstrata.engine.pipeline import select_cells as _select
-    from cellstrata.engine.sources import CellBlock
+    from cellstrata.engine.device.batching import collate
+    from cellstrata.engine.device.pipeline import resolve_device
+    from cellstrata.engine.device.pipeline import select_cells as _select
+    from cellstrata.engine.input.sources import CellBlock
 
     device = resolve_device(spec["device"])
     fshape = flop_shape(loaded.model)
@@ -684,7 +684,7 @@ def prepare_data(kind: str, n_cells: int, work: Path, seed: int) -> dict[str, An
     """The synthetic cells of a size class as an .h5ad, a short-cell warm-up file, and expressed genes per cell."""
     import h5py
 
-    from cellstrata.engine.datasets import write_synthetic_h5ad
+    from cellstrata.engine.input.datasets import write_synthetic_h5ad
 
     p = DATA[kind]
     h5ad = work / f"cells-{kind}.h5ad"
@@ -1296,8 +1296,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
 
 def plan(ap: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> Suite:
     """The device and the (family, preset, cells) shapes to run; a bad option stops here with its usage line."""
+    from cellstrata.engine.device.pipeline import resolve_device
     from cellstrata.engine.models import get_family
-    from cellstrata.engine.pipeline import resolve_device
 
     device = str(resolve_device(args.device))
     gpu = device.startswith("cuda")

@@ -116,7 +116,7 @@ def write_inputs(work: Path, X: Any) -> tuple[Path, Path]:
     import anndata as ad
     import pandas as pd
 
-    from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols
+    from cellstrata.engine.input.datasets import gene_ensembl_ids, gene_symbols
 
     npz = work / "cells.npz"
     np.savez(npz, data=X.data, indices=X.indices, indptr=X.indptr, shape=np.array(X.shape))
@@ -144,7 +144,7 @@ def export_tree(commit: str, dest: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------- worker
 def build_tokenizer(family: str, seed: int) -> Any:
     """The family's tokenizer over the vocabulary ``init_checkpoint`` writes for its released preset."""
-    from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols
+    from cellstrata.engine.input.datasets import gene_ensembl_ids, gene_symbols
 
     preset = RELEASED[family]
     if family == "scgpt":
@@ -228,8 +228,8 @@ def worker(args: argparse.Namespace) -> int:
     import scipy.sparse as sp
 
     import cellstrata
-    from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols
-    from cellstrata.engine.sources import CellBlock, open_source
+    from cellstrata.engine.input.datasets import gene_ensembl_ids, gene_symbols
+    from cellstrata.engine.input.sources import CellBlock, open_source
 
     core = pin_one_core()
     z = np.load(args.npz)

@@ -69,7 +69,7 @@ VARIANTS = ("serial", "parallel", "serial+blosc", "serial+pipelined", "parallel+
 
 def store_spec(n_chunks: int, chunk_cells: int, n_layers: int, width: int, poolings: int, compression: str) -> Any:
     """The spec of a benchmark store: ``poolings`` float16 poolings of ``width`` features, ``n_chunks`` chunks."""
-    from cellstrata.engine.store import FORMAT_VERSION, StoreSpec, config_hash
+    from cellstrata.engine.storage.store import FORMAT_VERSION, StoreSpec, config_hash
 
     n = n_chunks * chunk_cells
     names = [f"p{i}" for i in range(poolings)]
@@ -88,7 +88,7 @@ def store_spec(n_chunks: int, chunk_cells: int, n_layers: int, width: int, pooli
 
 def make_chunks(spec: Any, seed: int) -> list[Any]:
     """Embedding-like float16 chunks for every chunk of ``spec`` (fresh random values per chunk)."""
-    from cellstrata.engine.writer import ChunkData
+    from cellstrata.engine.storage.writer import ChunkData
 
     rng = np.random.default_rng(seed)
     out = []
@@ -146,8 +146,8 @@ def values_digest(path: Path, names: list[str]) -> str:
 
 def run_variant(variant: str, spec: Any, chunks: list[Any], work: Path) -> dict[str, Any]:
     """Write every chunk with ``variant`` into a fresh store under ``work``; seconds, CPU seconds, bytes, digest."""
-    from cellstrata.engine.store import create_or_resume
-    from cellstrata.engine.writer import WRITE_THREADS, write_chunk
+    from cellstrata.engine.storage.store import create_or_resume
+    from cellstrata.engine.storage.writer import WRITE_THREADS, write_chunk
 
     path = work / f"{variant.replace('+', '-')}.zarr"
     remove_owned(path)
@@ -178,8 +178,8 @@ def run_variant(variant: str, spec: Any, chunks: list[Any], work: Path) -> dict[
 
 def device_loop(threads: int, spec: Any, chunks: list[Any], work: Path, device_s: float) -> dict[str, Any]:
     """A device loop producing a chunk every ``device_s`` into a ``ChunkWriter``; its writer wait and seconds."""
-    from cellstrata.engine import writer as writer_mod
-    from cellstrata.engine.store import create_or_resume
+    from cellstrata.engine.storage import writer as writer_mod
+    from cellstrata.engine.storage.store import create_or_resume
 
     path = work / f"loop-{threads}.zarr"
     remove_owned(path)
@@ -211,7 +211,7 @@ def device_loop(threads: int, spec: Any, chunks: list[Any], work: Path, device_s
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Every variant ``args.repeats`` times in turn; the best run of each, and ratios against ``serial``."""
-    from cellstrata.engine.writer import WRITE_THREADS
+    from cellstrata.engine.storage.writer import WRITE_THREADS
 
     itemsize = 2
     per_cell = args.poolings * (args.layers + 1) * args.width * itemsize

@@ -20,10 +20,10 @@ __version__ = "0.2.0"  # the one version source (pyproject.toml reads it; see CH
 
 _PUBLIC = {
     "extract": ("cellstrata.engine.run", "extract"),
-    "open_store": ("cellstrata.engine.store", "open_store"),
-    "Store": ("cellstrata.engine.store", "Store"),
+    "open_store": ("cellstrata.engine.storage.store", "open_store"),
+    "Store": ("cellstrata.engine.storage.store", "Store"),
     "CellstrataError": ("cellstrata.engine.errors", "CellstrataError"),
-    "synthetic_dataset": ("cellstrata.engine.datasets", "synthetic_dataset"),
+    "synthetic_dataset": ("cellstrata.engine.input.datasets", "synthetic_dataset"),
     "probe": ("cellstrata.probes.runner", "probe"),
 }
 

@@ -165,7 +165,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 def _summary(store: Any) -> str:
     """``store.summary()`` and, for a checkpoint named on the Hugging Face hub, where it came from."""
-    from .engine.hub import describe_hub
+    from .engine.models.hub import describe_hub
 
     hub = describe_hub(store.attrs)
     return store.summary() + (f"\n{hub}" if hub else "")
@@ -173,14 +173,14 @@ def _summary(store: Any) -> str:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from .engine.errors import ConfigError, StoreCorruptError, StoreError
-    from .engine.store import open_store
+    from .engine.storage.store import open_store
 
     if args.repair and not args.verify:
         raise ConfigError(f"--repair needs --verify: cellstrata info {args.store} --verify --repair")
     try:
         store = open_store(args.store)
     except StoreError:  # a damaged root zarr.json: --verify says what, --repair restores it
-        from .engine.metadata_backup import metadata_problem
+        from .engine.storage.metadata_backup import metadata_problem
 
         problem = metadata_problem(args.store)
         if problem is None:
@@ -206,7 +206,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     from .engine.errors import StoreCorruptError
-    from .engine.verify import verify_store
+    from .engine.storage.verify import verify_store
 
     report = verify_store(args.store, repair=args.repair, progress=not args.quiet)
     print(report.describe())
@@ -330,7 +330,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_init(args: argparse.Namespace) -> int:
     from .engine.models import get_family
-    from .engine.weights import mark_random_init
+    from .engine.models.weights import mark_random_init
 
     family = get_family(args.model)
     out = Path(args.out)
@@ -342,7 +342,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         raise ConfigError(msg + " (nothing was changed)")
     genes = None
     if args.genes_from:
-        from .engine.sources import open_source
+        from .engine.input.sources import open_source
 
         with open_source(args.genes_from, gene_column=args.gene_column) as src:
             genes = [str(g) for g in src.gene_names]
@@ -470,8 +470,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import anndata as ad
 
     from .engine.errors import ConfigError, UnreadableInputError
-    from .engine.export import default_key
-    from .engine.store import open_store
+    from .engine.storage.export import default_key
+    from .engine.storage.store import open_store
 
     src, out = Path(args.adata), Path(args.out)
     if out.exists() and src.exists() and out.resolve() == src.resolve():

@@ -6,12 +6,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .engine.datasets import CONTROL, write_synthetic_h5ad
 from .engine.errors import ProbeError
+from .engine.input.datasets import CONTROL, write_synthetic_h5ad
 from .engine.models import get_family
+from .engine.models.weights import mark_random_init
 from .engine.run import extract
-from .engine.store import Store
-from .engine.weights import mark_random_init
+from .engine.storage.store import Store
 
 # the var column holding the identifiers each model's users have (symbols are the var_names)
 GENE_COLUMN = {"scgpt": None, "scfoundation": None, "tahoe-x1": "ensembl_id", "geneformer": "ensembl_id"}
@@ -22,7 +22,7 @@ RANDOM_WEIGHTS_NOTICE = (
 )
 
 
-# the probe tasks the demo runs on the synthetic annotations (engine/datasets.py), every one per cell state
+# the probe tasks the demo runs on the synthetic annotations (engine/input/datasets.py), every one per cell state
 DEMO_TASKS: dict[str, dict[str, Any]] = {
     "cell_type": {"label_key": "cell_type", "group_key": "donor"},
     "knn_transfer": {"label_key": "cell_type"},

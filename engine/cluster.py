@@ -29,14 +29,14 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from .device.pipeline import DeviceLoop
 from .errors import CellstrataError, ConfigError, StoreConfigMismatchError, WriteError
 from .interrupts import Interrupted, StopRequest
-from .location import StoreLocation, member_array
 from .models.base import GeneMapping
-from .pipeline import DeviceLoop
 from .plan import RunPlan
 from .progress import ExtractProgress, ExtractStatus
-from .store import StoreSpec
+from .storage.location import StoreLocation, member_array
+from .storage.store import StoreSpec
 from .telemetry import Telemetry
 
 log = logging.getLogger("cellstrata")

@@ -20,11 +20,11 @@ from typing import Any
 
 from .. import __version__, kernels
 from .errors import ConfigError
-from .hub import hub_attrs
+from .input.sources import CellSource
 from .models.base import GeneMapping, LoadedModel
-from .sources import CellSource
-from .store import StoreSpec, store_attributes
-from .weights import random_init_of
+from .models.hub import hub_attrs
+from .models.weights import random_init_of
+from .storage.store import StoreSpec, store_attributes
 
 ENGINE_VERSION = __version__  # one version source: cellstrata/__init__.py
 

@@ -23,16 +23,15 @@ import numpy as np
 import torch
 
 from .. import kernels
-from .budget import auto_max_tokens
+from .device.budget import auto_max_tokens
+from .device.pipeline import DeviceLoop, autocast, resolve_device
 from .errors import ConfigError
-from .hub import load_checkpoint
+from .input.sources import CellSource, open_source
 from .interrupts import StopRequest, during_startup, graceful_stop
-from .lease import Lease
-from .location import StoreLocation
 from .models import get_family
 from .models.attention import ATTENTION_CHOICES, resolve_attention
 from .models.base import CellModel, GeneMapping, LoadedModel
-from .pipeline import DeviceLoop, autocast, resolve_device
+from .models.hub import load_checkpoint
 from .plan import (
     DevicePlan,
     ModelFacts,
@@ -45,8 +44,9 @@ from .plan import (
     store_spec,
 )
 from .progress import ExtractProgress, ExtractTotals, busy_label
-from .sources import CellSource, open_source
-from .store import (
+from .storage.lease import Lease
+from .storage.location import StoreLocation
+from .storage.store import (
     ATTR_KEY,
     Store,
     create_or_resume,

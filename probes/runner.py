@@ -34,10 +34,10 @@ import scipy.sparse as sp
 import zarr
 
 from ..engine.errors import CellstrataError, ProbeError
-from ..engine.location import member_array
+from ..engine.models.weights import weights_provenance
 from ..engine.progress import ProbeProgress, progress_bar
-from ..engine.store import Store, open_store
-from ..engine.weights import weights_provenance
+from ..engine.storage.location import member_array
+from ..engine.storage.store import Store, open_store
 from . import constant
 from .base import ContextPlan, Metric, StreamingTask, Task
 from .chance import add_chance, class_counts_of
@@ -196,7 +196,7 @@ def _open_inputs(
 ) -> _Inputs:
     """Open the store and the annotations, check the tasks, poolings and layers, and read the obs
     columns the tasks need, aligned with the store's cells."""
-    from ..engine.sources import open_source
+    from ..engine.input.sources import open_source
 
     st = store if isinstance(store, Store) else open_store(store)
     st.require_complete()

@@ -66,8 +66,8 @@ def test_cited_paths_exist(doc):
 
 
 def test_cited_paths_parser():
-    text = "see `engine/store.py`, `python benchmarks/throughput.py --quick` and `pooled/<name>`\n```\n`tests/x`\n```\n"
-    assert cited_paths(text) == ["engine/store.py", "benchmarks/throughput.py"]
+    text = "see `engine/run.py`, `python benchmarks/throughput.py --quick` and `pooled/<name>`\n```\n`tests/x`\n```\n"
+    assert cited_paths(text) == ["engine/run.py", "benchmarks/throughput.py"]
     assert _expand("results/a-{cpu,h100}.md") == ["results/a-cpu.md", "results/a-h100.md"]
     assert _expand("engine/models/<family>.py") == ["engine/models/*.py"]
     assert not _exists("engine/no_such_module.py")

@@ -1,7 +1,7 @@
 """The package's import graph: ``kernels/`` is a leaf, errors have one home, no private names cross modules, no cycles.
 
 The graph is built from the source (``ast``), not by importing: every ``import`` and ``from ... import``
-of the package folders (``cellstrata/``, ``engine/``, ``engine/models/``, ``kernels/``, ``probes/``,
+of the package folders (``cellstrata/``, ``engine/`` and its subfolders, ``kernels/``, ``probes/``,
 named as the installed ``cellstrata.*`` modules), module level and inside functions alike, since a
 deferred import is a dependency all the same. Imports by string (``importlib.import_module`` in the
 lazy registries) are not edges; importing ``a.b.c`` is an edge to ``a.b.c`` only, not to its packages.
@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # installed package -> source folder (pyproject.toml's package-dir)
 PACKAGE_DIRS = {
     "cellstrata": "cellstrata",
-    "cellstrata.engine": "engine",
-    "cellstrata.engine.models": "engine/models",
+    "cellstrata.engine": "engine",  # with its subpackages: engine/models/ is cellstrata.engine.models, ...
     "cellstrata.kernels": "kernels",
     "cellstrata.probes": "probes",
 }
@@ -48,11 +47,13 @@ class Import:
 
 
 def package_modules(root: Path = ROOT) -> dict[str, Path]:
-    """Module name -> source file, for every ``.py`` file of :data:`PACKAGE_DIRS`."""
+    """Module name -> source file, for every ``.py`` file of :data:`PACKAGE_DIRS` and the packages below them."""
     found = {}
     for package, folder in PACKAGE_DIRS.items():
-        for path in sorted((root / folder).glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            found[".".join((package, *parts))] = path
     return found
 
 
@@ -280,3 +281,12 @@ def test_the_checks_find_a_planted_cycle_and_private_import(tmp_path):
         "cellstrata.engine.store (line 3): from cellstrata.kernels.spec import _x",
         "cellstrata.kernels.spec (line 1): from cellstrata.engine.store import _create",
     ]
+
+
+def test_every_source_package_is_installed():
+    """``pyproject.toml`` lists every package folder, so a non-editable install carries all of them."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {name for name, path in package_modules().items() if path.name == "__init__.py"}
+    assert found == listed, f"only in the tree: {sorted(found - listed)}; only in pyproject: {sorted(listed - found)}"

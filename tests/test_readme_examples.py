@@ -12,7 +12,7 @@ import pytest
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.input.datasets import synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "docs" / "examples").glob("*.py"))

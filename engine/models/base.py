@@ -4,7 +4,7 @@ A family module (``engine/models/<family>.py``) exposes one :class:`ModelFamily`
 only talks to these types, never to a family's internals:
 
 - :class:`GeneMapping` maps the input's gene columns to vocabulary ids (``-1`` = not in vocabulary);
-- a tokenizer turns a :class:`~cellstrata.engine.sources.CellBlock` into a :class:`TokenizedBlock`
+- a tokenizer turns a :class:`~cellstrata.engine.input.sources.CellBlock` into a :class:`TokenizedBlock`
   (one variable-length token sequence per cell, special tokens included);
 - :class:`TokenBatch` is a batch of such sequences, right-padded ``[B, S]`` or packed ``[1, T]``;
 - the model's ``forward(batch, tap)`` calls ``tap(layer, hidden)`` for layer = 0..L with
@@ -28,7 +28,7 @@ import torch
 from .attention import AttentionLayout, make_layout
 
 if TYPE_CHECKING:
-    from ..sources import CellBlock
+    from ..input.sources import CellBlock
 
 Tap = Callable[[int, torch.Tensor], None]
 
@@ -117,7 +117,7 @@ class TokenBatch:
 
     ``genes``/``values`` hold the tokens, ``lengths`` ``[B]`` the real tokens per cell, ``positions`` the
     index of each cell inside the window it came from (so pooled rows can be put back in cell order).
-    ``host_lengths`` repeats ``lengths`` on the host (filled by :func:`~cellstrata.engine.batching.collate`,
+    ``host_lengths`` repeats ``lengths`` on the host (filled by :func:`~cellstrata.engine.device.batching.collate`,
     so building the attention layout never waits for the device). ``packed`` batches carry the name of
     their varlen attention kernel in ``varlen`` (see :mod:`.attention`).
     """

@@ -14,12 +14,12 @@ import pytest
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import ConfigError
+from cellstrata.engine.input.datasets import synthetic_dataset
+from cellstrata.engine.input.sources import open_source
 from cellstrata.engine.models import get_family
 from cellstrata.engine.plan import duplicate_notes
-from cellstrata.engine.sources import open_source
-from cellstrata.engine.store import store_attributes
+from cellstrata.engine.storage.store import store_attributes
 
 N_CELLS = 40
 

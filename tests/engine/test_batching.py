@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cellstrata.engine.batching import collate, plan_batches
+from cellstrata.engine.device.batching import collate, plan_batches
 from cellstrata.engine.models.base import TokenizedBlock
 
 

@@ -19,14 +19,14 @@ import zarr
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine import writer as writer_mod
 from cellstrata.engine.cluster import connect, shards
-from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import ConfigError, WriteError
-from cellstrata.engine.lease import read_holder
-from cellstrata.engine.location import StoreLocation
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
-from cellstrata.engine.verify import verify_store
+from cellstrata.engine.storage import writer as writer_mod
+from cellstrata.engine.storage.lease import read_holder
+from cellstrata.engine.storage.location import StoreLocation
+from cellstrata.engine.storage.verify import verify_store
 
 pytestmark = pytest.mark.slow
 CHUNK = 25

@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 import zarr
 
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
 
 pytestmark = pytest.mark.slow
@@ -101,7 +101,7 @@ class Kill:
 ZYGOTE = r"""
 import json, os, select, signal, sys
 import anndata, dask.array, distributed, torch, zarr
-import cellstrata.cli, cellstrata.engine.pipeline, cellstrata.engine.verify
+import cellstrata.cli, cellstrata.engine.device.pipeline, cellstrata.engine.storage.verify
 
 def requests():
     buf = b""

@@ -8,7 +8,7 @@ import pytest
 import scipy.sparse as sp
 from scipy.stats import spearmanr
 
-from cellstrata.engine.datasets import (
+from cellstrata.engine.input.datasets import (
     CONTROL,
     LABEL_SWITCH_TIME,
     PROGENITOR,
@@ -16,7 +16,7 @@ from cellstrata.engine.datasets import (
     synthetic_dataset,
     write_synthetic_h5ad,
 )
-from cellstrata.engine.sources import check_values, open_source
+from cellstrata.engine.input.sources import check_values, open_source
 
 N_GENES = 400
 

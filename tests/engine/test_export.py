@@ -12,8 +12,8 @@ import zarr
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import CellMismatchError, ConfigError, IncompleteStoreError, IncompleteStoreWarning
+from cellstrata.engine.input.datasets import synthetic_dataset
 
 N_CELLS = 60
 

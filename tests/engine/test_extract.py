@@ -17,12 +17,12 @@ import zarr
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine import writer as writer_mod
-from cellstrata.engine.batching import collate
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.device.batching import collate
 from cellstrata.engine.errors import WriteError
+from cellstrata.engine.input.datasets import synthetic_dataset
+from cellstrata.engine.input.sources import open_source
 from cellstrata.engine.models import get_family
-from cellstrata.engine.sources import open_source
+from cellstrata.engine.storage import writer as writer_mod
 
 N_CELLS = 150
 

@@ -20,12 +20,12 @@ from threadpoolctl import threadpool_limits
 from toy_family import ToyFamily
 
 from cellstrata.demo import GENE_COLUMN
-from cellstrata.engine.batching import collate
-from cellstrata.engine.datasets import synthetic_dataset, unknown_gene_symbols
+from cellstrata.engine.device.batching import collate
+from cellstrata.engine.input.datasets import synthetic_dataset, unknown_gene_symbols
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models import family_names, get_family
 from cellstrata.engine.models.base import NO_TRUNCATION, concat_blocks
 from cellstrata.engine.models.family import CheckpointFamily, expected_shapes
-from cellstrata.engine.sources import CellBlock
 from cellstrata.errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
 
 FAMILIES = [*family_names(), "toy"]

@@ -18,13 +18,14 @@ import torch
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine.datasets import ensembl_id_of, gene_ensembl_ids, gene_symbols, synthetic_dataset
 from cellstrata.engine.errors import (
     CheckpointError,
     ConfigError,
     GeneOverlapError,
     StoreConfigMismatchError,
 )
+from cellstrata.engine.input.datasets import ensembl_id_of, gene_ensembl_ids, gene_symbols, synthetic_dataset
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models.base import SpecialLayout
 from cellstrata.engine.models.geneformer import (
     FAMILY,
@@ -36,7 +37,6 @@ from cellstrata.engine.models.geneformer import (
     GeneformerTokenizer,
     official_key_shapes,
 )
-from cellstrata.engine.sources import CellBlock
 
 # ------------------------------------------------------------------------------------------------
 # helpers

@@ -24,10 +24,10 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellstrata.engine.datasets import gene_ensembl_ids
+from cellstrata.engine.input.datasets import gene_ensembl_ids
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models.base import TokenBatch, TokenizedBlock
 from cellstrata.engine.models.geneformer import FAMILY, DuplicateGenesWarning, GeneDictionaries, GeneformerTokenizer
-from cellstrata.engine.sources import CellBlock
 from cellstrata.kernels import PoolSpec, pool_cast_torch
 
 

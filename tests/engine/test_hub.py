@@ -22,10 +22,10 @@ import zarr
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine.datasets import gene_ensembl_ids, synthetic_dataset
 from cellstrata.engine.errors import CheckpointError, ConfigError
-from cellstrata.engine.hub import HubName, load_checkpoint, parse_hub_name, resolve_checkpoint
+from cellstrata.engine.input.datasets import gene_ensembl_ids, synthetic_dataset
 from cellstrata.engine.models import get_family
+from cellstrata.engine.models.hub import HubName, load_checkpoint, parse_hub_name, resolve_checkpoint
 
 GENEFORMER = "ctheodoris/Geneformer"
 TAHOE = "tahoebio/Tahoe-x1"

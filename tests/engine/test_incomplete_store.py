@@ -11,12 +11,12 @@ import zarr
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine import writer as writer_mod
-from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import IncompleteStoreWarning
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
-from cellstrata.engine.store import FORMAT_VERSION, StoreSpec, config_hash, create_or_resume, open_store
-from cellstrata.engine.writer import ChunkData, write_chunk
+from cellstrata.engine.storage import writer as writer_mod
+from cellstrata.engine.storage.store import FORMAT_VERSION, StoreSpec, config_hash, create_or_resume, open_store
+from cellstrata.engine.storage.writer import ChunkData, write_chunk
 
 N, L, H, C = 23, 3, 6, 5  # 5 chunks, the last of 3 cells
 

@@ -121,7 +121,7 @@ N_CELLS = 150
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
-    from cellstrata.engine.datasets import synthetic_dataset
+    from cellstrata.engine.input.datasets import synthetic_dataset
     from cellstrata.engine.models import get_family
 
     root = tmp_path_factory.mktemp("handlers")
@@ -141,7 +141,7 @@ def extract(case, out, **kw):
 
 def signal_at_chunk(monkeypatch, index: int, sig: int = signal.SIGINT) -> None:
     """Send ``sig`` to this process while chunk ``index`` is written (from the writer's thread)."""
-    from cellstrata.engine import writer
+    from cellstrata.engine.storage import writer
 
     real = writer.write_chunk
 
@@ -154,8 +154,8 @@ def signal_at_chunk(monkeypatch, index: int, sig: int = signal.SIGINT) -> None:
 
 
 def test_extract_gives_the_handlers_back_when_it_returns_or_raises(case, tmp_path, sentinels, monkeypatch):
-    from cellstrata.engine import writer
     from cellstrata.engine.errors import WriteError
+    from cellstrata.engine.storage import writer
 
     mine, seen = sentinels
     assert extract(case, tmp_path / "a.zarr").is_complete
@@ -186,7 +186,7 @@ def test_a_ctrl_c_during_the_last_write_is_not_swallowed(case, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         extract(case, tmp_path / "s.zarr")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    from cellstrata.engine.store import open_store
+    from cellstrata.engine.storage.store import open_store
 
     assert open_store(tmp_path / "s.zarr").done.all()  # the run itself was complete
 

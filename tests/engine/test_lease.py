@@ -13,12 +13,12 @@ import pytest
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine import lease as lease_mod
-from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import StoreLockedError
-from cellstrata.engine.lease import LEASE_FILE, Lease, read_holder, stale_reason
-from cellstrata.engine.location import StoreLocation
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
+from cellstrata.engine.storage import lease as lease_mod
+from cellstrata.engine.storage.lease import LEASE_FILE, Lease, read_holder, stale_reason
+from cellstrata.engine.storage.location import StoreLocation
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import zarr
 
 from cellstrata import cli
 from cellstrata.cli import main
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
 from cellstrata.runlog import LIBRARY_LOGGERS, LOG_DIR_ENV, RunLog
 
@@ -161,7 +161,7 @@ def test_second_sigterm_ends_in_one_line(case, tmp_path, gap):
 
 SECOND_SIGNAL_WHILE_EXITING = """
 import atexit, os, signal, sys, time
-from cellstrata.engine import writer
+from cellstrata.engine.storage import writer
 
 real_write = writer.write_chunk
 
@@ -193,7 +193,7 @@ def test_second_sigterm_while_the_process_exits_keeps_its_status(case, tmp_path)
 
 SECOND_SIGNAL_IN_A_FINALIZER = """
 import os, signal, sys
-from cellstrata.engine import writer
+from cellstrata.engine.storage import writer
 
 class Finalized:
     def __del__(self):  # the second signal lands while a finalizer runs, where an exception is lost

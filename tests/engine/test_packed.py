@@ -19,14 +19,14 @@ import torch
 import cellstrata as cs
 from cellstrata.cli import main
 from cellstrata.demo import GENE_COLUMN
-from cellstrata.engine.batching import collate, collate_packed, iter_batches, plan_batches
-from cellstrata.engine.budget import DEFAULT_MAX_TOKENS, MIN_TOKENS, auto_max_tokens, cpu_max_tokens, fit_budget
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.device.batching import collate, collate_packed, iter_batches, plan_batches
+from cellstrata.engine.device.budget import DEFAULT_MAX_TOKENS, MIN_TOKENS, auto_max_tokens, cpu_max_tokens, fit_budget
 from cellstrata.engine.errors import ConfigError
+from cellstrata.engine.input.datasets import synthetic_dataset
+from cellstrata.engine.input.sources import open_source
 from cellstrata.engine.models import get_family
 from cellstrata.engine.models.attention import AttentionLayout, attend, make_layout, resolve_attention
 from cellstrata.engine.models.tahoe_x1 import PRESETS, TahoeX1Model
-from cellstrata.engine.sources import open_source
 
 FAMILIES = ("scgpt", "tahoe-x1", "scfoundation", "geneformer")
 N_CELLS = 70

@@ -16,13 +16,13 @@ import torch
 
 import cellstrata as cs
 from cellstrata.demo import GENE_COLUMN
-from cellstrata.engine.batching import collate, collate_packed
-from cellstrata.engine.budget import MAX_TOKENS, MIN_TOKENS
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.device.batching import collate, collate_packed
+from cellstrata.engine.device.budget import MAX_TOKENS, MIN_TOKENS
+from cellstrata.engine.input.datasets import synthetic_dataset
+from cellstrata.engine.input.sources import open_source
 from cellstrata.engine.models import get_family
 from cellstrata.engine.models.attention import VARLEN_BACKENDS, _probe, varlen_backend
 from cellstrata.engine.models.tahoe_x1 import PRESETS, TahoeX1Model
-from cellstrata.engine.sources import open_source
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,10 +8,10 @@ import pytest
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine import writer as writer_mod
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.device.pipeline import DeviceLoop
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
-from cellstrata.engine.pipeline import DeviceLoop
+from cellstrata.engine.storage import writer as writer_mod
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ def test_batches_land_after_the_next_one_is_queued_across_chunks(case, tmp_path,
     """
     import numpy as np
 
-    from cellstrata.engine import transfer as transfer_mod
+    from cellstrata.engine.device import transfer as transfer_mod
 
     data, ckpt = case
     ref = cs.extract(

@@ -14,7 +14,7 @@ from cellstrata.engine.plan import (
     resolve_poolings,
     store_spec,
 )
-from cellstrata.engine.store import store_attributes
+from cellstrata.engine.storage.store import store_attributes
 
 OFFERED = ("mean", "max", "cls", "official", "wide")
 # "official" aliases the kernel's mean op (as scGPT's does); "wide" is a custom pooling of its own width

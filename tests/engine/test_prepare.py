@@ -10,11 +10,11 @@ import scipy.sparse as sp
 
 import cellstrata as cs
 from cellstrata.demo import GENE_COLUMN
-from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import EmptyCellError
+from cellstrata.engine.input.datasets import synthetic_dataset
+from cellstrata.engine.input.prepare import MIN_WINDOWS_FOR_PROCESSES, InputSpec, input_processes
+from cellstrata.engine.input.sources import open_source
 from cellstrata.engine.models import get_family
-from cellstrata.engine.prepare import MIN_WINDOWS_FOR_PROCESSES, InputSpec, input_processes
-from cellstrata.engine.sources import open_source
 
 
 @pytest.fixture(scope="module")

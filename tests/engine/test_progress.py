@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 import cellstrata as cs
-from cellstrata.engine import writer as writer_mod
 from cellstrata.engine.cluster import shard_status
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
 from cellstrata.engine.progress import (
     DeviceClock,
@@ -27,6 +26,7 @@ from cellstrata.engine.progress import (
     fraction,
     rate,
 )
+from cellstrata.engine.storage import writer as writer_mod
 from cellstrata.engine.telemetry import Telemetry, describe_utilisation
 
 N_CELLS = 97  # three chunks of 32 and one of 1

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import cellstrata as cs
-from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import StoreConfigMismatchError, StoreError
-from cellstrata.engine.location import StoreLocation, normalize
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
-from cellstrata.engine.verify import verify_store
+from cellstrata.engine.storage.location import StoreLocation, normalize
+from cellstrata.engine.storage.verify import verify_store
 
 
 @pytest.fixture(scope="module")

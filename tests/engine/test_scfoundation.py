@@ -12,8 +12,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellstrata.engine.datasets import gene_symbols
 from cellstrata.engine.errors import CheckpointError, ConfigError, GeneOverlapError, InvalidValuesError
+from cellstrata.engine.input.datasets import gene_symbols
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models.base import SpecialLayout, TokenBatch
 from cellstrata.engine.models.scfoundation import (
     FAMILY,
@@ -27,7 +28,6 @@ from cellstrata.engine.models.scfoundation import (
     flatten_config,
     official_key_shapes,
 )
-from cellstrata.engine.sources import CellBlock
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -427,7 +427,7 @@ def test_settings_describe_tokens():
 
 
 def _batch(tok: ScFoundationTokenizer, n_cells: int, seed: int) -> TokenBatch:
-    from cellstrata.engine.batching import collate
+    from cellstrata.engine.device.batching import collate
 
     rng = np.random.default_rng(seed)
     dense = np.where(rng.random((n_cells, tok.n_genes)) < 0.05, rng.poisson(3, (n_cells, tok.n_genes)) + 1, 0)

@@ -24,10 +24,10 @@ from torch import nn
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine.batching import collate
-from cellstrata.engine.datasets import gene_symbols, synthetic_dataset
+from cellstrata.engine.device.batching import collate
+from cellstrata.engine.input.datasets import gene_symbols, synthetic_dataset
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models.scfoundation import FAMILY, WEIGHTS_FILE, ScFoundationTokenizer
-from cellstrata.engine.sources import CellBlock
 
 REL_TOL = 1e-5
 

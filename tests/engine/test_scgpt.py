@@ -13,8 +13,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellstrata.engine.datasets import gene_symbols
 from cellstrata.engine.errors import CheckpointError, ConfigError, GeneOverlapError
+from cellstrata.engine.input.datasets import gene_symbols
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models.base import SpecialLayout
 from cellstrata.engine.models.scgpt import (
     FAMILY,
@@ -24,7 +25,6 @@ from cellstrata.engine.models.scgpt import (
     bin_edges_digits,
     official_key_shapes,
 )
-from cellstrata.engine.sources import CellBlock
 
 # ------------------------------------------------------------------------------------------------
 # helpers

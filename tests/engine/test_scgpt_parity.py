@@ -22,11 +22,11 @@ import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 
-from cellstrata.engine.datasets import gene_symbols
+from cellstrata.engine.input.datasets import gene_symbols
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models.base import GeneMapping, TokenBatch, TokenizedBlock
 from cellstrata.engine.models.counter_rng import uniform
 from cellstrata.engine.models.scgpt import FAMILY, TIE_STREAM, ScGPTTokenizer
-from cellstrata.engine.sources import CellBlock
 from cellstrata.kernels import PoolSpec, pool_cast_torch
 
 REL_TOL = 1e-5

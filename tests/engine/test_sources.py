@@ -19,7 +19,7 @@ from cellstrata.engine.errors import (
     NotCountsError,
     UnreadableInputError,
 )
-from cellstrata.engine.sources import CellBlock, CellSource, SlowInputWarning, check_values, open_source
+from cellstrata.engine.input.sources import CellBlock, CellSource, SlowInputWarning, check_values, open_source
 
 N_CELLS, N_GENES, N_RAW_GENES = 53, 17, 21
 BLOCK = 7  # odd, does not divide N_CELLS
@@ -113,7 +113,7 @@ def _stack(source: CellSource, block_size: int = BLOCK) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::cellstrata.engine.sources.SlowInputWarning")
+@pytest.mark.filterwarnings("ignore::cellstrata.engine.input.sources.SlowInputWarning")
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("layer", [None, "counts", "lognorm", "raw"])
 def test_blocks_reassemble_the_matrix(files, adata, kind, layer):
@@ -136,9 +136,9 @@ def test_storage_is_reported(files):
         assert open_source(files["h5ad-csc"]).storage == "csc"
 
 
-@pytest.mark.filterwarnings("ignore::cellstrata.engine.sources.SlowInputWarning")
+@pytest.mark.filterwarnings("ignore::cellstrata.engine.input.sources.SlowInputWarning")
 def test_csc_reads_in_bounded_windows(files, adata, monkeypatch):
-    import cellstrata.engine.sources as sources
+    import cellstrata.engine.input.sources as sources
 
     monkeypatch.setattr(sources, "_CSC_WINDOW_NNZ", 11)  # many windows and column pieces
     src = open_source(files["h5ad-csc"])

@@ -11,12 +11,12 @@ import pytest
 import xarray as xr
 import zarr
 
-from cellstrata.engine import store as store_mod
-from cellstrata.engine import writer as writer_mod
 from cellstrata.engine.errors import IncompleteStoreError, StoreConfigMismatchError, StoreError, WriteError
-from cellstrata.engine.lease import LEASE_FILE, LEASE_PREFIX
-from cellstrata.engine.location import StoreLocation
-from cellstrata.engine.store import (
+from cellstrata.engine.storage import store as store_mod
+from cellstrata.engine.storage import writer as writer_mod
+from cellstrata.engine.storage.lease import LEASE_FILE, LEASE_PREFIX
+from cellstrata.engine.storage.location import StoreLocation
+from cellstrata.engine.storage.store import (
     ATTR_KEY,
     CREATING_FILE,
     FORMAT_VERSION,
@@ -29,7 +29,7 @@ from cellstrata.engine.store import (
     pending_chunks,
     refuse_foreign,
 )
-from cellstrata.engine.writer import ChunkData, ChunkWriter, write_chunk
+from cellstrata.engine.storage.writer import ChunkData, ChunkWriter, write_chunk
 
 N, L, H, C = 23, 3, 6, 5
 

@@ -22,7 +22,7 @@ from zarr.storage import LocalStore
 import cellstrata as cs
 from cellstrata.cli import main
 from cellstrata.engine import run
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
 
 POOLINGS = ["mean", "cls"]

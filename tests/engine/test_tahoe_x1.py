@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols, synthetic_dataset
 from cellstrata.engine.errors import (
     CheckpointError,
     ConfigError,
@@ -24,6 +23,8 @@ from cellstrata.engine.errors import (
     InvalidValuesError,
     StoreConfigMismatchError,
 )
+from cellstrata.engine.input.datasets import gene_ensembl_ids, gene_symbols, synthetic_dataset
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models.base import SpecialLayout, TokenBatch
 from cellstrata.engine.models.counter_rng import RNG_NAME
 from cellstrata.engine.models.tahoe_x1 import (
@@ -34,7 +35,6 @@ from cellstrata.engine.models.tahoe_x1 import (
     official_key_shapes,
     random_state_dict,
 )
-from cellstrata.engine.sources import CellBlock
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -394,7 +394,7 @@ def test_stored_zeros_survive_every_reader(fmt, tmp_path):
     """The h5ad / zarr readers and in-memory AnnData hand the stored zeros to the tokenizer unchanged."""
     import anndata as ad
 
-    from cellstrata.engine.sources import open_source
+    from cellstrata.engine.input.sources import open_source
 
     rng = np.random.default_rng(31)
     n_cells, n_genes = 29, 150

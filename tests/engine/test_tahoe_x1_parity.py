@@ -17,7 +17,8 @@ import scipy.sparse as sp
 import torch
 from safetensors.torch import load_file
 
-from cellstrata.engine.datasets import gene_ensembl_ids
+from cellstrata.engine.input.datasets import gene_ensembl_ids
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models.base import TokenBatch
 from cellstrata.engine.models.tahoe_x1 import (
     FAMILY,
@@ -27,7 +28,6 @@ from cellstrata.engine.models.tahoe_x1 import (
     bin_values,
     official_key_shapes,
 )
-from cellstrata.engine.sources import CellBlock
 
 REL_TOL = 1e-5
 

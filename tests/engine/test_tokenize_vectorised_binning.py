@@ -7,11 +7,11 @@ import pytest
 import scipy.sparse as sp
 
 import cellstrata.engine.models.counter_rng as counter_rng
-from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols
+from cellstrata.engine.input.datasets import gene_ensembl_ids, gene_symbols
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models.base import TokenizedBlock
 from cellstrata.engine.models.scgpt import ScGPTTokenizer
 from cellstrata.engine.models.tahoe_x1 import TahoeX1Tokenizer
-from cellstrata.engine.sources import CellBlock
 
 N_VOCAB = 700
 PINNED_BITS = [601575, 642046, 325373]  # random_bits as committed with counter_rng (last six digits)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cellstrata.engine.datasets import gene_ensembl_ids, gene_symbols
+from cellstrata.engine.input.datasets import gene_ensembl_ids, gene_symbols
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models import base, scfoundation
 from cellstrata.engine.models.base import TokenizedBlock
 from cellstrata.engine.models.counter_rng import RNG_NAME, random_bits
 from cellstrata.engine.models.geneformer import DuplicateGenesWarning, GeneDictionaries, GeneformerTokenizer
 from cellstrata.engine.models.scfoundation import TOKENIZER_VERSION, ScFoundationTokenizer
-from cellstrata.engine.sources import CellBlock
 
 
 def _block(n_cells: int, n_cols: int, seed: int, *, zeros: float = 0.0, log1p: bool = False) -> sp.csr_matrix:

@@ -8,8 +8,8 @@ import pytest
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import StoreConfigMismatchError
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family, scgpt, tahoe_x1
 from cellstrata.engine.models.counter_rng import RNG_NAME
 

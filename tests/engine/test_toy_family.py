@@ -10,10 +10,10 @@ from threadpoolctl import threadpool_limits
 from toy_family import ToyFamily
 
 import cellstrata as cs
-from cellstrata.engine.batching import collate
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.device.batching import collate
+from cellstrata.engine.input.datasets import synthetic_dataset
+from cellstrata.engine.input.sources import CellBlock
 from cellstrata.engine.models import family_names, get_family, register_family, unregister_family
-from cellstrata.engine.sources import CellBlock
 from cellstrata.errors import CheckpointError, ConfigError, GeneOverlapError
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellstrata.engine.transfer import PooledBuffers
+from cellstrata.engine.device.transfer import PooledBuffers
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

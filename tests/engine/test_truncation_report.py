@@ -10,11 +10,11 @@ import scipy.sparse as sp
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.input.datasets import synthetic_dataset
+from cellstrata.engine.input.sources import open_source
 from cellstrata.engine.models import get_family
 from cellstrata.engine.models.base import NO_TRUNCATION, RANDOM_SUBSAMPLE, TOP_RANKED
-from cellstrata.engine.sources import open_source
-from cellstrata.engine.store import ATTR_KEY, describe_truncation, open_store, update_attrs
+from cellstrata.engine.storage.store import ATTR_KEY, describe_truncation, open_store, update_attrs
 from cellstrata.engine.telemetry import Telemetry
 
 N_CELLS = 120

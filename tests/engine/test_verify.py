@@ -12,14 +12,14 @@ import zarr
 
 import cellstrata as cs
 from cellstrata.cli import main
-from cellstrata.engine.checksums import CHECKSUM, chunk_digests, digest, part_names
-from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import StoreCorruptError
-from cellstrata.engine.metadata_backup import BACKUP_KEY, BACKUP_NODE
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.engine.models import get_family
-from cellstrata.engine.store import ATTR_KEY, StoreSpec, config_hash, create_or_resume
-from cellstrata.engine.verify import DamagedChunk, verify_store
-from cellstrata.engine.writer import ChunkData, write_chunk
+from cellstrata.engine.storage.checksums import CHECKSUM, chunk_digests, digest, part_names
+from cellstrata.engine.storage.metadata_backup import BACKUP_KEY, BACKUP_NODE
+from cellstrata.engine.storage.store import ATTR_KEY, StoreSpec, config_hash, create_or_resume
+from cellstrata.engine.storage.verify import DamagedChunk, verify_store
+from cellstrata.engine.storage.writer import ChunkData, write_chunk
 
 N_CELLS, CHUNK = 60, 16  # 4 chunks, the last one partial (12 cells)
 EMPTY = slice(48, 60)  # the last chunk's cells express no vocabulary gene: its mean/max chunks are all NaN

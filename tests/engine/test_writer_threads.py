@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import zarr
 
-from cellstrata.engine import writer as writer_mod
-from cellstrata.engine.store import FORMAT_VERSION, StoreSpec, config_hash, create_or_resume
-from cellstrata.engine.verify import verify_store
-from cellstrata.engine.writer import ChunkData, write_chunk
+from cellstrata.engine.storage import writer as writer_mod
+from cellstrata.engine.storage.store import FORMAT_VERSION, StoreSpec, config_hash, create_or_resume
+from cellstrata.engine.storage.verify import verify_store
+from cellstrata.engine.storage.writer import ChunkData, write_chunk
 
 POOLINGS = {"mean": 24, "max": 24, "official": 96}  # one pooling wider than the hidden size
 

@@ -16,9 +16,9 @@ import xarray as xr
 import zarr
 
 from cellstrata.cli import main
-from cellstrata.engine.checksums import part_names
-from cellstrata.engine.location import StoreLocation
-from cellstrata.engine.store import (
+from cellstrata.engine.storage.checksums import part_names
+from cellstrata.engine.storage.location import StoreLocation
+from cellstrata.engine.storage.store import (
     FORMAT_VERSION,
     StoreSpec,
     config_hash,
@@ -27,8 +27,8 @@ from cellstrata.engine.store import (
     store_attributes,
     update_attrs,
 )
-from cellstrata.engine.verify import verify_store
-from cellstrata.engine.writer import ChunkData, write_chunk
+from cellstrata.engine.storage.verify import verify_store
+from cellstrata.engine.storage.writer import ChunkData, write_chunk
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "xarray_layers.py"
 H = 5

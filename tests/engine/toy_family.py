@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellstrata.engine.datasets import gene_symbols
 from cellstrata.engine.errors import ConfigError
+from cellstrata.engine.input.datasets import gene_symbols
+from cellstrata.engine.input.sources import CellBlock, check_values
 from cellstrata.engine.models.base import NO_TRUNCATION, SpecialLayout, canonical_rows, kept_entries
 from cellstrata.engine.models.base import leading_token_block as lead
 from cellstrata.engine.models.checkpoints import check_state_dict, load_state_dict, read_json, save_safetensors
@@ -30,7 +31,6 @@ from cellstrata.engine.models.family import (
     random_tensors,
 )
 from cellstrata.engine.models.layers import TorchEncoderLayer
-from cellstrata.engine.sources import CellBlock, check_values
 
 
 class ToyTokenizer(VocabularyTokenizer):

@@ -1,6 +1,6 @@
 """Semi-synthetic perturbation screen with a known answer (protocol §3), for the perturbation-task tests.
 
-Background cells are the control cells of :func:`cellstrata.engine.datasets.synthetic_dataset` (raw
+Background cells are the control cells of :func:`cellstrata.engine.input.datasets.synthetic_dataset` (raw
 counts with cell types, donors, depth variation). They are split into a control pool and ``P``
 perturbations. Perturbation ``p`` knocks its own target gene down by binomial thinning (keep 10 %,
 CRISPRi-like) and drives one of ``K`` shared gene modules: up by Poisson resampling with ``lambda =
@@ -18,7 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.probes.features import log1p_cpm
 
 CONTROL = "NTC"

@@ -1,11 +1,11 @@
 """Real cellstrata stores built by hand for the probe tests, and a store with a planted best layer.
 
 :func:`write_store` writes numpy arrays ``{pooling: [L+1, N, W]}`` through the engine's own APIs: a
-:class:`~cellstrata.engine.store.StoreSpec` with the ``cellstrata`` attribute the extraction pipeline
+:class:`~cellstrata.engine.storage.store.StoreSpec` with the ``cellstrata`` attribute the extraction pipeline
 writes (model family, n_layers, hidden, official layer, source fingerprint, config hash, ...),
-:func:`~cellstrata.engine.store.create_or_resume`, then :func:`~cellstrata.engine.writer.write_chunk` per
-cell chunk (which sets each ``done`` flag after the chunk's data), then ``complete``, as
-``Extraction.run`` does.
+:func:`~cellstrata.engine.storage.store.create_or_resume`, then
+:func:`~cellstrata.engine.storage.writer.write_chunk` per cell chunk (which sets each ``done`` flag after the
+chunk's data), then ``complete``, as ``Extraction.run`` does.
 
 :func:`planted` builds a synthetic AnnData (``synthetic_dataset``: six cell types, two states, donors,
 perturbations) and a store over the same cells whose layer ``BEST`` carries the cell-type signal most
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from cellstrata.engine.input.sources import open_source
 from cellstrata.engine.plan import ENGINE_VERSION
-from cellstrata.engine.sources import open_source
-from cellstrata.engine.store import (
+from cellstrata.engine.storage.store import (
     Store,
     StoreSpec,
     create_or_resume,
@@ -34,7 +34,7 @@ from cellstrata.engine.store import (
     store_attributes,
     update_attrs,
 )
-from cellstrata.engine.writer import ChunkData, write_chunk
+from cellstrata.engine.storage.writer import ChunkData, write_chunk
 
 N_CELLS = 1200
 N_GENES = 300
@@ -143,7 +143,7 @@ def write_store(
 
 def synthetic_adata(n_cells: int = N_CELLS, n_genes: int = N_GENES, seed: int = 0) -> Any:
     """The engine's synthetic raw-count AnnData (obs cell_type, time, cell_state, perturbation, donor)."""
-    from cellstrata.engine.datasets import synthetic_dataset
+    from cellstrata.engine.input.datasets import synthetic_dataset
 
     return synthetic_dataset(n_cells, n_genes, seed=seed)
 

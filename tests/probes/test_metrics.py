@@ -505,7 +505,7 @@ def test_highly_variable_genes_agree_with_scanpy_seurat_flavour():
     sc = pytest.importorskip("scanpy")
     import anndata as ad
 
-    from cellstrata.engine.datasets import synthetic_dataset
+    from cellstrata.engine.input.datasets import synthetic_dataset
 
     logX = log1p_cpm(synthetic_dataset(800, 600, seed=3).X)
     for n_top in (50, 200):

@@ -17,8 +17,8 @@ from sklearn.model_selection import PredefinedSplit, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cellstrata.engine.datasets import synthetic_dataset
 from cellstrata.engine.errors import ProbeError
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.probes.base import ContextPlan, Metric
 from cellstrata.probes.confidence import fdr_bh, permutation_test
 from cellstrata.probes.correlation import spearman

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from store_fixture import write_store
 
-from cellstrata.engine.datasets import synthetic_dataset
+from cellstrata.engine.input.datasets import synthetic_dataset
 from cellstrata.probes import summarize
 from cellstrata.probes.celltype import CellTypeTask
 from cellstrata.probes.perturbation import PerturbationTask

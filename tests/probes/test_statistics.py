@@ -16,8 +16,8 @@ import pytest
 from store_fixture import BEST, N_LAYERS, planted_layers, synthetic_adata, write_store
 from threadpoolctl import threadpool_limits
 
-from cellstrata.engine.store import open_store, update_attrs
-from cellstrata.engine.weights import MARKER, mark_random_init, random_init_of, weights_provenance
+from cellstrata.engine.models.weights import MARKER, mark_random_init, random_init_of, weights_provenance
+from cellstrata.engine.storage.store import open_store, update_attrs
 from cellstrata.probes import chance as chance_mod
 from cellstrata.probes.celltype import CellTypeTask
 from cellstrata.probes.chance import chance_level, chance_rule
@@ -218,7 +218,7 @@ def test_report_says_random_weights(flat_store, tmp_path):
 def test_a_store_extracted_from_an_init_checkpoint_folder_reports_random_weights(tmp_path, capsys):
     # scFoundation keeps its config inside models.ckpt, so only init-checkpoint's marker tells
     from cellstrata.cli import main
-    from cellstrata.engine.datasets import write_synthetic_h5ad
+    from cellstrata.engine.input.datasets import write_synthetic_h5ad
     from cellstrata.engine.run import extract
 
     data = tmp_path / "cells.h5ad"

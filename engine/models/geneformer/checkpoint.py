@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...datasets import gene_ensembl_ids
 from ...errors import CheckpointError, ConfigError
+from ...input.datasets import gene_ensembl_ids
 from ..base import LoadedModel, SpecialLayout, Tokenizer
 from ..checkpoints import (
     check_state_dict,

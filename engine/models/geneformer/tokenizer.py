@@ -37,7 +37,7 @@ from .config import (
 )
 
 if TYPE_CHECKING:
-    from ...sources import CellBlock
+    from ...input.sources import CellBlock
 
 
 @dataclass

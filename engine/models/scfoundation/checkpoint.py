@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...datasets import gene_symbols
 from ...errors import CheckpointError, ConfigError
+from ...input.datasets import gene_symbols
 from ..base import CustomPooling, SpecialLayout
 from ..checkpoints import check_state_dict, load_torch_weights
 from ..family import FAN_IN, NORM_WEIGHT, CheckpointFamily, FamilyCheckpoint, random_tensors

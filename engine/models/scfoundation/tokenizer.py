@@ -42,7 +42,7 @@ from .config import (
 )
 
 if TYPE_CHECKING:
-    from ...sources import CellBlock
+    from ...input.sources import CellBlock
 
 
 def _parse_tgthighres(tgthighres: str) -> tuple[str, float]:

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...datasets import gene_symbols
 from ...errors import CheckpointError, ConfigError
+from ...input.datasets import gene_symbols
 from ..base import SpecialLayout
 from ..checkpoints import load_state_dict, read_json, read_vocab_json
 from ..family import FAN_IN, NORM_WEIGHT, CheckpointFamily, FamilyCheckpoint, random_tensors

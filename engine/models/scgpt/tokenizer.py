@@ -32,7 +32,7 @@ from .config import (
 )
 
 if TYPE_CHECKING:
-    from ...sources import CellBlock
+    from ...input.sources import CellBlock
 
 
 def _vocab_sha256(vocab: Mapping[str, int]) -> str:

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...datasets import gene_ensembl_ids
 from ...errors import CheckpointError, ConfigError
+from ...input.datasets import gene_ensembl_ids
 from ..base import CustomPooling, SpecialLayout
 from ..checkpoints import check_state_dict, load_state_dict, read_vocab_json, save_safetensors
 from ..family import FAN_IN, NORM_WEIGHT, CheckpointFamily, FamilyCheckpoint, random_tensors

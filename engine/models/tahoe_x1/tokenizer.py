@@ -39,7 +39,7 @@ from .config import (
 )
 
 if TYPE_CHECKING:
-    from ...sources import CellBlock
+    from ...input.sources import CellBlock
     from ..base import GeneMapping
 
 

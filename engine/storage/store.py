@@ -38,8 +38,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from .checksums import CELL_COORDS, CHECKSUM, create_checksum_array
-from .errors import (
+from ..errors import (
     ConfigError,
     IncompleteStoreError,
     IncompleteStoreWarning,
@@ -47,6 +46,7 @@ from .errors import (
     StoreCorruptError,
     StoreError,
 )
+from .checksums import CELL_COORDS, CHECKSUM, create_checksum_array
 from .lease import LEASE_NODE, check_lease_folder
 from .location import StoreLocation, member_array
 from .metadata_backup import expected_nodes, metadata_problem, read_json, write_backup, write_json

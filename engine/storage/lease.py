@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import StoreError, StoreLockedError
+from ..errors import StoreError, StoreLockedError
 from .location import StoreLocation, is_temp_name
 
 log = logging.getLogger("cellstrata")

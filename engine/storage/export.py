@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .errors import CellMismatchError, ConfigError, IncompleteStoreError
-from .weights import weights_provenance
+from ..errors import CellMismatchError, ConfigError, IncompleteStoreError
+from ..models.weights import weights_provenance
 
 if TYPE_CHECKING:
     from anndata import AnnData

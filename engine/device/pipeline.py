@@ -26,19 +26,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import kernels
+from ... import kernels
+from ..errors import ConfigError
+from ..input.prepare import InputPool, InputSpec, Window, input_processes, prepare_window
+from ..input.sources import CellSource, check_values
+from ..interrupts import StopRequest
+from ..models.base import GeneMapping, LoadedModel, TokenBatch, TokenizedBlock
+from ..plan import DevicePlan
+from ..progress import DeviceClock, ExtractProgress, ExtractStatus
+from ..storage.store import StoreSpec
+from ..storage.writer import ChunkData, ChunkWriter
+from ..telemetry import Telemetry
 from .batching import iter_batches
-from .errors import ConfigError
-from .interrupts import StopRequest
-from .models.base import GeneMapping, LoadedModel, TokenBatch, TokenizedBlock
-from .plan import DevicePlan
-from .prepare import InputPool, InputSpec, Window, input_processes, prepare_window
-from .progress import DeviceClock, ExtractProgress, ExtractStatus
-from .sources import CellSource, check_values
-from .store import StoreSpec
-from .telemetry import Telemetry
 from .transfer import PooledBuffers, Transfer
-from .writer import ChunkData, ChunkWriter
 
 log = logging.getLogger("cellstrata")
 

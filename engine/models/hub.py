@@ -33,10 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
-    from .models.base import LoadedModel, ModelFamily
+    from .base import LoadedModel, ModelFamily
 
 HUB_PREFIX = "hf:"
 DEFAULT_REVISION = "main"
@@ -282,7 +282,7 @@ class _Plan:
 
 
 def _tahoe_files(repo: _Repo, snapshot: Path, options: Mapping[str, Any]) -> list[str]:
-    from .models.tahoe_x1 import REQUIRED_FILES
+    from .tahoe_x1 import REQUIRED_FILES
 
     del snapshot, options
     files = [repo.name.file(f) for f in REQUIRED_FILES]
@@ -292,8 +292,8 @@ def _tahoe_files(repo: _Repo, snapshot: Path, options: Mapping[str, Any]) -> lis
 
 def _geneformer_files(repo: _Repo, snapshot: Path, options: Mapping[str, Any]) -> list[str]:
     """``config.json``, the weights, and the dictionaries :func:`.models.geneformer.find_dictionaries` picks."""
-    from .models.checkpoints import load_plain_pickle, read_json
-    from .models.geneformer import CONFIG_FILE, DICT_DIRS, DICT_ROLES, DICT_SUFFIXES, WEIGHTS_FILES
+    from .checkpoints import load_plain_pickle, read_json
+    from .geneformer import CONFIG_FILE, DICT_DIRS, DICT_ROLES, DICT_SUFFIXES, WEIGHTS_FILES
 
     name = repo.name
     weights = next((name.file(w) for w in WEIGHTS_FILES if name.file(w) in repo.listing), None)
@@ -345,7 +345,7 @@ class HubCheckpoint:
 
     def record(self, digests: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The store's ``hub`` attribute; ``digests`` (real path -> sha256) spares hashing a file twice."""
-        from .models.checkpoints import sha256_file
+        from .checkpoints import sha256_file
 
         digests = digests or {}
         sha = {}

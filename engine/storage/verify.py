@@ -23,8 +23,8 @@ from zarr.core.metadata import ArrayV3Metadata
 from zarr.core.sync import sync
 from zarr.storage._common import StorePath
 
+from ..errors import StoreCorruptError, StoreError
 from .checksums import CELL_COORDS, CHECKSUM, digest, part_names
-from .errors import StoreCorruptError, StoreError
 from .location import member_array
 from .metadata_backup import BACKUP_NODE, MetadataDamage, metadata_damage, read_json, restore_metadata, store_path
 from .store import ATTR_KEY, layer_values, update_attrs

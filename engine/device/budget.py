@@ -20,8 +20,8 @@ from contextlib import AbstractContextManager
 import numpy as np
 import torch
 
+from ..models.base import LoadedModel, TokenBatch, TokenizedBlock
 from .batching import collate, collate_packed
-from .models.base import LoadedModel, TokenBatch, TokenizedBlock
 
 log = logging.getLogger("cellstrata")
 

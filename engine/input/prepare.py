@@ -19,8 +19,8 @@ from typing import Any, cast
 
 import numpy as np
 
-from .errors import EmptyCellError
-from .models.base import GeneMapping, TokenizedBlock, Tokenizer
+from ..errors import EmptyCellError
+from ..models.base import GeneMapping, TokenizedBlock, Tokenizer
 from .sources import CellSource, check_values, open_source
 
 THREADS = 2  # windows prepared ahead on threads

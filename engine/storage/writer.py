@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ..errors import WriteError
 from .checksums import checksum_array, write_checksums
-from .errors import WriteError
 from .location import member_array
 from .store import name_arrays
 

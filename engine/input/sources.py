@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputError, InvalidValuesError, NotCountsError, UnreadableInputError
+from ..errors import InputError, InvalidValuesError, NotCountsError, UnreadableInputError
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any, Literal, cast
 
 import zarr
 
-from .errors import StoreError
+from ..errors import StoreError
 
 
 def normalize(path_or_url: str | os.PathLike[str]) -> str:

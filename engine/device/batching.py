@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .models.base import TokenBatch, TokenizedBlock
+from ..models.base import TokenBatch, TokenizedBlock
 
 
 def plan_batches(

@@ -1,0 +1,1 @@
+"""Cells in: AnnData row blocks (sources), the read-ahead of tokenized windows (prepare), synthetic data."""
