@@ -365,6 +365,18 @@ class CellModel(Protocol):
     def forward(self, batch: TokenBatch, tap: Tap) -> None: ...
 
 
+@dataclass(frozen=True)
+class PoolingCall:
+    """One layer's call of a :class:`CustomPooling`: its inputs, where to write and the overflow counts to fill."""
+
+    hidden: torch.Tensor  # padded [B, S, H] (starts None) or packed [T, H]
+    starts: torch.Tensor | None  # packed: each cell's first token [B]
+    lengths: torch.Tensor  # [B]
+    out: torch.Tensor  # [B, width], the store dtype, any strides
+    counts: torch.Tensor  # int64 [n_counters]: values that became inf in float16
+    backend: str | None  # passed on to kernels.pool_cast
+
+
 class CustomPooling(ABC):
     """A pooling the fused kernel cannot express alone, e.g. a model's final norm applied before pooling.
 
@@ -390,21 +402,22 @@ class CustomPooling(ABC):
         starts: torch.Tensor | None = None,
     ) -> None:
         counts = torch.zeros(self.n_counters, dtype=torch.int64, device=hidden.device)
-        self.pool(hidden, starts, lengths, out, counts, backend)
+        self.pool(PoolingCall(hidden, starts, lengths, out, counts, backend))
         if overflow is not None:
             overflow += counts.sum()
 
     @abstractmethod
-    def pool(
-        self,
-        hidden: torch.Tensor,
-        starts: torch.Tensor | None,
-        lengths: torch.Tensor,
-        out: torch.Tensor,
-        counts: torch.Tensor,
-        backend: str | None,
-    ) -> None:
-        """Write ``out`` and count float16 overflows into ``counts`` (int64 ``[n_counters]``)."""
+    def pool(self, call: PoolingCall) -> None:
+        """Write ``call.out`` and count float16 overflows into ``call.counts``."""
+
+
+class FinalNormPooling(CustomPooling):
+    """A pooling of the model's final LayerNorm output: ``n_vectors`` vectors of the hidden size side by side."""
+
+    def __init__(self, norm: torch.nn.LayerNorm, n_vectors: int = 1) -> None:
+        self.norm = norm
+        self.width = n_vectors * int(norm.normalized_shape[0])
+        self.n_counters = n_vectors
 
 
 @dataclass

@@ -14,7 +14,7 @@ from torch import nn
 
 from .... import kernels
 from ..attention import AttentionLayout
-from ..base import CustomPooling, Tap, TokenBatch
+from ..base import FinalNormPooling, PoolingCall, Tap, TokenBatch
 from ..layers import TorchEncoderLayer
 from .config import ScFoundationConfig
 
@@ -103,7 +103,7 @@ class ScFoundationModel(nn.Module):
 OFFICIAL_SPEC = kernels.PoolSpec(("from_end:1", "from_end:2", "max", "mean"), n_leading=0, n_trailing=2)
 
 
-class OfficialPooling(CustomPooling):
+class OfficialPooling(FinalNormPooling):
     """The published ``pool_type='all'`` embedding at every layer: ``[S, T, max, mean]`` of ``encoder.norm(h)``.
 
     ``get_embedding.py`` concatenates ``geneemb[:, -1]`` (S), ``geneemb[:, -2]`` (T) and the max and the
@@ -112,20 +112,11 @@ class OfficialPooling(CustomPooling):
     """
 
     def __init__(self, norm: nn.LayerNorm) -> None:
-        self.norm = norm
-        self.width = 4 * int(norm.normalized_shape[0])
-        self.n_counters = 4
+        super().__init__(norm, n_vectors=4)
 
-    def pool(
-        self,
-        hidden: torch.Tensor,
-        starts: torch.Tensor | None,
-        lengths: torch.Tensor,
-        out: torch.Tensor,
-        counts: torch.Tensor,
-        backend: str | None,
-    ) -> None:
-        normed = self.norm(hidden)
-        view = out.unflatten(-1, (4, hidden.shape[-1])).transpose(0, 1)  # [4, B, H] view of [B, 4H]
-        kernels.pool_cast(normed, starts, lengths, OFFICIAL_SPEC, out.dtype, view, counts, backend=backend)
+    def pool(self, call: PoolingCall) -> None:
+        normed = self.norm(call.hidden)
+        view = call.out.unflatten(-1, (4, call.hidden.shape[-1])).transpose(0, 1)  # [4, B, H] view of [B, 4H]
+        spec, backend = OFFICIAL_SPEC, call.backend
+        kernels.pool_cast(normed, call.starts, call.lengths, spec, call.out.dtype, view, call.counts, backend=backend)
         del normed

@@ -15,7 +15,7 @@ from torch import nn
 
 from ....kernels import PoolSpec, pool_cast
 from ..attention import AttentionLayout, attend
-from ..base import CustomPooling, Tap, TokenBatch
+from ..base import FinalNormPooling, PoolingCall, Tap, TokenBatch
 from ..layers import ContinuousValueEncoder, GeneEncoder
 from .config import ACTIVATIONS, TahoeX1Config
 
@@ -104,29 +104,17 @@ class TahoeX1Model(nn.Module):
         del h
 
 
-class OfficialPooling(CustomPooling):
+class OfficialPooling(FinalNormPooling):
     """The published cell embedding at any layer: ``L2-normalise(final_norm(h[:, 0]))``.
 
     At the last layer this is ``predict_embeddings.py``'s ``cell_emb`` (CLS of the final-norm output)
     divided by its norm. LayerNorm works per token, so norming the CLS token alone is exact.
     """
 
-    def __init__(self, norm: nn.LayerNorm) -> None:
-        self.norm = norm
-        self.width = int(norm.normalized_shape[0])
-
-    def pool(
-        self,
-        hidden: torch.Tensor,
-        starts: torch.Tensor | None,
-        lengths: torch.Tensor,
-        out: torch.Tensor,
-        counts: torch.Tensor,
-        backend: str | None,
-    ) -> None:
+    def pool(self, call: PoolingCall) -> None:
         n = self.norm
-        first = hidden[:, 0, :] if starts is None else hidden[starts]
+        first = call.hidden[:, 0, :] if call.starts is None else call.hidden[call.starts]
         cls = F.layer_norm(first.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
-        ones = torch.ones(cls.shape[0], dtype=lengths.dtype, device=cls.device)
-        spec = PoolSpec(("first_l2",))
-        pool_cast(cls.unsqueeze(1), None, ones, spec, out.dtype, out.unsqueeze(0), counts, backend=backend)
+        ones = torch.ones(cls.shape[0], dtype=call.lengths.dtype, device=cls.device)
+        spec, out = PoolSpec(("first_l2",)), call.out
+        pool_cast(cls.unsqueeze(1), None, ones, spec, out.dtype, out.unsqueeze(0), call.counts, backend=call.backend)
