@@ -200,6 +200,15 @@ def command_line(name: str, argv: Sequence[str] | None = None) -> str:
     return " ".join(["python", "-m", f"{PACKAGE}.{name}", *(sys.argv[1:] if argv is None else argv)])
 
 
+def free_name(out: Path, name: str) -> str:
+    """``name``, else ``name-2``, ``name-3``, ...: the first stem with neither a ``.json`` nor a ``.md`` in ``out``."""
+    stem, k = name, 1
+    while (out / f"{stem}.json").exists() or (out / f"{stem}.md").exists():
+        k += 1
+        stem = f"{name}-{k}"
+    return stem
+
+
 def save_results(
     out_dir: Path | str,
     name: str,
@@ -211,9 +220,11 @@ def save_results(
     echo: bool = True,
 ) -> Path:
     """Write ``NAME.json`` (indented, one final newline) and ``NAME.md`` into ``out_dir`` and, when ``echo``,
-    say so (with ``note``); their stem."""
+    say so (with ``note``); their stem. An earlier result of that name is kept: the new one is ``NAME-2``
+    (``-3``, ...)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    name = free_name(out, name)
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=default) + "\n")
     (out / f"{name}.md").write_text(markdown)
     if echo:

@@ -1720,7 +1720,8 @@ def write(s: Suite, total_s: float) -> None:
     name = result_name("throughput", slug, stamp)
     out_dir = Path(s.args.results)
     command = command_line("throughput", s.argv)
-    save_results(out_dir, name, payload(s, stamp, command, total_s), markdown(s, stamp, command, total_s))
+    stem = save_results(out_dir, name, payload(s, stamp, command, total_s), markdown(s, stamp, command, total_s))
+    saved = Path(f"{stem}.json")  # the name an earlier result of the day left free
     if s.ceilings is not None:
         rpay = {
             "benchmark": "roofline",
@@ -1730,8 +1731,8 @@ def write(s: Suite, total_s: float) -> None:
             "machine": s.info,
             "ceilings": s.ceilings,
             "shapes": roofline.shape_table({f: [p for ff, p, _ in s.selection if ff == f] for f in s.families}),
-            "throughput": str(out_dir / f"{name}.json"),
-            "configurations": roofline.against_throughput(out_dir / f"{name}.json", s.ceilings),
+            "throughput": str(saved),
+            "configurations": roofline.against_throughput(saved, s.ceilings),
             "total_seconds": s.ceilings["seconds"],
         }
         save_results(out_dir, result_name("roofline", slug, stamp), rpay, roofline.markdown(rpay))

@@ -6,6 +6,7 @@ model-FLOP count against a hand count, the peers' batch-size choice and the targ
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -166,3 +167,14 @@ def _day():
     import datetime as dt
 
     return dt.datetime(2026, 12, 6, 13, 0, tzinfo=dt.timezone.utc)
+
+
+def test_a_second_result_of_the_day_keeps_the_first(tmp_path):
+    harness = benchmark("harness")
+    name = harness.result_name("tokenize", "cpu", _day())
+    first = harness.save_results(tmp_path, name, {"run": 1}, "one\n", echo=False)
+    (tmp_path / f"{name}-2.md").write_text("a stray markdown file\n")  # either file keeps a name taken
+    second = harness.save_results(tmp_path, name, {"run": 2}, "two\n", echo=False)
+    assert first.name == name and second.name == f"{name}-3"
+    assert json.loads((tmp_path / f"{name}.json").read_text()) == {"run": 1}
+    assert (tmp_path / f"{name}.md").read_text() == "one\n" and (tmp_path / f"{name}-3.md").read_text() == "two\n"
