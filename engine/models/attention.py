@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -100,8 +101,7 @@ def _torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Att
     from torch.nn.attention.varlen import varlen_attn
 
     cu, m = layout.cu, layout.max_len
-    out = varlen_attn(q, k, v, cu, cu, m, m)  # a tensor: no auxiliary outputs asked for
-    return out if isinstance(out, torch.Tensor) else out[0]
+    return cast(torch.Tensor, varlen_attn(q, k, v, cu, cu, m, m))  # no auxiliary outputs asked for
 
 
 def _aten_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """What every model family provides to the pipeline.
 
-A family module (``engine/models/<family>.py``) exposes one :class:`ModelFamily` object. The pipeline
+A family package (``engine/models/<family>/``) exposes one :class:`ModelFamily` object. The pipeline
 only talks to these types, never to a family's internals:
 
 - :class:`GeneMapping` maps the input's gene columns to vocabulary ids (``-1`` = not in vocabulary);

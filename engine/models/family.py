@@ -241,6 +241,22 @@ def freeze(model: nn.Module, device: torch.device | str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# config sizes
+
+
+def check_sizes(title: str, config: Any, positive: Sequence[str], *, width: str, heads: str) -> None:
+    """One ``ConfigError`` for the first of ``positive`` that is not > 0, or a ``width`` its ``heads`` do not divide."""
+    for name in positive:
+        if int(getattr(config, name)) <= 0:
+            msg = f"{title} config: {name} must be > 0, got {getattr(config, name)!r}"
+            raise ConfigError(msg)
+    w, h = getattr(config, width), getattr(config, heads)
+    if w % h:
+        msg = f"{title} config: {width} {w} is not divisible by {heads} {h}"
+        raise ConfigError(msg)
+
+
+# ---------------------------------------------------------------------------------------------------
 # random weights
 
 NORM_WEIGHT = "norm_weight"  # 1 + 0.1 N(0, 1)
@@ -274,18 +290,6 @@ def random_tensors(shapes: Mapping[str, tuple[int, ...]], seed: int, rule: InitR
 
 # ---------------------------------------------------------------------------------------------------
 # gene vocabulary
-
-
-def check_sizes(title: str, config: Any, positive: Sequence[str], *, width: str, heads: str) -> None:
-    """One ``ConfigError`` for the first of ``positive`` that is not > 0, or a ``width`` its ``heads`` do not divide."""
-    for name in positive:
-        if int(getattr(config, name)) <= 0:
-            msg = f"{title} config: {name} must be > 0, got {getattr(config, name)!r}"
-            raise ConfigError(msg)
-    w, h = getattr(config, width), getattr(config, heads)
-    if w % h:
-        msg = f"{title} config: {width} {w} is not divisible by {heads} {h}"
-        raise ConfigError(msg)
 
 
 def looks_like_ensembl(names: Sequence[Any], *, threshold: int | None = None) -> bool:
